@@ -1,0 +1,54 @@
+"""Architecture name (config.json `architectures[0]`) -> model builder, and tracing to IR."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from ..errors import NanoForgeError
+from ..ir.graph import Module
+from . import deepseek_v3, llama, qwen3, qwen3_moe
+from .common import Config
+from .frontend import TraceModule, trace_forward
+
+ARCHITECTURES: dict[str, Callable[[Config], TraceModule]] = {
+    "LlamaForCausalLM": llama.build,
+    "Qwen3ForCausalLM": qwen3.build,
+    "Qwen3MoeForCausalLM": qwen3_moe.build,
+    "DeepseekV3ForCausalLM": deepseek_v3.build,
+    "KimiK2ForCausalLM": deepseek_v3.build,
+}
+DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def architecture_of(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    if not archs:
+        raise NanoForgeError("config.json: no 'architectures' entry; supported: " + ", ".join(ARCHITECTURES))
+    if archs[0] not in ARCHITECTURES:
+        raise NanoForgeError(f"config.json: unsupported architecture {archs[0]!r}; supported: "
+                             + ", ".join(ARCHITECTURES))
+    return archs[0]
+
+
+def trace_model(config: dict[str, Any], dtype: str = "bf16") -> Module:
+    """Build the architecture's model from its HF config and trace it into an IR module."""
+    arch = architecture_of(config)
+    if dtype not in DTYPES.values():
+        raise NanoForgeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES.values())}")
+    c = Config(config)
+    start = time.perf_counter()
+    model = ARCHITECTURES[arch](c)
+    meta = {
+        "architecture": arch,
+        "model_type": config.get("model_type", ""),
+        "dtype": dtype,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_layers": c.num_hidden_layers,
+        "max_position_embeddings": c.get("max_position_embeddings", 4096),
+    }
+    if c.get("num_nextn_predict_layers"):
+        meta["mtp_layers"] = c.num_nextn_predict_layers
+    module = trace_forward(model, meta, dtype)
+    module.meta["trace_ms"] = round((time.perf_counter() - start) * 1000, 1)
+    return module

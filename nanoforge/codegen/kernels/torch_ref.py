@@ -1,0 +1,166 @@
+"""Torch reference implementation of every IR op: the ground truth every provider is tested
+against. Written for clarity, not speed; runs on CPU (fp32/bf16) and on GPU.
+
+Numerics follow HF transformers (fp32 norms and softmax, cast points) so that fp32 logits
+match HF to ~1e-5.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .context import BatchContext
+from .rope_math import rope_frequencies
+
+
+def embed(tokens, weight, **_):
+    return F.embedding(tokens, weight)
+
+
+def linear(x, weight, bias=None, **_):
+    return F.linear(x, weight, bias)
+
+
+def add(a, b, **_):
+    return a + b
+
+
+def mul(a, b, **_):
+    return a * b
+
+
+def silu(x, **_):
+    return F.silu(x)
+
+
+def silu_mul(gate, up, **_):
+    return F.silu(gate) * up
+
+
+def rms_norm(x, weight, eps, group=None, **_):
+    shape = x.shape
+    if group is not None:
+        x = x.reshape(*shape[:-1], -1, group)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h.to(x.dtype)).reshape(shape)
+
+
+def add_rms_norm(x, residual, weight, eps, **_):
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int,
+            rotary_dim: int, style: str) -> torch.Tensor:
+    """Rotate the last rotary_dim dims of each head (neox halves; interleaved pairs are first
+    de-interleaved into halves, as HF does, which leaves q.k unchanged)."""
+    t = x.reshape(x.shape[0], heads, head_dim)
+    keep, r = t[..., : head_dim - rotary_dim], t[..., head_dim - rotary_dim:]
+    if style == "interleaved":
+        r = torch.cat([r[..., 0::2], r[..., 1::2]], dim=-1)
+    half = rotary_dim // 2
+    rotated = torch.cat([-r[..., half:], r[..., :half]], dim=-1)
+    r = r * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat([keep, r], dim=-1).reshape(x.shape)
+
+
+def rope(q, k, positions, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim, style, theta, scaling=None, **_):
+    inv_freq, attn_factor = rope_frequencies(rotary_dim, theta, scaling)
+    freqs = positions.float()[:, None] * inv_freq.to(q.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = (emb.cos() * attn_factor).to(q.dtype), (emb.sin() * attn_factor).to(q.dtype)
+    return (_rotate(q, cos, sin, heads, q_head_dim, rotary_dim, style),
+            _rotate(k, cos, sin, kv_heads, k_head_dim, rotary_dim, style))
+
+
+def qk_norm_rope(q, k, positions, q_norm, k_norm, eps, **attrs):
+    q = rms_norm(q, q_norm, eps, group=attrs["q_head_dim"])
+    k = rms_norm(k, k_norm, eps, group=attrs["k_head_dim"])
+    return rope(q, k, positions, **attrs)
+
+
+def split(x, sizes, **_):
+    return tuple(torch.split(x, sizes, dim=-1))
+
+
+def _store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    flat = cache.view(-1, *cache.shape[2:])
+    keep = slots >= 0
+    flat[slots[keep]] = values[keep].to(cache.dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, scale: float) -> torch.Tensor:
+    """q [n, h, d], k/v [L, h, d*] -> [n, h, dv]; query i sits at position ctx_len - n + i."""
+    n = q.shape[0]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    qpos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
+    mask = torch.arange(ctx_len, device=q.device)[None, :] > qpos
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **a):
+    """Write this step's K/V into the paged pool, then causal attention per sequence."""
+    out = []
+    if kind == "gqa":
+        h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
+        k_cache, v_cache = ctx.kv[layer]
+        _store(k_cache, ctx.slot_mapping, k.view(-1, kvh, d))
+        _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d))
+        for s in ctx.seqs:
+            slots = ctx.context_slots(s)
+            ks = k_cache.view(-1, kvh, d)[slots].to(q.dtype).repeat_interleave(h // kvh, dim=1)
+            vs = v_cache.view(-1, kvh, d)[slots].to(q.dtype).repeat_interleave(h // kvh, dim=1)
+            qs = q[s.q_start: s.q_start + s.q_len].view(-1, h, d)
+            out.append(_attend(qs, ks, vs, s.ctx_len, scale).reshape(s.q_len, h * d))
+    else:  # mla: the pool holds the normalized latent and the roped shared key per token
+        h, nope, rope_d, vd = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
+        (cache,) = ctx.kv[layer]
+        _store(cache, ctx.slot_mapping, torch.cat([k, v], dim=-1))
+        r = k.shape[-1]
+        for s in ctx.seqs:
+            entry = cache.view(-1, cache.shape[-1])[ctx.context_slots(s)].to(q.dtype)
+            kv = F.linear(entry[:, :r], kv_b_proj).view(-1, h, nope + vd)
+            k_rope = entry[:, None, r:].expand(-1, h, rope_d)
+            ks = torch.cat([kv[..., :nope], k_rope], dim=-1)
+            qs = q[s.q_start: s.q_start + s.q_len].view(-1, h, nope + rope_d)
+            out.append(_attend(qs, ks, kv[..., nope:], s.ctx_len, scale).reshape(s.q_len, h * vd))
+    return torch.cat(out, dim=0) if out else q.new_zeros(0, q.shape[-1])
+
+
+def _route(x, router, score_bias, num_experts, top_k, scoring, norm_topk_prob=False, n_group=1,
+           topk_group=1, routed_scaling_factor=1.0, **_):
+    """(weights f32[T, k], expert ids [T, k]) for each token."""
+    if scoring == "softmax":
+        scores = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(scores, top_k, dim=-1)
+    else:  # sigmoid with a selection-only bias, limited to the best groups (DeepSeek-V3)
+        scores = F.linear(x.float(), router.float()).sigmoid()
+        choice = scores + (score_bias.float() if score_bias is not None else 0)
+        t = x.shape[0]
+        group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
+        mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
+        ids = choice.masked_fill(mask == 0, 0.0).topk(top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0))
+    return weights * routed_scaling_factor, ids
+
+
+def moe(x, router, w_gate, w_up, w_down, score_bias=None, **attrs):
+    weights, ids = _route(x, router, score_bias, **attrs)
+    weights = weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = x[tok]
+        y = F.linear(F.silu(F.linear(h, w_gate[e])) * F.linear(h, w_up[e]), w_down[e])
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+def lm_head(x, rows, weight, **_):
+    return F.linear(x[rows], weight).float()

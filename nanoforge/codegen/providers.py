@@ -1,0 +1,50 @@
+"""Kernel providers: who can run which op on which target, ranked, with a reason for each
+provider that cannot. `select_kernels` asks here; codegen binds the chosen ones by name.
+
+A provider's module exposes one function per op it implements, named after the op, taking
+the node's inputs positionally and its params and attrs as keywords (plus `ctx` for ops that
+read the batch context).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
+from typing import Callable
+
+from ..errors import NanoForgeError
+from ..ir.ops import OPS
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    module: str  # import path of the kernel module
+    ops: frozenset[str]
+    probe: Callable[[dict], str | None]  # target -> None if usable, else why not
+
+
+def _always(target: dict) -> str | None:
+    return None
+
+
+PROVIDERS: list[Provider] = [
+    Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always),
+]
+BY_NAME = {p.name: p for p in PROVIDERS}
+
+
+def candidates(op: str, target: dict) -> list[tuple[str, str | None]]:
+    """Every provider of `op` in rank order, with None (usable) or the reason it is not."""
+    return [(p.name, p.probe(target)) for p in PROVIDERS if op in p.ops]
+
+
+def kernel_namespace(names: set[str]) -> SimpleNamespace:
+    """`K.<provider>.<op>` for the providers a plan uses."""
+    spaces = {}
+    for name in sorted(names):
+        if name not in BY_NAME:
+            raise NanoForgeError(f"plan uses unknown kernel provider {name!r}; known: {', '.join(BY_NAME)}")
+        mod: ModuleType = importlib.import_module(BY_NAME[name].module)
+        spaces[name] = mod
+    return SimpleNamespace(**spaces)
