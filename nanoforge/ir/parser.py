@@ -100,9 +100,12 @@ def parse_module(text: str) -> Module:
             if not line:
                 continue
             if module is None:
-                if not line.startswith("module "):
-                    raise ValueError("expected 'module {...}' first")
-                module = Module(meta=json.loads(line[7:]))
+                if line != "module":
+                    raise ValueError("expected 'module' first")
+                module = Module(meta={})
+            elif fp is None and line.startswith("meta "):
+                key, value = line[5:].split(" = ", 1)
+                module.meta[key] = json.loads(value)
             elif fp is None and line.startswith("param "):
                 m = _PARAM.match(line)
                 if not m:
@@ -126,5 +129,5 @@ def parse_module(text: str) -> Module:
         except (ValueError, KeyError, IndexError, json.JSONDecodeError) as e:
             raise IRParseError(f"IR line {lineno}: {e}: {raw.strip()[:120]}") from None
     if module is None or fp is not None:
-        raise IRParseError("IR text ends early (no module header or an unclosed func)")
+        raise IRParseError("IR text ends early (no 'module' header, or a func without its closing brace)")
     return module

@@ -1,6 +1,7 @@
 """The IR text form: one node a line, stable and diffable, parsed back exactly by `parser.py`.
 
-    module {"architecture": "Qwen3ForCausalLM", ...}
+    module
+    meta architecture = "Qwen3ForCausalLM"
     param $model.norm.weight: f32[64] <- model.norm.weight
     param $model.layers.1.mlp.experts.w_up: f32[6,32,64] <- stack(model.layers.1.mlp.experts.{0..5}.up_proj.weight)
 
@@ -84,7 +85,7 @@ def format_function(fn: Function) -> str:
 
 
 def format_module(m: Module) -> str:
-    parts = ["module " + json.dumps(m.meta, sort_keys=True)]
+    parts = ["module"] + [f"meta {k} = {json.dumps(m.meta[k], sort_keys=True)}" for k in sorted(m.meta)]
     parts += [format_param(p) for p in m.params.values()]
     text = "\n".join(parts) + "\n"
     for fn in m.functions.values():

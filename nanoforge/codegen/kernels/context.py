@@ -30,3 +30,31 @@ class BatchContext:
         """Pool slots of positions 0..ctx_len-1 of one sequence."""
         pos = torch.arange(seq.ctx_len, device=seq.block_table.device)
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+
+TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def allocate_pool(contract: dict, num_blocks: int, device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
+    """The paged KV pool the contract describes: per layer, one tensor per entry shape,
+    [num_blocks, block_size, *shape]. Indexed by the attention node's `layer` attr."""
+    dtype, bs = TORCH_DTYPES[contract["dtype"]], contract["block_size"]
+    pool: list[tuple[torch.Tensor, ...]] = []
+    for i, layer in enumerate(contract["layers"]):
+        assert layer["layer"] == i, "KV contract layers must be numbered 0..L-1"
+        pool.append(tuple(torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer["shapes"]))
+    return pool
+
+
+def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
+                 seqs: list[tuple[int, int, list[int]]], device: str | torch.device = "cpu") -> BatchContext:
+    """Context for a flat batch; each seq is (q_len, ctx_len, block_ids), its new tokens being
+    positions ctx_len-q_len .. ctx_len-1."""
+    slices, slots, start = [], [], 0
+    for q_len, ctx_len, blocks in seqs:
+        table = torch.tensor(blocks, dtype=torch.long, device=device)
+        slices.append(SeqSlice(start, q_len, ctx_len, table))
+        for pos in range(ctx_len - q_len, ctx_len):
+            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        start += q_len
+    return BatchContext(pool, block_size, torch.tensor(slots, dtype=torch.long, device=device), slices)

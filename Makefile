@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (set up, compile SmolLM2-135M, chat) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+# torch 2.13.0 first: on the CPU machines it is a CPU build from local disk, and installing it
+# before the project keeps pip from pulling a multi-GB CUDA build to satisfy `torch>=...`.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	@GGUF=$$($(BIN)/python scripts/fetch_smollm2.py .cache/smollm2) && \
+	echo "== compile $$GGUF" && \
+	$(BIN)/nanoforge compile $$GGUF -o $(DEMO)/smollm2-plan --dump-dir $(DEMO)/passes --verify-each-pass && \
+	echo "== pass dumps in $(DEMO)/passes:" && cat $(DEMO)/passes/index.txt && \
+	echo "== inspect" && $(BIN)/nanoforge inspect $(DEMO)/smollm2-plan && \
+	echo "== chat: What is the capital of France?" && \
+	$(BIN)/nanoforge generate $(DEMO)/smollm2-plan --chat --prompt "What is the capital of France?" --max-tokens 48
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,169 @@
+"""The `nanoforge` command: compile, inspect, generate."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import NanoForgeError
+
+
+def _kv_pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise NanoForgeError(f"{flag} {item!r}: expected OP=PROVIDER")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from .compiler import CompileOptions, compile_checkpoint
+
+    opts = CompileOptions(dtype=a.dtype, device=a.device, pipeline=a.pipeline, disable_passes=a.disable_pass,
+                          dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
+                          block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
+                          providers=_kv_pairs(a.provider, "--provider"))
+    say = (lambda m: None) if a.quiet else print
+    say(f"compiling {a.checkpoint}")
+    plan = compile_checkpoint(a.checkpoint, opts, log=say)
+    plan.save(Path(a.output))
+    s, mem = plan.stats, plan.module.meta["memory"]
+    say(f"{plan.module.meta['architecture']}: {s['nodes']} nodes, {s['params']} params "
+        f"({_mib(mem['param_bytes'])}), KV {mem['kv_bytes_per_token']:,} B/token")
+    if a.dump_dir:
+        say(f"pass dumps: {a.dump_dir}/ (index.txt lists them)")
+    print(f"wrote {a.output} in {s['total_ms'] / 1000:.2f} s (trace {s['trace_ms']:.0f} ms, "
+          f"passes {s['passes_ms']:.0f} ms)")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .ir.printer import format_function
+    from .plan import read_plan
+
+    plan = read_plan(a.plan)
+    m = plan.module
+    if a.ir:
+        for fn in m.functions.values():
+            print(format_function(fn))
+        return 0
+    mem = m.meta.get("memory", {})
+    print(f"model        {m.meta.get('architecture')} ({m.meta.get('dtype')}), {m.meta.get('num_layers')} layers, "
+          f"vocab {m.meta.get('vocab_size')}")
+    print(f"checkpoint   {plan.checkpoint.get('path')} [{plan.checkpoint.get('kind')}]")
+    print(f"target       {json.dumps(plan.target)}")
+    print(f"params       {len(m.params)} tensors, {_mib(m.param_bytes())}")
+    print("passes       " + ", ".join(f"{p['name']}({'skipped' if p.get('skipped') else p['changes']})"
+                                      for p in plan.passes))
+    for fn in m.functions.values():
+        ops = Counter(n.op for n in fn.nodes)
+        print(f"function     {fn.name}: {len(fn.nodes)} nodes")
+        for op, count in sorted(ops.items(), key=lambda kv: -kv[1]):
+            providers = Counter(n.provider or "-" for n in fn.nodes if n.op == op)
+            print(f"  {op:<14} {count:>5}  provider " + ", ".join(f"{p} x{c}" for p, c in providers.items()))
+    for op, why in m.meta.get("provider_fallbacks", {}).items():
+        print(f"  fallback {op}: " + "; ".join(why))
+    if a.nodes:
+        for fn in m.functions.values():
+            for n in fn.nodes:
+                print(f"  {fn.name}  %{n.outputs[0].name:<5} {n.op:<14} {n.provider or '-':<10} @{n.source}")
+    kv = m.meta.get("kv_contract", {})
+    print(f"memory       weights {_mib(mem.get('param_bytes', 0))}, KV {mem.get('kv_bytes_per_token', 0):,} B/token "
+          f"(block {kv.get('block_size')}, {kv.get('dtype')}, {len(kv.get('layers', []))} layers), activations "
+          f"{mem.get('activation_bytes_per_token', 0):,} B/token x {mem.get('max_num_batched_tokens')} tokens "
+          f"= {_mib(mem.get('activation_bytes_per_token', 0) * (mem.get('max_num_batched_tokens') or 0))}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .llm import LLM
+    from .runtime.sampling_params import SamplingParams
+
+    if not a.prompt:
+        raise NanoForgeError("give at least one --prompt")
+    llm = LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device)
+    sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                        max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
+    if a.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp, use_tqdm=False)
+    else:
+        outs = llm.generate(a.prompt, sp, use_tqdm=False)
+    for prompt, out in zip(a.prompt, outs):
+        if a.json:
+            print(json.dumps({"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(out.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoforge", description="Compile, inspect and run LLM checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="checkpoint (HF dir or .gguf) -> plan dir")
+    c.add_argument("checkpoint")
+    c.add_argument("-o", "--output", required=True, help="plan directory to write")
+    c.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    c.add_argument("--pipeline", default="default")
+    c.add_argument("--dump-dir", help="write NN_<pass>.ir after every pass, plus index.txt")
+    c.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
+    c.add_argument("--verify-each-pass", action="store_true",
+                   help="check numerically (tiny random inputs) that every pass preserves the function")
+    c.add_argument("--config-only", action="store_true", help="dry run from config.json alone (plan not runnable)")
+    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    c.add_argument("--provider", action="append", default=[], metavar="OP=NAME", help="force a kernel provider")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(run=cmd_compile)
+
+    i = sub.add_parser("inspect", help="summarize a plan")
+    i.add_argument("plan")
+    i.add_argument("--ir", action="store_true", help="print the lowered IR")
+    i.add_argument("--nodes", action="store_true", help="list every node with its provider")
+    i.set_defaults(run=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate text from a plan or a checkpoint")
+    g.add_argument("model", help="plan dir, HF checkpoint dir or .gguf file")
+    g.add_argument("--prompt", action="append", default=[])
+    g.add_argument("--chat", action="store_true", help="apply the chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt: token_ids, text")
+    g.add_argument("--checkpoint", help="weights location, if the plan's recorded path moved")
+    g.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.set_defaults(run=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except NanoForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

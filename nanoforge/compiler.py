@@ -1,0 +1,79 @@
+"""checkpoint -> traced IR -> pass pipeline -> Plan. Reads config.json and tensor headers only."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import NanoForgeError
+from .models import DTYPES, trace_model
+from .models.checkpoint import Checkpoint, open_checkpoint
+from .passes import PASSES, PIPELINES, PassContext, PassManager
+from .plan import Plan
+
+
+@dataclass
+class CompileOptions:
+    dtype: str = "auto"  # f32 | bf16 | f16 | auto (the checkpoint's torch_dtype; bf16 if unknown)
+    device: str = "cpu"
+    pipeline: str = "default"
+    disable_passes: list[str] = field(default_factory=list)
+    dump_dir: str | None = None
+    verify_each_pass: bool = False
+    config_only: bool = False
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    providers: dict[str, str] = field(default_factory=dict)  # op -> forced provider
+
+
+def resolve_dtype(requested: str, config: dict[str, Any]) -> str:
+    if requested != "auto":
+        return requested
+    return DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), "bf16")
+
+
+def target_of(device: str) -> dict[str, Any]:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise NanoForgeError(f"--device {device!r}: choose cpu or cuda")
+    target = {"device": device, "torch": torch.__version__.split("+")[0], "machine": platform.machine()}
+    if device == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        target["capability"] = f"sm{major}{minor}"
+    return target
+
+
+def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[str], None] = lambda m: None,
+                       ckpt: Checkpoint | None = None) -> Plan:
+    from .runtime.weights import check_bindings
+
+    t0 = time.perf_counter()
+    ckpt = ckpt or open_checkpoint(path, config_only=opts.config_only)
+    t_open = time.perf_counter()
+    dtype = resolve_dtype(opts.dtype, ckpt.config)
+    module = trace_model(ckpt.config, dtype)
+    unused = [] if opts.config_only else check_bindings(module, ckpt)
+    t_trace = time.perf_counter()
+    if opts.pipeline not in PIPELINES:
+        raise NanoForgeError(f"unknown pipeline {opts.pipeline!r}; pipelines: {', '.join(PIPELINES)}")
+    target = target_of(opts.device)
+    ctx = PassContext(
+        options={"select_kernels": {"target": target, "force": dict(opts.providers)},
+                 "plan_memory": {"block_size": opts.block_size,
+                                 "max_num_batched_tokens": opts.max_num_batched_tokens}},
+        disabled=set(opts.disable_passes), dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,
+        verify_each_pass=opts.verify_each_pass, log=log)
+    pm = PassManager(PASSES, PIPELINES[opts.pipeline], ctx)
+    module = pm.run(module)
+    t_end = time.perf_counter()
+    stats = {"open_ms": round((t_open - t0) * 1000, 1), "trace_ms": round((t_trace - t_open) * 1000, 1),
+             "passes_ms": round((t_end - t_trace) * 1000, 1), "total_ms": round((t_end - t0) * 1000, 1),
+             "nodes": sum(len(f.nodes) for f in module.functions.values()), "params": len(module.params),
+             "unused_checkpoint_tensors": len(unused)}
+    checkpoint = {"path": str(Path(path).resolve()), "kind": ckpt.kind,
+                  "fingerprint": None if opts.config_only else ckpt.fingerprint()}
+    return Plan(module, checkpoint, ckpt.config, target, [asdict(r) for r in pm.records],
+                {k: v for k, v in asdict(opts).items() if k != "dump_dir"}, stats)

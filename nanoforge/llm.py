@@ -1,0 +1,110 @@
+"""Offline API: `LLM(plan_dir_or_checkpoint).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+from tqdm import tqdm
+
+from .compiler import CompileOptions, compile_checkpoint
+from .errors import NanoForgeError
+from .models.checkpoint import Checkpoint, fingerprint_mismatches, open_checkpoint
+from .plan import Plan, machine_mismatches, read_plan
+from .runtime.engine import Engine, EngineConfig
+from .runtime.sampling_params import SamplingParams
+from .runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[dict] | None = None
+    num_cached_tokens: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def load_plan(path: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> tuple[Plan, Checkpoint]:
+    """Read a plan and open its checkpoint, naming every way the two (or the machine) disagree."""
+    plan = read_plan(path)
+    problems = machine_mismatches(plan, device)
+    ckpt_path = Path(checkpoint or plan.checkpoint["path"])
+    if not ckpt_path.exists():
+        raise NanoForgeError(f"plan {path} was compiled from {ckpt_path}, which does not exist; pass --checkpoint")
+    ckpt = open_checkpoint(ckpt_path)
+    expected = plan.checkpoint.get("fingerprint")
+    if expected is None:
+        raise NanoForgeError(f"plan {path} was compiled with --config-only and cannot be run; compile it "
+                             "against the checkpoint")
+    problems += fingerprint_mismatches(expected, ckpt.fingerprint())
+    if problems:
+        raise NanoForgeError(f"plan {path} does not match {ckpt_path}: " + "; ".join(problems))
+    return plan, ckpt
+
+
+def open_model(model: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
+               compile_options: CompileOptions | None = None) -> tuple[Plan, Checkpoint]:
+    """A plan dir is loaded and checked; a checkpoint is compiled in memory."""
+    path = Path(model)
+    if (path / "plan.json").exists():
+        return load_plan(path, checkpoint, device)
+    ckpt = open_checkpoint(path)
+    opts = compile_options or CompileOptions(device=device)
+    return compile_checkpoint(path, opts, ckpt=ckpt), ckpt
+
+
+class LLM:
+    def __init__(self, model: str | Path, *, checkpoint: str | Path | None = None, dtype: str = "auto",
+                 block_size: int = 16, progress: bool = True, **engine_options: Any):
+        cfg = EngineConfig(**engine_options)
+        opts = CompileOptions(dtype=dtype, device=cfg.device, block_size=block_size)
+        self.plan, self.checkpoint = open_model(model, checkpoint, cfg.device, opts)
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(self.checkpoint)
+        except NanoForgeError:
+            self.tokenizer = None  # token-id prompts still work; text prompts say why not
+        self.engine = Engine(self.plan, self.checkpoint, self.tokenizer, cfg, progress)
+        self.progress = progress
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            Tokenizer.from_checkpoint(self.checkpoint)  # raises the reason
+        return self.tokenizer  # type: ignore[return-value]
+
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise NanoForgeError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self._require_tokenizer().encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        seqs = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
+        show = self.progress if use_tqdm is None else use_tqdm
+        with tqdm(total=len(seqs), desc="generate", unit="req", disable=not show) as bar:
+            done = 0
+            while self.engine.has_work():
+                self.engine.step()
+                finished = sum(s.finish_reason is not None for s in seqs)
+                bar.update(finished - done)
+                done = finished
+        for s in seqs:
+            self.engine.seqs.pop(s.seq_id, None)
+        return [RequestOutput(s.prompt_ids, s.output_ids, s.text, s.finish_reason,
+                              s.logprobs if s.params.logprobs is not None else None, s.num_cached) for s in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             tools: list | None = None, use_tqdm: bool | None = None) -> list[RequestOutput]:
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self._require_tokenizer()
+        prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True, tools=tools),
+                              add_special_tokens=False) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def metrics(self) -> dict[str, Any]:
+        return self.engine.metrics.summary(self.engine.blocks, self.engine.scheduler.num_preemptions)

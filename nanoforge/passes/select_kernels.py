@@ -1,0 +1,45 @@
+"""select_kernels: pick a provider for every node from what the target can run, and record
+why each better-ranked provider was passed over (shown by `nanoforge inspect`).
+
+Option `force` ({op: provider}) comes from `--provider op=name`; forcing a provider that
+cannot run there is an error, not a silent fallback."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..codegen.providers import BY_NAME, candidates
+from ..errors import NanoForgeError
+from ..ir.graph import Module
+from .manager import Pass
+
+
+def select_kernels(module: Module, opts: dict[str, Any]) -> int:
+    target, force = opts["target"], opts["force"]
+    for op, name in force.items():
+        if name not in BY_NAME:
+            raise NanoForgeError(f"--provider {op}={name}: unknown provider; known: {', '.join(BY_NAME)}")
+    notes: dict[str, list[str]] = {}
+    changes = 0
+    for _, node in module.nodes():
+        ranked = candidates(node.op, target)
+        if node.op in force:
+            why = dict(ranked).get(force[node.op], f"{force[node.op]} does not implement {node.op}")
+            if why:
+                raise NanoForgeError(f"--provider {node.op}={force[node.op]}: {why}")
+            choice = force[node.op]
+        else:
+            usable = [n for n, why in ranked if why is None]
+            if not usable:
+                raise NanoForgeError(f"no provider can run {node.op} on {target['device']} @ {node.source}")
+            choice = usable[0]
+            notes.setdefault(node.op, [f"{n}: {why}" for n, why in ranked if why is not None])
+        if node.provider != choice:
+            node.provider = choice
+            changes += 1
+    module.meta["target"] = target
+    module.meta["provider_fallbacks"] = {op: why for op, why in notes.items() if why}
+    return changes
+
+
+PASS = Pass("select_kernels", select_kernels, "provider per node, with the reason for each fallback",
+            {"target": {"device": "cpu"}, "force": {}})

@@ -1,0 +1,16 @@
+"""verify: structural checks of the traced module (SSA, operand types, params); changes nothing."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..ir.graph import Module
+from ..ir.verifier import verify_module
+from .manager import Pass
+
+
+def verify(module: Module, opts: dict[str, Any]) -> int:
+    verify_module(module)
+    return 0
+
+
+PASS = Pass("verify", verify, "structural checks: SSA, types, params")

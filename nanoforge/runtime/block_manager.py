@@ -1,0 +1,124 @@
+"""Paged KV block manager with hash-chained prefix caching.
+
+Every full block (prompt or decode) is registered under hash(parent hash, its tokens). A new
+sequence reuses the longest chain of registered blocks whose tokens really match, capped so
+that at least one prompt token is computed. Freed blocks keep their hash and stay findable
+until they are evicted, least recently freed first.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sequence import Sequence
+
+
+def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
+    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.cached: dict[bytes, int] = {}
+        self.hits = self.queries = 0  # tokens found in / looked up in the prefix cache
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        b = self.blocks[block_id]
+        if b.hash is not None and self.cached.get(b.hash) == block_id:
+            del self.cached[b.hash]
+        b.hash, b.tokens, b.ref_count = None, [], 1
+        return block_id
+
+    def _ref(self, block_id: int) -> None:
+        b = self.blocks[block_id]
+        if b.ref_count == 0:
+            del self.free[block_id]
+        b.ref_count += 1
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach cached blocks to a new sequence; returns the tokens they cover."""
+        assert not seq.block_table and seq.num_computed == 0
+        tokens, bs = seq.all_ids, self.block_size
+        limit = (len(tokens) - 1) // bs  # leave at least one token to compute
+        parent = b""
+        if self.prefix_caching:
+            self.queries += len(tokens)
+            for i in range(limit):
+                chunk = tokens[i * bs:(i + 1) * bs]
+                parent = chain_hash(parent, chunk)
+                block_id = self.cached.get(parent)
+                if block_id is None or self.blocks[block_id].tokens != chunk:
+                    break
+                self._ref(block_id)
+                seq.block_table.append(block_id)
+            self.hits += len(seq.block_table) * bs
+        seq.num_computed = seq.num_cached = len(seq.block_table) * bs
+        return seq.num_computed
+
+    def can_grow(self, seq: Sequence, num_new: int) -> bool:
+        return self.blocks_needed(seq.num_computed + num_new) - len(seq.block_table) <= self.num_free
+
+    def grow(self, seq: Sequence, num_new: int) -> None:
+        """Make the table cover num_computed + num_new tokens."""
+        while len(seq.block_table) < self.blocks_needed(seq.num_computed + num_new):
+            seq.block_table.append(self._take())
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the blocks that became full (their tokens now have K/V in the pool)."""
+        if not self.prefix_caching:
+            return
+        bs, tokens = self.block_size, seq.all_ids
+        parent = b""
+        for i in range(seq.num_computed // bs):
+            b = self.blocks[seq.block_table[i]]
+            if b.hash is None:
+                b.tokens = tokens[i * bs:(i + 1) * bs]
+                b.hash = chain_hash(parent, b.tokens)
+                self.cached.setdefault(b.hash, b.block_id)
+            parent = b.hash
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's references; the tail is freed first, so it is evicted first."""
+        for block_id in reversed(seq.block_table):
+            b = self.blocks[block_id]
+            b.ref_count -= 1
+            if b.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def check_invariants(self, live: list[Sequence]) -> None:
+        """Ref counts equal the number of live tables holding each block; free == unreferenced."""
+        counts = [0] * len(self.blocks)
+        for s in live:
+            assert len(set(s.block_table)) == len(s.block_table), f"seq {s.seq_id} holds a block twice"
+            for block_id in s.block_table:
+                counts[block_id] += 1
+        for b in self.blocks:
+            assert b.ref_count == counts[b.block_id], f"block {b.block_id}: ref {b.ref_count} != {counts[b.block_id]}"
+            assert (b.ref_count == 0) == (b.block_id in self.free), f"block {b.block_id} free-list mismatch"
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == h, f"cache entry of block {block_id} is stale"

@@ -1,0 +1,151 @@
+"""The engine loop: schedule a flat batch, run it, sample, apply stop rules, free blocks."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import NanoForgeError
+from ..models.checkpoint import Checkpoint
+from ..plan import Plan
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .sampler import SampleRequest, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, Status
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    num_blocks: int | None = None  # default: kv_cache_memory / bytes per block
+    kv_cache_memory: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    prefix_caching: bool = True
+
+
+@dataclass
+class EngineMetrics:
+    steps: int = 0
+    step_times: list[float] = field(default_factory=list)
+    tokens_per_step: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def summary(self, blocks: BlockManager, preemptions: int) -> dict:
+        n = max(self.steps, 1)
+        return {"steps": self.steps, "preemptions": preemptions,
+                "prefix_cache_hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0,
+                "prefix_cache_hit_tokens": blocks.hits,
+                "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+                "mean_tokens_per_step": sum(self.tokens_per_step) / n,
+                "mean_step_ms": 1000 * sum(self.step_times) / n}
+
+
+class Engine:
+    def __init__(self, plan: Plan, ckpt: Checkpoint, tokenizer: Tokenizer | None, cfg: EngineConfig,
+                 progress: bool = True):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        meta = plan.module.meta
+        self.vocab_size = int(meta["vocab_size"])
+        self.max_model_len = cfg.max_model_len or int(meta.get("max_position_embeddings", 4096))
+        bs = meta["kv_contract"]["block_size"]
+        block_bytes = max(meta["memory"]["kv_bytes_per_token"] * bs, 1)
+        num_blocks = cfg.num_blocks or max(cfg.kv_cache_memory // block_bytes, 1)
+        self.runner = ModelRunner(plan, ckpt, num_blocks, cfg.device, progress)
+        self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                                   cfg.max_prefill_chunk), self.blocks)
+        self.eos_ids = list(tokenizer.eos_token_ids) if tokenizer else []
+        self.metrics = EngineMetrics()
+        self._ids = itertools.count()
+        self.seqs: dict[int, Sequence] = {}
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise NanoForgeError("prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise NanoForgeError(f"prompt token ids must be in [0, {self.vocab_size}); got {min(prompt_ids)}.."
+                                 f"{max(prompt_ids)}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise NanoForgeError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
+                                 "(the prompt plus at least one generated token must fit)")
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if self.blocks.blocks_needed(longest) > len(self.blocks.blocks):
+            raise NanoForgeError(f"request needs {self.blocks.blocks_needed(longest)} KV blocks of "
+                                 f"{self.blocks.block_size} tokens but the pool has {len(self.blocks.blocks)}")
+        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is not None and seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Sequence]:
+        """Run one batch; return the sequences that got a token (finished ones included)."""
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        logits, sample_items = self.runner.execute(batch)
+        for seq, n in batch.items:
+            seq.num_computed += n
+            self.blocks.commit(seq)
+        reqs = [self._sample_request(batch.items[i][0]) for i in sample_items]
+        out = []
+        for i, (token, info) in zip(sample_items, sample(logits, reqs)):
+            seq = batch.items[i][0]
+            self._append(seq, token, info)
+            out.append(seq)
+        self.metrics.steps += 1
+        self.metrics.tokens_per_step.append(batch.num_tokens)
+        self.metrics.step_times.append(time.perf_counter() - start)
+        return out
+
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
+        p = seq.params
+        banned = []
+        if len(seq.output_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_ids)
+        return SampleRequest(p, seq.all_ids if p.needs_history else [], seq.output_ids, seq.generator, banned)
+
+    def _append(self, seq: Sequence, token: int, info: dict | None) -> None:
+        p = seq.params
+        seq.output_ids.append(token)
+        self.metrics.generated_tokens += 1
+        if info is not None:
+            seq.logprobs.append(info)
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+        reason = None
+        if len(seq.output_ids) >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+                reason = "stop"
+            elif p.stop and self.tokenizer is not None:
+                hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text, reason = seq.text[:min(hits)], "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()

@@ -1,0 +1,73 @@
+"""Sampler: logits of the rows that finished a step -> next tokens (+ logprobs).
+
+Order of operations follows vLLM: penalties on raw logits, then temperature, then top-k,
+top-p and min-p filtering, then a draw from a per-request generator (so a seeded request is
+reproducible whatever it is batched with). Logprobs are of the raw distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRequest:
+    params: SamplingParams
+    history: list[int]  # prompt + output ids, for penalties
+    output: list[int]  # output ids only (frequency/presence count over these)
+    generator: torch.Generator | None
+    banned: list[int]  # ids that may not be drawn yet (eos before min_tokens)
+
+
+def _penalize(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    p = req.params
+    if p.repetition_penalty != 1 and req.history:
+        seen = torch.tensor(sorted(set(req.history)), device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and req.output:
+        ids, counts = torch.tensor(req.output, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1 or p.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        if p.top_p < 1:
+            sorted_p, order = torch.sort(probs, descending=True)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[tuple[int, dict | None]]:
+    """One token per row; with logprobs, {'token': lp, 'top': [(id, lp), ...]}."""
+    out = []
+    logits = logits.float()
+    for row, req in zip(logits, reqs):
+        p = req.params
+        raw_logprobs = torch.log_softmax(row, dim=-1) if p.logprobs is not None else None
+        row = _penalize(row.clone(), req) if p.needs_history else row.clone()
+        if req.banned:
+            row[req.banned] = float("-inf")
+        if p.greedy:
+            token = int(torch.argmax(row))
+        else:
+            probs = torch.softmax(_filter(row / p.temperature, p), dim=-1)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
+        info = None
+        if raw_logprobs is not None:
+            top = torch.topk(raw_logprobs, p.logprobs) if p.logprobs else None
+            info = {"token": float(raw_logprobs[token]),
+                    "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}
+        out.append((token, info))
+    return out

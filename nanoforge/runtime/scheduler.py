@@ -1,0 +1,95 @@
+"""Continuous batching: every step is one flat batch of prefill chunks and decode tokens under
+a token budget (the runtime side of chunked-prefill fusion). Running sequences go first, in
+admission order; waiting ones are admitted while budget, seats and blocks last. When the pool
+runs out, the newest running sequence is preempted (its blocks freed, recomputed later)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512  # a longer prompt is split over several steps
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]]  # (sequence, tokens to compute this step)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
+        self.cfg, self.blocks = cfg, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._arrivals = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.cfg.max_num_batched_tokens
+        items: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            n = min(seq.remaining, budget, self.cfg.max_prefill_chunk)
+            if n <= 0:
+                break
+            while not self.blocks.can_grow(seq, n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.grow(seq, n)
+            items.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
+            n = min(seq.remaining, budget, self.cfg.max_prefill_chunk)
+            if not self.blocks.can_grow(seq, n):
+                self.blocks.release(seq)
+                seq.num_cached = 0
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq, n)
+            seq.status = Status.RUNNING
+            self._arrivals += 1
+            seq.arrival = self._arrivals
+            self.running.append(seq)
+            items.append((seq, n))
+            budget -= n
+        return ScheduledBatch(items)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)

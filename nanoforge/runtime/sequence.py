@@ -1,0 +1,45 @@
+"""A request's state inside the engine: its tokens, how many have KV in the pool, its blocks."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the pool
+    num_cached: int = 0  # of those, tokens found in the prefix cache at admission
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    arrival: int = 0  # admission order; the newest running sequence is preempted first
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
