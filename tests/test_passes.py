@@ -1,0 +1,119 @@
+"""Pass manager and passes: fusion counts, dumps and index, --disable-pass, --verify-each-pass on
+every architecture, and a deliberately broken pass caught at the right HF module."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from hf_fixtures import ARCHS, moe_layers, tiny_config
+from nanoforge.errors import NanoForgeError
+from nanoforge.ir.graph import Module
+from nanoforge.models import trace_model
+from nanoforge.passes import PASSES, PIPELINES, Pass, PassContext, PassManager
+from test_ir import config_dict
+
+
+def run_pipeline(module: Module, **ctx) -> PassManager:
+    pm = PassManager(PASSES, PIPELINES["default"], PassContext(**ctx))
+    pm.run(module)
+    return pm
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verify_each_pass_holds(arch):
+    module = trace_model(config_dict(arch), "f32")
+    pm = run_pipeline(module, verify_each_pass=True)
+    assert [r.name for r in pm.records] == PIPELINES["default"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fusion_counts(arch):
+    cfg = tiny_config(arch)
+    layers = cfg.num_hidden_layers
+    module = trace_model(config_dict(arch), "f32")
+    run_pipeline(module)
+    ops = Counter(n.op for _, n in module.nodes())
+    # every norm but the first layer's input norm follows a residual add
+    assert ops["add_rms_norm"] == 2 * layers and ops["rms_norm"] == (1 if arch != "deepseek_v3" else 1 + 2 * layers)
+    shared = len(moe_layers(arch)) if arch == "deepseek_v3" else 0
+    assert ops["silu_mul"] == layers - len(moe_layers(arch)) + shared
+    assert ops["qk_norm_rope"] == (layers if arch.startswith("qwen3") else 0)
+    assert ops["silu"] == ops["mul"] == 0
+    assert ops["moe"] == len(moe_layers(arch))
+
+
+def test_dump_index_and_disable(tmp_path):
+    module = trace_model(config_dict("qwen3"), "f32")
+    run_pipeline(module, dump_dir=tmp_path, disabled={"fuse_elementwise"})
+    index = (tmp_path / "index.txt").read_text()
+    assert "fuse_elementwise" in index and "skipped" in index
+    assert not (tmp_path / "02_fuse_elementwise.ir").exists()
+    assert "add_rms_norm" not in (tmp_path / "04_plan_memory.ir").read_text()
+
+
+def test_unknown_pass_is_named():
+    with pytest.raises(NanoForgeError, match="unknown pass 'fuse_everything'"):
+        PassManager(PASSES, PIPELINES["default"], PassContext(disabled={"fuse_everything"}))
+
+
+def _break_layer1_mlp(module: Module, opts: dict) -> int:
+    """Test-only 'fusion' with a bug: swaps gate and up of one layer's silu_mul."""
+    for _, node in module.nodes():
+        if node.op == "silu_mul" and node.source == "model.layers.1.mlp":
+            node.inputs.reverse()
+            return 1
+    return 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_broken_pass_is_caught_at_its_hf_module(arch):
+    passes = dict(PASSES, break_mlp=Pass("break_mlp", _break_layer1_mlp, "test-only bug"))
+    pipeline = PIPELINES["default"][:2] + ["break_mlp"] + PIPELINES["default"][2:]
+    module = trace_model(config_dict(arch), "f32")
+    with pytest.raises(NanoForgeError, match=r"pass break_mlp changed the numerics .* at model\.layers\.1\.mlp "):
+        PassManager(passes, pipeline, PassContext(verify_each_pass=True)).run(module)
+
+
+def test_broken_pass_changing_attrs_is_caught():
+    def bad_eps(module: Module, opts: dict) -> int:
+        node = next(n for _, n in module.nodes() if n.source == "model.layers.2.post_attention_layernorm")
+        node.attrs["eps"] = 0.5
+        return 1
+
+    passes = dict(PASSES, bad_eps=Pass("bad_eps", bad_eps, "test-only bug"))
+    module = trace_model(config_dict("qwen3_moe"), "f32")
+    with pytest.raises(NanoForgeError, match=r"model\.layers\.2\.post_attention_layernorm"):
+        PassManager(passes, ["verify", "fuse_elementwise", "bad_eps"], PassContext(verify_each_pass=True)).run(module)
+
+
+def test_pass_producing_invalid_ir_is_named():
+    def drop_node(module: Module, opts: dict) -> int:
+        module.functions["forward"].nodes.pop(3)
+        return 1
+
+    passes = dict(PASSES, drop=Pass("drop", drop_node, "test-only bug"))
+    module = trace_model(config_dict("llama"), "f32")
+    with pytest.raises(NanoForgeError, match="pass drop produced invalid IR"):
+        PassManager(passes, ["verify", "drop"], PassContext()).run(module)
+
+
+def test_plan_memory_kv_contract():
+    module = trace_model(config_dict("deepseek_v3"), "bf16")
+    run_pipeline(module)
+    kv = module.meta["kv_contract"]
+    cfg = tiny_config("deepseek_v3")
+    assert [layer["layer"] for layer in kv["layers"]] == list(range(cfg.num_hidden_layers))
+    assert kv["layers"][0]["shapes"] == [[cfg.kv_lora_rank + cfg.qk_rope_head_dim]]
+    assert module.meta["memory"]["kv_bytes_per_token"] == 2 * cfg.num_hidden_layers * (
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "llama"])
+def test_param_bytes_match_hf_parameter_count(arch):
+    import transformers
+
+    module = trace_model(config_dict(arch), "bf16")
+    run_pipeline(module)
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(arch))
+    assert module.meta["memory"]["param_bytes"] == 2 * sum(p.numel() for p in hf.parameters())
