@@ -9,6 +9,8 @@ from ..codegen.kernels.rope_math import yarn_mscale
 from .common import CausalLM, Config, DecoderLayer, GatedMLP, StackedExperts, attention, rope, rope_attrs, rope_settings
 from .frontend import Linear, ParamSpec, RMSNorm, Sym, TraceModule, split
 
+LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
+
 
 class DeepseekV3Attention(TraceModule):
     def __init__(self, c: Config, layer: int):
@@ -18,12 +20,12 @@ class DeepseekV3Attention(TraceModule):
         self.q_lora = c.get("q_lora_rank")
         if self.q_lora:
             self.q_a_proj = Linear(c.hidden_size, self.q_lora, bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora, c.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora, LORA_NORM_EPS)
             self.q_b_proj = Linear(self.q_lora, h * (nope + rope_d))
         else:
             self.q_proj = Linear(c.hidden_size, h * (nope + rope_d))
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, r + rope_d, bias)
-        self.kv_a_layernorm = RMSNorm(r, c.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(r, LORA_NORM_EPS)
         self.kv_b_proj = Linear(r, h * (nope + vd))
         self.o_proj = Linear(h * vd, c.hidden_size, bias)
         style = "interleaved" if c.get("rope_interleave", True) else "neox"

@@ -143,7 +143,7 @@ def _route(x, router, score_bias, num_experts, top_k, scoring, norm_topk_prob=Fa
         group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
         keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
         mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
-        ids = choice.masked_fill(mask == 0, 0.0).topk(top_k, dim=-1)[1]
+        ids = choice.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1)[1]
         weights = scores.gather(1, ids)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0))
