@@ -106,5 +106,19 @@ class LLM:
                               add_special_tokens=False) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def last_logits(self, prompts: Seq[Seq[int]]) -> "torch.Tensor":
+        """f32[len(prompts), vocab]: the logits after each prompt's last token (one batch)."""
+        import torch
+
+        self.engine.keep_logits = True
+        try:
+            seqs = [self.engine.add_request(list(p), SamplingParams(temperature=0, max_tokens=1)) for p in prompts]
+            self.engine.run_until_done()
+        finally:
+            self.engine.keep_logits = False
+        for s in seqs:
+            self.engine.seqs.pop(s.seq_id, None)
+        return torch.stack([s.logits for s in seqs])
+
     def metrics(self) -> dict[str, Any]:
         return self.engine.metrics.summary(self.engine.blocks, self.engine.scheduler.num_preemptions)

