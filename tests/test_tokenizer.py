@@ -2,9 +2,7 @@
 rebuilt from tokenizer.ggml.* metadata) and a small HF directory saved by transformers itself."""
 from __future__ import annotations
 
-import functools
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,27 +22,12 @@ UNICODE_DIGITS = "x² ³ ١٢٣ Ⅻ ½"  # numerics outside 0-9 (Unicode categor
 CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."}]
 
 
-@contextmanager
-def shared_gguf_parse():
-    """transformers parses the whole GGUF (~5 s) for each of its loaders: share one reader per file.
-    Caching only; its tokenizer conversion runs unchanged."""
-    import gguf
-
-    real = gguf.GGUFReader
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=None)(lambda path, mode="r": real(path, mode)))
-        yield
-
-
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from hf_fixtures import hf_gguf_tokenizer
 
-    hf_logging.set_verbosity_error()
-    with shared_gguf_parse():
-        hf = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-        ours = Tokenizer.from_checkpoint(open_checkpoint(str(smollm2_gguf.parent / smollm2_gguf.name)))
+    hf = hf_gguf_tokenizer(smollm2_gguf)
+    ours = Tokenizer.from_checkpoint(open_checkpoint(smollm2_gguf))
     return ours, hf
 
 
