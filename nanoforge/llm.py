@@ -30,15 +30,15 @@ class RequestOutput:
 def load_plan(path: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> tuple[Plan, Checkpoint]:
     """Read a plan and open its checkpoint, naming every way the two (or the machine) disagree."""
     plan = read_plan(path)
+    expected = plan.checkpoint.get("fingerprint")
+    if expected is None:
+        raise NanoForgeError(f"plan {path} was compiled with --config-only and cannot be run; compile it "
+                             "against the checkpoint")
     problems = machine_mismatches(plan, device)
     ckpt_path = Path(checkpoint or plan.checkpoint["path"])
     if not ckpt_path.exists():
         raise NanoForgeError(f"plan {path} was compiled from {ckpt_path}, which does not exist; pass --checkpoint")
     ckpt = open_checkpoint(ckpt_path)
-    expected = plan.checkpoint.get("fingerprint")
-    if expected is None:
-        raise NanoForgeError(f"plan {path} was compiled with --config-only and cannot be run; compile it "
-                             "against the checkpoint")
     problems += fingerprint_mismatches(expected, ckpt.fingerprint())
     if problems:
         raise NanoForgeError(f"plan {path} does not match {ckpt_path}: " + "; ".join(problems))

@@ -48,14 +48,14 @@ class Checkpoint:
         if self.kind == "gguf":
             with open(self.path, "rb") as f:
                 head = f.read(GGUF_HASHED)
-            files.append(_entry(self.path.name, self.path.stat().st_size, head))
+            files.append(_entry(self.path.name, self.path.stat().st_size, head, self.path))
         else:
             files.append(_entry("config.json", (self.path / "config.json").stat().st_size,
                                 (self.path / "config.json").read_bytes()))
             for name in _shard_names(self.path, strict=False):
                 p = self.path / name
                 if p.is_file():
-                    files.append(_entry(name, p.stat().st_size, _header_bytes(p)))
+                    files.append(_entry(name, p.stat().st_size, _header_bytes(p), p))
         return {"kind": self.kind, "files": files}
 
     def read(self, keys: list[str], dtype: torch.dtype | None = None,
@@ -142,6 +142,9 @@ def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:
             out.append(f"{name}: size {e['size']} != {a['size']}")
         elif e["header_sha256"] != a["header_sha256"]:
             out.append(f"{name}: header sha256 {e['header_sha256'][:12]} != {a['header_sha256'][:12]}")
+        elif e.get("sample_sha256") != a.get("sample_sha256"):
+            out.append(f"{name}: same header but different weights (sampled sha256 "
+                       f"{str(e.get('sample_sha256'))[:12]} != {str(a.get('sample_sha256'))[:12]})")
     out += [f"{name}: not expected" for name in act if name not in exp]
     return out
 
@@ -231,8 +234,22 @@ def _magic(p: Path) -> bytes:
         return f.read(4)
 
 
-def _entry(name: str, size: int, head: bytes) -> dict:
-    return {"name": name, "size": size, "header_sha256": hashlib.sha256(head).hexdigest()}
+def _entry(name: str, size: int, head: bytes, path: Path | None = None) -> dict:
+    entry = {"name": name, "size": size, "header_sha256": hashlib.sha256(head).hexdigest()}
+    if path is not None:
+        entry["sample_sha256"] = _sample_hash(path, len(head), size)
+    return entry
+
+
+def _sample_hash(path: Path, start: int, size: int, window: int = 1 << 16) -> str:
+    """sha256 of three 64 KiB windows of the weights (first, middle, last): headers alone cannot
+    tell two checkpoints of the same shapes apart, and hashing every byte would cost a full read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in sorted({start, max(start, (start + size) // 2 - window // 2), max(start, size - window)}):
+            f.seek(offset)
+            h.update(f.read(window))
+    return h.hexdigest()
 
 
 def _nbytes(t: TensorInfo, kind: str) -> int:
