@@ -50,8 +50,8 @@ class EngineMetrics:
 
 
 class Engine:
-    def __init__(self, plan: Plan, ckpt: Checkpoint, tokenizer: Tokenizer | None, cfg: EngineConfig,
-                 progress: bool = True):
+    def __init__(self, plan: Plan, ckpt: Checkpoint | None, tokenizer: Tokenizer | None, cfg: EngineConfig,
+                 progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         meta = plan.module.meta
         self.vocab_size = int(meta["vocab_size"])
@@ -59,7 +59,7 @@ class Engine:
         bs = meta["kv_contract"]["block_size"]
         block_bytes = max(meta["memory"]["kv_bytes_per_token"] * bs, 1)
         num_blocks = cfg.num_blocks or max(cfg.kv_cache_memory // block_bytes, 1)
-        self.runner = ModelRunner(plan, ckpt, num_blocks, cfg.device, progress)
+        self.runner = runner or ModelRunner(plan, ckpt, num_blocks, cfg.device, progress)
         self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                                    cfg.max_prefill_chunk), self.blocks)

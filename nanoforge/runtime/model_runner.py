@@ -24,15 +24,15 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits f32[R, vocab] for the R sequences whose last token was computed this step,
         and their indices into batch.items."""
-        tokens, positions, rows, sample_items, seqs = [], [], [], [], []
-        for i, (seq, n) in enumerate(batch.items):
+        tokens, positions, ends, seqs = [], [], [], []
+        for seq, n in batch.items:
             start = seq.num_computed
             tokens += seq.all_ids[start:start + n]
             positions += range(start, start + n)
             seqs.append((n, start + n, seq.block_table))
-            if start + n == seq.num_tokens:
-                rows.append(len(tokens) - 1)
-                sample_items.append(i)
+            ends.append(len(tokens) - 1)
+        sample_items = batch.sample_indices()
+        rows = [ends[i] for i in sample_items]
         ctx = make_context(self.pool, self.block_size, seqs, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         with torch.inference_mode():

@@ -26,6 +26,10 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.items)
 
+    def sample_indices(self) -> list[int]:
+        """Items whose last token is computed this step, so a new token is sampled for them."""
+        return [i for i, (seq, n) in enumerate(self.items) if seq.num_computed + n == seq.num_tokens]
+
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
