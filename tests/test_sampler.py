@@ -1,0 +1,125 @@
+"""Sampler against transformers' logits processors (the reference), plus engine-level stop rules,
+seeds and logprobs on a tiny checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fixtures import random_prompts, tiny_config
+from nanoforge import LLM, SamplingParams
+from nanoforge.errors import NanoForgeError
+from nanoforge.runtime.sampler import SampleRequest, _filter, _penalize, sample
+
+
+def req(params: SamplingParams, history=(), output=(), seed=None) -> SampleRequest:
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SampleRequest(params, list(history), list(output), g, [])
+
+
+@pytest.mark.parametrize("kind,value", [("top_k", 5), ("top_k", 1), ("top_p", 0.3), ("top_p", 0.9), ("min_p", 0.05),
+                                        ("min_p", 0.5)])
+def test_filters_match_hf_warpers(kind, value):
+    from transformers.generation import logits_process as lp
+
+    hf = {"top_k": lp.TopKLogitsWarper, "top_p": lp.TopPLogitsWarper, "min_p": lp.MinPLogitsWarper}[kind](value)
+    for seed in range(20):
+        logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(seed)) * 3
+        ours = _filter(logits[0].clone(), SamplingParams(**{kind: value}))
+        ref = hf(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (kind, value, seed)
+
+
+def test_repetition_penalty_matches_hf():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(0)) * 2
+    history = [3, 17, 17, 42, 99, 0]
+    ours = _penalize(logits[0].clone(), req(SamplingParams(repetition_penalty=1.7), history=history))
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([history]), logits.clone())[0]
+    assert torch.allclose(ours, ref)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = torch.zeros(10)
+    out = _penalize(logits, req(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), output=[2, 2, 2, 7]))
+    expect = torch.zeros(10)
+    expect[2] = -(0.5 + 3 * 0.25)
+    expect[7] = -(0.5 + 0.25)
+    assert torch.equal(out, expect)
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    p = SamplingParams(temperature=0.8, seed=1)
+    r = req(p, seed=1)
+    draws = torch.tensor([sample(logits[None], [r])[0][0] for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert (freq - torch.softmax(logits / 0.8, -1)).abs().max() < 0.03
+
+
+def test_top_k_one_is_greedy_and_banned_ids_are_never_drawn():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+    top = int(logits.argmax())
+    assert sample(logits, [req(SamplingParams(top_k=1, temperature=1.5), seed=0)])[0][0] == top
+    r = req(SamplingParams(temperature=0))
+    r.banned = [top]
+    assert sample(logits, [r])[0][0] != top
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0),
+                                 dict(min_p=2), dict(logprobs=99), dict(stop=[""]), dict(repetition_penalty=0)])
+def test_bad_sampling_params_are_named(bad):
+    with pytest.raises(NanoForgeError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+# ---- engine-level behaviour on a tiny checkpoint ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    return LLM(tiny_ckpt("llama"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(tiny_config("llama").vocab_size, [7, 15, 4], seed=11)
+
+
+def test_seed_reproducible_whatever_the_batch(llm, prompts):
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=15, ignore_eos=True)
+    alone = llm.generate([prompts[0]], sp)[0].token_ids
+    batched = llm.generate(prompts, [sp, SamplingParams(temperature=1.0, max_tokens=15), sp])
+    assert batched[0].token_ids == alone and batched[2].token_ids == alone
+    other = llm.generate([prompts[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=15, ignore_eos=True))
+    assert other[0].token_ids != alone
+
+
+def test_stop_string_is_cut_from_the_text(llm, prompts):
+    free = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop and stop.strip(), text
+    out = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.index(stop)] and stop not in out.text
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+def test_stop_token_ids_and_min_tokens(llm, prompts):
+    free = llm.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].token_ids
+    stop_id = free[4]
+    first = free.index(stop_id)
+    out = llm.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[:first + 1]
+    later = llm.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
+                                                      min_tokens=first + 2))[0]
+    assert stop_id not in later.token_ids[:first + 2]
+
+
+def test_logprobs_of_chosen_and_top_tokens(llm, prompts, hf_ref):
+    out = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=4))[0]
+    ref = torch.log_softmax(hf_ref("llama")(torch.tensor([prompts[0]])).logits[0, -1].float(), -1)
+    first = out.logprobs[0]
+    assert abs(first["token"] - ref[out.token_ids[0]].item()) < 1e-4
+    top_ids = [i for i, _ in first["top"]]
+    assert top_ids == torch.topk(ref, 4).indices.tolist() and top_ids[0] == out.token_ids[0]
+    assert len(out.logprobs) == 3
