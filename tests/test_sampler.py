@@ -88,7 +88,7 @@ def prompts():
 def test_seed_reproducible_whatever_the_batch(llm, prompts):
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=15, ignore_eos=True)
     alone = llm.generate([prompts[0]], sp)[0].token_ids
-    batched = llm.generate(prompts, [sp, SamplingParams(temperature=1.0, max_tokens=15), sp])
+    batched = llm.generate([prompts[0], prompts[1], prompts[0]], [sp, SamplingParams(temperature=1.0, max_tokens=15), sp])
     assert batched[0].token_ids == alone and batched[2].token_ids == alone
     other = llm.generate([prompts[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=15, ignore_eos=True))
     assert other[0].token_ids != alone
