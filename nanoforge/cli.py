@@ -106,6 +106,28 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_offline(a: argparse.Namespace) -> int:
+    from .tools.bench_offline import OfflineWorkload, bench_offline
+
+    w = OfflineWorkload(a.num_prompts, a.min_input, a.max_input, a.min_output, a.max_output, a.seed)
+    if not (1 <= w.min_input <= w.max_input and 1 <= w.min_output <= w.max_output and w.num_prompts >= 1):
+        raise NanoForgeError("bench offline: need 1 <= --min-input <= --max-input, 1 <= --min-output <= "
+                             "--max-output and --num-prompts >= 1")
+    opts = {"device": a.device, "dtype": a.dtype, "max_num_seqs": a.max_num_seqs,
+            "max_num_batched_tokens": a.max_num_batched_tokens, "max_prefill_chunk": a.max_num_batched_tokens,
+            "max_model_len": a.max_input + a.max_output + 1}
+    r = bench_offline(a.model, w, opts, hf=not a.no_hf, hf_batch_size=a.hf_batch_size, results_dir=Path(a.results_dir))
+    nf = r["nanoforge"]
+    print(f"nanoforge  {nf['output_tok_s']:10.1f} output tok/s  {nf['total_tok_s']:10.1f} total tok/s  "
+          f"{nf['time_s']:8.2f} s  ({nf['output_tokens']} tokens, {nf['engine']['preemptions']} preemptions)")
+    if "hf" in r:
+        print(f"HF         {r['hf']['output_tok_s']:10.1f} output tok/s  {'':>23}{r['hf']['time_s']:8.2f} s  "
+              f"(batches of {r['hf']['batch_size']})")
+        print(f"ratio nanoforge / HF: {r['ratio_nanoforge_over_hf']:.2f}")
+    print(f"wrote {r['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoforge", description="Compile, inspect and run LLM checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.set_defaults(run=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    o = bsub.add_parser("offline", help="the reference offline throughput workload (docs/performance.md)")
+    o.add_argument("--model", default="qwen3-0.6b", help="preset (random weights), checkpoint or plan")
+    o.add_argument("--num-prompts", type=int, default=256)
+    o.add_argument("--min-input", type=int, default=100)
+    o.add_argument("--max-input", type=int, default=1024)
+    o.add_argument("--min-output", type=int, default=100)
+    o.add_argument("--max-output", type=int, default=1024)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    o.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
+    o.add_argument("--max-num-seqs", type=int, default=256)
+    o.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    o.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    o.add_argument("--hf-batch-size", type=int, default=16)
+    o.add_argument("--results-dir", default="bench/results")
+    o.set_defaults(run=cmd_bench_offline)
     return p
 
 

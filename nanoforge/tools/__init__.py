@@ -1,0 +1,1 @@
+"""Tools around the engine: random-weight checkpoints and benchmarks."""

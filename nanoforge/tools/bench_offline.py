@@ -1,0 +1,137 @@
+"""`nanoforge bench offline`: the reference offline workload of docs/performance.md.
+
+N sequences with input and output lengths uniform in their ranges (seeded), random token ids,
+ignore_eos; output tokens / wall time, warm-up outside the timed region. The baseline, HF
+transformers `generate` (batched, KV cache on), runs on the same prompts in the same process.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import NanoForgeError
+
+
+@dataclass
+class OfflineWorkload:
+    num_prompts: int = 256
+    min_input: int = 100
+    max_input: int = 1024
+    min_output: int = 100
+    max_output: int = 1024
+    seed: int = 0
+
+    def make(self, vocab: int) -> tuple[list[list[int]], list[int]]:
+        g = torch.Generator().manual_seed(self.seed)
+        ins = torch.randint(self.min_input, self.max_input + 1, (self.num_prompts,), generator=g).tolist()
+        outs = torch.randint(self.min_output, self.max_output + 1, (self.num_prompts,), generator=g).tolist()
+        prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in ins]
+        return prompts, outs
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "nanoforge": __version__}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_nanoforge(model: str, prompts: list[list[int]], outs: list[int], engine_opts: dict) -> dict[str, Any]:
+    from ..llm import LLM
+    from ..runtime.sampling_params import SamplingParams
+
+    llm = LLM(model, **engine_opts)
+    llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outs]
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(r.token_ids) for r in results)
+    assert generated == sum(outs), "ignore_eos run produced fewer tokens than asked"
+    metrics = llm.metrics()
+    return {"time_s": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
+            "total_tok_s": (generated + sum(map(len, prompts))) / elapsed, "engine": metrics}
+
+
+def run_hf(model_dir: str, prompts: list[list[int]], outs: list[int], batch_size: int, device: str) -> dict[str, Any]:
+    """HF generate, greedy, KV cache on, left-padded batches of requests sorted by output length;
+    a batch runs to its longest output, so throughput counts only the tokens the workload asked for."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    model.generation_config.eos_token_id = None
+    order = sorted(range(len(prompts)), key=lambda i: outs[i])
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        n = max(outs[i] for i in idx)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    useful = sum(outs)
+    return {"time_s": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed, "batch_size": batch_size}
+
+
+def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf: bool, hf_batch_size: int,
+                  results_dir: Path) -> dict[str, Any]:
+    from ..models.checkpoint import open_checkpoint
+    from ..models.presets import PRESETS
+    from .random_checkpoint import write_random_checkpoint
+
+    device = engine_opts.get("device", "cpu")
+    if model in PRESETS:
+        dtype = engine_opts.get("dtype", "bf16")
+        dtype = "bf16" if dtype == "auto" else dtype
+        model_dir = str(write_random_checkpoint(PRESETS[model], Path(".cache/random") / f"{model}-{dtype}", dtype))
+    elif Path(model).exists():
+        model_dir = model
+    else:
+        raise NanoForgeError(f"--model {model!r}: not a checkpoint or plan path, nor a preset "
+                             f"({', '.join(PRESETS)})")
+    vocab = int(open_checkpoint(model_dir, config_only=True).config["vocab_size"]) \
+        if not (Path(model_dir) / "plan.json").exists() else None
+    if vocab is None:
+        from ..plan import read_plan
+
+        vocab = int(read_plan(model_dir).module.meta["vocab_size"])
+    prompts, outs = workload.make(vocab)
+    result: dict[str, Any] = {
+        "benchmark": "offline", "model": model, "workload": asdict(workload), "engine_options": engine_opts,
+        "machine": machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs),
+    }
+    result["nanoforge"] = run_nanoforge(model_dir, prompts, outs, engine_opts)
+    if hf:
+        result["hf"] = run_hf(model_dir, prompts, outs, hf_batch_size, device)
+        result["ratio_nanoforge_over_hf"] = result["nanoforge"]["output_tok_s"] / result["hf"]["output_tok_s"]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    label = model if model in PRESETS else Path(model).name
+    path = results_dir / f"offline-{label}-{device}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=1))
+    result["path"] = str(path)
+    return result
