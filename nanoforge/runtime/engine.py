@@ -93,6 +93,7 @@ class Engine:
     def abort(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None and seq.status is not Status.FINISHED:
+            self._finalize_text(seq)
             self.scheduler.finish(seq, "abort")
 
     def has_work(self) -> bool:
@@ -134,20 +135,35 @@ class Engine:
         self.metrics.generated_tokens += 1
         if info is not None:
             seq.logprobs.append(info)
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids)
         reason = None
         if len(seq.output_ids) >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
                 reason = "stop"
-            elif p.stop and self.tokenizer is not None:
-                hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
-                if hits:
-                    seq.text, reason = seq.text[:min(hits)], "stop"
+            elif p.stop and self._stop_string_in_tail(seq):
+                reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            self._finalize_text(seq)
             self.scheduler.finish(seq, reason)
+
+    def _stop_string_in_tail(self, seq: Sequence) -> bool:
+        """Decode only the last few tokens: enough to hold any stop string that the newest token
+        completed (earlier occurrences were caught at earlier tokens)."""
+        if self.tokenizer is None:
+            return False
+        window = max(len(s) for s in seq.params.stop) + 8
+        tail = self.tokenizer.decode(seq.output_ids[-window:])
+        return any(s in tail for s in seq.params.stop)
+
+    def _finalize_text(self, seq: Sequence) -> None:
+        """Full text once, at the end; cut before the first stop string."""
+        if self.tokenizer is None:
+            return
+        seq.text = self.tokenizer.decode(seq.output_ids)
+        hits = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
 
     def run_until_done(self) -> None:
         while self.has_work():

@@ -51,8 +51,11 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[tuple[int, dict | None]]:
     """One token per row; with logprobs, {'token': lp, 'top': [(id, lp), ...]}."""
-    out = []
     logits = logits.float()
+    if all(r.params.greedy and r.params.logprobs is None and not r.banned and not r.params.needs_history
+           for r in reqs):
+        return [(t, None) for t in logits.argmax(dim=-1).tolist()]  # the common case, one kernel
+    out = []
     for row, req in zip(logits, reqs):
         p = req.params
         raw_logprobs = torch.log_softmax(row, dim=-1) if p.logprobs is not None else None

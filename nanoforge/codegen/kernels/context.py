@@ -17,6 +17,7 @@ class SeqSlice:
     q_len: int  # rows (new tokens) this step
     ctx_len: int  # tokens in the KV cache after this step (cached prefix + new)
     block_table: torch.Tensor  # i64[num_blocks_of_seq]
+    slots: torch.Tensor | None = None  # pool slots of positions 0..ctx_len-1, filled once per step
 
 
 @dataclass
@@ -27,9 +28,11 @@ class BatchContext:
     seqs: list[SeqSlice] = field(default_factory=list)
 
     def context_slots(self, seq: SeqSlice) -> torch.Tensor:
-        """Pool slots of positions 0..ctx_len-1 of one sequence."""
-        pos = torch.arange(seq.ctx_len, device=seq.block_table.device)
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+        """Pool slots of positions 0..ctx_len-1 of one sequence (shared by every layer)."""
+        if seq.slots is None:
+            pos = torch.arange(seq.ctx_len, device=seq.block_table.device)
+            seq.slots = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+        return seq.slots
 
 
 TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}

@@ -91,14 +91,17 @@ def _store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> No
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, scale: float) -> torch.Tensor:
-    """q [n, h, d], k/v [L, h, d*] -> [n, h, dv]; query i sits at position ctx_len - n + i."""
-    n = q.shape[0]
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    qpos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
-    mask = torch.arange(ctx_len, device=q.device)[None, :] > qpos
-    scores = scores.masked_fill(mask, float("-inf"))
+    """q [n, h, d], k/v [L, kvh, d*] (each kv head serves h/kvh query heads) -> [n, h, dv];
+    query i sits at position ctx_len - n + i."""
+    n, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.view(n, kvh, h // kvh, d)
+    scores = torch.einsum("qkgd,lkd->kgql", qg, k) * scale
+    if n > 1:
+        qpos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(ctx_len, device=q.device)[None, :] > qpos, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    return torch.einsum("kgql,lkd->qkgd", probs, v).reshape(n, h, -1)
 
 
 def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **a):
@@ -111,8 +114,8 @@ def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **
         _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d))
         for s in ctx.seqs:
             slots = ctx.context_slots(s)
-            ks = k_cache.view(-1, kvh, d)[slots].to(q.dtype).repeat_interleave(h // kvh, dim=1)
-            vs = v_cache.view(-1, kvh, d)[slots].to(q.dtype).repeat_interleave(h // kvh, dim=1)
+            ks = k_cache.view(-1, kvh, d)[slots].to(q.dtype)
+            vs = v_cache.view(-1, kvh, d)[slots].to(q.dtype)
             qs = q[s.q_start: s.q_start + s.q_len].view(-1, h, d)
             out.append(_attend(qs, ks, vs, s.ctx_len, scale).reshape(s.q_len, h * d))
     else:  # mla: the pool holds the normalized latent and the roped shared key per token
