@@ -77,7 +77,11 @@ def test_bad_sampling_params_are_named(bad):
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt):
-    return LLM(tiny_ckpt("llama"), progress=False)
+    from test_runtime import assert_no_leak
+
+    llm = LLM(tiny_ckpt("llama"), progress=False)
+    yield llm
+    assert_no_leak(llm)
 
 
 @pytest.fixture(scope="module")
