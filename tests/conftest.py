@@ -1,4 +1,12 @@
 """Shared pytest fixtures."""
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before any kernel module
+# is imported (triton.jit picks the interpreter at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # ---- HF reference fixtures (tests/hf_fixtures.py) -------------------------------------------------
