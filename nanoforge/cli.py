@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt: token_ids, text")
     g.add_argument("--checkpoint", help="weights location, if the plan's recorded path moved")
     g.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
+                   "unless told")
     g.set_defaults(run=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks")

@@ -25,6 +25,8 @@ class CompileOptions:
     config_only: bool = False
     block_size: int = 16
     max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256  # largest decode batch a CUDA graph is planned for
+    cuda_graphs: bool = True
     providers: dict[str, str] = field(default_factory=dict)  # op -> forced provider
 
 
@@ -62,6 +64,7 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
     target = target_of(opts.device)
     ctx = PassContext(
         options={"select_kernels": {"target": target, "force": dict(opts.providers)},
+                 "plan_cuda_graphs": {"enabled": opts.cuda_graphs, "max_num_seqs": opts.max_num_seqs},
                  "plan_memory": {"block_size": opts.block_size,
                                  "max_num_batched_tokens": opts.max_num_batched_tokens}},
         disabled=set(opts.disable_passes), dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,

@@ -27,7 +27,8 @@ class RequestOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def load_plan(path: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> tuple[Plan, Checkpoint]:
+def load_plan(path: str | Path, checkpoint: str | Path | None = None,
+              device: str | None = None) -> tuple[Plan, Checkpoint]:
     """Read a plan and open its checkpoint, naming every way the two (or the machine) disagree."""
     plan = read_plan(path)
     expected = plan.checkpoint.get("fingerprint")
@@ -45,23 +46,28 @@ def load_plan(path: str | Path, checkpoint: str | Path | None = None, device: st
     return plan, ckpt
 
 
-def open_model(model: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
+def open_model(model: str | Path, checkpoint: str | Path | None = None, device: str | None = None,
                compile_options: CompileOptions | None = None) -> tuple[Plan, Checkpoint]:
-    """A plan dir is loaded and checked; a checkpoint is compiled in memory."""
+    """A plan dir is loaded and checked; a checkpoint is compiled in memory (for `device`, CPU
+    by default)."""
     path = Path(model)
     if (path / "plan.json").exists():
         return load_plan(path, checkpoint, device)
     ckpt = open_checkpoint(path)
-    opts = compile_options or CompileOptions(device=device)
+    opts = compile_options or CompileOptions(device=device or "cpu")
     return compile_checkpoint(path, opts, ckpt=ckpt), ckpt
 
 
 class LLM:
     def __init__(self, model: str | Path, *, checkpoint: str | Path | None = None, dtype: str = "auto",
-                 block_size: int = 16, progress: bool = True, **engine_options: Any):
+                 block_size: int = 16, device: str | None = None, progress: bool = True, **engine_options: Any):
+        """`model`: a plan dir (runs on the plan's device) or a checkpoint (compiled in memory
+        for `device`, CPU by default); engine_options are EngineConfig fields."""
         cfg = EngineConfig(**engine_options)
-        opts = CompileOptions(dtype=dtype, device=cfg.device, block_size=block_size)
-        self.plan, self.checkpoint = open_model(model, checkpoint, cfg.device, opts)
+        opts = CompileOptions(dtype=dtype, device=device or "cpu", block_size=block_size,
+                              max_num_seqs=cfg.max_num_seqs)
+        self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)
+        cfg.device = self.plan.target.get("device", "cpu")
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(self.checkpoint)
         except NanoForgeError:
@@ -121,4 +127,5 @@ class LLM:
         return torch.stack([s.logits for s in seqs])
 
     def metrics(self) -> dict[str, Any]:
-        return self.engine.metrics.summary(self.engine.blocks, self.engine.scheduler.num_preemptions)
+        return self.engine.metrics.summary(self.engine.blocks, self.engine.scheduler.num_preemptions,
+                                           getattr(self.engine.runner, "batches", None))

@@ -95,8 +95,11 @@ def read_plan(path: Path | str) -> Plan:
         raise NanoForgeError(f"{f}: missing or malformed field {e}") from None
 
 
-def machine_mismatches(plan: Plan, device: str) -> list[str]:
+def machine_mismatches(plan: Plan, device: str | None) -> list[str]:
+    """What stops this machine from running the plan on `device` (None: the plan's own device)."""
     want = plan.target.get("device", "cpu")
+    if device is not None and device != want:
+        return [f"plan targets {want}, not {device} (recompile with --device {device})"]
     if want == "cpu":
         return []
     import torch

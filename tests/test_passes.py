@@ -49,7 +49,7 @@ def test_dump_index_and_disable(tmp_path):
     index = (tmp_path / "index.txt").read_text()
     assert "fuse_elementwise" in index and "skipped" in index
     assert not (tmp_path / "02_fuse_elementwise.ir").exists()
-    assert "add_rms_norm" not in (tmp_path / "04_plan_memory.ir").read_text()
+    assert "add_rms_norm" not in (tmp_path / "05_plan_memory.ir").read_text()
 
 
 def test_unknown_pass_is_named():

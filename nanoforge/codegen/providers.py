@@ -22,14 +22,32 @@ class Provider:
     module: str  # import path of the kernel module
     ops: frozenset[str]
     probe: Callable[[dict], str | None]  # target -> None if usable, else why not
+    graph_unsafe: frozenset[str] = frozenset()  # ops whose kernels sync with the host (no CUDA graph)
 
 
 def _always(target: dict) -> str | None:
     return None
 
 
-PROVIDERS: list[Provider] = [
-    Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always),
+def _triton_probe(target: dict) -> str | None:
+    if target.get("device") != "cuda":
+        return "needs a CUDA target (compile with --device cuda)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    cap = target.get("capability", "")
+    if cap.startswith("sm") and int(cap[2:]) < 80:
+        return f"needs sm80 or newer; the target is {cap}"
+    return None
+
+
+TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe"})
+
+PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
+    Provider("triton", "nanoforge.codegen.kernels.triton", TRITON_OPS, _triton_probe),
+    Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always,
+             graph_unsafe=frozenset({"attention", "moe"})),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 
@@ -37,6 +55,13 @@ BY_NAME = {p.name: p for p in PROVIDERS}
 def candidates(op: str, target: dict) -> list[tuple[str, str | None]]:
     """Every provider of `op` in rank order, with None (usable) or the reason it is not."""
     return [(p.name, p.probe(target)) for p in PROVIDERS if op in p.ops]
+
+
+def graph_unsafe_reason(op: str, provider: str) -> str | None:
+    p = BY_NAME.get(provider)
+    if p is not None and op in p.graph_unsafe:
+        return f"{op} runs on provider {provider}, whose kernel syncs with the host"
+    return None
 
 
 def kernel_namespace(names: set[str]) -> SimpleNamespace:

@@ -29,6 +29,7 @@ class EngineConfig:
     max_prefill_chunk: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefix_caching: bool = True
+    enforce_eager: bool = False  # never replay CUDA graphs
 
 
 @dataclass
@@ -39,9 +40,9 @@ class EngineMetrics:
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
-    def summary(self, blocks: BlockManager, preemptions: int) -> dict:
+    def summary(self, blocks: BlockManager, preemptions: int, batches: dict | None = None) -> dict:
         n = max(self.steps, 1)
-        return {"steps": self.steps, "preemptions": preemptions,
+        return {"steps": self.steps, "preemptions": preemptions, "batches": dict(batches or {}),
                 "prefix_cache_hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0,
                 "prefix_cache_hit_tokens": blocks.hits,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
@@ -59,7 +60,8 @@ class Engine:
         bs = meta["kv_contract"]["block_size"]
         block_bytes = max(meta["memory"]["kv_bytes_per_token"] * bs, 1)
         num_blocks = cfg.num_blocks or max(cfg.kv_cache_memory // block_bytes, 1)
-        self.runner = runner or ModelRunner(plan, ckpt, num_blocks, cfg.device, progress)
+        self.runner = runner or ModelRunner(plan, ckpt, num_blocks, cfg.device, progress, self.max_model_len,
+                                            cfg.max_num_seqs, cfg.enforce_eager)
         self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                                    cfg.max_prefill_chunk), self.blocks)

@@ -1,29 +1,65 @@
 """Runs the plan's generated forward over one flat batch: builds the token, position and
-row tensors plus the batch context, and returns the logits of the rows that need a token."""
+row tensors plus the batch context, and returns the logits of the rows that need a token.
+Decode-only batches replay a captured CUDA graph when the plan planned one; every batch that
+runs eagerly instead is counted under its reason."""
 from __future__ import annotations
+
+import logging
+from collections import Counter
 
 import torch
 
 from ..codegen.kernels.context import allocate_pool, make_context
 from ..codegen.pysource import compile_function
+from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .scheduler import ScheduledBatch
 from .weights import load_params
 
+log = logging.getLogger("nanoforge.runner")
+
 
 class ModelRunner:
-    def __init__(self, plan: Plan, ckpt: Checkpoint, num_blocks: int, device: str = "cpu", progress: bool = True):
+    def __init__(self, plan: Plan, ckpt: Checkpoint, num_blocks: int, device: str = "cpu", progress: bool = True,
+                 max_model_len: int = 4096, max_num_seqs: int = 256, enforce_eager: bool = False):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise NanoForgeError("--device cuda: no CUDA device is visible")
         self.device = torch.device(device)
         self.contract = plan.module.meta["kv_contract"]
         self.block_size = self.contract["block_size"]
         self.params = load_params(plan.module, ckpt, self.device, progress=progress)
         self.forward = compile_function(plan.module, "forward")
         self.pool = allocate_pool(self.contract, num_blocks, self.device)
+        self.batches = Counter()  # "graph" or the reason a batch ran eagerly
+        self.graphs = None
+        self.no_graph_reason = self._graph_plan_reason(plan, enforce_eager)
+        if self.no_graph_reason is None:
+            from .cuda_graphs import DecodeGraphs
+
+            sizes = [s for s in plan.module.meta["cuda_graphs"]["sizes"] if s <= max_num_seqs] or [1]
+            self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
+                                       max_model_len, self.device)
+        else:
+            log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
+
+    def _graph_plan_reason(self, plan: Plan, enforce_eager: bool) -> str | None:
+        if self.device.type != "cuda":
+            return "not on a CUDA device"
+        if enforce_eager:
+            return "enforce_eager is set"
+        info = plan.module.meta.get("cuda_graphs") or {"sizes": [], "reason": "the plan has no CUDA-graph pass"}
+        return info["reason"] if not info["sizes"] else None
 
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits f32[R, vocab] for the R sequences whose last token was computed this step,
         and their indices into batch.items."""
+        sample_items = batch.sample_indices()
+        why = self.no_graph_reason or self.graphs.why_not(batch)  # type: ignore[union-attr]
+        if why is None:
+            self.batches["graph"] += 1
+            return self.graphs.run(batch), sample_items  # type: ignore[union-attr]
+        self.batches[f"eager: {why}"] += 1
         tokens, positions, ends, seqs = [], [], [], []
         for seq, n in batch.items:
             start = seq.num_computed
@@ -31,10 +67,9 @@ class ModelRunner:
             positions += range(start, start + n)
             seqs.append((n, start + n, seq.block_table))
             ends.append(len(tokens) - 1)
-        sample_items = batch.sample_indices()
         rows = [ends[i] for i in sample_items]
         ctx = make_context(self.pool, self.block_size, seqs, self.device)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         with torch.inference_mode():
             logits = self.forward(self.params, ctx, as_tensor(tokens), as_tensor(positions), as_tensor(rows))
         return logits, sample_items

@@ -1,0 +1,50 @@
+"""plan_cuda_graphs: choose the decode batch sizes to capture as CUDA graphs.
+
+Sizes 1, 2, 4, 8, then every 16 up to max_num_seqs, cut where the largest graph's activations
+(graphs share one memory pool, so the largest one sets it) would exceed the budget. When no
+graph can be used (CPU target, or a node whose kernel syncs with the host) the plan says why."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..codegen.providers import graph_unsafe_reason
+from ..ir.graph import Module
+from .manager import Pass
+from .plan_memory import peak_activation_bytes
+
+
+def candidate_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+def plan_cuda_graphs(module: Module, opts: dict[str, Any]) -> int:
+    target = module.meta.get("target", {})
+    reason = None
+    if target.get("device") != "cuda":
+        reason = "the target is not a CUDA device"
+    elif not opts["enabled"]:
+        reason = "disabled at compile time"
+    else:
+        for _, node in module.nodes():
+            why = graph_unsafe_reason(node.op, node.provider or "torch")
+            if why:
+                reason = f"{why} @{node.source}"
+                break
+    sizes: list[int] = []
+    if reason is None:
+        per_token = max(peak_activation_bytes(f) for f in module.functions.values())
+        vocab_bytes = 4 * int(module.meta.get("vocab_size", 0))  # f32 logits per sequence
+        sizes = [s for s in candidate_sizes(opts["max_num_seqs"])
+                 if s * (per_token + vocab_bytes) <= opts["memory_budget"]]
+        if not sizes:
+            reason = f"even a batch of 1 needs more than the {opts['memory_budget']} B budget"
+    module.meta["cuda_graphs"] = {"sizes": sizes, "reason": reason}
+    return len(sizes)
+
+
+PASS = Pass("plan_cuda_graphs", plan_cuda_graphs, "decode batch sizes to capture, or why none",
+            {"enabled": True, "max_num_seqs": 256, "memory_budget": 2 << 30})

@@ -1,0 +1,86 @@
+"""CUDA graphs for decode-only batches: capture the plan's forward once per planned batch size
+at start-up, then replay with new contents in static input buffers. A batch is padded to the
+next captured size (padding rows write nowhere: slot -1, and their logits are dropped)."""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..codegen.kernels.context import BatchContext
+from .scheduler import ScheduledBatch
+
+log = logging.getLogger("nanoforge.graphs")
+
+
+class DecodeGraphs:
+    def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int],
+                 max_model_len: int, device: torch.device):
+        self.sizes = sorted(sizes)
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        n = self.sizes[-1]
+        i64, i32 = dict(dtype=torch.long, device=device), dict(dtype=torch.int32, device=device)
+        self.tokens = torch.zeros(n, **i64)
+        self.positions = torch.zeros(n, **i64)
+        self.slots = torch.full((n,), -1, **i64)
+        self.context_lens = torch.ones(n, **i32)
+        self.block_tables = torch.zeros(n, self.max_blocks, **i32)
+        self.query_start = torch.arange(n + 1, **i32)
+        self.rows = torch.arange(n, **i64)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(device)[0]
+        mempool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
+            ctx = BatchContext(pool, block_size, self.slots[:size], self.query_start[:size + 1],
+                               self.context_lens[:size], self.block_tables[:size], 1, max_model_len)
+            args = (params, ctx, self.tokens[:size], self.positions[:size], self.rows[:size])
+            with torch.inference_mode():
+                forward(*args)  # warm-up: compiles kernels, fills caches outside the capture
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=mempool):
+                    out = forward(*args)
+            self.graphs[size] = (graph, out)
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - start
+        self.capture_bytes = free_before - torch.cuda.mem_get_info(device)[0]
+        log.info("captured %d decode graphs (sizes %s) in %.2f s, %.1f MiB", len(self.sizes), self.sizes,
+                 self.capture_s, self.capture_bytes / 2**20)
+
+    def why_not(self, batch: ScheduledBatch) -> str | None:
+        """None if the batch can replay a graph, else the reason it runs eagerly."""
+        if any(n != 1 or seq.num_computed + 1 != seq.num_tokens for seq, n in batch.items):
+            return "the batch has prefill tokens"
+        if len(batch.items) > self.sizes[-1]:
+            return f"{len(batch.items)} sequences exceed the largest graph ({self.sizes[-1]})"
+        return None
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        b = len(batch.items)
+        size = self.sizes[bisect.bisect_left(self.sizes, b)]
+        bs = self.block_size
+        width = max(len(seq.block_table) for seq, _ in batch.items)
+        tokens = np.zeros(size, np.int64)
+        positions = np.zeros(size, np.int64)
+        slots = np.full(size, -1, np.int64)
+        lens = np.ones(size, np.int32)
+        tables = np.zeros((size, width), np.int32)
+        for i, (seq, _) in enumerate(batch.items):
+            pos = seq.num_computed
+            tokens[i], positions[i], lens[i] = seq.all_ids[pos], pos, pos + 1
+            tables[i, :len(seq.block_table)] = seq.block_table
+            slots[i] = seq.block_table[pos // bs] * bs + pos % bs
+        self.tokens[:size].copy_(torch.from_numpy(tokens), non_blocking=True)
+        self.positions[:size].copy_(torch.from_numpy(positions), non_blocking=True)
+        self.slots[:size].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.context_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
+        self.block_tables[:size, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:b]
