@@ -113,16 +113,22 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
     if not (1 <= w.min_input <= w.max_input and 1 <= w.min_output <= w.max_output and w.num_prompts >= 1):
         raise NanoForgeError("bench offline: need 1 <= --min-input <= --max-input, 1 <= --min-output <= "
                              "--max-output and --num-prompts >= 1")
+    if a.hf_num_prompts is None:
+        a.hf_num_prompts = a.num_prompts
     opts = {"device": a.device, "dtype": a.dtype, "max_num_seqs": a.max_num_seqs,
             "max_num_batched_tokens": a.max_num_batched_tokens, "max_prefill_chunk": a.max_num_batched_tokens,
             "max_model_len": a.max_input + a.max_output + 1}
-    r = bench_offline(a.model, w, opts, hf=not a.no_hf, hf_batch_size=a.hf_batch_size, results_dir=Path(a.results_dir))
+    if a.enforce_eager:
+        opts["enforce_eager"] = True
+    r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir))
     nf = r["nanoforge"]
     print(f"nanoforge  {nf['output_tok_s']:10.1f} output tok/s  {nf['total_tok_s']:10.1f} total tok/s  "
           f"{nf['time_s']:8.2f} s  ({nf['output_tokens']} tokens, {nf['engine']['preemptions']} preemptions)")
+    print(f"roofline   {r['roofline']['output_tok_s']:10.1f} output tok/s  (copy "
+          f"{r['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s); nanoforge at {100 * r['fraction_of_ceiling']:.0f}%")
     if "hf" in r:
         print(f"HF         {r['hf']['output_tok_s']:10.1f} output tok/s  {'':>23}{r['hf']['time_s']:8.2f} s  "
-              f"(batches of {r['hf']['batch_size']})")
+              f"({r['hf']['num_prompts']} prompts in batches of {r['hf']['batch_size']})")
         print(f"ratio nanoforge / HF: {r['ratio_nanoforge_over_hf']:.2f}")
     print(f"wrote {r['path']}")
     return 0
@@ -186,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
     o.add_argument("--max-num-seqs", type=int, default=256)
     o.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    o.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    o.add_argument("--hf-num-prompts", type=int, default=None,
+                   help="prompts of the workload also run through HF generate (default: all; 0 skips HF)")
     o.add_argument("--hf-batch-size", type=int, default=16)
+    o.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     o.add_argument("--results-dir", default="bench/results")
     o.set_defaults(run=cmd_bench_offline)
     return p

@@ -46,20 +46,22 @@ def load_plan(path: str | Path, checkpoint: str | Path | None = None,
     return plan, ckpt
 
 
-def open_model(model: str | Path, checkpoint: str | Path | None = None, device: str | None = None,
+def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = None, device: str | None = None,
                compile_options: CompileOptions | None = None) -> tuple[Plan, Checkpoint]:
     """A plan dir is loaded and checked; a checkpoint is compiled in memory (for `device`, CPU
     by default)."""
-    path = Path(model)
-    if (path / "plan.json").exists():
-        return load_plan(path, checkpoint, device)
-    ckpt = open_checkpoint(path)
+    if not isinstance(model, (str, Path)):  # a Checkpoint-like object (e.g. random weights)
+        ckpt = model
+    elif (Path(model) / "plan.json").exists():
+        return load_plan(model, checkpoint, device)
+    else:
+        ckpt = open_checkpoint(model)
     opts = compile_options or CompileOptions(device=device or "cpu")
-    return compile_checkpoint(path, opts, ckpt=ckpt), ckpt
+    return compile_checkpoint(ckpt.path, opts, ckpt=ckpt), ckpt
 
 
 class LLM:
-    def __init__(self, model: str | Path, *, checkpoint: str | Path | None = None, dtype: str = "auto",
+    def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
                  block_size: int = 16, device: str | None = None, progress: bool = True, **engine_options: Any):
         """`model`: a plan dir (runs on the plan's device) or a checkpoint (compiled in memory
         for `device`, CPU by default); engine_options are EngineConfig fields."""

@@ -61,21 +61,23 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks to a new sequence; returns the tokens they cover."""
         assert not seq.block_table and seq.num_computed == 0
-        tokens, bs = seq.all_ids, self.block_size
+        tokens, bs = seq.token_ids, self.block_size
         limit = (len(tokens) - 1) // bs  # leave at least one token to compute
         parent = b""
         if self.prefix_caching:
             self.queries += len(tokens)
             for i in range(limit):
                 chunk = tokens[i * bs:(i + 1) * bs]
-                parent = chain_hash(parent, chunk)
-                block_id = self.cached.get(parent)
+                h = chain_hash(parent, chunk)
+                block_id = self.cached.get(h)
                 if block_id is None or self.blocks[block_id].tokens != chunk:
                     break
                 self._ref(block_id)
                 seq.block_table.append(block_id)
+                parent = h
             self.hits += len(seq.block_table) * bs
         seq.num_computed = seq.num_cached = len(seq.block_table) * bs
+        seq.num_hashed_blocks, seq.last_block_hash = len(seq.block_table), parent
         return seq.num_computed
 
     def can_grow(self, seq: Sequence, num_new: int) -> bool:
@@ -90,15 +92,15 @@ class BlockManager:
         """Register the blocks that became full (their tokens now have K/V in the pool)."""
         if not self.prefix_caching:
             return
-        bs, tokens = self.block_size, seq.all_ids
-        parent = b""
-        for i in range(seq.num_computed // bs):
+        bs, tokens = self.block_size, seq.token_ids
+        for i in range(seq.num_hashed_blocks, seq.num_computed // bs):
             b = self.blocks[seq.block_table[i]]
             if b.hash is None:
                 b.tokens = tokens[i * bs:(i + 1) * bs]
-                b.hash = chain_hash(parent, b.tokens)
+                b.hash = chain_hash(seq.last_block_hash, b.tokens)
                 self.cached.setdefault(b.hash, b.block_id)
-            parent = b.hash
+            seq.last_block_hash = b.hash
+            seq.num_hashed_blocks = i + 1
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; the tail is freed first, so it is evicted first."""
@@ -108,13 +110,15 @@ class BlockManager:
             if b.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_hashed_blocks = 0
+        seq.last_block_hash = b""
 
     def check_invariants(self, live: list[Sequence]) -> None:
         """Ref counts equal the number of live tables holding each block; free == unreferenced."""
         counts = [0] * len(self.blocks)
         for s in live:
             assert len(set(s.block_table)) == len(s.block_table), f"seq {s.seq_id} holds a block twice"
+            assert all(self.blocks[b].hash is not None for b in s.block_table[:s.num_hashed_blocks])
             for block_id in s.block_table:
                 counts[block_id] += 1
         for b in self.blocks:

@@ -73,7 +73,7 @@ class DecodeGraphs:
         tables = np.zeros((size, width), np.int32)
         for i, (seq, _) in enumerate(batch.items):
             pos = seq.num_computed
-            tokens[i], positions[i], lens[i] = seq.all_ids[pos], pos, pos + 1
+            tokens[i], positions[i], lens[i] = seq.token_ids[pos], pos, pos + 1
             tables[i, :len(seq.block_table)] = seq.block_table
             slots[i] = seq.block_table[pos // bs] * bs + pos % bs
         self.tokens[:size].copy_(torch.from_numpy(tokens), non_blocking=True)

@@ -127,23 +127,24 @@ class Engine:
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         p = seq.params
         banned = []
-        if len(seq.output_ids) < p.min_tokens:
+        if seq.num_output < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_ids)
-        return SampleRequest(p, seq.all_ids if p.needs_history else [], seq.output_ids, seq.generator, banned)
+        history = (seq.token_ids, seq.output_ids) if p.needs_history else ([], [])
+        return SampleRequest(p, *history, seq.generator, banned)
 
     def _append(self, seq: Sequence, token: int, info: dict | None) -> None:
         p = seq.params
-        seq.output_ids.append(token)
+        seq.token_ids.append(token)
         self.metrics.generated_tokens += 1
         if info is not None:
             seq.logprobs.append(info)
         reason = None
-        if len(seq.output_ids) >= p.min_tokens:
+        if seq.num_output >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
                 reason = "stop"
             elif p.stop and self._stop_string_in_tail(seq):
                 reason = "stop"
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             self._finalize_text(seq)
@@ -155,7 +156,7 @@ class Engine:
         if self.tokenizer is None:
             return False
         window = max(len(s) for s in seq.params.stop) + 8
-        tail = self.tokenizer.decode(seq.output_ids[-window:])
+        tail = self.tokenizer.decode(seq.token_ids[max(seq.num_prompt, seq.num_tokens - window):])
         return any(s in tail for s in seq.params.stop)
 
     def _finalize_text(self, seq: Sequence) -> None:

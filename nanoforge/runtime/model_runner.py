@@ -63,7 +63,7 @@ class ModelRunner:
         tokens, positions, ends, seqs = [], [], [], []
         for seq, n in batch.items:
             start = seq.num_computed
-            tokens += seq.all_ids[start:start + n]
+            tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             seqs.append((n, start + n, seq.block_table))
             ends.append(len(tokens) - 1)

@@ -18,10 +18,12 @@ class Status(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    prompt_ids: list[int]
+    token_ids: list[int]  # prompt, then every generated token (one list: no copies per step)
     params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
+    num_prompt: int = 0
     block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    last_block_hash: bytes = b""  # chain hash of the last registered block
     num_computed: int = 0  # tokens whose K/V are in the pool
     num_cached: int = 0  # of those, tokens found in the prefix cache at admission
     status: Status = Status.WAITING
@@ -32,13 +34,24 @@ class Sequence:
     logits: torch.Tensor | None = None  # latest row, only when the engine keeps them
     arrival: int = 0  # admission order; the newest running sequence is preempted first
 
+    def __post_init__(self) -> None:
+        self.num_prompt = self.num_prompt or len(self.token_ids)
+
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def remaining(self) -> int:

@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..errors import NanoForgeError
+from ..ir.graph import DTYPE_BYTES
 
 
 @dataclass
@@ -56,11 +57,13 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def run_nanoforge(model: str, prompts: list[list[int]], outs: list[int], engine_opts: dict) -> dict[str, Any]:
+def run_nanoforge(model, prompts: list[list[int]], outs: list[int], engine_opts: dict) -> tuple[dict, Any]:
     from ..llm import LLM
     from ..runtime.sampling_params import SamplingParams
 
+    t0 = time.perf_counter()
     llm = LLM(model, **engine_opts)
+    startup = time.perf_counter() - t0
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outs]
     start = time.perf_counter()
@@ -68,17 +71,29 @@ def run_nanoforge(model: str, prompts: list[list[int]], outs: list[int], engine_
     elapsed = time.perf_counter() - start
     generated = sum(len(r.token_ids) for r in results)
     assert generated == sum(outs), "ignore_eos run produced fewer tokens than asked"
-    metrics = llm.metrics()
-    return {"time_s": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
-            "total_tok_s": (generated + sum(map(len, prompts))) / elapsed, "engine": metrics}
+    graphs = llm.engine.runner.graphs
+    out = {"time_s": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
+           "total_tok_s": (generated + sum(map(len, prompts))) / elapsed, "startup_s": startup,
+           "engine": llm.metrics(),
+           "cuda_graphs": None if graphs is None else {"sizes": graphs.sizes, "capture_s": graphs.capture_s,
+                                                       "capture_mib": graphs.capture_bytes / 2**20}}
+    return out, llm
 
 
-def run_hf(model_dir: str, prompts: list[list[int]], outs: list[int], batch_size: int, device: str) -> dict[str, Any]:
+def run_hf(config: dict | str, prompts: list[list[int]], outs: list[int], batch_size: int, device: str,
+           dtype: str) -> dict[str, Any]:
     """HF generate, greedy, KV cache on, left-padded batches of requests sorted by output length;
-    a batch runs to its longest output, so throughput counts only the tokens the workload asked for."""
+    a batch runs to its longest output, so throughput counts only the tokens the workload asked for.
+    Random weights (from_config) for presets: the work does not depend on the values."""
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
+    if isinstance(config, dict):
+        cfg = tf.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(config, dtype=torch_dtype)
+    model = model.to(device).eval()
     model.generation_config.eos_token_id = None
     order = sorted(range(len(prompts)), key=lambda i: outs[i])
     start = time.perf_counter()
@@ -91,42 +106,56 @@ def run_hf(model_dir: str, prompts: list[list[int]], outs: list[int], batch_size
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     useful = sum(outs)
-    return {"time_s": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed, "batch_size": batch_size}
+    return {"time_s": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed, "batch_size": batch_size,
+            "num_prompts": len(prompts)}
 
 
-def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf: bool, hf_batch_size: int,
+def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_num_prompts: int, hf_batch_size: int,
                   results_dir: Path) -> dict[str, Any]:
     from ..models.checkpoint import open_checkpoint
     from ..models.presets import PRESETS
-    from .random_checkpoint import write_random_checkpoint
+    from .random_checkpoint import RandomCheckpoint
+    from .roofline import measure_ceilings, simulate_ceiling
 
-    device = engine_opts.get("device", "cpu")
+    device = engine_opts.get("device") or "cpu"
+    dtype = engine_opts.get("dtype", "auto")
     if model in PRESETS:
-        dtype = engine_opts.get("dtype", "bf16")
         dtype = "bf16" if dtype == "auto" else dtype
-        model_dir = str(write_random_checkpoint(PRESETS[model], Path(".cache/random") / f"{model}-{dtype}", dtype))
-    elif Path(model).exists():
-        model_dir = model
+        engine_opts = {**engine_opts, "dtype": dtype}
+        source: Any = RandomCheckpoint(PRESETS[model], model, dtype, device=device)
+        config, hf_source = source.config, PRESETS[model]
+    elif Path(model).exists() and not (Path(model) / "plan.json").exists():
+        source = model
+        config = open_checkpoint(model, config_only=True).config
+        hf_source = model
+        dtype = "bf16" if dtype == "auto" else dtype
     else:
-        raise NanoForgeError(f"--model {model!r}: not a checkpoint or plan path, nor a preset "
-                             f"({', '.join(PRESETS)})")
-    vocab = int(open_checkpoint(model_dir, config_only=True).config["vocab_size"]) \
-        if not (Path(model_dir) / "plan.json").exists() else None
-    if vocab is None:
-        from ..plan import read_plan
-
-        vocab = int(read_plan(model_dir).module.meta["vocab_size"])
-    prompts, outs = workload.make(vocab)
+        raise NanoForgeError(f"--model {model!r}: not a checkpoint path nor a preset ({', '.join(PRESETS)})")
+    prompts, outs = workload.make(int(config["vocab_size"]))
     result: dict[str, Any] = {
         "benchmark": "offline", "model": model, "workload": asdict(workload), "engine_options": engine_opts,
         "machine": machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs),
     }
-    result["nanoforge"] = run_nanoforge(model_dir, prompts, outs, engine_opts)
-    if hf:
-        result["hf"] = run_hf(model_dir, prompts, outs, hf_batch_size, device)
+    result["nanoforge"], llm = run_nanoforge(source, prompts, outs, engine_opts)
+    ceilings = measure_ceilings(device)
+    mem = llm.plan.module.meta["memory"]
+    result["ceilings"] = ceilings
+    result["roofline"] = simulate_ceiling(
+        [len(p) for p in prompts], outs, mem["param_bytes"], mem["kv_bytes_per_token"],
+        2 * mem["param_bytes"] / DTYPE_BYTES[llm.plan.module.meta["dtype"]], ceilings["copy_bytes_per_s"], ceilings["matmul_flop_per_s"],
+        engine_opts.get("max_num_seqs", 256))
+    result["fraction_of_ceiling"] = result["nanoforge"]["output_tok_s"] / result["roofline"]["output_tok_s"]
+    del llm
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if hf_num_prompts:
+        n = min(hf_num_prompts, len(prompts))
+        result["hf"] = run_hf(hf_source, prompts[:n], outs[:n], hf_batch_size, device, dtype)
         result["ratio_nanoforge_over_hf"] = result["nanoforge"]["output_tok_s"] / result["hf"]["output_tok_s"]
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -1,48 +1,45 @@
-"""Write a safetensors checkpoint with random weights for a config: every tensor the traced model
-binds, with the shapes of the on-disk layout (per-expert tensors, HF key names)."""
+"""A checkpoint of random weights for a config, made on the fly: benchmarks of real model shapes
+(Qwen3-0.6B, Qwen3-8B) without fetching or writing gigabytes. It offers the Checkpoint
+interface the compiler and the weight loader use, with tensors generated on the target device."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..codegen.kernels.context import TORCH_DTYPES
-from ..models import DTYPES, trace_model
+from ..models import trace_model
+from ..models.checkpoint import TensorInfo
 
 
-def write_random_checkpoint(config: dict, out: Path, dtype: str = "bf16", seed: int = 0,
-                            shard_bytes: int = 2 << 30) -> Path:
-    """Random N(0, 0.02) matrices and 1 + N(0, 0.02) vectors (norm gains), saved in shards."""
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    module = trace_model(config, dtype)
-    g = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    tensors = [(key, p) for p in module.params.values() for key in p.keys]
-    for key, p in tqdm(tensors, desc="random weights", unit="tensor"):
-        shape = [int(d) for d in (p.type.shape[1:] if p.layout == "stack" else p.type.shape)]
-        t = torch.randn(shape, generator=g) * 0.02
-        t = (t + 1) if len(shape) == 1 else t
-        t = t.to(TORCH_DTYPES[p.type.dtype])
-        if size + t.nbytes > shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += t.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.nbytes for shard in shards for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    torch_dtype = {v: k for k, v in DTYPES.items()}[dtype]
-    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": torch_dtype}, indent=1))
-    return out
+class RandomCheckpoint:
+    kind = "random"
+
+    def __init__(self, config: dict[str, Any], name: str, dtype: str = "bf16", seed: int = 0,
+                 device: str = "cpu"):
+        self.config, self.path, self.seed, self.device = dict(config), Path(name), seed, device
+        self.dtype = dtype
+        self.tensors: dict[str, TensorInfo] = {}
+        for p in trace_model(self.config, dtype).params.values():
+            shape = tuple(int(d) for d in (p.type.shape[1:] if p.layout == "stack" else p.type.shape))
+            for key in p.keys:
+                self.tensors[key] = TensorInfo(key, shape, p.type.dtype, "random")
+
+    def fingerprint(self) -> dict:
+        return {"kind": "random", "files": [{"name": str(self.path), "size": 0, "header_sha256": f"seed{self.seed}"}]}
+
+    def generation_config(self) -> dict:
+        return {}
+
+    def read(self, keys: list[str], dtype: torch.dtype | None = None,
+             progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """N(0, 0.02) matrices and 1 + N(0, 0.02) vectors (norm gains), made on self.device."""
+        g = torch.Generator(device=self.device).manual_seed(self.seed)
+        for key in tqdm(keys, desc="random weights", unit="tensor", disable=not progress, leave=False):
+            info = self.tensors[key]
+            t = torch.randn(info.shape, generator=g, device=self.device, dtype=torch.float32) * 0.02
+            if len(info.shape) == 1:
+                t += 1
+            yield key, t.to(dtype or TORCH_DTYPES[info.dtype])

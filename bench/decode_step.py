@@ -1,0 +1,90 @@
+"""Decode step time of a real model shape (random bf16 weights) against its floor: the bytes a
+step must read (weights + KV of every sequence) over the copy bandwidth measured in this run.
+
+    python bench/decode_step.py --model qwen3-8b --batch 1 64 --context 1024 --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nanoforge import LLM, SamplingParams
+from nanoforge.models.presets import PRESETS
+from nanoforge.tools.bench_offline import machine_info
+from nanoforge.tools.random_checkpoint import RandomCheckpoint
+from nanoforge.tools.roofline import measure_ceilings
+
+
+def decode_step(llm: LLM, batch: int, context: int, steps: int = 30) -> dict:
+    eng = llm.engine
+    g = torch.Generator().manual_seed(batch)
+    vocab = int(llm.plan.module.meta["vocab_size"])
+    seqs = [eng.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
+                            SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True))
+            for _ in range(batch)]
+    while any(s.num_computed < len(s.prompt_ids) for s in seqs):  # prefill everything first
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / steps
+    replay_s = None
+    graphs = eng.runner.graphs
+    if graphs is not None and batch in graphs.graphs:
+        graph = graphs.graphs[batch][0]
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        replay_s = a.elapsed_time(b) / 1000 / steps
+    for s in seqs:
+        eng.abort(s.seq_id)
+    return {"step_s": step_s, "graph_replay_s": replay_s, "context": context + 5}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-8b", choices=sorted(PRESETS))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args()
+    ceilings = measure_ceilings("cuda")
+    bw = ceilings["copy_bytes_per_s"]
+    ckpt = RandomCheckpoint(PRESETS[a.model], a.model, "bf16", device="cuda")
+    llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch), max_model_len=a.context + 128,
+              max_num_batched_tokens=8192, max_prefill_chunk=8192)
+    meta = llm.plan.module.meta
+    embed = 2 * int(meta["vocab_size"]) * int(meta["hidden_size"])
+    tied = PRESETS[a.model].get("tie_word_embeddings", False)
+    weight_bytes = meta["memory"]["param_bytes"] - (0 if tied else embed)  # the embedding table is not read
+    rows = []
+    for b in a.batch:
+        r = decode_step(llm, b, a.context)
+        kv = b * r["context"] * meta["memory"]["kv_bytes_per_token"]
+        floor = (weight_bytes + kv) / bw
+        r.update(batch=b, bytes_moved=weight_bytes + kv, floor_s=floor, fraction_of_floor=floor / r["step_s"],
+                 fraction_of_floor_graph_only=(floor / r["graph_replay_s"]) if r["graph_replay_s"] else None)
+        rows.append(r)
+        print(f"{a.model} batch {b:>3}: step {1000 * r['step_s']:.3f} ms (graph replay "
+              f"{1000 * (r['graph_replay_s'] or float('nan')):.3f} ms), floor {1000 * floor:.3f} ms "
+              f"-> {100 * r['fraction_of_floor']:.1f}% of bytes/bandwidth")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "decode_step", "model": a.model, "machine": machine_info("cuda"), "ceilings": ceilings,
+              "cuda_graphs": llm.engine.runner.graphs and llm.engine.runner.graphs.sizes, "rows": rows}
+    (out / f"decode_step-{a.model}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repo root: install carried wheels (.whl/), run the GPU tests and the
+# benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
+#   bench/gpu_check.sh [tests] [attention] [decode] [offline] [elementwise] [moe]   (default: all)
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+STAGES=${*:-tests attention decode offline elementwise moe}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+declare -A STATUS
+run() {  # name, command...
+  local name=$1; shift
+  echo "== $name"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  STATUS[$name]="rc=${PIPESTATUS[0]} $((SECONDS - t0))s"
+}
+for s in $STAGES; do
+  case $s in
+    tests) run gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_attention.py \
+             tests/test_triton_elementwise.py tests/test_triton_moe.py tests/test_gpu_e2e.py ;;
+    attention) run attention python3 bench/attention.py --out "$OUT" ;;
+    decode) run decode_step python3 bench/decode_step.py --model qwen3-8b --batch 1 64 --out "$OUT" ;;
+    offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
+               --hf-num-prompts 32 --hf-batch-size 32 --results-dir "$OUT" ;;
+    elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
+    moe) run moe python3 -c "import json; from nanoforge.codegen.kernels.triton.moe import bench_moe as b; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+echo "== summary ($OUT)"
+for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
+grep -hE "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -3
+grep -hE "TB/s" "$OUT/attention.log" 2>/dev/null | tail -8
+grep -hE "floor" "$OUT/decode_step.log" 2>/dev/null
+grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null
