@@ -1,0 +1,7 @@
+"""The `triton` provider: Triton kernels for the ops where fusion or paging pays; every function
+has the signature of its torch reference (codegen/kernels/torch_ref.py) and is CUDA-graph safe."""
+from .attention import attention
+from .elementwise import add_rms_norm, embed, qk_norm_rope, rms_norm, rope, silu_mul
+from .moe import moe
+
+__all__ = ["add_rms_norm", "attention", "embed", "moe", "qk_norm_rope", "rms_norm", "rope", "silu_mul"]

@@ -1,0 +1,493 @@
+"""Triton MoE provider for EP=1: routing, align, fused grouped GEMMs over expert-sorted tokens.
+
+Semantics are those of `torch_ref.moe` (Qwen3-MoE softmax top-k and DeepSeek-V3 sigmoid
+group-limited routing, SwiGLU experts, weights w_gate/w_up [E, I, H], w_down [E, H, I]).
+
+Pipeline (every step CUDA-graph safe: no host sync, only shapes derived from T):
+
+1. route   torch ops, the selection part of `torch_ref._route` op for op, so the routed experts are
+           bit-identical to the reference on the same device (bf16 router logits can tie at the
+           top-k boundary; torch.topk then breaks the tie the same way). Renormalisation and
+           routed_scaling_factor are applied in the down GEMM's epilogue (saves ~3 launches).
+2. align   Triton. The N = T*top_k (token, slot) pairs are grouped by expert; each expert's
+           segment is padded to a multiple of BLOCK_M inside a buffer of static worst-case size
+           N + min(E, N)*(BLOCK_M-1). Outputs: sorted_pair_ids (padding = sentinel N),
+           expert_ids per BLOCK_M block (-1 past the end), num_tokens_post_padded (device int32).
+           Small N: one program, no atomics, no memset. Large N: a counting kernel then a
+           scatter kernel (per-expert slot cursors via vector atomics; the order of pairs inside
+           an expert segment may vary run to run, results do not: each row is computed alone).
+3. gate_up one grouped GEMM for both projections: per block, x[token rows] @ W_gate[e]^T and
+           @ W_up[e]^T in two fp32 accumulators, silu(g)*u in the epilogue, written to h[pair, I].
+4. down    grouped GEMM h[pair rows] @ W_down[e]^T, routing weight multiplied in the epilogue,
+           written to y[pair, H] (one row per (token, slot): no atomics, deterministic).
+5. reduce  y.view(T, top_k, H).sum(1) (torch, fp32 accumulation).
+
+Blocks at or past num_tokens_post_padded return at once, so one grid (sized by T) serves every
+routing outcome.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..torch_ref import _route
+
+__all__ = ["moe", "select_experts", "fused_experts", "moe_align", "pick_config", "bench_moe", "tune_moe"]
+
+
+# ---------------------------------------------------------------------------------------------
+# align
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _align_blocks(b0, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N, num_blocks,
+                  BM: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
+    """Expert id of blocks b0..b0+NB, and the sentinel into the padding slots of those blocks."""
+    ecols = tl.arange(0, E_PAD)
+    b = b0 + tl.arange(0, NB)
+    bstart = b * BM
+    # padded segments are BM-aligned: a block's expert = number of segments ending at or before it
+    be = tl.sum((ends[None, :] <= bstart[:, None]).to(tl.int32), axis=1)
+    live = bstart < total
+    onehot = (be[:, None] == ecols[None, :]).to(tl.int32)
+    fill_from = tl.sum(onehot * (starts + counts)[None, :], axis=1)  # first padding slot of the segment
+    tl.store(expert_ids_ptr + b, tl.where(live, be, -1), mask=b < num_blocks)
+    pos = bstart[:, None] + tl.arange(0, BM)[None, :]
+    pad = (b < num_blocks)[:, None] & live[:, None] & (pos >= fill_from[:, None])
+    tl.store(sorted_ptr + pos, tl.full([NB, BM], 0, tl.int32) + N, mask=pad)
+
+
+@triton.jit
+def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num_blocks,
+                         BM: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """Whole align in one program: deterministic (pairs keep their order inside a segment)."""
+    ecols = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for c in range(0, N, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < N, other=E_PAD).to(tl.int32)
+        counts += tl.sum((e[:, None] == ecols[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(npp_ptr, total)
+    cursor = starts
+    for c in range(0, N, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < N, other=E_PAD).to(tl.int32)
+        onehot = (e[:, None] == ecols[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, axis=0) - 1 + cursor[None, :]
+        dest = tl.sum(onehot * rank, axis=1)
+        tl.store(sorted_ptr + dest, offs, mask=offs < N)
+        cursor += tl.sum(onehot, axis=0)
+    for b0 in range(0, num_blocks, NB):
+        _align_blocks(b0, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N, num_blocks, BM, E_PAD, NB)
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, N, E, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    ecols = tl.arange(0, E_PAD)
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < N, other=E_PAD).to(tl.int32)
+    cnt = tl.sum((e[:, None] == ecols[None, :]).to(tl.int32), axis=0)
+    tl.atomic_add(counts_ptr + ecols, cnt, mask=(ecols < E) & (cnt > 0))
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num_blocks,
+                          BM: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """counts_ptr[0:E] = per-expert counts (complete), counts_ptr[E:2E] = slot cursors (zeroed)."""
+    pid = tl.program_id(0)
+    ecols = tl.arange(0, E_PAD)
+    emask = ecols < E
+    counts = tl.load(counts_ptr + ecols, mask=emask, other=0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    if pid == 0:
+        tl.store(npp_ptr, total)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < N, other=E_PAD).to(tl.int32)
+    onehot = (e[:, None] == ecols[None, :]).to(tl.int32)
+    cnt = tl.sum(onehot, axis=0)
+    base = tl.atomic_add(counts_ptr + E + ecols, cnt, mask=emask & (cnt > 0))  # distinct addresses
+    base = tl.where(emask & (cnt > 0), base, 0)
+    rank = tl.cumsum(onehot, axis=0) - 1 + (starts + base)[None, :]
+    dest = tl.sum(onehot * rank, axis=1)
+    tl.store(sorted_ptr + dest, offs, mask=offs < N)
+    _align_blocks(pid * NB, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N, num_blocks, BM, E_PAD, NB)
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, single_max: int = 256):
+    """(sorted_pair_ids int32 [num_blocks*BM], expert_ids int32 [num_blocks], num_post_padded int32 [1]).
+
+    ids: [T, top_k] (any int dtype) expert id of each (token, slot); pair p = t*top_k + slot.
+    Padding entries hold the sentinel N = ids.numel(). Every shape depends on (N, E, BM) only."""
+    flat = ids.reshape(-1)
+    n, E = flat.numel(), num_experts
+    num_blocks = triton.cdiv(n + min(E, n) * (block_m - 1), block_m)
+    dev = ids.device
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    npp = torch.empty(1, dtype=torch.int32, device=dev)
+    e_pad = max(_p2(E), 16)
+    chunk = max(16, min(_p2(n), 8192 // e_pad))
+    nb = max(16, min(_p2(num_blocks), 4096 // e_pad))
+    if n <= single_max:
+        _align_single_kernel[(1,)](flat, sorted_ids, expert_ids, npp, n, E, num_blocks,
+                                   BM=block_m, E_PAD=e_pad, CHUNK=chunk, NB=nb, num_warps=4)
+    else:
+        counts = torch.zeros(2 * E, dtype=torch.int32, device=dev)
+        _align_count_kernel[(triton.cdiv(n, chunk),)](flat, counts, n, E, E_PAD=e_pad, CHUNK=chunk, num_warps=4)
+        grid = (max(triton.cdiv(n, chunk), triton.cdiv(num_blocks, nb)),)
+        _align_scatter_kernel[grid](flat, counts, sorted_ids, expert_ids, npp, n, E, num_blocks,
+                                    BM=block_m, E_PAD=e_pad, CHUNK=chunk, NB=nb, num_warps=4)
+    return sorted_ids, expert_ids, npp
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped GEMMs
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _block_coords(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    gsz = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % gsz, (pid % in_group) // gsz
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, eid_ptr, npp_ptr,
+                    N, K, I, top_k, num_pid_m,
+                    stride_xt, stride_we, stride_wn, stride_ht,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    """h[pair, n] = silu(x[tok] . Wg[e, n]) * (x[tok] . Wu[e, n]) for the pairs of one block."""
+    pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BN), GROUP_M)
+    if pid_m * BM >= tl.load(npp_ptr):
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    valid = pair < N
+    tok = tl.where(valid, pair // top_k, 0).to(tl.int64)  # padding rows read row 0, never stored
+    e = tl.load(eid_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_nw = offs_n % I  # in-bounds weight rows; the tail columns are masked at the store
+    offs_k = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    w_off = e * stride_we + offs_nw[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    g_ptrs = wg_ptr + w_off
+    u_ptrs = wu_ptr + w_off
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            km = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=km[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=km[:, None], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        a_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h_ptrs = h_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < I)[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, wd_ptr, y_ptr, rw_ptr, sorted_ptr, eid_ptr, npp_ptr,
+                 N, K, H, num_pid_m, top_k, norm_eps, scale,
+                 stride_ht, stride_we, stride_wn, stride_yt,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                 EVEN_K: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """y[pair, n] = w[pair] * (h[pair] . Wd[e, n]) for the pairs of one block, with
+    w = rw[pair] (/ (sum of the token's top_k rw + norm_eps) if NORM) * scale."""
+    pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BN), GROUP_M)
+    if pid_m * BM >= tl.load(npp_ptr):
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    valid = pair < N
+    row = tl.where(valid, pair, 0).to(tl.int64)
+    e = tl.load(eid_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_nw = offs_n % H
+    offs_k = tl.arange(0, BK)
+    a_ptrs = h_ptr + row[:, None] * stride_ht + offs_k[None, :]
+    b_ptrs = wd_ptr + e * stride_we + offs_nw[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            km = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=km[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BK
+        b_ptrs += BK
+    w = tl.load(rw_ptr + row)
+    if NORM:
+        j = tl.arange(0, TOPK_PAD)
+        sib = (row // top_k)[:, None] * top_k + j[None, :]
+        w = w / (tl.sum(tl.load(rw_ptr + sib, mask=(j < top_k)[None, :], other=0.0), axis=1) + norm_eps)
+    w = w * scale
+    # the reference casts the routing weight to the activation dtype before multiplying
+    w = w.to(y_ptr.dtype.element_ty).to(tl.float32)
+    acc = acc * w[:, None]
+    y_ptrs = y_ptr + row[:, None] * stride_yt + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < H)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# configs and the entry points
+# ---------------------------------------------------------------------------------------------
+def pick_config(T: int, top_k: int, E: int, H: int, I: int) -> dict:
+    """Tile sizes from the token count (static per captured size). Keys: BM, GROUP_M, and per GEMM
+    (gu = gate_up, dn = down): BN, BK, warps, stages."""
+    per_expert = T * top_k / E
+    if per_expert <= 8:  # decode: memory bound, spread the weight stream over many programs
+        cfg = dict(BM=16, gu=(64, 128, 4, 4), dn=(64, 128, 4, 4))
+    elif per_expert <= 32:
+        cfg = dict(BM=32, gu=(64, 128, 4, 4), dn=(64, 128, 4, 4))
+    elif per_expert <= 96:
+        cfg = dict(BM=64, gu=(128, 64, 4, 4), dn=(256, 64, 8, 4))
+    else:
+        cfg = dict(BM=128, gu=(128, 64, 8, 4), dn=(256, 64, 8, 4))
+    cfg["GROUP_M"] = 8
+    return cfg
+
+
+def _fit(bn_bk, n, k):
+    bn, bk, warps, stages = bn_bk
+    return min(bn, max(16, _p2(n))), min(bk, max(16, _p2(k))), warps, stages
+
+
+def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=None, align_single_max=256,
+                  renormalize=False, norm_eps=0.0, scale=1.0):
+    """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k], x [T, H], with
+    w = weights (/ (weights.sum(-1) + norm_eps) if renormalize) * scale, rounded to x.dtype."""
+    T, H = x.shape
+    top_k = ids.shape[1]
+    E, I = num_experts, w_gate.shape[1]
+    assert w_gate.shape == w_up.shape == (E, I, H) and w_down.shape == (E, H, I), "MoE weight shapes"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w_gate, w_up, w_down = (w if w.stride(-1) == 1 else w.contiguous() for w in (w_gate, w_up, w_down))
+    assert w_gate.stride() == w_up.stride(), "w_gate and w_up need the same strides"
+    cfg = dict(config or pick_config(T, top_k, E, H, I))
+    BM = cfg["BM"]
+    n = T * top_k
+    if n == 0:
+        return torch.zeros_like(x)
+    sorted_ids, expert_ids, npp = moe_align(ids, E, BM, single_max=align_single_max)
+    num_pid_m = expert_ids.numel()
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    rw = weights.reshape(-1).float().contiguous()
+
+    h = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = _fit(cfg["gu"], I, H)
+    _gate_up_kernel[(num_pid_m * triton.cdiv(I, bn),)](
+        x, w_gate, w_up, h, sorted_ids, expert_ids, npp, n, H, I, top_k, num_pid_m,
+        x.stride(0), w_gate.stride(0), w_gate.stride(1), h.stride(0),
+        BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0, PREC=prec,
+        num_warps=warps, num_stages=stages)
+
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = _fit(cfg["dn"], H, I)
+    _down_kernel[(num_pid_m * triton.cdiv(H, bn),)](
+        h, w_down, y, rw, sorted_ids, expert_ids, npp, n, I, H, num_pid_m, top_k, float(norm_eps), float(scale),
+        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+        BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0, PREC=prec,
+        NORM=bool(renormalize), TOPK_PAD=_p2(top_k), num_warps=warps, num_stages=stages)
+    return y.view(T, top_k, H).sum(dim=1) if top_k > 1 else y
+
+
+def select_experts(x, router, score_bias, *, num_experts, top_k, scoring, n_group=1, topk_group=1):
+    """(unnormalised weights f32 [T, k], ids [T, k]): torch_ref._route up to (not including) the
+    renormalisation, with the same ops, so the ids and weights are bit-identical to it."""
+    if scoring == "softmax":
+        scores = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
+        return torch.topk(scores, top_k, dim=-1)
+    scores = F.linear(x.float(), router.float()).sigmoid()
+    choice = scores + (score_bias.float() if score_bias is not None else 0)
+    t = x.shape[0]
+    group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
+    mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
+    ids = choice.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1)[1]
+    return scores.gather(1, ids), ids
+
+
+def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k, scoring,
+        norm_topk_prob=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, **_):
+    """Same contract as torch_ref.moe; CUDA-graph safe."""
+    weights, ids = select_experts(x, router, score_bias, num_experts=num_experts, top_k=top_k, scoring=scoring,
+                                  n_group=n_group, topk_group=topk_group)
+    return fused_experts(x, weights, ids, w_gate, w_up, w_down, num_experts=num_experts,
+                         renormalize=norm_topk_prob, norm_eps=1e-20 if scoring == "sigmoid" else 0.0,
+                         scale=routed_scaling_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark and tuning (re-run on a new GPU: python -m nanoforge.codegen.kernels.triton.moe --tune)
+# ---------------------------------------------------------------------------------------------
+def _bench_problem(T, E, top_k, H, I, layers, seed, scoring="softmax"):
+    """x and `layers` independent random bf16 MoE layers (so the timed loop streams weights from HBM
+    as a model does, instead of re-reading one layer from L2), with each layer's routing."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+
+    def r(*shape, fan_in):
+        return torch.randn(*shape, device="cuda", dtype=dt, generator=g) * fan_in ** -0.5
+
+    x = r(T, H, fan_in=1)
+    attrs = dict(num_experts=E, top_k=top_k, scoring=scoring, norm_topk_prob=True)
+    if scoring == "sigmoid" and E % 8 == 0:
+        attrs.update(n_group=8, topk_group=3)
+    ls = []
+    for _ in range(layers):
+        ws = dict(router=r(E, H, fan_in=H), w_gate=r(E, I, H, fan_in=H), w_up=r(E, I, H, fan_in=H),
+                  w_down=r(E, H, I, fan_in=I))
+        ws["route"] = _route(x, ws["router"], None, **attrs)
+        ls.append(ws)
+    return x, attrs, ls
+
+
+def _deep_gemm_fn(x, ls, E):
+    """deep_gemm's m-grouped contiguous bf16 GEMMs (gate_up as one [2I, H] GEMM, then down) on the
+    same routing, GEMMs only (no routing, permute, activation or reduce); None if not importable."""
+    try:
+        import deep_gemm
+    except ImportError:
+        return None
+    T, H = x.shape
+    I = ls[0]["w_gate"].shape[1]
+    align = deep_gemm.get_mk_alignment_for_contiguous_layout()
+    runs = []
+    for l in ls:
+        counts = torch.bincount(l["route"][1].reshape(-1), minlength=E).tolist()  # host sync: bench setup
+        padded = [(c + align - 1) // align * align for c in counts]
+        m_idx = torch.cat([torch.full((p,), e, dtype=torch.int32) for e, p in enumerate(padded)]).cuda()
+        m = m_idx.numel()
+        runs.append((torch.randn(m, H, dtype=torch.bfloat16, device="cuda"),
+                     torch.cat([l["w_gate"], l["w_up"]], dim=1).contiguous(),
+                     torch.empty(m, 2 * I, dtype=torch.bfloat16, device="cuda"),
+                     torch.randn(m, I, dtype=torch.bfloat16, device="cuda"), l["w_down"],
+                     torch.empty(m, H, dtype=torch.bfloat16, device="cuda"), m_idx))
+
+    def fn():
+        for a, w13, d1, a2, wd, d2, m_idx in runs:
+            deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, w13, d1, m_idx)
+            deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a2, wd, d2, m_idx)
+
+    return fn
+
+
+def bench_moe(T: int, E: int, top_k: int, H: int, I: int, *, scoring="softmax", config=None, layers=4,
+              seed=0) -> dict:
+    """Median ms per layer on random bf16 data, averaged over `layers` distinct layers:
+    ms        the whole provider (routing + align + GEMMs + reduce), eager launches (do_bench)
+    graph_ms  the same replayed from a CUDA graph (do_bench_cudagraph): what decode sees
+    experts_ms / experts_graph_ms   align + GEMMs + reduce on given routing
+    tflops    6*T*top_k*H*I expert-GEMM FLOPs over graph_ms; weight_gbps: bytes of active expert
+              weights over experts_graph_ms
+    deep_gemm_ms / deep_gemm_tflops  deep_gemm m-grouped contiguous GEMMs alone, graph-replayed,
+              when deep_gemm is importable (else deep_gemm_error says why)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    x, attrs, ls = _bench_problem(T, E, top_k, H, I, layers, seed, scoring)
+    full = [dict(router=l["router"], w_gate=l["w_gate"], w_up=l["w_up"], w_down=l["w_down"]) for l in ls]
+
+    def run_full():
+        for l in full:
+            moe(x, **l, **attrs)
+
+    def run_experts():
+        for l in ls:
+            fused_experts(x, *l["route"], l["w_gate"], l["w_up"], l["w_down"], num_experts=E, config=config)
+
+    flops = 6.0 * T * top_k * H * I
+    out = dict(T=T, E=E, top_k=top_k, H=H, I=I, config=config or pick_config(T, top_k, E, H, I))
+    out["ms"] = do_bench(run_full, return_mode="median") / layers
+    out["graph_ms"] = do_bench_cudagraph(run_full, return_mode="median") / layers
+    out["experts_ms"] = do_bench(run_experts, return_mode="median") / layers
+    out["experts_graph_ms"] = do_bench_cudagraph(run_experts, return_mode="median") / layers
+    out["tflops"] = flops / out["graph_ms"] * 1e-9
+    out["experts_tflops"] = flops / out["experts_graph_ms"] * 1e-9
+    active = sum(int((torch.bincount(l["route"][1].reshape(-1), minlength=E) > 0).sum()) for l in ls) / layers
+    out["weight_gbps"] = active * 3 * H * I * 2 / out["experts_graph_ms"] * 1e-6
+    y = torch.randn(T * top_k, H, device="cuda", dtype=torch.bfloat16)
+    out["reduce_ms"] = do_bench_cudagraph(lambda: y.view(T, top_k, H).sum(1), return_mode="median")
+    try:
+        fn = _deep_gemm_fn(x, ls, E)
+        if fn is not None:
+            out["deep_gemm_ms"] = do_bench_cudagraph(fn, return_mode="median") / layers
+            out["deep_gemm_tflops"] = flops / out["deep_gemm_ms"] * 1e-9
+    except Exception as exc:  # noqa: BLE001 - a comparison only; say why it is missing
+        out["deep_gemm_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return out
+
+
+_GU_SMALL = [(16, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (32, 128, 2, 4), (64, 64, 4, 5)]
+_DN_SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 64, 4, 5), (128, 64, 4, 4)]
+_GU_LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 4), (128, 128, 8, 3)]
+_DN_LARGE = [(128, 64, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3), (256, 128, 8, 2)]
+
+
+def tune_moe(T: int, E: int, top_k: int, H: int, I: int, layers=4, seed=0) -> tuple[float, dict]:
+    """Coordinate search (graph-replayed timing): for each BM, the gate_up tile, then the down tile,
+    then GROUP_M. Returns (best ms per layer, config)."""
+    from triton.testing import do_bench_cudagraph
+
+    x, _, ls = _bench_problem(T, E, top_k, H, I, layers, seed)
+
+    def t(cfg):
+        def run():
+            for l in ls:
+                fused_experts(x, *l["route"], l["w_gate"], l["w_up"], l["w_down"], num_experts=E, config=cfg)
+        try:
+            return do_bench_cudagraph(run, return_mode="median") / layers
+        except Exception:  # noqa: BLE001 - out of shared memory / registers: not a candidate
+            return float("inf")
+
+    per_expert = T * top_k / E
+    best = (float("inf"), None)
+    for bm in (16, 32, 64, 128):
+        if bm > max(16, 4 * _p2(per_expert)) or bm < per_expert / 8:
+            continue
+        cfg = dict(pick_config(T, top_k, E, H, I), BM=bm)
+        gus, dns = (_GU_SMALL, _DN_SMALL) if bm <= 32 else (_GU_LARGE, _DN_LARGE)
+        cfg["gu"] = min(gus, key=lambda gu: t(dict(cfg, gu=gu)))
+        cfg["dn"] = min(dns, key=lambda dn: t(dict(cfg, dn=dn)))
+        cfg["GROUP_M"] = min((1, 8, 32), key=lambda gm: t(dict(cfg, GROUP_M=gm)))
+        best = min(best, (t(cfg), cfg), key=lambda r: r[0])
+    return best
+
+
+if __name__ == "__main__":
+    import sys
+
+    Ts = [int(a) for a in sys.argv[1:] if a.isdigit()] or [1, 16, 64, 256, 1024, 2048, 4096]
+    for T in Ts:
+        size = (T, 128, 8, 2048, 768)  # Qwen3-30B-A3B
+        r = bench_moe(*size)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        if "--tune" in sys.argv:
+            ms, cfg = tune_moe(*size)
+            print(f"  tuned T={T}: experts {ms:.4f} ms ({6 * T * 8 * 2048 * 768 / ms * 1e-9:.1f} TFLOP/s), "
+                  f"default {r['experts_graph_ms']:.4f} ms: {cfg}", flush=True)
