@@ -6,8 +6,12 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=$(ls .whl/*.whl 2>/dev/null)
+if python3 -c "import pytest" 2>/dev/null; then  # keep the machine's pytest (its plugins need it)
+  WHEELS=$(echo "$WHEELS" | grep -vE '/(pytest|pluggy|iniconfig)-')
+fi
+if [ -n "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -31,7 +35,7 @@ for s in $STAGES; do
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
                --hf-num-prompts 32 --hf-batch-size 32 --results-dir "$OUT" ;;
     elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
-    moe) run moe python3 -c "import json; from nanoforge.codegen.kernels.triton.moe import bench_moe as b; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
+    moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.codegen.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -28,7 +28,8 @@ def test_round_trip_after_every_pass(arch, tmp_path):
     PassManager(PASSES, PIPELINES["default"], PassContext(dump_dir=tmp_path)).run(module)
     dumps = sorted(tmp_path.glob("*.ir"))
     assert [d.name for d in dumps] == ["00_input.ir", "01_verify.ir", "02_fuse_elementwise.ir",
-                                       "03_select_kernels.ir", "04_plan_cuda_graphs.ir", "05_plan_memory.ir"]
+                                       "03_fuse_projections.ir", "04_select_kernels.ir", "05_plan_cuda_graphs.ir",
+                                       "06_plan_memory.ir"]
     for dump in dumps:
         text = dump.read_text()
         parsed = parse_module(text)

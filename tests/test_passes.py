@@ -49,7 +49,32 @@ def test_dump_index_and_disable(tmp_path):
     index = (tmp_path / "index.txt").read_text()
     assert "fuse_elementwise" in index and "skipped" in index
     assert not (tmp_path / "02_fuse_elementwise.ir").exists()
-    assert "add_rms_norm" not in (tmp_path / "05_plan_memory.ir").read_text()
+    assert "add_rms_norm" not in (tmp_path / "06_plan_memory.ir").read_text()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fuse_projections_one_gemm_per_input(arch):
+    """q/k/v (or DeepSeek's q_a/kv_a) and gate/up of every dense MLP read one input through one
+    cat param over the original checkpoint keys; the originals are gone from the params."""
+    cfg = tiny_config(arch)
+    module = trace_model(config_dict(arch), "f32")
+    linears_before = sum(n.op == "linear" for _, n in module.nodes())
+    run_pipeline(module)
+    fused = {n: p for n, p in module.params.items() if p.layout == "cat"}
+    layer0 = [p for n, p in fused.items() if n.startswith("model.layers.0.")]
+    if arch == "deepseek_v3":
+        assert {p.name for p in layer0} == {"model.layers.0.self_attn.q_a_proj_and_kv_a_proj_with_mqa.weight",
+                                             "model.layers.0.mlp.gate_up_proj.weight"}
+    else:
+        assert {p.name for p in layer0} == {"model.layers.0.self_attn.q_k_v_proj.weight",
+                                             "model.layers.0.mlp.gate_up_proj.weight"}
+        qkv = module.params["model.layers.0.self_attn.q_k_v_proj.weight"]
+        assert qkv.keys == [f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv"]
+        head = cfg.head_dim if hasattr(cfg, "head_dim") and cfg.head_dim else cfg.hidden_size // cfg.num_attention_heads
+        assert qkv.type.shape[0] == head * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    assert not any(k.endswith(".q_proj.weight") or k.endswith(".up_proj.weight") for k in module.params
+                   if module.params[k].layout == "single")
+    assert sum(n.op == "linear" for _, n in module.nodes()) < linears_before
 
 
 def test_unknown_pass_is_named():

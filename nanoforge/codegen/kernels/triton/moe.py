@@ -273,9 +273,21 @@ def pick_config(T: int, top_k: int, E: int, H: int, I: int) -> dict:
     return cfg
 
 
-def _fit(bn_bk, n, k):
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory per program; H100 allows 227 KiB
+
+
+def _fit(bn_bk, n, k, bm, elem_bytes, b_tiles):
+    """Clamp the tile to the problem, then drop pipeline stages (and BK) until the A tile plus
+    `b_tiles` B tiles of every stage fit SMEM_BUDGET: fp32 weights need half the depth of bf16."""
     bn, bk, warps, stages = bn_bk
-    return min(bn, max(16, _p2(n))), min(bk, max(16, _p2(k))), warps, stages
+    bn, bk = min(bn, max(16, _p2(n))), min(bk, max(16, _p2(k)))
+    per_elem = elem_bytes * (1.5 if elem_bytes == 4 else 1)  # tf32 dots took 1.5x that on H100
+    smem = lambda: stages * (bm * bk + b_tiles * bk * bn) * per_elem
+    while smem() > SMEM_BUDGET and stages > 2:
+        stages -= 1
+    while smem() > SMEM_BUDGET and bk > 16:
+        bk //= 2
+    return bn, bk, warps, stages
 
 
 def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=None, align_single_max=256,
@@ -300,7 +312,7 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
     rw = weights.reshape(-1).float().contiguous()
 
     h = torch.empty(n, I, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _fit(cfg["gu"], I, H)
+    bn, bk, warps, stages = _fit(cfg["gu"], I, H, BM, x.element_size(), 2)
     _gate_up_kernel[(num_pid_m * triton.cdiv(I, bn),)](
         x, w_gate, w_up, h, sorted_ids, expert_ids, npp, n, H, I, top_k, num_pid_m,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), h.stride(0),
@@ -308,7 +320,7 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
         num_warps=warps, num_stages=stages)
 
     y = torch.empty(n, H, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _fit(cfg["dn"], H, I)
+    bn, bk, warps, stages = _fit(cfg["dn"], H, I, BM, x.element_size(), 1)
     _down_kernel[(num_pid_m * triton.cdiv(H, bn),)](
         h, w_down, y, rw, sorted_ids, expert_ids, npp, n, I, H, num_pid_m, top_k, float(norm_eps), float(scale),
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
