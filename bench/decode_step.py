@@ -19,7 +19,7 @@ from nanoforge.tools.random_checkpoint import RandomCheckpoint
 from nanoforge.tools.roofline import measure_ceilings
 
 
-def decode_step(llm: LLM, batch: int, context: int, steps: int = 30) -> dict:
+def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bool = False) -> dict:
     eng = llm.engine
     g = torch.Generator().manual_seed(batch)
     vocab = int(llm.plan.module.meta["vocab_size"])
@@ -47,6 +47,14 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30) -> dict:
         b.record()
         b.synchronize()
         replay_s = a.elapsed_time(b) / 1000 / steps
+    if profile and graphs is not None and batch in graphs.graphs:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graphs.graphs[batch][0].replay()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     for s in seqs:
         eng.abort(s.seq_id)
     return {"step_s": step_s, "graph_replay_s": replay_s, "context": context + 5}
@@ -58,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of 5 graph replays per batch size")
     a = ap.parse_args()
     ceilings = measure_ceilings("cuda")
     bw = ceilings["copy_bytes_per_s"]
@@ -70,7 +79,7 @@ def main() -> None:
     weight_bytes = meta["memory"]["param_bytes"] - (0 if tied else embed)  # the embedding table is not read
     rows = []
     for b in a.batch:
-        r = decode_step(llm, b, a.context)
+        r = decode_step(llm, b, a.context, profile=a.profile)
         kv = b * r["context"] * meta["memory"]["kv_bytes_per_token"]
         floor = (weight_bytes + kv) / bw
         r.update(batch=b, bytes_moved=weight_bytes + kv, floor_s=floor, fraction_of_floor=floor / r["step_s"],

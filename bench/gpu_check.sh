@@ -6,7 +6,7 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
-WHEELS=$(ls .whl/*.whl 2>/dev/null)
+WHEELS=$(for d in ${WHEEL_DIRS:-.whl}; do ls "$d"/*.whl 2>/dev/null; done)  # e.g. WHEEL_DIRS=".whl .whl-flashinfer"
 if python3 -c "import pytest" 2>/dev/null; then  # keep the machine's pytest (its plugins need it)
   WHEELS=$(echo "$WHEELS" | grep -vE '/(pytest|pluggy|iniconfig)-')
 fi
@@ -18,6 +18,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STAGES=${*:-tests attention decode offline elementwise moe}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+gpu_tests() {  # one pytest per file, side by side: Triton compiles on the CPU cores, not the GPU
+  local files=${GPU_TEST_FILES:-$(ls tests/test_triton_*.py tests/test_gpu_*.py tests/test_lib_*.py 2>/dev/null)} pids=() rc=0
+  for f in $files; do
+    python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 "$f" > "$OUT/pytest-$(basename "$f" .py).log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for f in $files; do echo "--- $f"; tail -n 25 "$OUT/pytest-$(basename "$f" .py).log"; done
+  return $rc
+}
 declare -A STATUS
 run() {  # name, command...
   local name=$1; shift
@@ -28,10 +38,9 @@ run() {  # name, command...
 }
 for s in $STAGES; do
   case $s in
-    tests) run gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_attention.py \
-             tests/test_triton_elementwise.py tests/test_triton_moe.py tests/test_gpu_e2e.py ;;
+    tests) run gpu_tests gpu_tests ;;
     attention) run attention python3 bench/attention.py --out "$OUT" ;;
-    decode) run decode_step python3 bench/decode_step.py --model qwen3-8b --batch 1 64 --out "$OUT" ;;
+    decode) run decode_step python3 bench/decode_step.py --model qwen3-8b --batch 1 64 --profile --out "$OUT" ;;
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
                --hf-num-prompts 32 --hf-batch-size 32 --results-dir "$OUT" ;;
     elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
@@ -41,7 +50,7 @@ for s in $STAGES; do
 done
 echo "== summary ($OUT)"
 for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
-grep -hE "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -3
+for f in "$OUT"/pytest-*.log; do [ -e "$f" ] && printf '%-40s %s\n' "$(basename "$f")" "$(tail -n 1 "$f")"; done
 grep -hE "TB/s" "$OUT/attention.log" 2>/dev/null | tail -8
 grep -hE "floor" "$OUT/decode_step.log" 2>/dev/null
 grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null

@@ -90,7 +90,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if not a.prompt:
         raise NanoForgeError("give at least one --prompt")
-    llm = LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device)
+    llm = LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device,
+              gpu_memory_utilization=a.gpu_memory_utilization)
     sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                         max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
     if a.chat:
@@ -117,7 +118,7 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
         a.hf_num_prompts = a.num_prompts
     opts = {"device": a.device, "dtype": a.dtype, "max_num_seqs": a.max_num_seqs,
             "max_num_batched_tokens": a.max_num_batched_tokens, "max_prefill_chunk": a.max_num_batched_tokens,
-            "max_model_len": a.max_input + a.max_output + 1}
+            "max_model_len": a.max_input + a.max_output + 1, "gpu_memory_utilization": a.gpu_memory_utilization}
     if a.enforce_eager:
         opts["enforce_eager"] = True
     r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir))
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
     g.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
                    "unless told")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU this engine may use")
     g.set_defaults(run=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts of the workload also run through HF generate (default: all; 0 skips HF)")
     o.add_argument("--hf-batch-size", type=int, default=16)
     o.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    o.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU the engine may use")
     o.add_argument("--results-dir", default="bench/results")
     o.set_defaults(run=cmd_bench_offline)
     return p

@@ -23,7 +23,8 @@ from .tokenizer import Tokenizer
 class EngineConfig:
     device: str = "cpu"
     num_blocks: int | None = None  # default: kv_cache_memory / bytes per block
-    kv_cache_memory: int = 1 << 30
+    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, on CUDA what gpu_memory_utilization leaves
+    gpu_memory_utilization: float = 0.9  # share of the card's memory this engine may hold in all
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512
@@ -58,10 +59,19 @@ class Engine:
         self.vocab_size = int(meta["vocab_size"])
         self.max_model_len = cfg.max_model_len or int(meta.get("max_position_embeddings", 4096))
         bs = meta["kv_contract"]["block_size"]
+        if not 0 < cfg.gpu_memory_utilization <= 1:
+            raise NanoForgeError(f"gpu_memory_utilization must be in (0, 1]; got {cfg.gpu_memory_utilization}")
         block_bytes = max(meta["memory"]["kv_bytes_per_token"] * bs, 1)
-        num_blocks = cfg.num_blocks or max(cfg.kv_cache_memory // block_bytes, 1)
+        num_blocks = cfg.num_blocks or (cfg.kv_cache_memory // block_bytes if cfg.kv_cache_memory else None)
+        if num_blocks is None and cfg.device == "cpu":
+            num_blocks = (1 << 30) // block_bytes
         self.runner = runner or ModelRunner(plan, ckpt, num_blocks, cfg.device, progress, self.max_model_len,
-                                            cfg.max_num_seqs, cfg.enforce_eager)
+                                            cfg.max_num_seqs, cfg.enforce_eager, cfg.gpu_memory_utilization,
+                                            cfg.max_num_batched_tokens)
+        num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
+        if num_blocks < 1:
+            raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
+                                 "gpu_memory_utilization")
         self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                                    cfg.max_prefill_chunk), self.blocks)

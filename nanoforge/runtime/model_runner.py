@@ -21,8 +21,9 @@ log = logging.getLogger("nanoforge.runner")
 
 
 class ModelRunner:
-    def __init__(self, plan: Plan, ckpt: Checkpoint, num_blocks: int, device: str = "cpu", progress: bool = True,
-                 max_model_len: int = 4096, max_num_seqs: int = 256, enforce_eager: bool = False):
+    def __init__(self, plan: Plan, ckpt: Checkpoint, num_blocks: int | None, device: str = "cpu", progress: bool = True,
+                 max_model_len: int = 4096, max_num_seqs: int = 256, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048):
         if device == "cuda" and not torch.cuda.is_available():
             raise NanoForgeError("--device cuda: no CUDA device is visible")
         self.device = torch.device(device)
@@ -30,7 +31,10 @@ class ModelRunner:
         self.block_size = self.contract["block_size"]
         self.params = load_params(plan.module, ckpt, self.device, progress=progress)
         self.forward = compile_function(plan.module, "forward")
-        self.pool = allocate_pool(self.contract, num_blocks, self.device)
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit(plan, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+        self.num_blocks = num_blocks
+        self.pool = allocate_pool(self.contract, max(num_blocks, 1), self.device)
         self.batches = Counter()  # "graph" or the reason a batch ran eagerly
         self.graphs = None
         self.no_graph_reason = self._graph_plan_reason(plan, enforce_eager)
@@ -42,6 +46,18 @@ class ModelRunner:
                                        max_model_len, self.device)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
+
+    def _blocks_that_fit(self, plan: Plan, utilization: float, max_tokens: int, max_seqs: int) -> int:
+        """KV blocks in what `utilization` of the card leaves once weights are loaded, minus the
+        plan's activation peak for the largest step, the logits and a reserve for CUDA graphs."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        mem = plan.module.meta["memory"]
+        activations = mem["activation_bytes_per_token"] * max_tokens + 4 * max_seqs * int(plan.module.meta["vocab_size"])
+        reserve = 512 << 20  # allocator slack, graph pool, library workspaces
+        budget = int(total * utilization) - (total - free) - activations - reserve
+        block_bytes = mem["kv_bytes_per_token"] * self.block_size
+        log.info("KV cache: %.2f GiB for %d blocks", max(budget, 0) / 2**30, max(budget, 0) // block_bytes)
+        return max(budget, 0) // block_bytes
 
     def _graph_plan_reason(self, plan: Plan, enforce_eager: bool) -> str | None:
         if self.device.type != "cuda":

@@ -7,6 +7,7 @@ transformers `generate` (batched, KV cache on), runs on the same prompts in the 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -141,8 +142,8 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
         "machine": machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs),
     }
+    ceilings = measure_ceilings(device)  # before the engine takes the card's memory
     result["nanoforge"], llm = run_nanoforge(source, prompts, outs, engine_opts)
-    ceilings = measure_ceilings(device)
     mem = llm.plan.module.meta["memory"]
     result["ceilings"] = ceilings
     result["roofline"] = simulate_ceiling(
@@ -150,7 +151,8 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
         2 * mem["param_bytes"] / DTYPE_BYTES[llm.plan.module.meta["dtype"]], ceilings["copy_bytes_per_s"], ceilings["matmul_flop_per_s"],
         engine_opts.get("max_num_seqs", 256))
     result["fraction_of_ceiling"] = result["nanoforge"]["output_tok_s"] / result["roofline"]["output_tok_s"]
-    del llm
+    del llm, source
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     if hf_num_prompts:
