@@ -47,6 +47,17 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bo
         b.record()
         b.synchronize()
         replay_s = a.elapsed_time(b) / 1000 / steps
+    if profile:  # where the host time of a step goes
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            eng.step()
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     if profile and graphs is not None and batch in graphs.graphs:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/), run the GPU tests and the
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
-#   bench/gpu_check.sh [tests] [attention] [decode] [offline] [elementwise] [moe]   (default: all)
+#   bench/gpu_check.sh [tests] [attention] [decode] [offline] [elementwise] [moe] [libs] [compare]
+# (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
+# flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
+# triton vs deep_gemm grouped MoE -> $OUT/compare.json, skipping a library that does not import.
+# flashinfer's wheels (~62 MiB) travel in their own folder: WHEEL_DIRS=".whl .whl-flashinfer".
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -45,6 +49,58 @@ for s in $STAGES; do
                --hf-num-prompts 32 --hf-batch-size 32 --results-dir "$OUT" ;;
     elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.codegen.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
+    libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_providers.py ;;
+    compare) run compare python3 - "$OUT" <<'PY'
+import importlib, json, sys
+import torch
+from nanoforge.codegen.kernels.triton.attention import bench_paged_decode
+from nanoforge.codegen.kernels.triton.moe import bench_moe
+
+def lib(name):
+    try:
+        return importlib.import_module(f"nanoforge.codegen.kernels.libs.{name}"), None
+    except ImportError as exc:
+        print(f"{name} skipped: {exc}", flush=True)
+        return None, str(exc)
+
+def err(exc):
+    return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+res = {"device": torch.cuda.get_device_name(), "decode": [], "moe": []}
+fi, res["flashinfer_skipped"] = lib("flashinfer_attn")
+dg, res["deep_gemm_skipped"] = lib("deep_gemm_ops")
+for b in (32, 64, 128):  # Qwen3-0.6B attention: 16 q / 8 kv heads, head_dim 128, bf16, block 16
+    t = bench_paged_decode(b, 4096)
+    row, line = {"batch": b, "ctx_len": 4096, "triton": t}, f"decode ctx 4096 batch {b:4d}: triton {t['tb_s']:.2f} TB/s"
+    for key, tc in (("flashinfer", False), ("flashinfer_tc", True)) if fi else ():
+        try:
+            f = row[key] = fi.bench_flashinfer_decode(b, 4096, use_tensor_cores=tc)
+            line += f" | {key} {f['tb_s']:.2f} TB/s, time {key}/triton {f['ms'] / t['ms']:.2f}"
+        except Exception as exc:
+            row[key] = err(exc)
+            line += f" | {key} failed: {row[key]['error'][:80]}"
+    res["decode"].append(row)
+    print(line, flush=True)
+    torch.cuda.empty_cache()
+for T in (1, 64, 2048):  # Qwen3-30B-A3B MoE layer
+    t = bench_moe(T, 128, 8, 2048, 768)
+    row, line = {"T": T, "triton": t}, f"moe T {T:5d}: triton experts {t['experts_graph_ms'] * 1e3:.1f} us"
+    if dg:
+        try:
+            d = row["deep_gemm"] = dg.bench_deep_gemm_grouped(T, 128, 8, 2048, 768)
+            line += f" | deep_gemm GEMMs {d['ms'] * 1e3:.1f} us ({d['ms'] / t['experts_graph_ms']:.2f}x triton)"
+            if "experts_ms" in d:
+                line += f", experts {d['experts_ms'] * 1e3:.1f} us ({d['experts_ms'] / t['experts_graph_ms']:.2f}x)"
+        except Exception as exc:
+            row["deep_gemm"] = err(exc)
+            line += f" | deep_gemm failed: {row['deep_gemm']['error'][:80]}"
+    res["moe"].append(row)
+    print(line, flush=True)
+    torch.cuda.empty_cache()
+with open(f"{sys.argv[1]}/compare.json", "w") as fh:
+    json.dump(res, fh, indent=1, default=str)
+PY
+    ;;
     *) echo "unknown stage $s" ;;
   esac
 done
@@ -54,3 +110,5 @@ for f in "$OUT"/pytest-*.log; do [ -e "$f" ] && printf '%-40s %s\n' "$(basename 
 grep -hE "TB/s" "$OUT/attention.log" 2>/dev/null | tail -8
 grep -hE "floor" "$OUT/decode_step.log" 2>/dev/null
 grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null
+grep -hE "passed|failed|error" "$OUT/libs.log" 2>/dev/null | tail -2
+grep -hE "^(decode ctx|moe T|[a-z_]+ skipped:)" "$OUT/compare.log" 2>/dev/null

@@ -11,6 +11,7 @@ from nanoforge import LLM, SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 LENGTHS = [5, 17, 33, 2, 60, 9]
+KV_BYTES = 256 << 20  # not the default 90% of the card: several engines live in one test process
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -18,7 +19,8 @@ LENGTHS = [5, 17, 33, 2, 60, 9]
 def test_gpu_greedy_equals_cpu_reference(arch, eager, tiny_ckpt):
     prompts = random_prompts(tiny_config(arch).vocab_size, LENGTHS, seed=21)
     cpu = LLM(tiny_ckpt(arch), progress=False).generate(prompts, GREEDY)
-    gpu_llm = LLM(tiny_ckpt(arch), device="cuda", progress=False, enforce_eager=eager, max_num_seqs=16)
+    gpu_llm = LLM(tiny_ckpt(arch), device="cuda", progress=False, enforce_eager=eager, max_num_seqs=16,
+                  kv_cache_memory=KV_BYTES)
     providers = {n.provider for _, n in gpu_llm.plan.module.nodes() if n.op in ("attention", "rms_norm", "moe")}
     assert providers == {"triton"}, providers
     gpu = gpu_llm.generate(prompts, GREEDY)
@@ -30,7 +32,7 @@ def test_gpu_greedy_equals_cpu_reference(arch, eager, tiny_ckpt):
 
 
 def test_graph_capture_reports_time_and_sizes(tiny_ckpt):
-    llm = LLM(tiny_ckpt("qwen3"), device="cuda", progress=False, max_num_seqs=64)
+    llm = LLM(tiny_ckpt("qwen3"), device="cuda", progress=False, max_num_seqs=64, kv_cache_memory=KV_BYTES)
     graphs = llm.engine.runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 32, 48, 64]
     assert graphs.capture_s < 10

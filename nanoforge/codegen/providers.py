@@ -42,12 +42,33 @@ def _triton_probe(target: dict) -> str | None:
     return None
 
 
+def _lib_probe(name: str) -> Callable[[dict], str | None]:
+    """Probe of a third-party kernel library (codegen/kernels/libs): cheap target checks, then a
+    lookup, then the adapter's import with its version check; never raises."""
+    def probe(target: dict) -> str | None:
+        from .kernels import libs
+
+        return libs.probe(libs.LIBS[name], target)
+
+    probe.__name__ = f"_{name}_probe"
+    return probe
+
+
 TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe"})
 
 PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     Provider("triton", "nanoforge.codegen.kernels.triton", TRITON_OPS, _triton_probe),
     Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe"})),
+    # Library adapters rank after torch, which runs everything: they never change a default and run
+    # only where forced (--provider rms_norm=flashinfer, --provider linear=deep_gemm). Not registered:
+    # FlashInfer decode attention (plans on the host per step, decode rows only), FlashMLA decode
+    # (decode only), DeepGEMM's grouped MoE (libs/deep_gemm_ops.moe has the full contract; register
+    # "moe" once its GPU tests pass and it beats Triton).
+    Provider("flashinfer", "nanoforge.codegen.kernels.libs.flashinfer_attn", frozenset({"rms_norm", "add_rms_norm"}),
+             _lib_probe("flashinfer")),
+    Provider("deep_gemm", "nanoforge.codegen.kernels.libs.deep_gemm_ops", frozenset({"linear"}),
+             _lib_probe("deep_gemm")),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 

@@ -48,11 +48,29 @@ def node_call(node: Node) -> str:
     return f"{outs} = K.{provider}.{node.op}({', '.join(args)})"
 
 
+def _last_uses(fn: Function) -> dict[int, list[str]]:
+    """Node index -> values nothing reads after it: deleting them there lets the allocator reuse
+    their memory, so an eager step peaks at a few layers' activations, not the whole model's."""
+    last: dict[str, int] = {}
+    for i, node in enumerate(fn.nodes):
+        for v in node.outputs:
+            last[v.name] = i  # a value nobody reads dies where it is made
+        for v in node.inputs:
+            last[v.name] = i
+    keep = {v.name for v in fn.outputs} | {v.name for v in fn.inputs}
+    dead: dict[int, list[str]] = {}
+    for name, i in last.items():
+        if name not in keep:
+            dead.setdefault(i, []).append(name)
+    return dead
+
+
 def function_source(fn: Function, record: bool = False) -> str:
     """`def <name>(P, K, ctx, <inputs>)`; with `record`, R(i, outputs) is called after node i."""
     ins = ", ".join(_var(v.name) for v in fn.inputs)
     lines = [f"def {_ident(fn.name, 'function name')}(P, K, ctx, {ins}{', R' if record else ''}):"]
     source = None
+    dead_after = _last_uses(fn)
     for i, node in enumerate(fn.nodes):
         if node.source != source:
             source = node.source
@@ -60,6 +78,8 @@ def function_source(fn: Function, record: bool = False) -> str:
         lines.append("    " + node_call(node))
         if record:
             lines.append(f"    R({i}, ({', '.join(_var(v.name) for v in node.outputs)},))")
+        if dead_after.get(i):
+            lines.append("    del " + ", ".join(_var(n) for n in dead_after[i]))
     lines.append("    return " + ", ".join(_var(v.name) for v in fn.outputs))
     return "\n".join(lines) + "\n"
 

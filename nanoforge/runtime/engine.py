@@ -38,6 +38,7 @@ class EngineMetrics:
     steps: int = 0
     step_times: list[float] = field(default_factory=list)
     tokens_per_step: list[int] = field(default_factory=list)
+    decode_step_times: list[float] = field(default_factory=list)  # steps of one token per sequence
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
@@ -48,7 +49,10 @@ class EngineMetrics:
                 "prefix_cache_hit_tokens": blocks.hits,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "mean_tokens_per_step": sum(self.tokens_per_step) / n,
-                "mean_step_ms": 1000 * sum(self.step_times) / n}
+                "mean_step_ms": 1000 * sum(self.step_times) / n,
+                "decode_only_steps": len(self.decode_step_times),
+                "decode_only_step_s": sum(self.decode_step_times),
+                "mixed_step_s": sum(self.step_times) - sum(self.decode_step_times)}
 
 
 class Engine:
@@ -132,6 +136,8 @@ class Engine:
         self.metrics.steps += 1
         self.metrics.tokens_per_step.append(batch.num_tokens)
         self.metrics.step_times.append(time.perf_counter() - start)
+        if batch.num_tokens == len(batch.items):
+            self.metrics.decode_step_times.append(self.metrics.step_times[-1])
         return out
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:

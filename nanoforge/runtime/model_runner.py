@@ -52,8 +52,9 @@ class ModelRunner:
         plan's activation peak for the largest step, the logits and a reserve for CUDA graphs."""
         free, total = torch.cuda.mem_get_info(self.device)
         mem = plan.module.meta["memory"]
-        activations = mem["activation_bytes_per_token"] * max_tokens + 4 * max_seqs * int(plan.module.meta["vocab_size"])
-        reserve = 512 << 20  # allocator slack, graph pool, library workspaces
+        # the plan's live-value peak, doubled for kernel temporaries and allocator rounding
+        activations = 2 * mem["activation_bytes_per_token"] * max_tokens + 8 * max_seqs * int(plan.module.meta["vocab_size"])
+        reserve = 1 << 30  # CUDA graph pool, library workspaces
         budget = int(total * utilization) - (total - free) - activations - reserve
         block_bytes = mem["kv_bytes_per_token"] * self.block_size
         log.info("KV cache: %.2f GiB for %d blocks", max(budget, 0) / 2**30, max(budget, 0) // block_bytes)

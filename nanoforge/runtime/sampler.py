@@ -52,9 +52,36 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[tuple[int, dict | None]]:
     """One token per row; with logprobs, {'token': lp, 'top': [(id, lp), ...]}."""
     logits = logits.float()
-    if all(r.params.greedy and r.params.logprobs is None and not r.banned and not r.params.needs_history
-           for r in reqs):
+    plain = all(r.params.logprobs is None and not r.banned and not r.params.needs_history for r in reqs)
+    if plain and all(r.params.greedy for r in reqs):
         return [(t, None) for t in logits.argmax(dim=-1).tolist()]  # the common case, one kernel
+    if plain and _use_triton(logits):
+        return [(t, None) for t in _sample_triton(logits, reqs).tolist()]
+    return _sample_torch(logits, reqs)
+
+
+def _use_triton(logits: torch.Tensor) -> bool:
+    """The fused kernel on CUDA; tests patch this to run it in Triton's interpreter."""
+    return logits.is_cuda
+
+
+def _sample_triton(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+    """Temperature/top-k/top-p/min-p rows in one Triton launch instead of a per-row loop with a
+    device->host copy each. One uniform per row, from the request's generator when it has one,
+    keeps seeded requests reproducible whatever they are batched with."""
+    from ..codegen.kernels.triton.sampling import sample_tokens
+
+    u = torch.rand(len(reqs))  # unseeded rows: the global CPU generator
+    for i, r in enumerate(reqs):
+        if r.generator is not None and not r.params.greedy:
+            u[i] = torch.rand((), generator=r.generator)
+    cols = torch.tensor([[r.params.temperature for r in reqs], [r.params.top_k for r in reqs],
+                         [r.params.top_p for r in reqs], [r.params.min_p for r in reqs]], dtype=torch.float32)
+    cols = torch.cat([cols, u[None]]).to(logits.device, non_blocking=True)  # one host->device copy
+    return sample_tokens(logits, *cols)
+
+
+def _sample_torch(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[tuple[int, dict | None]]:
     out = []
     for row, req in zip(logits, reqs):
         p = req.params

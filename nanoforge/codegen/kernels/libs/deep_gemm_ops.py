@@ -1,0 +1,160 @@
+"""DeepGEMM (module deep_gemm from tokenspeed-deepgemm==2.5.0.post20260424) adapters: `linear`
+for the provider table (bf16_gemm_nt), and an m-grouped contiguous MoE expert path
+(m_grouped_bf16_gemm_nt_contiguous) with a benchmark against triton/moe.py's shapes.
+
+DeepGEMM JIT-compiles each kernel config with nvcc on first use (~3.5 s; cached on disk): the first
+call of a new shape must run outside CUDA-graph capture (the runtime's warm-up does that). After
+that a call is host-side config lookup + TMA descriptors + one launch: no host sync, graph safe.
+
+SM90 bf16 constraints (asserts in deep_gemm's host code): A/B bf16, D bf16 (no C accumulation),
+K % 64 == 0, 16-byte aligned rows (N % 8 == 0). Anything else falls back to torch (cuBLAS).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import DEEP_GEMM, import_library, version_error
+
+deep_gemm = import_library(DEEP_GEMM)
+if (_err := version_error(DEEP_GEMM, getattr(deep_gemm, "__version__", None))) is not None:
+    raise _err
+
+__all__ = ["linear", "gemm_ok", "grouped_experts", "moe", "bench_deep_gemm_grouped"]
+
+
+def gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether bf16_gemm_nt takes x [.., K] @ weight [N, K].T as is."""
+    n, k = weight.shape
+    return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and weight.stride(-1) == 1
+            and weight.stride(0) == k and k % 64 == 0 and n % 8 == 0 and x.numel() > 0)
+
+
+def linear(x, weight, bias=None, **_):
+    """torch_ref.linear (F.linear) via deep_gemm.bf16_gemm_nt(a [M, K], b [N, K], d [M, N]); the bias
+    is added after the GEMM (DeepGEMM's C operand is a full fp32 [M, N] tensor, not a row)."""
+    if not gemm_ok(x, weight):
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    a = x.reshape(-1, k)
+    if not a.is_contiguous():
+        a = a.contiguous()
+    d = torch.empty(a.shape[0], n, dtype=x.dtype, device=x.device)
+    deep_gemm.bf16_gemm_nt(a, weight, d)
+    if bias is not None:
+        d += bias
+    return d.view(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE experts over the m-grouped contiguous layout
+# ---------------------------------------------------------------------------------------------
+def _grouped(a: torch.Tensor, w: torch.Tensor, m_idx: torch.Tensor) -> torch.Tensor:
+    d = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
+    deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, w, d, m_idx)
+    return d
+
+
+def contiguous_layout(ids: torch.Tensor, num_experts: int):
+    """(rows, m_idx, pair_row): the (token, slot) pairs sorted by expert into segments aligned to
+    get_mk_alignment_for_contiguous_layout(), in a buffer of static worst-case size (so no host sync):
+    rows [M] = pair id per row (-1 for padding), m_idx int32 [M] = expert per row (-1 for padding:
+    DeepGEMM skips a block whose first row is -1; valid rows lead each segment), pair_row [T*top_k]
+    = the row of each pair. Reuses the Triton provider's moe_align (device-side, graph safe)."""
+    from ..triton.moe import moe_align
+
+    align = deep_gemm.get_mk_alignment_for_contiguous_layout()
+    n = ids.numel()
+    sorted_ids, expert_ids, _ = moe_align(ids, num_experts, align)
+    block_e = expert_ids.repeat_interleave(align)  # -1 past the last segment (sorted_ids unset there)
+    valid = (block_e >= 0) & (sorted_ids >= 0) & (sorted_ids < n)
+    rows = torch.where(valid, sorted_ids, -1)
+    m_idx = torch.where(valid, block_e, -1).to(torch.int32).contiguous()
+    inv = torch.empty(n + 1, dtype=torch.long, device=ids.device)  # slot n collects the padding rows
+    inv.scatter_(0, torch.where(valid, sorted_ids, n).long(), torch.arange(rows.numel(), device=ids.device))
+    return rows, m_idx, inv[:n]
+
+
+def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, renormalize=False, norm_eps=0.0,
+                    scale=1.0, w13=None):
+    """triton moe.fused_experts' contract on DeepGEMM: sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
+    w = weights (/ (sum + norm_eps) if renormalize) * scale rounded to x.dtype. x [T, H] bf16,
+    w_gate/w_up [E, I, H], w_down [E, H, I]; w13 = cat([w_gate, w_up], 1) runs gate+up as one GEMM."""
+    T, H = x.shape
+    top_k = ids.shape[1]
+    I = w_gate.shape[1]
+    if T == 0:
+        return torch.zeros_like(x)
+    rows, m_idx, pair_row = contiguous_layout(ids, num_experts)
+    a = x.index_select(0, torch.where(rows >= 0, rows // top_k, 0))
+    if w13 is not None:
+        gu = _grouped(a, w13, m_idx)
+        g, u = gu[:, :I], gu[:, I:]
+    else:
+        g, u = _grouped(a, w_gate, m_idx), _grouped(a, w_up, m_idx)
+    y = _grouped((F.silu(g) * u).contiguous(), w_down, m_idx)  # rows of skipped blocks hold garbage, never read
+    w = weights.float()
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + norm_eps)
+    w = (w * scale).to(x.dtype)
+    yp = y.index_select(0, pair_row).view(T, top_k, H)
+    return (yp.float() * w.float()[..., None]).sum(1).to(x.dtype)
+
+
+def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k, scoring, norm_topk_prob=False,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, **_):
+    """torch_ref.moe's contract: the Triton provider's routing (bit-identical to the reference),
+    DeepGEMM grouped GEMMs for the experts. Not registered as a provider op (see providers.py)."""
+    from ..triton.moe import select_experts
+
+    weights, ids = select_experts(x, router, score_bias, num_experts=num_experts, top_k=top_k, scoring=scoring,
+                                  n_group=n_group, topk_group=topk_group)
+    return grouped_experts(x, weights, ids, w_gate, w_up, w_down, num_experts=num_experts,
+                           renormalize=norm_topk_prob, norm_eps=1e-20 if scoring == "sigmoid" else 0.0,
+                           scale=routed_scaling_factor)
+
+
+def bench_deep_gemm_grouped(T: int, E: int, top_k: int, H: int, I: int, *, layers: int = 4, seed: int = 0) -> dict:
+    """On triton moe.bench_moe's problem (same _bench_problem: `layers` random bf16 layers and their
+    routing), graph-replayed median ms per layer of
+      ms          the two grouped GEMMs alone (gate_up as one [E, 2I, H] GEMM, then down) on the
+                  routing's contiguous layout built once outside the timing: compare with triton's
+                  experts_graph_ms minus its align/reduce, or read as DeepGEMM's GEMM floor
+      experts_ms  grouped_experts end to end (align, gather, GEMMs, silu*mul, combine): compare with
+                  triton's experts_graph_ms
+    tflops = 6*T*top_k*H*I over ms (padding rows not counted)."""
+    from triton.testing import do_bench_cudagraph
+
+    from ..triton.moe import _bench_problem
+
+    x, _, ls = _bench_problem(T, E, top_k, H, I, layers, seed)
+    runs = []
+    for l in ls:
+        rows, m_idx, _ = contiguous_layout(l["route"][1], E)
+        a = x.index_select(0, torch.where(rows >= 0, rows // top_k, 0))
+        runs.append(dict(a=a, m_idx=m_idx, w13=torch.cat([l["w_gate"], l["w_up"]], dim=1).contiguous(),
+                         h=torch.randn(a.shape[0], I, dtype=x.dtype, device=x.device), **l))
+
+    def gemms():
+        for r in runs:
+            _grouped(r["a"], r["w13"], r["m_idx"])
+            _grouped(r["h"], r["w_down"], r["m_idx"])
+
+    def experts():
+        for r in runs:
+            grouped_experts(x, *r["route"], r["w_gate"], r["w_up"], r["w_down"], num_experts=E, renormalize=True,
+                            w13=r["w13"])
+
+    gemms()  # JIT compile + warm up outside the capture
+    experts()
+    torch.cuda.synchronize()
+    flops = 6.0 * T * top_k * H * I
+    out = dict(T=T, E=E, top_k=top_k, H=H, I=I, rows=int(runs[0]["a"].shape[0]),
+               align=deep_gemm.get_mk_alignment_for_contiguous_layout())
+    out["ms"] = do_bench_cudagraph(gemms, return_mode="median") / layers
+    out["tflops"] = flops / out["ms"] * 1e-9
+    try:
+        out["experts_ms"] = do_bench_cudagraph(experts, return_mode="median") / layers
+    except Exception as exc:  # noqa: BLE001 - the GEMM floor above is the main number
+        out["experts_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return out

@@ -1,0 +1,80 @@
+"""FlashMLA (module flash_mla from sgl-flash-mla==1.0.0, or tokenspeed-flashmla==1.0.0.post20260429)
+adapter: dense bf16 MLA decode over our MLA pool, absorbed form (as triton/attention.py's MLA path):
+q [B, H, 576] = [q_nope @ W_uk (512) | q_rope (64)] attends to the pool entries
+[latent (512) | k_rope (64)], V = the latent -> [B, H, 512].
+
+On SM90 the dense kernel lives on the library's legacy side (use_legacy=True; gpu.md): head dim
+576 (or 512), V dim 512, page size 64 only, q and cache of one dtype (bf16 / fp16).
+
+Scheduling: flash_mla_with_kvcache fills an empty FlashMLASchedMeta on its first call with a device
+kernel over cache_seqlens (no host sync) and reuses it on later calls. The split plan depends on
+the lengths, so a meta is valid for one step: share one across the layers of a step (`new_schedule`),
+never across steps. Inside a CUDA graph the metadata kernel is captured and reruns on replay.
+Not a provider: the op contract (torch_ref.attention) also covers prefill and the KV store.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+
+from . import FLASH_MLA, import_library, version_error
+
+flash_mla = import_library(FLASH_MLA)
+_ALT = ("tokenspeed-flashmla", "1.0.0.post20260429")  # the other build gpu.md checked
+
+
+def _alt_version() -> str | None:
+    try:
+        return importlib.metadata.version(_ALT[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if getattr(flash_mla, "__version__", None) != FLASH_MLA.version and _alt_version() != _ALT[1]:
+    raise version_error(FLASH_MLA, getattr(flash_mla, "__version__", None) or _alt_version())
+if not flash_mla.has_legacy():
+    raise ImportError("flash_mla was built without its legacy kernels (FLASH_MLA_BUILD_LEGACY=0): "
+                      "dense MLA decode on SM90 needs them")
+
+__all__ = ["PAGE_SIZE", "new_schedule", "mla_decode"]
+
+PAGE_SIZE = 64
+V_DIM = 512
+
+
+def new_schedule():
+    """An empty scheduler meta: filled by the first mla_decode of a step, reused by its other layers."""
+    return flash_mla.get_mla_metadata()[0]
+
+
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+               scale: float, *, v_dim: int = V_DIM, sched=None, return_lse: bool = False):
+    """Dense MLA decode. q [B, H, D] (or [B, s_q, H, D] for s_q speculative rows, which attend
+    causally: row i sees positions < context_lens[b] - s_q + i + 1); cache [NB, 64, D] (our pool)
+    or [NB, 64, 1, D]; block_tables int32 [B, max_blocks]; context_lens int32 [B] (this step's
+    entries already stored). Returns out [B, H, v_dim] (or [B, s_q, H, v_dim]) and, with
+    return_lse, the fp32 log-sum-exp [B, H, s_q]. V = cache[..., :v_dim]."""
+    squeeze = q.dim() == 3
+    if squeeze:
+        q = q.unsqueeze(1)
+    if cache.dim() == 3:
+        cache = cache.unsqueeze(2)
+    _, s_q, _, D = q.shape
+    if cache.shape[1] != PAGE_SIZE:
+        raise ValueError(f"flash_mla dense decode needs block_size {PAGE_SIZE}, the pool has {cache.shape[1]}")
+    if cache.shape[-1] != D or D not in (576, 512) or v_dim != V_DIM:
+        raise ValueError(f"flash_mla dense decode needs head dim 576 or 512 and v_dim 512; got q {D}, "
+                         f"cache {cache.shape[-1]}, v_dim {v_dim}")
+    if q.dtype != cache.dtype or q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"flash_mla dense decode needs q and cache of one dtype, bf16 or fp16; got {q.dtype}, "
+                         f"{cache.dtype}")
+    if not q.is_contiguous():  # the kernel's host code views q as [B, s_q, h_k, H / h_k, D]
+        q = q.contiguous()
+    out, lse = flash_mla.flash_mla_with_kvcache(
+        q, cache, block_tables.to(torch.int32), context_lens.to(torch.int32).contiguous(), v_dim,
+        sched if sched is not None else new_schedule(), softmax_scale=float(scale), causal=s_q > 1,
+        use_legacy=True)
+    if squeeze:
+        out = out.squeeze(1)
+    return (out, lse) if return_lse else out
