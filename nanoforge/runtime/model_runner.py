@@ -5,6 +5,7 @@ runs eagerly instead is counted under its reason."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import torch
@@ -35,6 +36,7 @@ class ModelRunner:
             num_blocks = self._blocks_that_fit(plan, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
         self.num_blocks = num_blocks
         self.pool = allocate_pool(self.contract, max(num_blocks, 1), self.device)
+        self.warmup_s = self._warmup(max_num_batched_tokens, max_num_seqs) if self.device.type == "cuda" else 0.0
         self.batches = Counter()  # "graph" or the reason a batch ran eagerly
         self.graphs = None
         self.no_graph_reason = self._graph_plan_reason(plan, enforce_eager)
@@ -46,6 +48,27 @@ class ModelRunner:
                                        max_model_len, self.device)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
+
+    def _warmup(self, max_tokens: int, max_seqs: int) -> float:
+        """Run the eager batch shapes once (a full mixed step: decode rows next to a prefill
+        chunk, then a short prefill) so kernels compile now, not inside the first requests."""
+        start = time.perf_counter()
+        bs, free = self.block_size, self.num_blocks
+        decode = min(max_seqs - 1, 32, max(free // 4, 0))
+        chunk = max(min(max_tokens - decode, (free - 2 * decode) * bs), 1)
+        batches = [[(1, bs + 1, [2 * i, 2 * i + 1]) for i in range(decode)]
+                   + [(chunk, chunk, list(range(2 * decode, 2 * decode + -(-chunk // bs))))],
+                   [(min(chunk, 100), min(chunk, 100), list(range(-(-min(chunk, 100) // bs))))]]
+        with torch.inference_mode():
+            for seqs in batches:
+                if max(max(b) for _, _, b in seqs) >= free:
+                    continue
+                n = sum(q for q, _, _ in seqs)
+                ctx = make_context(self.pool, bs, seqs, self.device)
+                zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+                self.forward(self.params, ctx, zeros, zeros, torch.tensor([n - 1], device=self.device))
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def _blocks_that_fit(self, plan: Plan, utilization: float, max_tokens: int, max_seqs: int) -> int:
         """KV blocks in what `utilization` of the card leaves once weights are loaded, minus the

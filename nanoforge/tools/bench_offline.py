@@ -76,6 +76,7 @@ def run_nanoforge(model, prompts: list[list[int]], outs: list[int], engine_opts:
     out = {"time_s": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
            "total_tok_s": (generated + sum(map(len, prompts))) / elapsed, "startup_s": startup,
            "engine": llm.metrics(),
+           "warmup_s": llm.engine.runner.warmup_s,
            "cuda_graphs": None if graphs is None else {"sizes": graphs.sizes, "capture_s": graphs.capture_s,
                                                        "capture_mib": graphs.capture_bytes / 2**20}}
     return out, llm

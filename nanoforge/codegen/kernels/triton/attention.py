@@ -222,7 +222,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, q
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
         qk_scale, num_seqs, num_heads, num_splits,
@@ -320,7 +320,7 @@ def _paged_attn_kernel(
                  o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, num_heads, num_splits,
                    s_ot, s_oh, s_od,
                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BQ: tl.constexpr,

@@ -96,7 +96,7 @@ def rope_cache(rotary_dim: int, theta: float, scaling: dict | None, device) -> t
 # ---------------------------------------------------------------------------------------------------
 # kernels
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tok"])
 def _embed_kernel(tok_ptr, w_ptr, out_ptr, n_tok, stride_w,
                   H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -108,7 +108,7 @@ def _embed_kernel(tok_ptr, w_ptr, out_ptr, n_tok, stride_w,
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, stride_x, stride_r, eps,
                      NG: tl.constexpr, G: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -137,7 +137,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, stride_x, st
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_rows, stride_g, stride_u,
                      N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -235,7 +235,7 @@ def _qk_section(x_ptr, o_ptr, w_ptr, pos_ptr, inv_ptr, cdt_ptr, pid, n_rows, str
     tl.store(o_ptr + out_base + hcol + HALF, (x2 * cos + x1 * sin).to(o_ty), mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tok"])
 def _qk_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_ptr,
                     n_tok, stride_q, stride_k, eps, attn,
                     HQ: tl.constexpr, HK: tl.constexpr, DQ: tl.constexpr, DK: tl.constexpr,

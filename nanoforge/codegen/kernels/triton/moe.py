@@ -58,7 +58,7 @@ def _align_blocks(b0, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N
     tl.store(sorted_ptr + pos, tl.full([NB, BM], 0, tl.int32) + N, mask=pad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_blocks"])
 def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num_blocks,
                          BM: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr):
     """Whole align in one program: deterministic (pairs keep their order inside a segment)."""
@@ -86,7 +86,7 @@ def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num
         _align_blocks(b0, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N, num_blocks, BM, E_PAD, NB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _align_count_kernel(ids_ptr, counts_ptr, N, E, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     ecols = tl.arange(0, E_PAD)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -95,7 +95,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, N, E, E_PAD: tl.constexpr, CHUNK: t
     tl.atomic_add(counts_ptr + ecols, cnt, mask=(ecols < E) & (cnt > 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_blocks"])
 def _align_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num_blocks,
                           BM: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr):
     """counts_ptr[0:E] = per-expert counts (complete), counts_ptr[E:2E] = slot cursors (zeroed)."""
@@ -164,7 +164,7 @@ def _block_coords(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (pid % in_group) % gsz, (pid % in_group) // gsz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_pid_m"])
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, eid_ptr, npp_ptr,
                     N, K, I, top_k, num_pid_m,
                     stride_xt, stride_we, stride_wn, stride_ht,
@@ -208,7 +208,7 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, eid_ptr, npp_ptr,
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < I)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_pid_m"])
 def _down_kernel(h_ptr, wd_ptr, y_ptr, rw_ptr, sorted_ptr, eid_ptr, npp_ptr,
                  N, K, H, num_pid_m, top_k, norm_eps, scale,
                  stride_ht, stride_we, stride_wn, stride_yt,
