@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/), run the GPU tests and the
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
-#   bench/gpu_check.sh [tests] [attention] [decode] [offline] [elementwise] [moe] [libs] [compare]
+#   bench/gpu_check.sh [tests] [attention] [decode] [offline] [elementwise] [moe] [sampling] [libs] [compare]
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
 # flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
 # triton vs deep_gemm grouped MoE -> $OUT/compare.json, skipping a library that does not import.
@@ -44,11 +44,12 @@ for s in $STAGES; do
   case $s in
     tests) run gpu_tests gpu_tests ;;
     attention) run attention python3 bench/attention.py --out "$OUT" ;;
-    decode) run decode_step python3 bench/decode_step.py --model qwen3-8b --batch 1 64 --profile --out "$OUT" ;;
+    decode) run decode_step python3 bench/decode_step.py --model qwen3-8b --batch 1 64 ${DECODE_PROFILE:+--profile} --out "$OUT" ;;
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
-               --hf-num-prompts 32 --hf-batch-size 32 --results-dir "$OUT" ;;
+               --hf-num-prompts 16 --hf-batch-size 16 --results-dir "$OUT" ;;
     elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.codegen.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
+    sampling) run sampling python3 -c "import json; from nanoforge.codegen.kernels.triton.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
     libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_providers.py ;;
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys

@@ -2,12 +2,15 @@
 seeds and logprobs on a tiny checkpoint."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from hf_fixtures import random_prompts, tiny_config
 from nanoforge import LLM, SamplingParams
 from nanoforge.errors import NanoForgeError
+from nanoforge.runtime import sampler as S
 from nanoforge.runtime.sampler import SampleRequest, _filter, _penalize, sample
 
 
@@ -71,6 +74,52 @@ def test_top_k_one_is_greedy_and_banned_ids_are_never_drawn():
 def test_bad_sampling_params_are_named(bad):
     with pytest.raises(NanoForgeError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+# ---- the Triton fast path (CUDA; here in Triton's interpreter) -------------------------------------------
+
+FAST_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    monkeypatch.setattr(S, "_use_triton", lambda logits: True)
+    calls = []
+    fast = S._sample_triton
+    monkeypatch.setattr(S, "_sample_triton", lambda logits, reqs: calls.append(len(reqs)) or fast(logits, reqs))
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter
+def test_triton_path_filters_and_seeds(triton_path):
+    logits = (torch.randn(4, 300, generator=torch.Generator().manual_seed(7)) * 2).to(FAST_DEV)
+    top = logits.argmax(-1).tolist()
+    nucleus = SamplingParams(temperature=0.8, top_p=0.7, seed=3)
+    params = [SamplingParams(top_k=1, temperature=1.5), SamplingParams(temperature=0), nucleus,
+              SamplingParams(min_p=0.2)]
+    reqs = [req(p, seed=p.seed) for p in params]
+    out = [t for t, _ in sample(logits, reqs)]
+    assert triton_path == [4] and out[:2] == top[:2]
+    for i in (2, 3):
+        allowed = ~torch.isinf(_filter(logits[i].cpu() / params[i].temperature, params[i]))
+        assert allowed[out[i]] and allowed.sum() > 1
+    other = torch.randn(2, 300, device=FAST_DEV) * 5  # same seed, same token, alone or with other neighbours
+    alone = sample(logits[2:3], [req(nucleus, seed=3)])[0][0]
+    mixed = sample(torch.cat([other[:1], logits[2:3], other[1:]]),
+                   [req(SamplingParams()), req(nucleus, seed=3), req(SamplingParams(top_k=5), seed=9)])
+    assert alone == mixed[1][0] == out[2]
+
+
+def test_triton_path_leaves_penalties_logprobs_and_banned_to_torch(triton_path):
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1)).to(FAST_DEV)
+    for extra in (dict(repetition_penalty=1.3), dict(logprobs=2)):
+        sample(logits, [req(SamplingParams(temperature=1.0, **extra), history=[1, 2], seed=0), req(SamplingParams())])
+    banned = req(SamplingParams(temperature=0))
+    banned.banned = [int(logits[0].argmax())]
+    assert sample(logits[:1], [banned])[0][0] != banned.banned[0]
+    assert triton_path == []
 
 
 # ---- engine-level behaviour on a tiny checkpoint ------------------------------------------------------------

@@ -3,5 +3,6 @@ has the signature of its torch reference (codegen/kernels/torch_ref.py) and is C
 from .attention import attention
 from .elementwise import add_rms_norm, embed, qk_norm_rope, rms_norm, rope, silu_mul
 from .moe import moe
+from .sampling import sample_tokens
 
-__all__ = ["add_rms_norm", "attention", "embed", "moe", "qk_norm_rope", "rms_norm", "rope", "silu_mul"]
+__all__ = ["add_rms_norm", "attention", "embed", "moe", "qk_norm_rope", "rms_norm", "rope", "sample_tokens", "silu_mul"]

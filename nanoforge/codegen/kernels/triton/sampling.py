@@ -5,8 +5,10 @@ top-k, then min-p and top-p on the tempered top-k distribution; temperature 0 = 
 argmax of the raw logits, like torch.argmax).
 
 No sort. Every filter is a value cutoff `c` (keep x >= c), found by a multi-probe search over the
-order-preserving int image of fp32: each pass over the row tests NT thresholds at once, so a 2^32
-key range takes ~8 passes at NT=16 and the result is an exact data value:
+order-preserving int image of fp32: each pass over the row tests NT thresholds at once (spread in
+value while the bracket is wide, then in keys) and stops once one element is left in the bracket,
+so the kept set is exact; at V = 151936, NT = 16 that is ~3 passes for top-k 50, ~3 for top-p
+after it, ~5 for top-p alone (plus a max pass, a mass pass and part of a draw pass):
   top-k: c_k = largest t with count(x >= t) >= k   (= the k-th largest value; ties at it survive,
          as with torch's `logits < kth` mask)
   top-p: c_p = largest t with mass(x >= t) >= top_p * mass(x >= c_k)   (= torch's "smallest set
@@ -55,41 +57,60 @@ except ImportError:  # pragma: no cover - other Triton versions: same ops, slowe
 
 @triton.jit
 def _cutoff(row, V, inv_t, m, floor, lo_f, need, MASS: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
-    """Largest fp32 value c in [lo_f, m] with count(x >= c) >= need (MASS: mass(x >= c) >=
-    need * mass(x >= floor), mass = exp(x - m)). Assumes the predicate holds at lo_f."""
+    """Largest fp32 c in [lo_f, m] with count(x >= c) >= need (MASS: mass(x >= c) >= need *
+    mass(x >= floor), mass = exp(x - m)), or any c' with {x >= c'} = {x >= c}. Assumes the
+    predicate holds at lo_f. Invariant: it holds at lo, fails at hi + 1."""
     # keys: the fp32 bits as int32, negative floats with the magnitude flipped, so that the signed
     # int order is the float order (inlined: device-function calls are slow in the interpreter)
-    b = lo_f.to(tl.int32, bitcast=True)
-    lo = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
-    b = m.to(tl.int32, bitcast=True)
-    hi = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
+    bl = lo_f.to(tl.int32, bitcast=True)
+    lo = tl.where(bl < 0, bl ^ 0x7FFFFFFF, bl).to(tl.int64)
+    bh = m.to(tl.int32, bitcast=True)
+    hi = tl.where(bh < 0, bh ^ 0x7FFFFFFF, bh).to(tl.int64)
+    n_lo = V + 1  # count(x >= lo), unknown yet; count(x >= hi + 1) = n_hi = 0
+    n_hi = 0
     j = tl.arange(0, NT).to(tl.int64) + 1
     ar = tl.arange(0, BLOCK)
-    while lo < hi:
-        step = (hi - lo + NT) // (NT + 1)  # >= 1; the NT probes split [lo, hi] into NT+1 parts
-        kp = tl.minimum(lo + j * step, hi)
-        b = kp.to(tl.int32)
-        t = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.float32, bitcast=True)
-        acc = tl.full([NT], 0.0, tl.float32)
-        tot = tl.full([], 0.0, tl.float32)
+    # one element left in [lo, hi]: it is the cutoff, and {x >= lo} is already the kept set
+    while (lo < hi) & (n_lo - n_hi > 1):
+        # probes split [lo, hi] into NT+1 parts: evenly in value while the bracket spans more than
+        # two binades (keys near 0 hold ~no logits), then evenly in keys, which ends exactly
+        step = (hi - lo + NT) // (NT + 1)
+        bl = lo.to(tl.int32)
+        lo_v = tl.where(bl < 0, bl ^ 0x7FFFFFFF, bl).to(tl.float32, bitcast=True)
+        bh = hi.to(tl.int32)
+        width = tl.where(bh < 0, bh ^ 0x7FFFFFFF, bh).to(tl.float32, bitcast=True) - lo_v
+        bv = (lo_v + width * (j.to(tl.float32) / (NT + 1))).to(tl.int32, bitcast=True)
+        kv = tl.maximum(tl.where(bv < 0, bv ^ 0x7FFFFFFF, bv).to(tl.int64), lo + j)  # > lo, increasing
+        wide = (hi - lo > (1 << 24)) & (width < float("inf"))
+        kp = tl.minimum(tl.where(wide, kv, lo + j * step), hi)
+        bp = kp.to(tl.int32)
+        t = tl.where(bp < 0, bp ^ 0x7FFFFFFF, bp).to(tl.float32, bitcast=True)
+        # per-lane partial sums; one cross-thread reduction per pass, not per tile
+        cnt2 = tl.full([NT, BLOCK], 0, tl.int32)
+        mass2 = tl.full([NT, BLOCK], 0.0, tl.float32)
+        tot1 = tl.full([BLOCK], 0.0, tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + ar
             valid = offs < V
-            x = tl.load(row + offs, mask=valid, other=0.0) * inv_t
+            x = tl.load(row + offs, mask=valid, other=float("-inf")) * inv_t
+            ge = (x[None, :] >= t[:, None]) & valid[None, :]
+            cnt2 += ge.to(tl.int32)
             if MASS:
-                w = tl.where(valid & (x >= floor), tl.exp(x - m), 0.0)
-                tot += tl.reduce(w, 0, _add_op)
-            else:
-                w = valid.to(tl.float32)  # counts stay exact in fp32 (V < 2^24)
-            acc += tl.reduce(tl.where(x[None, :] >= t[:, None], w[None, :], 0.0), 1, _add_op)
+                e = tl.where(valid & (x >= floor), tl.exp(x - m), 0.0)
+                tot1 += e
+                mass2 += tl.where(ge, e[None, :], 0.0)
+        cnt = tl.reduce(cnt2, 1, _add_op)
         if MASS:
-            ok = acc >= need * tot
+            ok = tl.reduce(mass2, 1, _add_op) >= need * tl.reduce(tot1, 0, _add_op)
         else:
-            ok = acc >= need
-        lo = tl.reduce(tl.where(ok, kp, lo), 0, _max_op)  # probes are increasing, so ok is true-then-false
+            ok = cnt.to(tl.float32) >= need
+        # probes are increasing, so ok is true-then-false and counts fall
+        lo = tl.reduce(tl.where(ok, kp, lo), 0, _max_op)
+        n_lo = tl.reduce(tl.where(ok, cnt, n_lo), 0, _min_op)
         hi = tl.reduce(tl.where(ok, hi, kp - 1), 0, _min_op)
-    b = lo.to(tl.int32)
-    return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.float32, bitcast=True)
+        n_hi = tl.reduce(tl.where(ok, n_hi, cnt), 0, _max_op)
+    bl = lo.to(tl.int32)
+    return tl.where(bl < 0, bl ^ 0x7FFFFFFF, bl).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -101,18 +122,20 @@ def _sample_kernel(x_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, u_ptr, out_ptr, mask_ptr,
     greedy = temp <= 0.0
     inv_t = tl.math.div_rn(1.0, tl.where(greedy, 1.0, temp))  # torch on CUDA: x * (1/T) for a scalar T
     ar = tl.arange(0, BLOCK)
-    # pass 1: max, its first index, min
-    m = tl.full([], float("-inf"), tl.float32)
-    mn = tl.full([], float("inf"), tl.float32)
-    am = tl.full([], 0, tl.int32)
+    # pass 1, per lane: max, its first index, min
+    m1 = tl.full([BLOCK], float("-inf"), tl.float32)
+    am1 = tl.full([BLOCK], 0, tl.int32)
+    mn1 = tl.full([BLOCK], float("inf"), tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + ar
         valid = offs < V
         x = tl.load(row + offs, mask=valid, other=float("-inf")) * inv_t
-        tmax, targ = tl.reduce((x, ar), 0, _argmax_op)  # first max; the interpreter returns positions
-        am = tl.where(tmax > m, targ + start, am)
-        m = tl.maximum(m, tmax)
-        mn = tl.minimum(mn, tl.reduce(tl.where(valid, x, float("inf")), 0, _min_op))
+        am1 = tl.where(x > m1, offs, am1)
+        m1 = tl.maximum(m1, x)
+        mn1 = tl.minimum(mn1, tl.where(valid, x, float("inf")))
+    m = tl.reduce(m1, 0, _max_op)
+    am = tl.reduce(tl.where(m1 == m, am1, V), 0, _min_op)  # the first maximum, as torch.argmax
+    mn = tl.reduce(mn1, 0, _min_op)
     tok = am.to(tl.int64)
     if temp > 0.0:
         k = tl.load(k_ptr + pid).to(tl.int32)
@@ -123,34 +146,36 @@ def _sample_kernel(x_ptr, t_ptr, k_ptr, p_ptr, mp_ptr, u_ptr, out_ptr, mask_ptr,
         if (k > 0) & (k < V):
             c = _cutoff(row, V, inv_t, m, mn, mn, k.to(tl.float32), False, NT, BLOCK)
         if top_p < 1.0:
-            lo = tl.maximum(c, m + tl.log((1.0 - top_p) / V) - 1.0)
+            lo = tl.maximum(c, m + tl.log((1.0 - top_p) / V) - 1.0)  # nothing above this can be cut
             c = _cutoff(row, V, inv_t, m, c, lo, top_p, True, NT, BLOCK)
         # pass: mass of the survivors (and the mask, for tests)
-        zf = tl.full([], 0.0, tl.float32)
+        z1 = tl.full([BLOCK], 0.0, tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + ar
             valid = offs < V
-            x = tl.load(row + offs, mask=valid, other=0.0) * inv_t
+            x = tl.load(row + offs, mask=valid, other=float("-inf")) * inv_t
             e = tl.exp(x - m)
             keep = valid & (x >= c) & (e >= min_p) & (x > float("-inf"))  # masked ids stay out
-            zf += tl.reduce(tl.where(keep, e, 0.0), 0, _add_op)
+            z1 += tl.where(keep, e, 0.0)
             if WRITE_MASK:
                 tl.store(mask_ptr + pid.to(tl.int64) * V + offs, keep.to(tl.int8), mask=valid)
         # inverse CDF in index order; stops at the tile that holds the draw
-        target = u * zf
+        target = u * tl.reduce(z1, 0, _add_op)
         run = tl.full([], 0.0, tl.float32)
         pick = tl.full([], -1, tl.int32)
         start = tl.full([], 0, tl.int32)
         while (start < V) & (pick < 0):
             offs = start + ar
             valid = offs < V
-            x = tl.load(row + offs, mask=valid, other=0.0) * inv_t
+            x = tl.load(row + offs, mask=valid, other=float("-inf")) * inv_t
             e = tl.exp(x - m)
             w = tl.where(valid & (x >= c) & (e >= min_p), e, 0.0)  # -inf ids weigh 0: never the first hit
-            hit = (run + tl.associative_scan(w, 0, _add_op)) > target  # first hit has w > 0
-            pick = tl.reduce(tl.where(hit & valid, offs, V), 0, _min_op)
-            pick = tl.where(pick < V, pick, -1)
-            run += tl.reduce(w, 0, _add_op)
+            ts = tl.reduce(w, 0, _add_op)
+            if run + ts > target:  # the draw is in this tile
+                hit = (run + tl.associative_scan(w, 0, _add_op)) > target  # the first hit has w > 0
+                pick = tl.reduce(tl.where(hit & valid, offs, V), 0, _min_op)
+                pick = tl.where(pick < V, pick, -1)
+            run += ts
             start += BLOCK
         tok = tl.where(pick < 0, am, pick).to(tl.int64)  # u*zf past the rounded total: the argmax survives every filter
     tl.store(out_ptr + pid, tok)
@@ -176,12 +201,13 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     mask = torch.zeros(b, v, dtype=torch.int8, device=logits.device) if return_mask else out
     if b:
         interp = _interpreted()
-        block = block or min(triton.next_power_of_2(v), 1024)
-        # the interpreter pays per op, not per element: wide probe sets, fewer passes
+        # GPU: 16 probes x 512 columns x 4 warps = ~246 registers, 2 programs per SM, no spills (sm_90).
+        # The interpreter pays per op, not per element: wide tiles and probe sets, fewer passes.
+        block = block or min(triton.next_power_of_2(v), 1024 if interp else 512)
         probes = probes or (max(16, min(4096, (1 << 17) // block)) if interp else 16)
         _sample_kernel[(b,)](logits, temperature, top_k, top_p, min_p, uniform, out, mask, v, logits.stride(0),
                              NT=probes, BLOCK=block, WRITE_MASK=return_mask,
-                             num_warps=num_warps or (1 if interp else 8))
+                             num_warps=num_warps or (1 if interp else 4))
     return (out, mask.bool()) if return_mask else out
 
 
@@ -191,7 +217,7 @@ def bench_sampling(B: int, V: int = 151936, **kw) -> dict:
     kw (block, probes, num_warps) go to sample_tokens, for tuning."""
     from triton.testing import do_bench
 
-    from ....runtime.sampler import SampleRequest, _sample_torch
+    from ....runtime.sampler import SampleRequest, _sample_torch, sample
     from ....runtime.sampling_params import SamplingParams
 
     dev = torch.device("cuda")
@@ -206,5 +232,7 @@ def bench_sampling(B: int, V: int = 151936, **kw) -> dict:
     fast = lambda: sample_tokens(logits, *cols, u, **kw)  # noqa: E731
     ms = do_bench(fast, warmup=25, rep=200, return_mode="median")
     ref_ms = do_bench(lambda: _sample_torch(logits, reqs), warmup=1, rep=50, return_mode="median")
+    e2e_ms = do_bench(lambda: sample(logits, reqs), warmup=5, rep=100, return_mode="median") if not kw else None
     return {"B": B, "V": V, "triton_ms": ms, "torch_ms": ref_ms, "speedup": ref_ms / ms,
+            "sampler_fast_path_ms": e2e_ms,  # runtime.sampler.sample: host params, copy, kernel, .tolist()
             "device": torch.cuda.get_device_name(dev), **kw}
