@@ -147,3 +147,27 @@ def test_token_ids_out_of_vocab_are_rejected(tiny_ckpt):
     llm = make_llm(tiny_ckpt, "llama")
     with pytest.raises(NanoForgeError, match=r"token ids must be in \[0, 1024\)"):
         llm.generate([[1, 5000]], GREEDY)
+
+
+def test_make_context_matches_per_sequence_bookkeeping():
+    """The vectorized context builder: slots, query starts, padded block tables as a per-sequence
+    loop would compute them, for mixed batches of decode rows and prefill chunks."""
+    import random
+
+    from nanoforge.codegen.kernels.context import make_context
+
+    rnd = random.Random(3)
+    bs = 4
+    seqs = []
+    for _ in range(9):
+        ctx = rnd.randint(1, 40)
+        q = rnd.choice([1, ctx, rnd.randint(1, ctx)])
+        seqs.append((q, ctx, rnd.sample(range(100), -(-ctx // bs))))
+    ctx = make_context([], bs, seqs)
+    slots = [b[p // bs] * bs + p % bs for q, c, b in seqs for p in range(c - q, c)]
+    assert ctx.slot_mapping.tolist() == slots
+    assert ctx.query_start.tolist() == [sum(q for q, _, _ in seqs[:i]) for i in range(len(seqs) + 1)]
+    width = max(len(b) for _, _, b in seqs)
+    assert ctx.block_tables.tolist() == [b + [0] * (width - len(b)) for _, _, b in seqs]
+    assert ctx.context_lens.tolist() == [c for _, c, _ in seqs]
+    assert (ctx.max_query_len, ctx.max_context_len) == (max(q for q, _, _ in seqs), max(c for _, c, _ in seqs))

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..codegen.kernels.context import BatchContext
+from ..codegen.kernels.context import BatchContext, block_table_array
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("nanoforge.graphs")
@@ -65,17 +65,16 @@ class DecodeGraphs:
         b = len(batch.items)
         size = self.sizes[bisect.bisect_left(self.sizes, b)]
         bs = self.block_size
-        width = max(len(seq.block_table) for seq, _ in batch.items)
+        tables = block_table_array([seq.block_table for seq, _ in batch.items], rows=size)
+        width = tables.shape[1]
         tokens = np.zeros(size, np.int64)
         positions = np.zeros(size, np.int64)
         slots = np.full(size, -1, np.int64)
         lens = np.ones(size, np.int32)
-        tables = np.zeros((size, width), np.int32)
-        for i, (seq, _) in enumerate(batch.items):
-            pos = seq.num_computed
-            tokens[i], positions[i], lens[i] = seq.token_ids[pos], pos, pos + 1
-            tables[i, :len(seq.block_table)] = seq.block_table
-            slots[i] = seq.block_table[pos // bs] * bs + pos % bs
+        pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
+        tokens[:b] = [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
+        positions[:b], lens[:b] = pos, pos + 1
+        slots[:b] = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
         self.tokens[:size].copy_(torch.from_numpy(tokens), non_blocking=True)
         self.positions[:size].copy_(torch.from_numpy(positions), non_blocking=True)
         self.slots[:size].copy_(torch.from_numpy(slots), non_blocking=True)
