@@ -1,0 +1,61 @@
+"""The messages between a front end (HTTP server, router) and an engine: plain dataclasses that
+travel as msgpack maps (never pickle), so a process on either side can be replaced."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, AsyncIterator, Protocol
+
+from ..runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
+
+    def sampling_params(self) -> SamplingParams:
+        known = {f.name for f in fields(SamplingParams)}
+        unknown = sorted(set(self.params) - known)
+        if unknown:
+            from ..errors import NanoForgeError
+
+            raise NanoForgeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return SamplingParams(**self.params)
+
+
+@dataclass
+class TokenDelta:
+    """The tokens one request got since its previous delta (several when the engine ran several
+    steps between two flushes). finish_reason is set on the last delta of a request: "stop",
+    "length", "abort", or "error" (then `error` says why, e.g. a bad parameter)."""
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] | None = None  # one per new token when asked: {"token": lp, "top": [[id, lp], ...]}
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["logprobs"] is not None:  # msgpack has no tuples or int dict keys
+            d["logprobs"] = [{"token": e["token"], "top": [list(t) for t in e.get("top", [])]} for e in d["logprobs"]]
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "TokenDelta":
+        return cls(**{k: d[k] for k in d if k in cls.__dataclass_fields__})
+
+
+class EngineClient(Protocol):
+    """What a front end needs from an engine, wherever it runs."""
+
+    model_name: str
+    max_model_len: int
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
