@@ -57,7 +57,7 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an older one
+            if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
                 continue
             n = min(seq.remaining, budget, self.cfg.max_prefill_chunk)
             if n <= 0:
