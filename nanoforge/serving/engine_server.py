@@ -1,0 +1,299 @@
+"""The engine server: one runtime engine in its own process, behind a ZMQ ROUTER socket that speaks
+msgpack maps only (never pickle, so a peer can't make it run code). Front ends connect DEALER
+sockets (ZmqEngineClient); each message is one frame, a map with a "type" key:
+
+  in:  hello {protocol_version?}  generate {request_id, prompt_ids, params}  abort {request_id}
+       stats | health             shutdown
+  out: hello {protocol_version, model_name, max_model_len, kv_contract, pid, instance, role, ...}
+       deltas {items: [TokenDelta.to_wire(), ...]}   stats | health {EngineLoop.stats(), model info}
+       shutdown {ok}   error {error, request_id?}
+Requests that expect a reply may carry an "id"; the reply echoes it. ZMQ sockets are not thread-safe,
+so only the I/O loop (the main thread) touches the ROUTER: the engine thread hands its deltas over
+through a queue and wakes the loop through an inproc PAIR socket of its own."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..errors import NanoForgeError
+from .engine_loop import EngineLoop
+from .protocol import GenerateRequest, TokenDelta
+from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
+
+log = logging.getLogger("nanoforge.serving")
+ROLES = ("both", "prefill", "decode")
+# what each SamplingParams field may hold on the wire: a wrong type would otherwise fail a whole
+# engine step (and every request in it) instead of the one request
+_NUM, _OPT_INT = (int, float), (int, type(None))
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "temperature": _NUM, "top_k": (int,), "top_p": _NUM, "min_p": _NUM, "seed": _OPT_INT, "max_tokens": (int,),
+    "min_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,), "ignore_eos": (bool,),
+    "logprobs": _OPT_INT, "repetition_penalty": _NUM, "presence_penalty": _NUM, "frequency_penalty": _NUM}
+
+
+def parse_generate(msg: dict[str, Any]) -> GenerateRequest:
+    rid, prompt, params = msg.get("request_id"), msg.get("prompt_ids"), msg.get("params") or {}
+    if not isinstance(rid, str) or not rid:
+        raise Malformed("generate needs request_id: a non-empty string")
+    if not isinstance(prompt, list) or not all(type(t) is int for t in prompt):
+        raise Malformed("generate needs prompt_ids: a list of ints")
+    if not isinstance(params, dict):
+        raise Malformed("generate params must be a map")
+    for k, v in params.items():
+        if k in PARAM_TYPES and (not isinstance(v, PARAM_TYPES[k]) or (isinstance(v, bool) and bool not in
+                                                                         PARAM_TYPES[k])):
+            raise Malformed(f"generate param {k} has the wrong type ({type(v).__name__})")
+    if not all(type(t) is int for t in params.get("stop_token_ids", [])):
+        raise Malformed("generate param stop_token_ids must be a list of ints")
+    return GenerateRequest(rid, prompt, params)
+
+
+class EngineServer:
+    def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: dict[str, Any], role: str = "both",
+                 info: dict[str, Any] | None = None):
+        if role not in ROLES:
+            raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        self.addr, self.stopping = addr, False
+        self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract,
+                     "pid": os.getpid(), "instance": uuid.uuid4().hex, "role": role,
+                     "protocol_version": PROTOCOL_VERSION, **(info or {})}
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a delta frame for a slow front end
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a front end that reconnects keeps its identity and streams
+        try:
+            self.sock.bind(addr)
+        except zmq.ZMQError as e:
+            self.ctx.destroy(linger=0)
+            raise NanoForgeError(f"engine server cannot bind {addr}: {e}") from None
+        wake = f"inproc://nanoforge-wake-{id(self)}"
+        self.wake_rx = self.ctx.socket(zmq.PAIR)
+        self.wake_rx.bind(wake)
+        self.wake_tx = self.ctx.socket(zmq.PAIR)  # used by the engine thread only
+        self.wake_tx.connect(wake)
+        self.outbox: queue.Queue[list[TokenDelta]] = queue.Queue()
+        self.routes: dict[str, bytes] = {}  # live request id -> the front end that sent it
+        self.loop = EngineLoop(engine, self._on_deltas)
+
+    def _on_deltas(self, deltas: list[TokenDelta]) -> None:  # engine thread
+        self.outbox.put(deltas)
+        try:
+            self.wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the loop is shutting down or already awake
+
+    def serve(self) -> None:
+        """Run the I/O loop until a "shutdown" message or request_stop() (signals)."""
+        self.loop.start()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake_rx, zmq.POLLIN)
+        log.info("engine server %s ready at %s (pid %d)", self.info["model_name"], self.addr, os.getpid())
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(100))
+                if self.wake_rx in events:
+                    while self.wake_rx.poll(0):
+                        self.wake_rx.recv()
+                self._send_deltas()
+                if self.sock in events:
+                    for _ in range(256):  # bounded, so deltas keep flowing under a flood of requests
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames[0], frames[1:])
+        finally:
+            self._close()
+
+    def request_stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
+        self.sock.send_multipart([ident, pack(msg)])
+
+    def _send_deltas(self) -> None:
+        frames: dict[bytes, list[dict[str, Any]]] = {}
+        while True:
+            try:
+                deltas = self.outbox.get_nowait()
+            except queue.Empty:
+                break
+            for d in deltas:
+                ident = self.routes.pop(d.request_id, None) if d.finish_reason else self.routes.get(d.request_id)
+                if ident is not None:
+                    frames.setdefault(ident, []).append(d.to_wire())
+        for ident, items in frames.items():
+            self._reply(ident, {"type": "deltas", "items": items})
+
+    def _handle(self, ident: bytes, body: list[bytes]) -> None:
+        msg: dict[str, Any] = {}
+        try:
+            if len(body) != 1:
+                raise Malformed(f"expected one frame after the identity, got {len(body)}")
+            msg = unpack(body[0])
+            kind = msg["type"]
+            if kind == "generate":
+                req = parse_generate(msg)
+                if req.request_id in self.routes:
+                    d = TokenDelta(req.request_id, finish_reason="error", num_prompt_tokens=len(req.prompt_ids),
+                                   error=f"request id {req.request_id!r} is already running")
+                    self._reply(ident, {"type": "deltas", "items": [d.to_wire()]})
+                    return
+                self.routes[req.request_id] = ident
+                self.loop.submit(req)
+            elif kind == "abort":
+                rid = msg.get("request_id")
+                if not isinstance(rid, str):
+                    raise Malformed("abort needs request_id: a string")
+                if self.routes.get(rid) == ident:  # a front end aborts only its own requests
+                    self.loop.abort(rid)
+            elif kind in ("stats", "health"):
+                self._reply(ident, {**self.loop.stats(), **self.info, "type": kind, "id": msg.get("id")})
+            elif kind == "hello":
+                v = msg.get("protocol_version", PROTOCOL_VERSION)
+                if v != PROTOCOL_VERSION:
+                    raise Malformed(f"protocol version {v!r} is not supported (this engine speaks {PROTOCOL_VERSION})")
+                self._reply(ident, {**self.info, "type": "hello", "id": msg.get("id")})
+            elif kind == "shutdown":
+                self._reply(ident, {"type": "shutdown", "id": msg.get("id"), "ok": True})
+                self.stopping = True
+            else:
+                raise Malformed(f"unknown message type {kind!r}")
+        except Exception as e:  # a bad frame gets an answer, never the server's life
+            if not isinstance(e, Malformed):
+                log.exception("failed to handle a %r message", msg.get("type"))
+            rid = msg.get("request_id")
+            self._reply(ident, {"type": "error", "error": str(e) or type(e).__name__, "id": msg.get("id"),
+                                "request_id": rid if isinstance(rid, str) else None})
+
+    def _close(self) -> None:
+        """Stop the engine, flush what it produced, fail what is still running, close the sockets."""
+        self.loop.stop()
+        self._send_deltas()
+        for rid, ident in list(self.routes.items()):
+            d = TokenDelta(rid, finish_reason="error", error=f"engine at {self.addr} is shutting down")
+            self._reply(ident, {"type": "deltas", "items": [d.to_wire()]})
+        self.routes.clear()
+        self.sock.close()
+        self.wake_rx.close()
+        if self.loop.thread.is_alive():  # a step that won't end still owns wake_tx: leave it (and the context)
+            log.warning("engine thread did not stop; leaving its socket open")
+            return
+        self.wake_tx.close()
+        self.ctx.term()
+        log.info("engine server at %s stopped", self.addr)
+
+
+def serve_engine(model: str | Path, addr: str, *, model_name: str | None = None, role: str = "both",
+                 device: str | None = None, **engine_opts: Any) -> None:
+    """Load `model` (plan dir or checkpoint) and serve it at `addr` until shutdown; engine_opts
+    are LLM keyword arguments (EngineConfig fields, dtype, block_size)."""
+    from ..llm import LLM
+
+    llm = LLM(model, device=device, progress=False, **engine_opts)
+    info = {"checkpoint_path": str(llm.checkpoint.path), "max_num_seqs": llm.engine.cfg.max_num_seqs,
+            "block_size": llm.engine.blocks.block_size}
+    server = EngineServer(llm.engine, addr, model_name or Path(model).name, llm.plan.module.meta["kv_contract"],
+                          role, info)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, server.request_stop)
+        signal.signal(signal.SIGINT, server.request_stop)
+    server.serve()
+
+
+def free_tcp_addr(host: str = "127.0.0.1") -> str:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def start_engine_server(model: str | Path, addr: str | None = None, **opts: Any) -> tuple[subprocess.Popen, str]:
+    """Start `python -m nanoforge.serving.engine_server` without waiting for it; opts are its flags
+    (max_num_seqs=8 -> --max-num-seqs 8). Its stderr goes to proc.log_path."""
+    addr = addr or free_tcp_addr()
+    cmd = [sys.executable, "-m", "nanoforge.serving.engine_server", str(model), "--addr", addr]
+    for k, v in opts.items():
+        if v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    log_file = tempfile.NamedTemporaryFile("wb", prefix="nanoforge-engine-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    log_file.close()
+    proc.log_path = log_file.name  # type: ignore[attr-defined]
+    return proc, addr
+
+
+def wait_engine_ready(proc: subprocess.Popen, addr: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Block until the server at `addr` answers hello (returned); if it exits or the time runs out,
+    stop it and raise with the tail of its log."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    sock.send(pack({"type": "hello", "protocol_version": PROTOCOL_VERSION}))  # queued until it binds
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sock.poll(200):
+                reply = unpack(sock.recv())
+                if reply.get("pid") == proc.pid:
+                    return reply
+                time.sleep(0.2)  # another process holds addr: ours will fail to bind and exit
+                sock.send(pack({"type": "hello", "protocol_version": PROTOCOL_VERSION}))
+        why = f"exited with code {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:g}s"
+        proc.kill()
+        tail = Path(getattr(proc, "log_path", os.devnull)).read_text(errors="replace")[-2000:]
+        raise NanoForgeError(f"engine server for {addr} {why}: {tail.strip()}")
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def spawn_engine_server(model: str | Path, addr: str | None = None, timeout: float = 120.0,
+                        **opts: Any) -> tuple[subprocess.Popen, str]:
+    """Start an engine server process and wait until it answers; returns (process, address)."""
+    proc, addr = start_engine_server(model, addr, **opts)
+    wait_engine_ready(proc, addr, timeout)
+    return proc, addr
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanoforge.serving.engine_server", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="plan dir or checkpoint")
+    p.add_argument("--addr", default="tcp://127.0.0.1:5555", help="ZMQ address to bind (default %(default)s)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
+    p.add_argument("--role", choices=ROLES, default="both", help="advertised to routers in hello/stats")
+    p.add_argument("--model-name", default=None, help="name in hello (default: the model path's last part)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = {k: v for k, v in {"max_num_seqs": a.max_num_seqs, "max_model_len": a.max_model_len,
+                              "num_blocks": a.num_blocks}.items() if v is not None}
+    try:
+        serve_engine(a.model, a.addr, model_name=a.model_name, role=a.role, device=a.device, **opts)
+    except NanoForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
