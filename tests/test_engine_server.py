@@ -24,6 +24,7 @@ from nanoforge.serving.engine_server import free_tcp_addr, start_engine_server, 
 from nanoforge.serving.protocol import GenerateRequest, TokenDelta
 from nanoforge.serving.wire import pack, unpack
 from nanoforge.serving.zmq_client import EngineUnreachable, ZmqEngineClient
+from test_serving_loop import _collect
 
 pytestmark = pytest.mark.timeout(180)
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -57,13 +58,6 @@ def env(tiny_ckpt):
             Path(proc.log_path).unlink(missing_ok=True)
 
 
-async def _collect(client, rid, prompt, **params):
-    tokens, deltas, last = [], 0, None
-    async for d in client.generate(GenerateRequest(rid, prompt, params)):
-        tokens += d.token_ids
-        deltas += 1
-        last = d
-    return tokens, deltas, last
 
 
 def _with_client(addr, body, **kw):

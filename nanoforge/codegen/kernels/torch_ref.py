@@ -133,21 +133,28 @@ def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **
     return torch.cat(out, dim=0) if out else q.new_zeros(0, q.shape[-1])
 
 
+def select_experts(x, router, score_bias, *, num_experts, top_k, scoring, n_group=1, topk_group=1):
+    """(unnormalised weights f32[T, k], expert ids [T, k]); every provider routes through this,
+    so they all pick the same experts."""
+    if scoring == "softmax":
+        scores = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
+        return torch.topk(scores, top_k, dim=-1)
+    # sigmoid with a selection-only bias, limited to the best groups (DeepSeek-V3)
+    scores = F.linear(x.float(), router.float()).sigmoid()
+    choice = scores + (score_bias.float() if score_bias is not None else 0)
+    t = x.shape[0]
+    group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
+    mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
+    ids = choice.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1)[1]
+    return scores.gather(1, ids), ids
+
+
 def _route(x, router, score_bias, num_experts, top_k, scoring, norm_topk_prob=False, n_group=1,
            topk_group=1, routed_scaling_factor=1.0, **_):
     """(weights f32[T, k], expert ids [T, k]) for each token."""
-    if scoring == "softmax":
-        scores = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(scores, top_k, dim=-1)
-    else:  # sigmoid with a selection-only bias, limited to the best groups (DeepSeek-V3)
-        scores = F.linear(x.float(), router.float()).sigmoid()
-        choice = scores + (score_bias.float() if score_bias is not None else 0)
-        t = x.shape[0]
-        group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
-        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
-        mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
-        ids = choice.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1)[1]
-        weights = scores.gather(1, ids)
+    weights, ids = select_experts(x, router, score_bias, num_experts=num_experts, top_k=top_k, scoring=scoring,
+                                  n_group=n_group, topk_group=topk_group)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0))
     return weights * routed_scaling_factor, ids

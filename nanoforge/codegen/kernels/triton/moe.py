@@ -5,7 +5,7 @@ group-limited routing, SwiGLU experts, weights w_gate/w_up [E, I, H], w_down [E,
 
 Pipeline (every step CUDA-graph safe: no host sync, only shapes derived from T):
 
-1. route   torch ops, the selection part of `torch_ref._route` op for op, so the routed experts are
+1. route   torch_ref.select_experts itself (the selection part of `torch_ref._route`), so the routed experts are
            bit-identical to the reference on the same device (bf16 router logits can tie at the
            top-k boundary; torch.topk then breaks the tie the same way). Renormalisation and
            routed_scaling_factor are applied in the down GEMM's epilogue (saves ~3 launches).
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..torch_ref import _route
+from ..torch_ref import _route, select_experts
 
 __all__ = ["moe", "select_experts", "fused_experts", "moe_align", "pick_config", "bench_moe", "tune_moe"]
 
@@ -327,22 +327,6 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
         BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0, PREC=prec,
         NORM=bool(renormalize), TOPK_PAD=_p2(top_k), num_warps=warps, num_stages=stages)
     return y.view(T, top_k, H).sum(dim=1) if top_k > 1 else y
-
-
-def select_experts(x, router, score_bias, *, num_experts, top_k, scoring, n_group=1, topk_group=1):
-    """(unnormalised weights f32 [T, k], ids [T, k]): torch_ref._route up to (not including) the
-    renormalisation, with the same ops, so the ids and weights are bit-identical to it."""
-    if scoring == "softmax":
-        scores = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
-        return torch.topk(scores, top_k, dim=-1)
-    scores = F.linear(x.float(), router.float()).sigmoid()
-    choice = scores + (score_bias.float() if score_bias is not None else 0)
-    t = x.shape[0]
-    group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
-    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
-    mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
-    ids = choice.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1)[1]
-    return scores.gather(1, ids), ids
 
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k, scoring,
