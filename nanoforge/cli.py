@@ -1,4 +1,4 @@
-"""The `nanoforge` command: compile, inspect, generate."""
+"""The `nanoforge` command: compile, inspect, generate, serve."""
 from __future__ import annotations
 
 import argparse
@@ -135,6 +135,30 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP server over one in-process engine (its own thread)."""
+    import uvicorn
+
+    from .llm import LLM
+    from .serving.inprocess import InProcessClient
+    from .serving.openai_api import build_app
+
+    opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len)) if v is not None}
+    llm = LLM(a.model, device=a.device, **opts)
+    eng = llm.engine
+    fits = len(eng.blocks.blocks) * eng.blocks.block_size  # the engine admits only requests whose longest
+    if eng.max_model_len > fits:                           # case fits the KV pool: say so once, here
+        print(f"max_model_len {eng.max_model_len} -> {fits}: the KV cache holds {fits} tokens", file=sys.stderr)
+        eng.max_model_len = fits
+    name = a.served_model_name or Path(a.model).name
+    client = InProcessClient(llm.engine, name)
+    try:
+        uvicorn.run(build_app(client, llm.tokenizer, name, a.api_key), host=a.host, port=a.port, log_level="info")
+    finally:
+        client.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoforge", description="Compile, inspect and run LLM checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "unless told")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU this engine may use")
     g.set_defaults(run=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
+    s.add_argument("model", help="plan dir, HF checkpoint dir or .gguf file")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--served-model-name", help="the model name clients send (default: the path's last part)")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
+                   "unless told")
+    s.add_argument("--max-num-seqs", type=int, help="most sequences stepped together")
+    s.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
+    s.set_defaults(run=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
