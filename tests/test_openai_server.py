@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from pathlib import Path
 import random
 import re
 import socket
@@ -404,3 +405,20 @@ def test_serve_command_binds_localhost_by_default():
 
     a = build_parser().parse_args(["serve", "some/plan"])
     assert (a.host, a.port, a.api_key, a.served_model_name) == ("127.0.0.1", 8000, None, None)
+
+
+def test_bench_serve_against_the_server(srv, tmp_path):
+    """`nanoforge bench serve`: Poisson arrivals against the live server; every request streams
+    its tokens, percentiles are ordered, the JSON lands in the results dir, no blocks leak."""
+    from nanoforge.tools.bench_serve import ServeWorkload, bench_serve
+
+    w = ServeWorkload(num_prompts=8, rate=50.0, input_len=12, output_len=6, vocab=500, seed=1)
+    r = bench_serve(srv.url, MODEL, w, tmp_path, api_key=KEY)
+    assert r["completed"] == 8 and r["num_errors"] == 0 and r["output_tokens"] == 8 * 6
+    assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["itl_s"]["p50"] <= r["itl_s"]["p99"]
+    assert json.loads(Path(r["path"]).read_text())["workload"]["rate"] == 50.0
+    for _ in range(100):
+        if stats(srv)["num_running"] == 0:
+            break
+        time.sleep(0.02)
+    assert stats(srv)["kv_blocks_free"] == stats(srv)["kv_blocks_total"]
