@@ -82,6 +82,22 @@ def test_hello_carries_model_info_and_kv_contract(env):
     assert stats["kv_contract"] == c.kv_contract and stats["kv_blocks_total"] == 256 and stats["role"] == "both"
 
 
+def test_connect_refuses_an_incompatible_kv_layout(env, tiny_ckpt):
+    """A peer that must exchange KV blocks (PD) names the first difference at connect time."""
+    other = LLM(tiny_ckpt("deepseek_v3"), progress=False).plan.module.meta["kv_contract"]
+    same = env.ref.plan.module.meta["kv_contract"]
+
+    async def main():
+        ok = await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract=same)
+        ok.close()
+        with pytest.raises(NanoForgeError, match=r"incompatible KV cache layout: .*layer 0: mla"):
+            await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract=other)
+        with pytest.raises(NanoForgeError, match="block_size: 32 vs 16"):
+            await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract={**same, "block_size": 32})
+
+    asyncio.run(main())
+
+
 def test_concurrent_greedy_streams_equal_offline_generate(env):
     prompts = random_prompts(tiny_config("qwen3").vocab_size, [5, 17, 9, 30, 3, 22, 12, 40], seed=11)
     ref = env.ref.generate(prompts, SamplingParams(max_tokens=12, **GREEDY))

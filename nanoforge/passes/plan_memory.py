@@ -26,6 +26,20 @@ def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) ->
     return {"block_size": block_size, "dtype": dtype, "layers": layers}
 
 
+def kv_contract_mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Why KV blocks written under contract `a` cannot be read under `b` (empty: they can), one
+    line per difference, first differing layer only: what PD migration checks before it connects."""
+    out = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ("block_size", "dtype") if a.get(k) != b.get(k)]
+    la, lb = a.get("layers", []), b.get("layers", [])
+    if len(la) != len(lb):
+        out.append(f"attention layers: {len(la)} vs {len(lb)}")
+    for x, y in zip(la, lb):
+        if (x["kind"], x["shapes"]) != (y["kind"], y["shapes"]):
+            out.append(f"layer {x['layer']}: {x['kind']} {x['shapes']} vs {y['kind']} {y['shapes']}")
+            break
+    return out
+
+
 def kv_bytes_per_token(contract: dict[str, Any]) -> int:
     per = DTYPE_BYTES[contract["dtype"]]
     total = 0

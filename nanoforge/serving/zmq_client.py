@@ -52,8 +52,9 @@ class ZmqEngineClient:
 
     @classmethod
     async def connect(cls, addr: str, timeout: float = 10.0, load_tokenizer: bool = False,
-                      **kw: Any) -> "ZmqEngineClient":
-        """Connect and handshake; a wrong address or no engine answering within `timeout` raises."""
+                      expect_kv_contract: dict | None = None, **kw: Any) -> "ZmqEngineClient":
+        """Connect and handshake; a wrong address, no engine answering within `timeout`, or (with
+        `expect_kv_contract`) an engine whose KV layout differs from the caller's raises."""
         self = cls(addr, **kw)
         try:
             self.sock.connect(addr)
@@ -78,6 +79,13 @@ class ZmqEngineClient:
         self.info = hello
         self.model_name, self.max_model_len = hello["model_name"], hello["max_model_len"]
         self.kv_contract = hello["kv_contract"]
+        if expect_kv_contract is not None:
+            from ..passes.plan_memory import kv_contract_mismatches
+
+            diff = kv_contract_mismatches(expect_kv_contract, self.kv_contract)
+            if diff:
+                self.close()
+                raise NanoForgeError(f"engine at {addr} has an incompatible KV cache layout: {'; '.join(diff)}")
         if load_tokenizer and hello.get("checkpoint_path"):
             self.tokenizer = _load_tokenizer(hello["checkpoint_path"])
         return self
