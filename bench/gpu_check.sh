@@ -54,7 +54,7 @@ for s in $STAGES; do
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys
 import torch
-from nanoforge.codegen.kernels.triton.attention import bench_paged_decode
+from nanoforge.codegen.kernels.triton.attention_bench import bench_paged_decode
 from nanoforge.codegen.kernels.triton.moe import bench_moe
 
 def lib(name):

@@ -339,7 +339,7 @@ def test_gpu_flashinfer_decode_graph_replan():
 
 @gpu
 def test_gpu_flashinfer_bench_keys():
-    from nanoforge.codegen.kernels.triton.attention import bench_paged_decode
+    from nanoforge.codegen.kernels.triton.attention_bench import bench_paged_decode
 
     r, t = _adapter("flashinfer_attn").bench_flashinfer_decode(4, 512), bench_paged_decode(4, 512)
     assert set(t) <= set(r) and r["kv_bytes"] == t["kv_bytes"] and r["tb_s"] > 0

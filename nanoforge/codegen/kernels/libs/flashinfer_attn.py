@@ -147,7 +147,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def bench_flashinfer_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
                             block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, graph: bool = True,
                             time_eager: bool = True, use_tensor_cores: bool = False, seed: int = 0) -> dict:
-    """FlashInfer's decode on the inputs triton/attention.py's bench_paged_decode builds (same sizes,
+    """FlashInfer's decode on the inputs triton/attention_bench.py's bench_paged_decode builds (same sizes,
     RNG calls, shuffled pages, byte count, do_bench median with L2 flushed, CUDA-graph replays when
     graph=True; the plan is made once, outside the timing). Returns the same keys plus `backend`."""
     import triton
