@@ -5,9 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup test demo clean
+.PHONY: setup redis-server test demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) redis-server
+
+# The engine-registry tests run a real redis-server; install it from the OS packages when missing
+# (sudo only when not root and sudo exists).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make setup: please install redis-server (the tests run one)" >&2; exit 1; }; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 # torch 2.13.0 first: on the CPU machines it is a CPU build from local disk, and installing it
 # before the project keeps pip from pulling a multi-GB CUDA build to satisfy `torch>=...`.

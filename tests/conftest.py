@@ -86,3 +86,52 @@ def smollm2_gguf():
 @_hf_pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf):
     return _hf_fixtures_module().hf_gguf_model(smollm2_gguf)
+
+
+# ---- Redis (engine registry tests) ---------------------------------------------------------------
+# redis_url -> "redis://127.0.0.1:<port>/0" : a private redis-server for the session (no persistence);
+#              missing redis-server fails with "run make setup"; NANOFORGE_SKIP_REDIS=1 skips instead
+@_hf_pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if _hf_os.environ.get("NANOFORGE_SKIP_REDIS") == "1":
+        _hf_pytest.skip("NANOFORGE_SKIP_REDIS=1")
+    exe = shutil.which("redis-server")
+    if exe is None:
+        _hf_pytest.fail("redis-server is not on PATH: run `make setup` (installs it), "
+                        "or set NANOFORGE_SKIP_REDIS=1 to skip the registry tests")
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    logfile = open(workdir / "redis.log", "w+")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--daemonize", "no", "--dir", str(workdir)], stdout=logfile, stderr=subprocess.STDOUT)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    logfile.seek(0)
+                    _hf_pytest.fail(f"redis-server on port {port} did not start: {logfile.read()[-500:]}")
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logfile.close()
