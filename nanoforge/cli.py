@@ -136,15 +136,13 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from .tools.bench_serve import ServeWorkload, bench_serve
+    from .tools.bench_serve import bench_serve, summary_lines, workload_from_flags
 
-    w = ServeWorkload(a.num_prompts, a.rate, a.input_len, a.output_len, a.vocab, a.seed)
+    w = workload_from_flags(rate=a.rate, num_prompts=a.num_prompts, concurrency=a.concurrency, duration=a.duration,
+                            input_len=a.input_len, output_len=a.output_len, vocab=a.vocab, seed=a.seed)
     r = bench_serve(a.url, a.model, w, Path(a.results_dir), a.api_key)
-    ms = lambda d: f"p50 {1000 * d['p50']:.1f} ms  p99 {1000 * d['p99']:.1f} ms"  # noqa: E731
-    print(f"{r['completed']}/{r['requests']} requests, {r['num_errors']} errors, {r['output_tok_s']:.1f} output tok/s")
-    print(f"TTFT {ms(r['ttft_s'])}\nTPOT {ms(r['tpot_s'])}\nITL  {ms(r['itl_s'])}")
-    print(f"wrote {r['path']}")
-    return 0 if r["num_errors"] == 0 else 1
+    print("\n".join(summary_lines(r)) + f"\nwrote {r['path']}")
+    return 0 if r["num_errors"] == 0 and r["leaked_blocks"] in (0, None) else 1
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -249,11 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU the engine may use")
     o.add_argument("--results-dir", default="bench/results")
     o.set_defaults(run=cmd_bench_offline)
-    v = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (Poisson arrivals)")
+    v = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (Poisson arrivals, "
+                        "or closed loop with --concurrency/--duration)")
     v.add_argument("--url", default="http://127.0.0.1:8000")
     v.add_argument("--model", required=True, help="the served model name")
-    v.add_argument("--rate", type=float, default=float("inf"), help="requests per second (default: all at once)")
-    v.add_argument("--num-prompts", type=int, default=64)
+    v.add_argument("--rate", type=float, help="Poisson: requests per second (default: all at once)")
+    v.add_argument("--num-prompts", type=int, help="Poisson: number of requests (default 64)")
+    v.add_argument("--concurrency", type=int, help="closed loop: clients, each with one request in flight")
+    v.add_argument("--duration", type=float, help="closed loop: seconds to keep sending (in-flight requests finish)")
     v.add_argument("--input-len", type=int, default=128)
     v.add_argument("--output-len", type=int, default=64)
     v.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")

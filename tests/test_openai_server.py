@@ -422,3 +422,76 @@ def test_bench_serve_against_the_server(srv, tmp_path):
             break
         time.sleep(0.02)
     assert stats(srv)["kv_blocks_free"] == stats(srv)["kv_blocks_total"]
+
+
+def test_bench_serve_closed_loop_against_the_server(srv, tmp_path):
+    """Closed loop (`--concurrency 4 --duration 3`): clients keep one stream each in flight until the
+    deadline; no errors, /metrics shows every block free again (leaked_blocks 0), the JSON is written."""
+    from nanoforge.tools.bench_serve import bench_serve, workload_from_flags
+
+    w = workload_from_flags(rate=None, num_prompts=None, concurrency=4, duration=3.0, input_len=12, output_len=6,
+                            vocab=500, seed=2)
+    t0 = time.perf_counter()
+    r = bench_serve(srv.url, MODEL, w, tmp_path, api_key=KEY)
+    assert time.perf_counter() - t0 >= 3.0 and r["duration_s"] >= 3.0
+    assert r["num_errors"] == 0 and r["errors"] == [] and r["completed"] == r["requests"] > 4
+    assert r["output_tokens"] == 6 * r["completed"] and r["output_tok_s"] > 0
+    assert 0 < r["itl_s"]["p50"] <= r["itl_s"]["p99"] and r["leaked_blocks"] == 0 and "leak_note" not in r
+    saved = json.loads(Path(r["path"]).read_text())
+    assert (saved["mode"], saved["concurrency"], saved["duration"], saved["leaked_blocks"]) == ("closed-loop", 4, 3.0, 0)
+    assert saved["url"] == srv.url and saved["model"] == MODEL and "platform" in saved["machine"]
+    assert saved["kv_blocks"]["after"]["free"] == saved["kv_blocks"]["after"]["total"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--concurrency", "4", "--duration", "3", "--rate", "5"], "exclude each other"),
+    (["--num-prompts", "8", "--duration", "3"], "exclude each other"),
+    (["--concurrency", "4"], "--duration missing"),
+    (["--duration", "3"], "--concurrency missing"),
+    (["--concurrency", "0", "--duration", "3"], "--concurrency must be"),
+    (["--concurrency", "2", "--duration", "-1"], "--duration must be"),
+    (["--concurrency", "2", "--duration", "inf"], "--duration must be"),
+    (["--rate", "0"], "--rate must be"),
+    (["--num-prompts", "0"], "--num-prompts must be"),
+    (["--output-len", "0"], "--output-len must be"),
+])
+def test_bench_serve_bad_flags_are_one_line_errors(argv, flag, capsys, tmp_path):
+    """Checked before any request: the URL points at a closed port, so reaching the network would fail."""
+    from nanoforge.cli import main
+
+    code = main(["bench", "serve", "--url", "http://127.0.0.1:9", "--model", MODEL, "--results-dir", str(tmp_path),
+                 *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: bench serve: ") and flag in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_serve_counts_stream_errors_and_reports_no_gauges(srv, tmp_path):
+    """An engine that fails mid-stream: every request is an error with the event's message; a server
+    whose /metrics has no engine gauges gets leaked_blocks None and a note, not a guess."""
+    from nanoforge.tools.bench_serve import ServeWorkload, bench_serve
+
+    tok = srv.llm.tokenizer
+    with serve(build_app(ScriptedClient(tok.encode("one two three four five"), 4096, fail=True), tok, MODEL,
+                         api_key=None)) as url:
+        r = bench_serve(url, MODEL, ServeWorkload(input_len=4, output_len=4, concurrency=2, duration=0.5), tmp_path)
+    assert r["requests"] > 0 and r["num_errors"] == r["requests"] and r["completed"] == 0
+    assert r["errors"][0].startswith("error event: engine step failed")
+    assert r["leaked_blocks"] is None and "lacks the gauges" in r["leak_note"]
+
+
+def test_bench_serve_leak_check_sees_blocks_not_freed(srv, tmp_path):
+    """The leak check is not vacuous: an engine whose free-block gauge drops by one per request (and
+    never recovers) is reported as leaking exactly that many blocks, after waiting leak_wait_s."""
+    from nanoforge.tools.bench_serve import ServeWorkload, bench_serve
+
+    class Leaky(ScriptedClient):
+        async def stats(self) -> dict:
+            return {"num_running": 0, "num_waiting": 0, "kv_blocks_free": 100 - len(self.prompts),
+                    "kv_blocks_total": 100}
+
+    tok = srv.llm.tokenizer
+    with serve(build_app(Leaky(tok.encode("one two three four five"), 4096), tok, MODEL, api_key=None)) as url:
+        r = bench_serve(url, MODEL, ServeWorkload(num_prompts=3, input_len=4, output_len=4), tmp_path, leak_wait_s=0.3)
+    assert r["mode"] == "poisson" and r["num_errors"] == 0 and r["completed"] == 3
+    assert r["leaked_blocks"] == 3 and r["kv_blocks"]["after"]["free"] == 97
