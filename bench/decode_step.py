@@ -19,7 +19,8 @@ from nanoforge.tools.random_checkpoint import RandomCheckpoint
 from nanoforge.tools.roofline import measure_ceilings
 
 
-def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bool = False) -> dict:
+def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bool = False,
+                mixed_chunk: int = 0) -> dict:
     eng = llm.engine
     g = torch.Generator().manual_seed(batch)
     vocab = int(llm.plan.module.meta["vocab_size"])
@@ -66,9 +67,38 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bo
                 graphs.graphs[batch][0].replay()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    mixed = mixed_step(eng, mixed_chunk, vocab, profile) if mixed_chunk else None
     for s in seqs:
         eng.abort(s.seq_id)
-    return {"step_s": step_s, "graph_replay_s": replay_s, "context": context + 5}
+    return {"step_s": step_s, "graph_replay_s": replay_s, "context": context + 5, "mixed": mixed}
+
+
+def mixed_step(eng, chunk: int, vocab: int, profile: bool, reps: int = 4) -> dict:
+    """Time the eager steps that prefill a fresh `chunk`-token prompt next to the running decode
+    rows (the offline workload's mixed steps), and with --profile list their kernels."""
+    g = torch.Generator().manual_seed(chunk)
+    times = []
+    for i in range(reps + 1):
+        seq = eng.add_request(torch.randint(0, vocab, (chunk,), generator=g).tolist(),
+                              SamplingParams(temperature=0, max_tokens=1))
+        torch.cuda.synchronize()
+        if profile and i == reps:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                eng.step()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        else:
+            start = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        while eng.seqs.get(seq.seq_id) is not None and seq.finish_reason is None:
+            eng.step()
+    times = times[1:]  # the first may compile
+    return {"chunk": chunk, "step_ms": [1000 * t for t in times], "tokens_per_s": chunk / (sum(times) / len(times))}
 
 
 def main() -> None:
@@ -78,11 +108,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--profile", action="store_true", help="print the kernels of 5 graph replays per batch size")
+    ap.add_argument("--mixed-chunk", type=int, default=0, help="also time steps that prefill a prompt of this many "
+                    "tokens next to the decode rows")
     a = ap.parse_args()
     ceilings = measure_ceilings("cuda")
     bw = ceilings["copy_bytes_per_s"]
     ckpt = RandomCheckpoint(PRESETS[a.model], a.model, "bf16", device="cuda")
-    llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch), max_model_len=a.context + 128,
+    llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch), max_model_len=max(a.context, a.mixed_chunk) + 128,
               max_num_batched_tokens=8192, max_prefill_chunk=8192)
     meta = llm.plan.module.meta
     embed = 2 * int(meta["vocab_size"]) * int(meta["hidden_size"])
@@ -90,7 +122,7 @@ def main() -> None:
     weight_bytes = meta["memory"]["param_bytes"] - (0 if tied else embed)  # the embedding table is not read
     rows = []
     for b in a.batch:
-        r = decode_step(llm, b, a.context, profile=a.profile)
+        r = decode_step(llm, b, a.context, profile=a.profile, mixed_chunk=a.mixed_chunk)
         kv = b * r["context"] * meta["memory"]["kv_bytes_per_token"]
         floor = (weight_bytes + kv) / bw
         r.update(batch=b, bytes_moved=weight_bytes + kv, floor_s=floor, fraction_of_floor=floor / r["step_s"],
@@ -99,6 +131,9 @@ def main() -> None:
         print(f"{a.model} batch {b:>3}: step {1000 * r['step_s']:.3f} ms (graph replay "
               f"{1000 * (r['graph_replay_s'] or float('nan')):.3f} ms), floor {1000 * floor:.3f} ms "
               f"-> {100 * r['fraction_of_floor']:.1f}% of bytes/bandwidth")
+        if r["mixed"]:
+            print(f"  + {r['mixed']['chunk']}-token prefill: step ms {[round(t, 2) for t in r['mixed']['step_ms']]} "
+                  f"({r['mixed']['tokens_per_s']:.0f} prefill tok/s)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "decode_step", "model": a.model, "machine": machine_info("cuda"), "ceilings": ceilings,

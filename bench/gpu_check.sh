@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/), run the GPU tests and the
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
-#   bench/gpu_check.sh [tests] [attention] [decode] [offline] [elementwise] [moe] [sampling] [libs] [compare]
+#   bench/gpu_check.sh [tests] [attention] [decode] [mixed] [offline] [elementwise] [moe] [sampling] [libs] [compare]
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
 # flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
 # triton vs deep_gemm grouped MoE -> $OUT/compare.json, skipping a library that does not import.
@@ -45,6 +45,8 @@ for s in $STAGES; do
     tests) run gpu_tests gpu_tests ;;
     attention) run attention python3 bench/attention.py --out "$OUT" ;;
     decode) run decode_step python3 bench/decode_step.py --model qwen3-8b --batch 1 64 ${DECODE_PROFILE:+--profile} --out "$OUT" ;;
+    mixed) run mixed_step python3 bench/decode_step.py --model qwen3-0.6b --batch 256 --context 512 --mixed-chunk 3840 \
+             --profile --out "$OUT" ;;
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
                --hf-num-prompts 16 --hf-batch-size 16 --results-dir "$OUT" ;;
     elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
@@ -109,7 +111,7 @@ echo "== summary ($OUT)"
 for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
 for f in "$OUT"/pytest-*.log; do [ -e "$f" ] && printf '%-40s %s\n' "$(basename "$f")" "$(tail -n 1 "$f")"; done
 grep -hE "TB/s" "$OUT/attention.log" 2>/dev/null | tail -8
-grep -hE "floor" "$OUT/decode_step.log" 2>/dev/null
+grep -hE "floor|prefill tok/s" "$OUT/decode_step.log" "$OUT/mixed_step.log" 2>/dev/null
 grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null
 grep -hE "passed|failed|error" "$OUT/libs.log" 2>/dev/null | tail -2
 grep -hE "^(decode ctx|moe T|[a-z_]+ skipped:)" "$OUT/compare.log" 2>/dev/null

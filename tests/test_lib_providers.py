@@ -249,7 +249,7 @@ def _adapter(name: str, archs: tuple[int, ...] | None = None):
     major, minor = torch.cuda.get_device_capability()
     if archs is not None and major * 10 + minor not in archs:
         pytest.skip(f"needs sm{'/sm'.join(map(str, archs))}")
-    return pytest.importorskip(f"nanoforge.codegen.kernels.libs.{name}")
+    return pytest.importorskip(f"nanoforge.codegen.kernels.libs.{name}", exc_type=ImportError)
 
 
 def _capture(fn):

@@ -88,7 +88,8 @@ def triton_path(monkeypatch):
     monkeypatch.setattr(S, "_use_triton", lambda logits: True)
     calls = []
     fast = S._sample_triton
-    monkeypatch.setattr(S, "_sample_triton", lambda logits, reqs: calls.append(len(reqs)) or fast(logits, reqs))
+    monkeypatch.setattr(S, "_sample_triton", lambda logits, params, gens: calls.append(len(params)) or
+                        fast(logits, params, gens))
     return calls
 
 

@@ -12,7 +12,7 @@ from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
-from .sampler import SampleRequest, sample
+from .sampler import SampleRequest, sample, sample_plain
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
@@ -39,6 +39,7 @@ class EngineMetrics:
     step_times: list[float] = field(default_factory=list)
     tokens_per_step: list[int] = field(default_factory=list)
     decode_step_times: list[float] = field(default_factory=list)  # steps of one token per sequence
+    decode_flags: list[bool] = field(default_factory=list)  # per step: was it decode-only
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
@@ -52,7 +53,16 @@ class EngineMetrics:
                 "mean_step_ms": 1000 * sum(self.step_times) / n,
                 "decode_only_steps": len(self.decode_step_times),
                 "decode_only_step_s": sum(self.decode_step_times),
-                "mixed_step_s": sum(self.step_times) - sum(self.decode_step_times)}
+                "mixed_step_s": sum(self.step_times) - sum(self.decode_step_times),
+                "mixed_step_ms": _spread([t for t, n in zip(self.step_times, self.decode_flags) if not n])}
+
+
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    """min / median / max in ms: one slow outlier (a kernel compiling mid-run) shows up as max."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return {"min": 1000 * xs[0], "p50": 1000 * xs[len(xs) // 2], "max": 1000 * xs[-1]}
 
 
 class Engine:
@@ -122,21 +132,27 @@ class Engine:
         if not batch.items:
             return []
         logits, sample_items = self.runner.execute(batch)
+        commit = self.blocks.commit
         for seq, n in batch.items:
             seq.num_computed += n
-            self.blocks.commit(seq)
-        reqs = [self._sample_request(batch.items[i][0]) for i in sample_items]
-        out = []
-        for row, (i, (token, info)) in enumerate(zip(sample_items, sample(logits, reqs))):
-            seq = batch.items[i][0]
+            commit(seq)
+        out = [batch.items[i][0] for i in sample_items]
+        tokens = None
+        if all(seq.params.plain for seq in out):  # no SampleRequests, one kernel
+            tokens = sample_plain(logits, [seq.params for seq in out], [seq.generator for seq in out])
+        results = sample(logits, [self._sample_request(seq) for seq in out]) if tokens is None else \
+            [(t, None) for t in tokens]
+        for row, (seq, (token, info)) in enumerate(zip(out, results)):
             if self.keep_logits:
                 seq.logits = logits[row].cpu()
             self._append(seq, token, info)
-            out.append(seq)
+        self.metrics.generated_tokens += len(out)
         self.metrics.steps += 1
         self.metrics.tokens_per_step.append(batch.num_tokens)
         self.metrics.step_times.append(time.perf_counter() - start)
-        if batch.num_tokens == len(batch.items):
+        decode_only = batch.num_tokens == len(batch.items)
+        self.metrics.decode_flags.append(decode_only)
+        if decode_only:
             self.metrics.decode_step_times.append(self.metrics.step_times[-1])
         return out
 
@@ -149,18 +165,17 @@ class Engine:
         return SampleRequest(p, *history, seq.generator, banned)
 
     def _append(self, seq: Sequence, token: int, info: dict | None) -> None:
-        p = seq.params
-        seq.token_ids.append(token)
-        self.metrics.generated_tokens += 1
+        p, ids = seq.params, seq.token_ids
+        ids.append(token)
         if info is not None:
             seq.logprobs.append(info)
-        reason = None
-        if seq.num_output >= p.min_tokens:
+        reason, num_output = None, len(ids) - seq.num_prompt
+        if num_output >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
                 reason = "stop"
             elif p.stop and self._stop_string_in_tail(seq):
                 reason = "stop"
-        if reason is None and (seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (num_output >= p.max_tokens or len(ids) >= self.max_model_len):
             reason = "length"
         if reason is not None:
             self._finalize_text(seq)

@@ -52,12 +52,23 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[tuple[int, dict | None]]:
     """One token per row; with logprobs, {'token': lp, 'top': [(id, lp), ...]}."""
     logits = logits.float()
-    plain = all(r.params.logprobs is None and not r.banned and not r.params.needs_history for r in reqs)
-    if plain and all(r.params.greedy for r in reqs):
-        return [(t, None) for t in logits.argmax(dim=-1).tolist()]  # the common case, one kernel
-    if plain and _use_triton(logits):
-        return [(t, None) for t in _sample_triton(logits, reqs).tolist()]
+    if all(r.params.logprobs is None and not r.banned and not r.params.needs_history for r in reqs):
+        tokens = sample_plain(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        if tokens is not None:
+            return [(t, None) for t in tokens]
     return _sample_torch(logits, reqs)
+
+
+def sample_plain(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int] | None:
+    """Rows whose params are all `plain`: one argmax when every row is greedy, else the fused
+    Triton kernel on CUDA; None when neither applies (the caller takes the per-row path). The
+    engine calls this directly, so a decode step of plain requests builds no SampleRequests."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(dim=-1).tolist()  # the common case, one kernel
+    if _use_triton(logits):
+        return _sample_triton(logits.float(), params, generators).tolist()
+    return None
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
@@ -65,18 +76,19 @@ def _use_triton(logits: torch.Tensor) -> bool:
     return logits.is_cuda
 
 
-def _sample_triton(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+def _sample_triton(logits: torch.Tensor, params: list[SamplingParams],
+                   generators: list[torch.Generator | None]) -> torch.Tensor:
     """Temperature/top-k/top-p/min-p rows in one Triton launch instead of a per-row loop with a
     device->host copy each. One uniform per row, from the request's generator when it has one,
     keeps seeded requests reproducible whatever they are batched with."""
     from ..codegen.kernels.triton.sampling import sample_tokens
 
-    u = torch.rand(len(reqs))  # unseeded rows: the global CPU generator
-    for i, r in enumerate(reqs):
-        if r.generator is not None and not r.params.greedy:
-            u[i] = torch.rand((), generator=r.generator)
-    cols = torch.tensor([[r.params.temperature for r in reqs], [r.params.top_k for r in reqs],
-                         [r.params.top_p for r in reqs], [r.params.min_p for r in reqs]], dtype=torch.float32)
+    u = torch.rand(len(params))  # unseeded rows: the global CPU generator
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if g is not None and not p.greedy:
+            u[i] = torch.rand((), generator=g)
+    cols = torch.tensor([[p.temperature for p in params], [p.top_k for p in params],
+                         [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32)
     cols = torch.cat([cols, u[None]]).to(logits.device, non_blocking=True)  # one host->device copy
     return sample_tokens(logits, *cols)
 

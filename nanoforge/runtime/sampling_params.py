@@ -49,5 +49,11 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def plain(self) -> bool:
+        """No logprobs, penalties or min_tokens: the sampler's one-kernel path serves the row."""
+        return (self.logprobs is None and self.min_tokens == 0 and self.repetition_penalty == 1
+                and not self.presence_penalty and not self.frequency_penalty)
+
+    @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

@@ -56,8 +56,14 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.cfg.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
+        bs = self.blocks.block_size
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
+                continue
+            if (budget > 0 and len(seq.token_ids) - seq.num_computed == 1
+                    and seq.num_computed < len(seq.block_table) * bs):
+                items.append((seq, 1))  # a decode token whose slot is already allocated: the hot path
+                budget -= 1
                 continue
             n = min(seq.remaining, budget, self.cfg.max_prefill_chunk)
             if n <= 0:

@@ -36,9 +36,11 @@ Two grids over the same kernel body:
     query_start[b] // BQ + b <= t), so the grid depends on T and B only. Each tile attends to
     positions 0 .. its last row's position: full tiles below its first row's position run without
     masks, the rest with the causal / context mask.
-A mixed batch (max_query_len > MAX_DECODE_Q) launches both when the decode rows want S > 1
-(decode programs skip sequences with q_len > 1, prefill programs skip those with q_len == 1);
-otherwise the prefill grid alone serves every row (one launch).
+A mixed batch (max_query_len > MAX_DECODE_Q) launches both: decode programs serve the sequences
+with q_len == 1 (split or not), prefill programs skip them. (Sending decode rows through 64-row
+prefill tiles wasted the tile, and every (S > 1, S == 1) x prefill-config pair was one more
+kernel variant to compile mid-run.) The reduce kernel always reads MAX_SPLITS partial slots
+(masked), so a new split count never compiles a new variant.
 
 CUDA-graph safe: no host reads of tensor values; grids depend on shapes, B, max_query_len,
 max_context_len only; partial buffers come from torch.empty.
@@ -437,25 +439,24 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     HB = min(_pow2(G), max(1, 16384 // (BQ * BLOCK_DV)), 64)
     NHC = triton.cdiv(G, HB)
     S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
-    run_decode = not mixed or S > 1
-    if run_decode:
-        BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
-        split = S > 1
-        if split:
-            pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
-            pm = torch.empty(B * BQ * H * S, device=q.device, dtype=torch.float32)
-            pl = torch.empty_like(pm)
-        else:
-            pacc = pm = pl = out
-        _paged_attn_kernel[(B, KVH * NHC, S)](
-            q, k_cache, v_cache, out, pacc, pm, pl, query_start, context_lens, block_tables,
-            qk_scale, B, H, S, *strides,
-            G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-            DECODE=True, SPLIT=split, DEC_Q=0, **common, num_warps=warps, num_stages=stages)
-        if split:
-            _reduce_kernel[(B, H, BQ)](
-                out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
-                DV=DV, BLOCK_DV=BLOCK_DV, BQ=BQ, BLOCK_S=max(2, _pow2(S)), BLOCK_N=BLOCK_N, num_warps=4)
+    # decode grid: every row of a decode batch, the single-token rows of a mixed one
+    BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
+    split = S > 1
+    if split:
+        pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
+        pm = torch.empty(B * BQ * H * S, device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+    else:
+        pacc = pm = pl = out
+    _paged_attn_kernel[(B, KVH * NHC, S)](
+        q, k_cache, v_cache, out, pacc, pm, pl, query_start, context_lens, block_tables,
+        qk_scale, B, H, S, *strides,
+        G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
+        DECODE=True, SPLIT=split, DEC_Q=0, **common, num_warps=warps, num_stages=stages)
+    if split:
+        _reduce_kernel[(B, H, BQ)](
+            out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
+            DV=DV, BLOCK_DV=BLOCK_DV, BQ=BQ, BLOCK_S=MAX_SPLITS, BLOCK_N=BLOCK_N, num_warps=4)
     if mixed:
         BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
         HBp = min(_pow2(G), BLOCK_M)
@@ -465,7 +466,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q, k_cache, v_cache, out, out, out, out, query_start, context_lens, block_tables,
             qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1 if run_decode else 0, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, **common,
             num_warps=warps, num_stages=stages)
     return out
 
