@@ -25,7 +25,7 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bo
     g = torch.Generator().manual_seed(batch)
     vocab = int(llm.plan.module.meta["vocab_size"])
     seqs = [eng.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
-                            SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True))
+                            SamplingParams(temperature=0, max_tokens=steps + 100, ignore_eos=True))
             for _ in range(batch)]
     while any(s.num_computed < len(s.prompt_ids) for s in seqs):  # prefill everything first
         eng.step()
@@ -114,7 +114,8 @@ def main() -> None:
     ceilings = measure_ceilings("cuda")
     bw = ceilings["copy_bytes_per_s"]
     ckpt = RandomCheckpoint(PRESETS[a.model], a.model, "bf16", device="cuda")
-    llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch), max_model_len=max(a.context, a.mixed_chunk) + 128,
+    llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch) + (1 if a.mixed_chunk else 0),
+              max_model_len=max(a.context, a.mixed_chunk) + 128,
               max_num_batched_tokens=8192, max_prefill_chunk=8192)
     meta = llm.plan.module.meta
     embed = 2 * int(meta["vocab_size"]) * int(meta["hidden_size"])
