@@ -61,7 +61,9 @@ class DecodeGraphs:
             return f"{len(batch.items)} sequences exceed the largest graph ({self.sizes[-1]})"
         return None
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph of the next size up; `device_tokens` (one per sequence, on the
+        device) replace the host token ids, for a step chained on the previous one's samples."""
         b = len(batch.items)
         size = self.sizes[bisect.bisect_left(self.sizes, b)]
         bs = self.block_size
@@ -72,10 +74,13 @@ class DecodeGraphs:
         slots = np.full(size, -1, np.int64)
         lens = np.ones(size, np.int32)
         pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
-        tokens[:b] = [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
+        if device_tokens is None:
+            tokens[:b] = [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
         positions[:b], lens[:b] = pos, pos + 1
         slots[:b] = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
         self.tokens[:size].copy_(torch.from_numpy(tokens), non_blocking=True)
+        if device_tokens is not None:
+            self.tokens[:b].copy_(device_tokens)
         self.positions[:size].copy_(torch.from_numpy(positions), non_blocking=True)
         self.slots[:size].copy_(torch.from_numpy(slots), non_blocking=True)
         self.context_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)

@@ -12,9 +12,9 @@ from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
-from .sampler import SampleRequest, sample, sample_plain
+from .sampler import SampleRequest, sample, sample_plain, sample_plain_device
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .tokenizer import Tokenizer
 
@@ -31,6 +31,14 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefix_caching: bool = True
     enforce_eager: bool = False  # never replay CUDA graphs
+    overlap_decode: bool = True  # launch decode step N+1 before the host has read step N's tokens
+
+
+@dataclass
+class _InFlight:
+    seqs: list[Sequence]  # rows of the launched step
+    tokens: torch.Tensor  # their sampled tokens, on the device
+    start: float
 
 
 @dataclass
@@ -94,8 +102,20 @@ class Engine:
         self._ids = itertools.count()
         self.keep_logits = False  # tests and scoring: keep each sequence's latest logits row
         self.seqs: dict[int, Sequence] = {}
+        self._pending: _InFlight | None = None  # a launched decode step whose tokens are on the device
+        self._last_resolve = 0.0
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        self._check_request(prompt_ids, params)
+        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        return seq
+
+    def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise NanoForgeError("prompt is empty")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
@@ -108,13 +128,6 @@ class Engine:
         if self.blocks.blocks_needed(longest) > len(self.blocks.blocks):
             raise NanoForgeError(f"request needs {self.blocks.blocks_needed(longest)} KV blocks of "
                                  f"{self.blocks.block_size} tokens but the pool has {len(self.blocks.blocks)}")
-        seq = Sequence(next(self._ids), list(prompt_ids), params)
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
-        self.seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        self.metrics.prompt_tokens += len(prompt_ids)
-        return seq
 
     def abort(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
@@ -123,13 +136,27 @@ class Engine:
             self.scheduler.finish(seq, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._pending is not None or self.scheduler.has_work()
 
     def step(self) -> list[Sequence]:
-        """Run one batch; return the sequences that got a token (finished ones included)."""
+        """Run one batch; return the sequences that got a token (finished ones included).
+
+        A decode-only batch of plain requests is launched and left in flight: its tokens stay on
+        the device and are resolved by the next call, which first launches the following decode
+        step on them when it can (same sequences, no admissions, blocks at hand). The host's
+        bookkeeping for step N then runs while the GPU computes step N+1."""
+        if self._pending is not None:
+            prev, self._pending = self._pending, None
+            chained = self._chain_batch(prev)
+            if chained is not None:
+                self._pending = self._launch(chained, prev)
+            return self._resolve(prev)
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.items:
+            return []
+        if self._can_defer(batch):
+            self._pending = self._launch(batch, None)
             return []
         logits, sample_items = self.runner.execute(batch)
         commit = self.blocks.commit
@@ -154,6 +181,72 @@ class Engine:
         self.metrics.decode_flags.append(decode_only)
         if decode_only:
             self.metrics.decode_step_times.append(self.metrics.step_times[-1])
+        return out
+
+    # -- decode steps left in flight (see step) --------------------------------------------------
+    def _can_defer(self, batch: ScheduledBatch) -> bool:
+        if not self.cfg.overlap_decode or self.keep_logits:
+            return False
+        for seq, n in batch.items:
+            if n != 1 or seq.num_computed + 1 != len(seq.token_ids) or not seq.params.plain:
+                return False
+        p = [seq.params for seq, _ in batch.items]
+        return all(x.temperature == 0 for x in p) or self.runner.device.type == "cuda"
+
+    def _chain_batch(self, prev: "_InFlight") -> ScheduledBatch | None:
+        """The decode step after `prev`, if it can run on prev's device tokens: nothing waits for
+        admission and every running sequence was in prev. Sequences that prev's token ends by
+        length are left out; ones it ends by a stop token run one wasted row (dropped at resolve)."""
+        sched = self.scheduler
+        if sched.waiting or len(sched.running) != sum(s.status is Status.RUNNING for s in prev.seqs):
+            return None
+        items = []
+        for seq in prev.seqs:
+            if seq.status is not Status.RUNNING:
+                continue
+            num_output = len(seq.token_ids) + 1 - seq.num_prompt  # with prev's token
+            if num_output >= seq.params.max_tokens or len(seq.token_ids) + 1 >= self.max_model_len:
+                continue
+            items.append((seq, 1))
+        for seq, _ in items:  # the slot of the unknown token: position num_computed
+            if not self.blocks.can_grow(seq, 1):
+                return None
+            self.blocks.grow(seq, 1)
+        return ScheduledBatch(items) if items else None
+
+    def _launch(self, batch: ScheduledBatch, prev: "_InFlight | None") -> "_InFlight":
+        seqs = [seq for seq, _ in batch.items]
+        inputs = None
+        if prev is not None:
+            row = {id(s): i for i, s in enumerate(prev.seqs)}
+            idx = [row[id(s)] for s in seqs]
+            inputs = prev.tokens if idx == list(range(len(prev.seqs))) else \
+                prev.tokens[torch.tensor(idx, device=prev.tokens.device)]
+        logits, _ = self.runner.execute(batch, device_tokens=inputs)
+        for seq in seqs:
+            seq.num_computed += 1  # committed at resolve, once the input token is in token_ids
+        tokens = sample_plain_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        assert tokens is not None, "_can_defer admitted a batch sample_plain_device cannot serve"
+        return _InFlight(seqs, tokens, time.perf_counter())
+
+    def _resolve(self, p: "_InFlight") -> list[Sequence]:
+        tokens = p.tokens.tolist()  # waits for that step (the next one is already queued)
+        commit, out = self.blocks.commit, []
+        for seq, token in zip(p.seqs, tokens):
+            if seq.status is not Status.RUNNING:  # finished by the previous token, or aborted
+                continue
+            self._append(seq, token, None)
+            commit(seq)  # after the append: a chained step already counts the token's position
+            out.append(seq)
+        now = time.perf_counter()
+        m = self.metrics
+        m.generated_tokens += len(out)
+        m.steps += 1
+        m.tokens_per_step.append(len(p.seqs))
+        m.step_times.append(now - max(p.start, self._last_resolve))
+        m.decode_flags.append(True)
+        m.decode_step_times.append(m.step_times[-1])
+        self._last_resolve = now
         return out
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
@@ -202,3 +295,64 @@ class Engine:
     def run_until_done(self) -> None:
         while self.has_work():
             self.step()
+
+    # -- PD disaggregation: a sequence may leave the scheduler holding its KV blocks -------------
+    def park(self, seq: Sequence) -> "torch.cuda.Event | None":
+        """Take a prefilled sequence out of scheduling but keep its blocks, so that a decode engine
+        can pull its KV (release_parked frees them). On CUDA, returns an event recorded after the
+        steps that wrote that KV, for a reader on another thread to wait on."""
+        self.scheduler.detach(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "prefilled"
+        self.seqs.pop(seq.seq_id, None)
+        if self.runner.pool[0][0].device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def release_parked(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence outside the scheduler (parked, or being migrated in)."""
+        self.seqs.pop(seq.seq_id, None)
+        self.blocks.release(seq)
+
+    def add_migrated(self, token_ids: list[int], num_prompt: int, params: SamplingParams,
+                     num_kv: int) -> tuple[Sequence, int | None]:
+        """A request prefilled on another engine: token_ids = prompt + the tokens it sampled there,
+        the first num_kv of which have KV over there. Blocks for them are allocated here (prefix
+        cache hits first) but the sequence is not scheduled until resume_migrated. Returns it and
+        the first block to pull (earlier ones were cached here); when the pool cannot hold the KV
+        now, the sequence is queued to recompute instead and the block is None."""
+        if not 0 < num_prompt < len(token_ids) or not 0 < num_kv < len(token_ids):
+            raise NanoForgeError(f"migrated request: num_prompt ({num_prompt}) and num_tokens ({num_kv}) must be "
+                                 f"in [1, {len(token_ids) - 1}] for {len(token_ids)} tokens")
+        self._check_request(token_ids[:num_prompt], params)
+        out = token_ids[num_prompt:]
+        if min(out) < 0 or max(out) >= self.vocab_size or len(token_ids) >= self.max_model_len:
+            raise NanoForgeError(f"migrated request: output ids must be in [0, {self.vocab_size}) and "
+                                 f"{len(token_ids)} tokens below max_model_len {self.max_model_len}")
+        seq = Sequence(next(self._ids), list(token_ids), params, num_prompt=num_prompt)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        if params.logprobs is not None:  # the source engine sent those tokens' logprobs
+            seq.logprobs = [{"token": 0.0, "top": []} for _ in out]
+        self.seqs[seq.seq_id] = seq
+        self.blocks.match_prefix(seq)
+        first, need = len(seq.block_table), num_kv - seq.num_computed
+        if need > 0 and not self.blocks.can_grow(seq, need):
+            self.blocks.release(seq)
+            seq.num_cached = 0
+            self.scheduler.add(seq)
+            return seq, None
+        self.blocks.grow(seq, max(need, 0))
+        return seq, first
+
+    def resume_migrated(self, seq: Sequence, num_kv: int) -> None:
+        """The pull for add_migrated's sequence ended: num_kv tokens now have KV here (0: it
+        failed, so the prompt is recomputed). Either way the sequence is next to be admitted."""
+        if num_kv:
+            seq.num_computed = max(seq.num_computed, num_kv)
+            self.blocks.commit(seq)
+        else:
+            self.blocks.release(seq)
+            seq.num_cached = 0
+        self.scheduler.waiting.appendleft(seq)

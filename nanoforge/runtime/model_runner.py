@@ -91,25 +91,33 @@ class ModelRunner:
         info = plan.module.meta.get("cuda_graphs") or {"sizes": [], "reason": "the plan has no CUDA-graph pass"}
         return info["reason"] if not info["sizes"] else None
 
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: ScheduledBatch,
+                device_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """Logits f32[R, vocab] for the R sequences whose last token was computed this step,
-        and their indices into batch.items."""
-        sample_items = batch.sample_indices()
-        why = self.no_graph_reason or self.graphs.why_not(batch)  # type: ignore[union-attr]
+        and their indices into batch.items. `device_tokens`: a decode batch whose input tokens
+        (one per sequence, at position num_computed) are still on the device, not in token_ids."""
+        if device_tokens is not None:
+            sample_items = list(range(len(batch.items)))
+            why = self.no_graph_reason or (None if len(batch.items) <= self.graphs.sizes[-1]  # type: ignore
+                                           else "the batch exceeds the largest graph")
+        else:
+            sample_items = batch.sample_indices()
+            why = self.no_graph_reason or self.graphs.why_not(batch)  # type: ignore[union-attr]
         if why is None:
             self.batches["graph"] += 1
-            return self.graphs.run(batch), sample_items  # type: ignore[union-attr]
+            return self.graphs.run(batch, device_tokens), sample_items  # type: ignore[union-attr]
         self.batches[f"eager: {why}"] += 1
         tokens, positions, ends, seqs = [], [], [], []
         for seq, n in batch.items:
             start = seq.num_computed
-            tokens += seq.token_ids[start:start + n]
+            tokens += seq.token_ids[start:start + n] if device_tokens is None else [0]
             positions += range(start, start + n)
             seqs.append((n, start + n, seq.block_table))
             ends.append(len(tokens) - 1)
         rows = [ends[i] for i in sample_items]
         ctx = make_context(self.pool, self.block_size, seqs, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
+        token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
         with torch.inference_mode():
-            logits = self.forward(self.params, ctx, as_tensor(tokens), as_tensor(positions), as_tensor(rows))
+            logits = self.forward(self.params, ctx, token_ids, as_tensor(positions), as_tensor(rows))
         return logits, sample_items

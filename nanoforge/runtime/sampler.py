@@ -64,10 +64,18 @@ def sample_plain(logits: torch.Tensor, params: list[SamplingParams],
     """Rows whose params are all `plain`: one argmax when every row is greedy, else the fused
     Triton kernel on CUDA; None when neither applies (the caller takes the per-row path). The
     engine calls this directly, so a decode step of plain requests builds no SampleRequests."""
+    tokens = sample_plain_device(logits, params, generators)
+    return None if tokens is None else tokens.tolist()
+
+
+def sample_plain_device(logits: torch.Tensor, params: list[SamplingParams],
+                        generators: list[torch.Generator | None]) -> torch.Tensor | None:
+    """sample_plain without the device->host copy: the tokens stay where the logits are, so the
+    next decode step can be launched on them before the host has seen them."""
     if all(p.temperature == 0 for p in params):
-        return logits.argmax(dim=-1).tolist()  # the common case, one kernel
+        return logits.argmax(dim=-1)  # the common case, one kernel
     if _use_triton(logits):
-        return _sample_triton(logits.float(), params, generators).tolist()
+        return _sample_triton(logits.float(), params, generators)
     return None
 
 

@@ -80,7 +80,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            self.blocks.match_prefix(seq)
+            if not seq.block_table:  # a sequence migrated in (PD) arrives with its blocks
+                self.blocks.match_prefix(seq)
             n = min(seq.remaining, budget, self.cfg.max_prefill_chunk)
             if not self.blocks.can_grow(seq, n):
                 self.blocks.release(seq)
@@ -95,6 +96,14 @@ class Scheduler:
             items.append((seq, n))
             budget -= n
         return ScheduledBatch(items)
+
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling `seq` but leave its blocks allocated (a prefilled sequence parked for
+        a decode engine to pull its KV)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
