@@ -2,7 +2,8 @@
 has the signature of its torch reference (codegen/kernels/torch_ref.py) and is CUDA-graph safe."""
 from .attention import attention
 from .elementwise import add_rms_norm, embed, qk_norm_rope, rms_norm, rope, silu_mul
+from .gemv import linear
 from .moe import moe
 from .sampling import sample_tokens
 
-__all__ = ["add_rms_norm", "attention", "embed", "moe", "qk_norm_rope", "rms_norm", "rope", "sample_tokens", "silu_mul"]
+__all__ = ["add_rms_norm", "attention", "embed", "linear", "moe", "qk_norm_rope", "rms_norm", "rope", "sample_tokens", "silu_mul"]
