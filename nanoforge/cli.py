@@ -146,7 +146,13 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    """OpenAI-compatible HTTP server over one in-process engine (its own thread)."""
+    """OpenAI-compatible HTTP server over one in-process engine (its own thread); with --addr or a
+    prefill/decode role, an engine server (ZMQ, no HTTP) for `nanoforge route` instead."""
+    if a.addr or a.role != "both":
+        return _serve_engine(a)
+    if a.registry or a.advertise_addr:
+        raise NanoForgeError("--registry and --advertise-addr are for engine servers: add --addr ADDR "
+                             "(and --role prefill|decode)")
     import uvicorn
 
     from .llm import LLM
@@ -167,6 +173,58 @@ def cmd_serve(a: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+def _serve_engine(a: argparse.Namespace) -> int:
+    import logging
+
+    from .serving.engine_server import serve_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len),
+                              ("num_blocks", a.num_blocks)) if v is not None}
+    serve_engine(a.model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name, role=a.role,
+                 device=a.device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
+                 registry=a.registry, advertise_addr=a.advertise_addr, **opts)
+    return 0
+
+
+def cmd_route(a: argparse.Namespace) -> int:
+    """The OpenAI HTTP API over engine servers: PD (prefill + decode engines) or whole requests."""
+    import asyncio
+
+    import uvicorn
+
+    from .serving.openai_api import build_app
+    from .serving.router import Router
+    from .serving.routing import make_strategy
+
+    make_strategy(a.strategy)  # an unknown name fails before any connection
+
+    async def main() -> None:
+        router = await Router.connect(a.prefill, a.decode, a.engine, a.registry, a.strategy, a.served_model_name)
+        try:
+            app = build_app(router, router.tokenizer, router.model_name, a.api_key)
+            await uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).serve()
+        finally:
+            router.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
+    """PD and registry flags of an engine server (`nanoforge serve --addr`, python -m
+    nanoforge.serving.engine_server)."""
+    p.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
+                   help="prefill: keep each PD request's KV after its first token for a decode engine to pull; "
+                        "decode: pull it; both: whole requests")
+    p.add_argument("--kv-park-timeout", type=float, default=30.0,
+                   help="seconds a prefilled request's KV waits to be pulled before it is freed (default %(default)s)")
+    p.add_argument("--kv-transport", choices=["auto", "tcp", "ipc"], default="auto",
+                   help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto")
+    p.add_argument("--registry", help="redis://host:port[/db]: heartbeat this engine's record there for routers")
+    p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "unless told")
     s.add_argument("--max-num-seqs", type=int, help="most sequences stepped together")
     s.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
+    s.add_argument("--addr", help="run an engine server at this ZMQ address (tcp://HOST:PORT) instead of HTTP; "
+                   "a prefill or decode role implies one (default tcp://127.0.0.1:5555)")
+    s.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
+    add_engine_server_flags(s)
     s.set_defaults(run=cmd_serve)
+
+    r = sub.add_parser("route", help="OpenAI-compatible HTTP router over engine servers (PD or whole requests)")
+    r.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="ADDR", help="prefill engines")
+    r.add_argument("--decode", nargs="+", action="extend", default=[], metavar="ADDR", help="decode engines")
+    r.add_argument("--engine", nargs="+", action="extend", default=[], metavar="ADDR",
+                   help="engines that serve whole requests (role both)")
+    r.add_argument("--registry", help="redis://host:port[/db]: route to the engines registered there")
+    r.add_argument("--strategy", default="round-robin", help="round-robin, least-loaded or prefix-aware")
+    r.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    r.add_argument("--served-model-name", help="the model name clients send (default: the engines')")
+    r.set_defaults(run=cmd_route)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

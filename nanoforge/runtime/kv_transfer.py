@@ -38,7 +38,7 @@ def gather_blocks(pool: Pool, block_ids: list[int], ready: Any = None) -> list[m
     for layer in pool:
         for t in layer:
             blocks = t.index_select(0, ids).cpu().contiguous()  # bf16 / fp8 have no numpy dtype: go
-            out.append(memoryview(blocks.view(torch.uint8).numpy()).cast("B"))  # through uint8
+            out.append(memoryview(blocks.view(torch.uint8).numpy().reshape(-1)))  # through uint8
     return out
 
 
@@ -63,6 +63,8 @@ def scatter_blocks(pool: Pool, block_ids: list[int], buffers: list[Any]) -> int:
             src = torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).view(len(block_ids), *t.shape[1:])
             t.index_copy_(0, ids, src.to(t.device))
             total += n
+    if pool_device(pool).type == "cuda":  # done before the engine thread may read the blocks
+        torch.cuda.synchronize(pool_device(pool))
     return total
 
 

@@ -1,24 +1,42 @@
 """EngineLoop: one runtime engine stepping in its own thread. Requests and aborts arrive through
 a thread-safe inbox; after every step the new tokens of every request go out as TokenDeltas
-through one callback (the in-process client and the ZMQ engine server both sit on this)."""
+through one callback (the in-process client and the ZMQ engine server both sit on this).
+
+PD disaggregation: a request with pd phase "prefill" is parked after its first token (blocks
+kept, `parked`, read by the server's I/O thread under `parked_lock`) until a decode engine acks
+its pull, the front end aborts it, or kv_park_timeout passes. One with phase "decode" gets blocks
+here and waits in `migrating` while `migrate` (the server's migration worker) pulls its KV; the
+worker's ("migrated", result) message puts it in the queue, or, when the pull failed, it is
+recomputed (the blocks being written stay allocated until then, even if it is aborted)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import NanoForgeError
 from ..runtime.engine import Engine
+from ..runtime.kv_transfer import gather_blocks, generator_state, set_generator_state
 from ..runtime.sequence import Sequence
 from .protocol import GenerateRequest, TokenDelta
 
 log = logging.getLogger("nanoforge.serving")
 
 
+@dataclass
+class Parked:
+    seq: Sequence
+    deadline: float  # time.monotonic() after which the blocks are freed unpulled
+    ready: Any  # CUDA event of the KV writes, or None
+    num_tokens: int  # tokens whose KV is kept
+
+
 class EngineLoop:
-    def __init__(self, engine: Engine, on_deltas: Callable[[list[TokenDelta]], None]):
+    def __init__(self, engine: Engine, on_deltas: Callable[[list[TokenDelta]], None], kv_park_timeout: float = 30.0):
         self.engine, self.on_deltas = engine, on_deltas
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.live: dict[str, Sequence] = {}
@@ -26,7 +44,15 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="nanoforge-engine", daemon=True)
         self.running = False
         self.started_at = time.time()
-        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "errors": 0}
+        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "errors": 0, "kv_migrations": 0,
+                         "kv_migration_bytes": 0, "kv_migration_seconds": 0.0, "kv_migration_fallbacks": 0,
+                         "kv_served_bytes": 0, "kv_park_expired": 0}
+        self.kv_park_timeout = kv_park_timeout
+        self.migrate: Callable[[dict[str, Any]], None] | None = None  # hands a KV pull to a worker
+        self.prefill_only: set[str] = set()  # live PD prefill requests, parked at their first token
+        self.parked: dict[str, Parked] = {}
+        self.parked_lock = threading.Lock()
+        self.migrating: dict[str, Sequence] = {}
 
     def start(self) -> "EngineLoop":
         self.running = True
@@ -45,6 +71,36 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
 
+    def release(self, request_id: str) -> None:
+        """A decode engine has the parked request's KV (kv_ack): free its blocks."""
+        self.inbox.put(("kv_release", request_id))
+
+    def migrated(self, result: dict[str, Any]) -> None:
+        """The migration worker's report: {request_id, ok, num_tokens, bytes, seconds, error, ...}."""
+        self.inbox.put(("migrated", result))
+
+    def read_parked(self, request_id: str, first_block: int, with_data: bool = True) -> tuple[dict, list]:
+        """(header, buffers) answering a kv_pull, from the I/O thread: the parked request's blocks
+        from first_block on, copied to host bytes unless the puller maps our pool itself (IPC).
+        Holding parked_lock keeps the engine thread from freeing (and reusing) them meanwhile."""
+        with self.parked_lock:
+            p = self.parked.get(request_id)
+            if p is None:
+                raise NanoForgeError(f"no parked KV for request {request_id!r} here (never prefilled here, already "
+                                     f"released, or expired after {self.kv_park_timeout:g}s)")
+            ids = p.seq.block_table[first_block:self.engine.blocks.blocks_needed(p.num_tokens)]
+            if with_data:
+                bufs = gather_blocks(self.engine.runner.pool, ids, p.ready)
+            else:  # the puller copies out of our pool itself: the writes must be done
+                bufs = []
+                if p.ready is not None:
+                    p.ready.synchronize()
+            state = generator_state(p.seq.generator)
+        nbytes = sum(b.nbytes for b in bufs)
+        self.counters["kv_served_bytes"] += nbytes
+        return {"num_tokens": p.num_tokens, "block_size": self.engine.blocks.block_size, "first_block": first_block,
+                "block_ids": ids, "nbytes": nbytes, "generator_state": state}, bufs
+
     def stats(self) -> dict[str, Any]:
         eng = self.engine
         total = len(eng.blocks.blocks)
@@ -54,7 +110,8 @@ class EngineLoop:
                 "prefix_cache_queries": eng.blocks.queries, "prefix_cache_hits": eng.blocks.hits,
                 "prompt_tokens": eng.metrics.prompt_tokens, "generated_tokens": eng.metrics.generated_tokens,
                 "steps": eng.metrics.steps, "preemptions": eng.scheduler.num_preemptions,
-                "uptime_s": time.time() - self.started_at, **self.counters}
+                "uptime_s": time.time() - self.started_at, "kv_parked": len(self.parked),
+                "kv_migrating": len(self.migrating), **self.counters}
 
     # -- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -62,6 +119,8 @@ class EngineLoop:
             self._drain(block=not self.engine.has_work())
             if not self.running:
                 break
+            if self.parked:
+                self._expire_parked()
             if self.engine.has_work():
                 try:
                     self.engine.step()
@@ -77,14 +136,11 @@ class EngineLoop:
             item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
             while True:
                 kind, arg = item
-                if kind == "add":
-                    d = self._add(arg)
-                    if d is not None:
-                        deltas.append(d)
-                elif kind == "abort":
-                    d = self._abort(arg)
-                    if d is not None:
-                        deltas.append(d)
+                handler = {"add": self._add, "abort": self._abort, "kv_release": self._release,
+                           "migrated": self._migrated}.get(kind)
+                d = handler(arg) if handler is not None else None  # "wake": nothing to do
+                if d is not None:
+                    deltas.append(d)
                 item = self.inbox.get_nowait()
         except queue.Empty:
             pass
@@ -93,25 +149,101 @@ class EngineLoop:
 
     def _add(self, req: GenerateRequest) -> TokenDelta | None:
         self.counters["requests"] += 1
-        if req.request_id in self.live:
-            return self._error(req, f"request id {req.request_id!r} is already running")
+        rid, pd = req.request_id, req.pd or {}
+        if rid in self.live or rid in self.parked or rid in self.migrating:
+            return self._error(req, f"request id {rid!r} is already running")
         try:
+            if pd.get("phase") == "decode":
+                return self._add_migrated(req, pd)
             seq = self.engine.add_request(list(req.prompt_ids), req.sampling_params())
         except (NanoForgeError, TypeError, ValueError) as e:
             return self._error(req, str(e))
-        self.live[req.request_id] = seq
-        self.sent[req.request_id] = 0
+        self.live[rid] = seq
+        self.sent[rid] = 0
+        if pd.get("phase") == "prefill":
+            self.prefill_only.add(rid)
         return None
+
+    def _add_migrated(self, req: GenerateRequest, pd: dict[str, Any]) -> None:
+        rid, n_kv = req.request_id, pd["num_tokens"]
+        seq, first = self.engine.add_migrated(list(req.prompt_ids), pd["num_prompt"], req.sampling_params(), n_kv)
+        self.live[rid], self.sent[rid] = seq, seq.num_output  # the prefill engine sent those tokens
+        job = {"request_id": rid, "source": pd["source"], "source_request_id": pd["source_request_id"],
+               "num_tokens": n_kv}
+        why = "the KV pool is full" if first is None else "this engine has no migration worker"
+        if first is not None and self.migrate is not None:
+            try:
+                self.migrate({**job, "first_block": first,
+                              "block_ids": seq.block_table[first:self.engine.blocks.blocks_needed(n_kv)]})
+                self.migrating[rid] = seq
+                return None
+            except Exception as e:  # noqa: BLE001 - the request still runs, recomputed
+                why = f"the migration worker failed: {e}"
+        log.warning("request %s: its prefill KV is not pulled (%s); recomputing its prompt here", rid, why)
+        self.counters["kv_migration_fallbacks"] += 1
+        if first is not None:
+            self.engine.resume_migrated(seq, 0)
+        if self.migrate is not None:  # the prefill engine may free the KV now (else at its park timeout)
+            with contextlib.suppress(Exception):
+                self.migrate({**job, "release_only": True})
+        return None
+
+    def _migrated(self, res: dict[str, Any]) -> TokenDelta | None:
+        rid = res["request_id"]
+        seq = self.migrating.pop(rid, None)
+        if seq is None:
+            return None
+        if self.live.get(rid) is not seq:  # aborted while its KV was arriving
+            self.engine.release_parked(seq)
+            return None
+        if res["ok"]:
+            c = self.counters
+            c["kv_migrations"] += 1
+            c["kv_migration_bytes"] += res["bytes"]
+            c["kv_migration_seconds"] += res["seconds"]
+            set_generator_state(seq.generator, res.get("generator_state"))
+            self.engine.resume_migrated(seq, res["num_tokens"])
+            return None
+        if res.get("fatal"):  # e.g. incompatible KV layouts: recomputing would hide a misconfiguration
+            self.engine.release_parked(seq)
+            del self.live[rid], self.sent[rid]
+            self.counters["errors"] += 1
+            return TokenDelta(rid, finish_reason="error", num_prompt_tokens=seq.num_prompt, error=res["error"])
+        log.warning("request %s: KV pull failed (%s); recomputing its prompt here", rid, res["error"])
+        self.counters["kv_migration_fallbacks"] += 1
+        self.engine.resume_migrated(seq, 0)
+        return None
+
+    def _release(self, request_id: str) -> None:
+        with self.parked_lock:
+            p = self.parked.pop(request_id, None)
+            if p is not None:
+                self.engine.release_parked(p.seq)
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        with self.parked_lock:
+            gone = [rid for rid, p in self.parked.items() if p.deadline <= now]
+            for rid in gone:
+                self.engine.release_parked(self.parked.pop(rid).seq)
+        for rid in gone:
+            log.warning("request %s: parked KV not pulled within %gs; freed", rid, self.kv_park_timeout)
+        self.counters["kv_park_expired"] += len(gone)
 
     def _error(self, req: GenerateRequest, why: str) -> TokenDelta:
         self.counters["errors"] += 1
         return TokenDelta(req.request_id, finish_reason="error", num_prompt_tokens=len(req.prompt_ids), error=why)
 
     def _abort(self, request_id: str) -> TokenDelta | None:
+        if request_id in self.parked:  # a PD prefill whose KV no decode engine will pull
+            self._release(request_id)
+            return None
         seq = self.live.pop(request_id, None)
         if seq is None:
             return None
-        self.engine.abort(seq.seq_id)
+        self.prefill_only.discard(request_id)
+        if request_id not in self.migrating:  # else its blocks are freed when the pull ends
+            self.engine.abort(seq.seq_id)
         self.counters["aborted"] += 1
         self.sent.pop(request_id, None)
         return TokenDelta(request_id, finish_reason="abort", num_prompt_tokens=seq.num_prompt,
@@ -121,22 +253,41 @@ class EngineLoop:
         deltas = []
         for rid, seq in list(self.live.items()):
             n = self.sent[rid]
+            kv = self._park(rid, seq) if rid in self.prefill_only and seq.num_output else None
             if seq.num_output == n and seq.finish_reason is None:
                 continue
             lps = seq.logprobs[n:] if seq.params.logprobs is not None else None
-            deltas.append(TokenDelta(rid, seq.output_ids[n:], lps, seq.finish_reason, seq.num_prompt, seq.num_cached))
+            deltas.append(TokenDelta(rid, seq.output_ids[n:], lps, seq.finish_reason, seq.num_prompt, seq.num_cached,
+                                     kv=kv))
             self.sent[rid] = seq.num_output
             if seq.finish_reason is not None:
                 del self.live[rid], self.sent[rid]
+                self.prefill_only.discard(rid)
                 self.engine.seqs.pop(seq.seq_id, None)
                 self.counters["finished"] += 1
         if deltas:
             self.on_deltas(deltas)
 
+    def _park(self, rid: str, seq: Sequence) -> dict[str, Any] | None:
+        """At its first token, a PD prefill request leaves the scheduler keeping its KV blocks
+        (unless that token finished it); returns what its last delta tells the front end."""
+        self.prefill_only.discard(rid)
+        if seq.finish_reason is not None:
+            return None
+        ready = self.engine.park(seq)
+        # a decode step chained onto the one that sampled the token (overlapped decode) may have
+        # computed that token's KV too: the decode engine computes it again, so offer the prompt's
+        num_tokens = min(seq.num_computed, seq.num_tokens - 1)
+        with self.parked_lock:
+            self.parked[rid] = Parked(seq, time.monotonic() + self.kv_park_timeout, ready, num_tokens)
+        return {"num_tokens": num_tokens, "block_size": self.engine.blocks.block_size}
+
     def _fail_all(self, why: str) -> None:
         deltas = []
+        self.prefill_only.clear()
         for rid, seq in list(self.live.items()):
-            self.engine.abort(seq.seq_id)
+            if rid not in self.migrating:
+                self.engine.abort(seq.seq_id)
             deltas.append(TokenDelta(rid, finish_reason="error", num_prompt_tokens=seq.num_prompt, error=why))
         self.live.clear()
         self.sent.clear()

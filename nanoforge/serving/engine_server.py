@@ -2,14 +2,17 @@
 msgpack maps only (never pickle, so a peer can't make it run code). Front ends connect DEALER
 sockets (ZmqEngineClient); each message is one frame, a map with a "type" key:
 
-  in:  hello {protocol_version?}  generate {request_id, prompt_ids, params}  abort {request_id}
-       stats | health             shutdown
-  out: hello {protocol_version, model_name, max_model_len, kv_contract, pid, instance, role, ...}
+  in:  hello {protocol_version?, kv_ipc?}  generate {request_id, prompt_ids, params, pd?}
+       abort {request_id}  stats | health  shutdown  kv_pull {request_id, first_block, mode}  kv_ack {request_id}
+  out: hello {protocol_version, model_name, max_model_len, kv_contract, pid, instance, role, host, ...}
        deltas {items: [TokenDelta.to_wire(), ...]}   stats | health {EngineLoop.stats(), model info}
-       shutdown {ok}   error {error, request_id?}
+       shutdown {ok}   error {error, request_id?}   kv_released {request_id}
+       kv_data {num_tokens, block_ids, nbytes, ...} + one raw frame per KV pool tensor (the one
+       multipart reply: the blocks' bytes, host-staged; none for mode "ipc")
 Requests that expect a reply may carry an "id"; the reply echoes it. ZMQ sockets are not thread-safe,
 so only the I/O loop (the main thread) touches the ROUTER: the engine thread hands its deltas over
-through a queue and wakes the loop through an inproc PAIR socket of its own."""
+through a queue and wakes the loop through an inproc PAIR socket of its own. PD: see engine_loop.py
+(parking, migrating) and kv_migration.py (the decode engine's pulls)."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +33,9 @@ from typing import Any
 import zmq
 
 from ..errors import NanoForgeError
+from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
+from .kv_migration import TRANSPORTS, MigrationWorker
 from .protocol import GenerateRequest, TokenDelta
 from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
 
@@ -59,18 +64,38 @@ def parse_generate(msg: dict[str, Any]) -> GenerateRequest:
             raise Malformed(f"generate param {k} has the wrong type ({type(v).__name__})")
     if not all(type(t) is int for t in params.get("stop_token_ids", [])):
         raise Malformed("generate param stop_token_ids must be a list of ints")
-    return GenerateRequest(rid, prompt, params)
+    return GenerateRequest(rid, prompt, params, parse_pd(msg.get("pd")))
+
+
+def parse_pd(pd: Any) -> dict[str, Any] | None:
+    if pd is None:
+        return None
+    if not isinstance(pd, dict) or pd.get("phase") not in ("prefill", "decode"):
+        raise Malformed("generate pd must be a map with phase 'prefill' or 'decode'")
+    if pd["phase"] == "decode":
+        for k, t in (("source", str), ("source_request_id", str), ("num_prompt", int), ("num_tokens", int)):
+            if not isinstance(pd.get(k), t) or isinstance(pd.get(k), bool):
+                raise Malformed(f"generate pd (decode) needs {k}: {'a string' if t is str else 'an int'}")
+    return pd
 
 
 class EngineServer:
     def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: dict[str, Any], role: str = "both",
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, *, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
+                 registry: str | None = None, advertise_addr: str | None = None):
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        if kv_transport not in TRANSPORTS or (kv_transport == "ipc" and pool_device(engine.runner.pool).type != "cuda"):
+            raise NanoForgeError(f"--kv-transport {kv_transport!r}: choose one of {', '.join(TRANSPORTS)} (ipc needs "
+                                 "a KV pool on CUDA)")
+        if kv_park_timeout <= 0:
+            raise NanoForgeError(f"--kv-park-timeout must be > 0 seconds; got {kv_park_timeout}")
         self.addr, self.stopping = addr, False
         self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract,
-                     "pid": os.getpid(), "instance": uuid.uuid4().hex, "role": role,
+                     "pid": os.getpid(), "instance": uuid.uuid4().hex, "role": role, "host": socket.gethostname(),
                      "protocol_version": PROTOCOL_VERSION, **(info or {})}
+        self.publisher = self._publisher(registry, advertise_addr or addr) if registry else None
+        self.kv_transport, self.migrator, self.ipc = kv_transport, None, None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a delta frame for a slow front end
@@ -89,7 +114,22 @@ class EngineServer:
         self.wake_tx.connect(wake)
         self.outbox: queue.Queue[list[TokenDelta]] = queue.Queue()
         self.routes: dict[str, bytes] = {}  # live request id -> the front end that sent it
-        self.loop = EngineLoop(engine, self._on_deltas)
+        self.loop = EngineLoop(engine, self._on_deltas, kv_park_timeout)
+        self.loop.migrate = self._migrate
+
+    def _publisher(self, url: str, addr: str) -> Any:
+        from .registry import EngineRecord, RegistryPublisher
+
+        if any(w in addr for w in ("*", "0.0.0.0", "[::]")):
+            raise NanoForgeError(f"--registry: routers cannot reach the bind address {addr}; give --advertise-addr")
+        return RegistryPublisher(url, EngineRecord.from_hello(self.info, addr, host=self.info["host"]))
+
+    def _migrate(self, job: dict[str, Any]) -> None:  # engine thread: the worker starts with the first pull
+        if self.migrator is None:
+            eng = self.loop.engine
+            self.migrator = MigrationWorker(eng.runner.pool, self.info["kv_contract"], self.loop.migrated,
+                                            self.kv_transport)
+        self.migrator.submit(job)
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:  # engine thread
         self.outbox.put(deltas)
@@ -101,6 +141,8 @@ class EngineServer:
     def serve(self) -> None:
         """Run the I/O loop until a "shutdown" message or request_stop() (signals)."""
         self.loop.start()
+        if self.publisher is not None:
+            self.publisher.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wake_rx, zmq.POLLIN)
@@ -137,6 +179,8 @@ class EngineServer:
                 break
             for d in deltas:
                 ident = self.routes.pop(d.request_id, None) if d.finish_reason else self.routes.get(d.request_id)
+                if d.kv is not None:  # the decode engine will pull from this instance
+                    d.kv["instance"] = self.info["instance"]
                 if ident is not None:
                     frames.setdefault(ident, []).append(d.to_wire())
         for ident, items in frames.items():
@@ -162,30 +206,60 @@ class EngineServer:
                 rid = msg.get("request_id")
                 if not isinstance(rid, str):
                     raise Malformed("abort needs request_id: a string")
-                if self.routes.get(rid) == ident:  # a front end aborts only its own requests
-                    self.loop.abort(rid)
+                if self.routes.get(rid) == ident or rid in self.loop.parked:  # a front end aborts only its
+                    self.loop.abort(rid)                                       # own requests (or frees a parked KV)
             elif kind in ("stats", "health"):
                 self._reply(ident, {**self.loop.stats(), **self.info, "type": kind, "id": msg.get("id")})
             elif kind == "hello":
                 v = msg.get("protocol_version", PROTOCOL_VERSION)
                 if v != PROTOCOL_VERSION:
                     raise Malformed(f"protocol version {v!r} is not supported (this engine speaks {PROTOCOL_VERSION})")
-                self._reply(ident, {**self.info, "type": "hello", "id": msg.get("id")})
+                extra = {"kv_ipc": self._ipc()} if msg.get("kv_ipc") else {}
+                self._reply(ident, {**self.info, **extra, "type": "hello", "id": msg.get("id")})
+            elif kind == "kv_pull":
+                self._kv_pull(ident, msg)
+            elif kind == "kv_ack":
+                rid = msg.get("request_id")
+                if not isinstance(rid, str):
+                    raise Malformed("kv_ack needs request_id: a string")
+                self.loop.release(rid)
+                self._reply(ident, {"type": "kv_released", "id": msg.get("id"), "request_id": rid})
             elif kind == "shutdown":
                 self._reply(ident, {"type": "shutdown", "id": msg.get("id"), "ok": True})
                 self.stopping = True
             else:
                 raise Malformed(f"unknown message type {kind!r}")
         except Exception as e:  # a bad frame gets an answer, never the server's life
-            if not isinstance(e, Malformed):
+            if not isinstance(e, (Malformed, NanoForgeError)):
                 log.exception("failed to handle a %r message", msg.get("type"))
             rid = msg.get("request_id")
             self._reply(ident, {"type": "error", "error": str(e) or type(e).__name__, "id": msg.get("id"),
                                 "request_id": rid if isinstance(rid, str) else None})
 
+    def _kv_pull(self, ident: bytes, msg: dict[str, Any]) -> None:
+        rid, first, mode = msg.get("request_id"), msg.get("first_block", 0), msg.get("mode", "tcp")
+        if not isinstance(rid, str) or type(first) is not int or first < 0 or mode not in ("tcp", "ipc"):
+            raise Malformed("kv_pull needs request_id: a string, first_block: an int >= 0, mode: 'tcp' or 'ipc'")
+        header, bufs = self.loop.read_parked(rid, first, with_data=mode == "tcp")
+        header.update(type="kv_data", id=msg.get("id"), request_id=rid)
+        self.sock.send_multipart([ident, pack(header), *bufs], copy=False)
+
+    def _ipc(self) -> dict[str, Any] | None:
+        """The pool's CUDA IPC handles, exported once, for a decode engine on this host to map."""
+        if self.ipc is None and pool_device(self.loop.engine.runner.pool).type == "cuda":
+            try:
+                self.ipc = export_ipc(self.loop.engine.runner.pool)
+            except Exception as e:  # decode engines pull over TCP instead (or say why not, with ipc forced)
+                log.warning("cannot export the KV pool for CUDA IPC: %s", e)
+        return self.ipc
+
     def _close(self) -> None:
         """Stop the engine, flush what it produced, fail what is still running, close the sockets."""
+        if self.publisher is not None:  # routers drop this engine now rather than at the TTL
+            self.publisher.stop()
         self.loop.stop()
+        if self.migrator is not None:  # after the engine thread, its only caller
+            self.migrator.stop()
         self._send_deltas()
         for rid, ident in list(self.routes.items()):
             d = TokenDelta(rid, finish_reason="error", error=f"engine at {self.addr} is shutting down")
@@ -202,16 +276,24 @@ class EngineServer:
 
 
 def serve_engine(model: str | Path, addr: str, *, model_name: str | None = None, role: str = "both",
-                 device: str | None = None, **engine_opts: Any) -> None:
+                 device: str | None = None, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
+                 registry: str | None = None, advertise_addr: str | None = None, **engine_opts: Any) -> None:
     """Load `model` (plan dir or checkpoint) and serve it at `addr` until shutdown; engine_opts
-    are LLM keyword arguments (EngineConfig fields, dtype, block_size)."""
+    are LLM keyword arguments (EngineConfig fields, dtype, block_size). With `registry` (a Redis
+    URL) the engine heartbeats its record there under `advertise_addr` (default: addr)."""
+    import hashlib
+    import json
+
     from ..llm import LLM
 
     llm = LLM(model, device=device, progress=False, **engine_opts)
+    fingerprint = json.dumps(llm.plan.checkpoint.get("fingerprint"), sort_keys=True).encode()
     info = {"checkpoint_path": str(llm.checkpoint.path), "max_num_seqs": llm.engine.cfg.max_num_seqs,
-            "block_size": llm.engine.blocks.block_size}
+            "block_size": llm.engine.blocks.block_size,
+            "model_fingerprint": hashlib.blake2b(fingerprint, digest_size=8).hexdigest()}
     server = EngineServer(llm.engine, addr, model_name or Path(model).name, llm.plan.module.meta["kv_contract"],
-                          role, info)
+                          role, info, kv_park_timeout=kv_park_timeout, kv_transport=kv_transport, registry=registry,
+                          advertise_addr=advertise_addr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, server.request_stop)
         signal.signal(signal.SIGINT, server.request_stop)
@@ -274,6 +356,8 @@ def spawn_engine_server(model: str | Path, addr: str | None = None, timeout: flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import add_engine_server_flags
+
     p = argparse.ArgumentParser(prog="python -m nanoforge.serving.engine_server", description=__doc__.split("\n")[0])
     p.add_argument("model", help="plan dir or checkpoint")
     p.add_argument("--addr", default="tcp://127.0.0.1:5555", help="ZMQ address to bind (default %(default)s)")
@@ -281,14 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
-    p.add_argument("--role", choices=ROLES, default="both", help="advertised to routers in hello/stats")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size when compiling a checkpoint")
+    add_engine_server_flags(p)
     p.add_argument("--model-name", default=None, help="name in hello (default: the model path's last part)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = {k: v for k, v in {"max_num_seqs": a.max_num_seqs, "max_model_len": a.max_model_len,
-                              "num_blocks": a.num_blocks}.items() if v is not None}
+                              "num_blocks": a.num_blocks, "block_size": a.block_size}.items() if v is not None}
     try:
-        serve_engine(a.model, a.addr, model_name=a.model_name, role=a.role, device=a.device, **opts)
+        serve_engine(a.model, a.addr, model_name=a.model_name, role=a.role, device=a.device,
+                     kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport, registry=a.registry,
+                     advertise_addr=a.advertise_addr, **opts)
     except NanoForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

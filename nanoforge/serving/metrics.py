@@ -96,4 +96,25 @@ class ServerMetrics:
             for key, help_ in counters.items():
                 if key in stats:
                     metric(f"engine_{key}", "counter", help_, [f"{m}_engine_{key}_total{{{model}}} {_num(stats[key])}"])
+            pd = {"kv_migrations": "Requests whose prompt KV a decode engine pulled from a prefill engine.",
+                  "kv_migration_bytes": "Bytes of KV pulled by decode engines.",
+                  "kv_migration_seconds": "Seconds decode engines spent pulling KV.",
+                  "kv_migration_fallbacks": "Pulls that failed or did not fit, so the prompt was recomputed.",
+                  "kv_served_bytes": "Bytes of KV prefill engines sent to decode engines.",
+                  "kv_park_expired": "Prefilled KV freed because no decode engine pulled it in time."}
+            for key, help_ in pd.items():
+                if key in stats:
+                    metric(key, "counter", help_, [f"{m}_{key}_total{{{model}}} {_num(stats[key])}"])
+            if "kv_parked" in stats:
+                metric("kv_parked", "gauge", "Prefilled requests whose KV waits to be pulled.",
+                       [f"{m}_kv_parked{{{model}}} {_num(stats['kv_parked'])}"])
+            engines = stats.get("engines") or []  # a router: one series per engine
+            for key, help_ in (("up", "Engine answered the last stats call (1) or not (0)."),
+                               ("in_flight", "Requests the router has outstanding on the engine."),
+                               ("kv_usage", "Share of the engine's KV blocks in use (0..1)."),
+                               ("kv_parked", "Prefilled requests parked on the engine.")):
+                body = [f'{m}_engine_{key}{{engine="{_label(e["addr"])}",role="{_label(e["role"])}"}} {_num(e[key])}'
+                        for e in engines if key in e]
+                if body:
+                    metric(f"engine_{key}", "gauge", help_, body)
         return "\n".join(lines) + "\n"

@@ -13,6 +13,10 @@ class GenerateRequest:
     request_id: str
     prompt_ids: list[int]
     params: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
+    # PD disaggregation: {"phase": "prefill"} parks the request after its first token, keeping the
+    # KV for a decode engine; {"phase": "decode", "source", "source_request_id", "num_prompt",
+    # "num_tokens"} continues one whose prompt_ids end with its first token(s), pulling their KV
+    pd: dict[str, Any] | None = None
 
     def sampling_params(self) -> SamplingParams:
         known = {f.name for f in fields(SamplingParams)}
@@ -28,7 +32,9 @@ class GenerateRequest:
 class TokenDelta:
     """The tokens one request got since its previous delta (several when the engine ran several
     steps between two flushes). finish_reason is set on the last delta of a request: "stop",
-    "length", "abort", or "error" (then `error` says why, e.g. a bad parameter)."""
+    "length", "abort", or "error" (then `error` says why, e.g. a bad parameter); a PD prefill
+    request ends with "prefilled" and `kv` = {"num_tokens", "block_size", "instance"}: the KV the
+    prefill engine keeps for a decode engine to pull."""
     request_id: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None  # one per new token when asked: {"token": lp, "top": [[id, lp], ...]}
@@ -36,6 +42,7 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    kv: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)

@@ -94,8 +94,11 @@ class ZmqEngineClient:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         rid = request.request_id
         try:
-            frame = pack({"type": "generate", "request_id": rid, "prompt_ids": list(request.prompt_ids),
-                          "params": dict(request.params)})
+            msg = {"type": "generate", "request_id": rid, "prompt_ids": list(request.prompt_ids),
+                   "params": dict(request.params)}
+            if request.pd is not None:
+                msg["pd"] = dict(request.pd)
+            frame = pack(msg)
             why = "client is closed" if self.closed else "duplicate request id" if rid in self.queues else None
         except (TypeError, ValueError, OverflowError) as e:  # as the engine loop would answer a bad value
             why = f"request cannot be sent: {e}"
@@ -129,12 +132,12 @@ class ZmqEngineClient:
         """Ask the engine server to stop (it fails its running requests first)."""
         await self._request({"type": "shutdown"}, self.request_timeout)
 
-    def close(self) -> None:
-        """End every stream and pending call, stop the tasks, close the socket."""
+    def close(self, why: str = "client is closed") -> None:
+        """End every stream and pending call (with `why`), stop the tasks, close the socket."""
         if self.closed:
             return
         self.closed = True
-        self._fail_all("client is closed")
+        self._fail_all(why)
         for t in self._tasks:
             t.cancel()
         self.sock.close(linger=0)

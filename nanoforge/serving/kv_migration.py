@@ -1,0 +1,286 @@
+"""PD KV migration, the decode side: a thread that pulls prefilled requests' KV from prefill
+engines into this engine's pool, over DEALER sockets of its own (one per source, made lazily;
+msgpack frames, never pickle). On the prefill engine's ROUTER (engine_server.py):
+
+  kv_pull {id, request_id, first_block, mode}  ->  kv_data {id, num_tokens, block_ids, nbytes, ...}
+                                                   + one raw frame per pool tensor (mode "tcp")
+  kv_ack {request_id}                          ->  kv_released  (the prefill engine frees the blocks)
+
+Before the first pull from a source the worker says hello and compares KV contracts: a mismatch
+fails the request with the difference ("fatal": recomputing would hide a misconfiguration). Any
+other failure (source gone, no reply within `timeout`, an error reply) is reported as not ok and
+the engine recomputes the prompt itself. Transports differ only in how kv_data lands in the pool:
+host-staged bytes (tcp), or a device copy from the source pool mapped by CUDA IPC (ipc, same
+host); an RDMA transport would register pools at hello the same way."""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from ..errors import NanoForgeError
+from ..passes.plan_memory import kv_contract_mismatches
+from ..runtime.kv_transfer import Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks
+from .wire import PROTOCOL_VERSION, pack, unpack
+
+log = logging.getLogger("nanoforge.serving")
+TRANSPORTS = ("auto", "tcp", "ipc")
+SLOWEST_BYTES_PER_S = 5e8  # a pull may take timeout + its bytes at this rate before it is given up
+
+
+class KVTransport:
+    """How pulled KV reaches this engine's pool; the pull protocol is the same for every one."""
+    mode = "tcp"
+
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int:
+        raise NotImplementedError
+
+
+class HostStaged(KVTransport):
+    """The blocks' bytes travel in the kv_data frames (ZMQ over TCP), staged in host memory."""
+    mode = "tcp"
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int:
+        return scatter_blocks(self.pool, dst_ids, frames)
+
+
+class CudaIpc(KVTransport):
+    """Same host, both pools on CUDA: kv_data names the source blocks and they are copied device to
+    device (a peer copy when the engines use two GPUs) out of the source pool mapped once by IPC."""
+    mode = "ipc"
+
+    def __init__(self, pool: Pool, src: Pool):
+        self.pool, self.src = pool, src
+
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int:
+        return copy_blocks(self.src, header["block_ids"], self.pool, dst_ids)
+
+
+def choose_transport(kind: str, pool: Pool, hello: dict[str, Any], addr: str) -> KVTransport:
+    """auto: ipc when both pools are on CUDA on one host (and mapping works), else tcp."""
+    ipc = hello.get("kv_ipc")
+    here, there = socket.gethostname(), hello.get("host")
+    why_not = ("this engine's KV pool is not on CUDA" if pool_device(pool).type != "cuda" else
+               f"the prefill engine at {addr} exports no CUDA pool" if not ipc else
+               f"the prefill engine at {addr} runs on host {there!r}, this one on {here!r}" if there != here else None)
+    if kind == "tcp" or (kind == "auto" and why_not is not None):
+        return HostStaged(pool)
+    if why_not is not None:
+        raise NanoForgeError(f"--kv-transport ipc: {why_not}")
+    try:
+        return CudaIpc(pool, open_ipc(ipc))
+    except Exception as e:  # e.g. containers that share a hostname but not the GPU driver
+        if kind == "ipc":
+            raise NanoForgeError(f"--kv-transport ipc: cannot map the KV pool of {addr}: {e}") from None
+        log.warning("CUDA IPC with %s failed (%s); pulling its KV over TCP", addr, e)
+        return HostStaged(pool)
+
+
+@dataclass
+class _Peer:
+    addr: str
+    sock: zmq.Socket
+    hello_id: int
+    transport: KVTransport | None = None  # set by the hello reply
+    error: str | None = None  # fatal for every request from this source
+    waiting: list[dict[str, Any]] = field(default_factory=list)  # jobs that arrived before the hello reply
+
+
+class MigrationWorker:
+    """submit(job) from the engine thread; results go to `report` (EngineLoop.migrated). A job:
+    {request_id, source, source_request_id, num_tokens, first_block, block_ids} or, to only let
+    the source free the KV, {..., release_only: True}."""
+
+    def __init__(self, pool: Pool, kv_contract: dict[str, Any], report: Callable[[dict[str, Any]], None],
+                 transport: str = "auto", timeout: float = 5.0):
+        if transport not in TRANSPORTS:
+            raise NanoForgeError(f"--kv-transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
+        if transport == "ipc" and pool_device(pool).type != "cuda":
+            raise NanoForgeError("--kv-transport ipc needs the engine's KV pool on a CUDA device")
+        self.pool, self.contract, self.report = pool, kv_contract, report
+        self.kind, self.timeout = transport, timeout
+        self.jobs: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.ctx = zmq.Context()
+        wake = f"inproc://nanoforge-migrate-{id(self)}"
+        self.wake_rx = self.ctx.socket(zmq.PAIR)
+        self.wake_rx.bind(wake)
+        self.wake_tx = self.ctx.socket(zmq.PAIR)
+        self.wake_tx.connect(wake)
+        self.wake_lock = threading.Lock()
+        self.poller = zmq.Poller()  # the worker thread's
+        self.poller.register(self.wake_rx, zmq.POLLIN)
+        self.block_bytes = block_nbytes(pool)
+        self.peers: dict[str, _Peer] = {}
+        self.inflight: dict[int, tuple[_Peer, dict[str, Any]]] = {}  # kv_pull id -> (peer, job)
+        self._ids = itertools.count(1)
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="nanoforge-kv-migration", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout + len(job.get("block_ids", ())) * self.block_bytes / SLOWEST_BYTES_PER_S
+        self.jobs.put({**job, "t0": t0, "deadline": deadline})
+        with self.wake_lock:
+            self.wake_tx.send(b"", zmq.NOBLOCK)
+
+    def stop(self) -> None:
+        self.running = False
+        with self.wake_lock:
+            self.wake_tx.send(b"", zmq.NOBLOCK)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.ctx.destroy(linger=0)
+
+    # -- the worker thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while self.running:
+            for sock, _ in self.poller.poll(100):
+                if sock is self.wake_rx:
+                    while self.wake_rx.poll(0):
+                        self.wake_rx.recv()
+                    continue
+                while not sock.closed and sock.poll(0):  # a refused source's socket closes meanwhile
+                    try:
+                        self._on_reply(sock.recv_multipart(copy=False))
+                    except Exception:  # one bad reply must not stop every migration
+                        log.exception("KV migration: bad reply")
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                self._start(job)
+            self._expire()
+
+    def _peer(self, addr: str) -> _Peer:
+        peer = self.peers.get(addr)
+        if peer is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            for opt, v in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+                sock.setsockopt(opt, v)
+            peer = _Peer(addr, sock, next(self._ids))
+            try:
+                sock.connect(addr)
+            except zmq.ZMQError as e:
+                peer.error = f"bad prefill engine address {addr!r}: {e}"
+            else:
+                want_ipc = self.kind != "tcp" and pool_device(self.pool).type == "cuda"
+                sock.send(pack({"type": "hello", "protocol_version": PROTOCOL_VERSION, "id": peer.hello_id,
+                                "kv_ipc": want_ipc}))
+            self.poller.register(sock, zmq.POLLIN)
+            self.peers[addr] = peer
+        return peer
+
+    def _drop(self, peer: _Peer) -> None:
+        """Forget a source that stopped answering or was refused; a later request reconnects."""
+        self.peers.pop(peer.addr, None)
+        self.poller.unregister(peer.sock)
+        peer.sock.close(linger=0)
+
+    def _start(self, job: dict[str, Any]) -> None:
+        peer = self._peer(job["source"])
+        if job.get("release_only"):
+            peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
+        elif peer.error is not None:
+            self._done(job, error=peer.error, fatal=True)
+        elif peer.transport is None:
+            peer.waiting.append(job)
+        else:
+            self._pull(peer, job)
+
+    def _pull(self, peer: _Peer, job: dict[str, Any]) -> None:
+        mid = next(self._ids)
+        self.inflight[mid] = (peer, job)
+        job["t_pull"] = time.monotonic()
+        peer.sock.send(pack({"type": "kv_pull", "id": mid, "request_id": job["source_request_id"],
+                             "first_block": job["first_block"], "mode": peer.transport.mode}))  # type: ignore[union-attr]
+
+    def _on_reply(self, frames: list[zmq.Frame]) -> None:
+        msg = unpack(frames[0].bytes)
+        kind, mid = msg["type"], msg.get("id")
+        peer = next((p for p in self.peers.values() if p.hello_id == mid), None) if kind in ("hello", "error") else None
+        if peer is not None:
+            self._on_hello(peer, msg)
+            return
+        if mid not in self.inflight:  # kv_released, or the answer to a pull that timed out
+            return
+        peer, job = self.inflight.pop(mid)
+        if kind == "error":  # the prompt is recomputed here: let the source free the KV if it has it
+            peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
+            self._done(job, error=f"prefill engine at {peer.addr}: {msg.get('error')}")
+            return
+        try:
+            if kind != "kv_data" or msg.get("num_tokens") != job["num_tokens"] or \
+                    len(msg.get("block_ids", ())) != len(job["block_ids"]):
+                raise NanoForgeError(f"unexpected reply {kind!r} to kv_pull (num_tokens {msg.get('num_tokens')}, "
+                                     f"{len(msg.get('block_ids', ()))} blocks; wanted {job['num_tokens']}, "
+                                     f"{len(job['block_ids'])})")
+            nbytes = peer.transport.receive(msg, [f.buffer for f in frames[1:]], job["block_ids"])  # type: ignore[union-attr]
+        except Exception as e:
+            self._done(job, error=f"KV from {peer.addr}: {e}")
+            peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
+            return
+        peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
+        self._done(job, nbytes=nbytes, generator_state=msg.get("generator_state"))
+
+    def _on_hello(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        try:
+            if msg["type"] == "error":
+                raise NanoForgeError(f"prefill engine at {peer.addr} refused hello: {msg.get('error')}")
+            diff = kv_contract_mismatches(msg["kv_contract"], self.contract)
+            if diff:
+                raise NanoForgeError(f"prefill engine at {peer.addr} has an incompatible KV cache layout: "
+                                     + "; ".join(diff))
+            peer.transport = choose_transport(self.kind, self.pool, msg, peer.addr)
+            log.info("KV migration from %s: %s transport", peer.addr, peer.transport.mode)
+        except NanoForgeError as e:
+            peer.error = str(e)
+            log.error("%s", e)
+        waiting, peer.waiting = peer.waiting, []
+        for job in waiting:
+            if peer.error is not None:
+                self._done(job, error=peer.error, fatal=True)
+            else:
+                self._pull(peer, job)
+        if peer.error is not None:  # jobs already queued fail with it; a later one asks again
+            self._drop(peer)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        late = [mid for mid, (_, job) in self.inflight.items() if now > job["deadline"]]
+        dead: dict[str, _Peer] = {}
+        for mid in late:
+            peer, job = self.inflight.pop(mid)
+            self._done(job, error=f"no KV from the prefill engine at {peer.addr} within "
+                                  f"{job['deadline'] - job['t0']:.1f}s")
+            peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))  # if it comes back
+            dead[peer.addr] = peer
+        for peer in list(self.peers.values()):
+            expired = [j for j in peer.waiting if now > j["deadline"]]
+            if expired:
+                peer.waiting = [j for j in peer.waiting if j not in expired]
+                for job in expired:
+                    self._done(job, error=f"the prefill engine at {peer.addr} did not answer hello within "
+                                          f"{self.timeout:g}s")
+                dead[peer.addr] = peer
+        for peer in dead.values():
+            if peer.addr in self.peers and not peer.waiting and not any(p is peer for p, _ in self.inflight.values()):
+                self._drop(peer)
+
+    def _done(self, job: dict[str, Any], nbytes: int = 0, error: str | None = None, fatal: bool = False,
+              generator_state: bytes | None = None) -> None:
+        self.report({"request_id": job["request_id"], "ok": error is None, "num_tokens": job["num_tokens"],
+                     "bytes": nbytes, "seconds": time.monotonic() - job.get("t_pull", job["t0"]), "error": error,
+                     "fatal": fatal,
+                     "generator_state": generator_state, "source": job["source"]})

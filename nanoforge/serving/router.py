@@ -1,0 +1,277 @@
+"""Router: one EngineClient over several engine servers, so `nanoforge route` serves the same
+OpenAI API as `nanoforge serve`. With prefill and decode engines, a request is prefilled on one
+(which samples its first token and parks the KV), streamed its first token, then continued on a
+decode engine that pulls the KV from the prefill engine (serving/kv_migration.py); with only
+"both" engines, whole requests are routed. Engines come from address lists or a Redis registry
+(added when they appear, dropped when their heartbeat lapses). Every engine must serve the same
+checkpoint with the same KV contract: checked at connect, naming both engines and the difference.
+Needs no torch: it only moves token ids and msgpack frames."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from ..errors import NanoForgeError
+from .protocol import GenerateRequest, TokenDelta
+from .routing import EngineLoad, make_strategy
+from .zmq_client import ZmqEngineClient
+
+log = logging.getLogger("nanoforge.serving")
+ROLES = ("both", "prefill", "decode")
+# engine stats that add up over engines
+SUM_KEYS = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "prefix_cache_queries",
+            "prefix_cache_hits", "prompt_tokens", "generated_tokens", "steps", "preemptions", "requests", "finished",
+            "aborted", "errors", "kv_migrations", "kv_migration_bytes", "kv_migration_seconds",
+            "kv_migration_fallbacks", "kv_parked", "kv_served_bytes", "kv_park_expired")
+PER_ENGINE_KEYS = ("kv_usage", "num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total", "kv_parked",
+                   "kv_migrations", "kv_migration_bytes")
+
+
+@dataclass
+class _Engine:
+    client: ZmqEngineClient
+    role: str
+    load: EngineLoad
+
+    @property
+    def addr(self) -> str:
+        return self.client.addr
+
+
+class Router:
+    def __init__(self, strategy: str = "round-robin", model_name: str | None = None, connect_timeout: float = 10.0):
+        make_strategy(strategy)  # an unknown name fails here, naming the choices
+        self.strategy, self.connect_timeout = strategy, connect_timeout
+        self.model_name, self.max_model_len, self.tokenizer = model_name or "", 0, None
+        self.engines: dict[str, _Engine] = {}  # by address
+        self.strategies: dict[str, Any] = {}  # one per pool ("prefill", "decode", "both", "any")
+        self.ref: tuple[str, dict[str, Any]] | None = None  # the first engine's hello: all must match it
+        self.requests: dict[str, list[_Engine]] = {}  # request id -> engines it is running on
+        self.counters = {"pd_requests": 0, "plain_requests": 0, "engines_removed": 0}
+        self.watcher: Any = None
+        self._watch: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, prefill: list[str] = (), decode: list[str] = (), engines: list[str] = (),  # type: ignore[assignment]
+                      registry_url: str | None = None, strategy: str = "round-robin", model_name: str | None = None,
+                      timeout: float = 10.0, wait_for_engines: float = 10.0) -> "Router":
+        """Connect to every listed engine (and the registry's), or raise naming what is wrong."""
+        self = cls(strategy, model_name, timeout)
+        try:
+            if bool(prefill) != bool(decode):
+                raise NanoForgeError("PD routing needs both --prefill and --decode engines "
+                                     f"(got {len(prefill)} prefill, {len(decode)} decode)")
+            for role, addrs in (("prefill", prefill), ("decode", decode), ("both", engines)):
+                for addr in addrs:
+                    await self.add_engine(addr, role)
+            if registry_url:
+                await self._start_registry(registry_url, wait_for_engines)
+            if not self.engines:
+                raise NanoForgeError("no engines: give --prefill and --decode addresses, --engine, or --registry")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- membership ------------------------------------------------------------------------------
+    async def add_engine(self, addr: str, role: str | None = None, instance: str | None = None) -> None:
+        """Connect to an engine server, check it matches the others, and route to it; role None
+        takes the engine's own."""
+        if addr in self.engines:
+            raise NanoForgeError(f"engine at {addr} is listed twice")
+        client = await ZmqEngineClient.connect(addr, timeout=self.connect_timeout, load_tokenizer=self.tokenizer is None)
+        hello = client.info
+        role = role or hello.get("role", "both")
+        problem = None if role in ROLES else f"engine at {addr}: role {role!r} is not one of {', '.join(ROLES)}"
+        problem = problem or self._incompatible(addr, hello) or (
+            f"engine at {addr} is a new instance" if instance not in (None, hello.get("instance")) else None)
+        if problem:
+            client.close()
+            raise NanoForgeError(problem)
+        if hello.get("role", "both") not in (role, "both"):
+            log.warning("engine at %s says it is a %s engine; routing it as %s", addr, hello.get("role"), role)
+        if self.ref is None:
+            self.ref = (addr, hello)
+            self.model_name = self.model_name or client.model_name
+        self.tokenizer = self.tokenizer or client.tokenizer
+        self.max_model_len = min(self.max_model_len or client.max_model_len, client.max_model_len)
+        self.engines[addr] = _Engine(client, role, EngineLoad(addr))
+        log.info("routing to the %s engine at %s", role, addr)
+
+    def _incompatible(self, addr: str, hello: dict[str, Any]) -> str | None:
+        if self.ref is None:
+            return None
+        from ..passes.plan_memory import kv_contract_mismatches
+
+        ref_addr, ref = self.ref
+        diff = kv_contract_mismatches(ref["kv_contract"], hello["kv_contract"])
+        if diff:
+            return (f"engine at {addr} is incompatible with the engine at {ref_addr}: their KV cache layouts differ "
+                    f"({'; '.join(diff)}; listed as {ref_addr} vs {addr})")
+        fa, fb = ref.get("model_fingerprint"), hello.get("model_fingerprint")
+        if fa and fb and fa != fb:
+            return (f"engine at {addr} serves another checkpoint than the engine at {ref_addr} "
+                    f"({hello.get('checkpoint_path')} vs {ref.get('checkpoint_path')})")
+        return None
+
+    def remove_engine(self, addr: str, why: str) -> None:
+        """Stop routing to an engine; its running streams end with an error saying why."""
+        e = self.engines.pop(addr, None)
+        if e is None:
+            return
+        for s in self.strategies.values():
+            s.forget(addr)
+        self.counters["engines_removed"] += 1
+        log.warning("not routing to the engine at %s any more: %s", addr, why)
+        e.client.close(why=f"engine at {addr} {why}")
+
+    async def _start_registry(self, url: str, wait: float) -> None:
+        from .registry import RegistryWatcher
+
+        self.watcher = RegistryWatcher(url)
+        self._watch = asyncio.get_running_loop().create_task(self.watcher.watch(self._on_registry))
+        deadline = time.monotonic() + wait
+        while not self.engines and time.monotonic() < deadline:
+            if self._watch.done():
+                self._watch.result()  # the first snapshot failed: Redis unreachable, say so
+            await asyncio.sleep(0.05)
+        if not self.engines:
+            raise NanoForgeError(f"no engine registered at {url} within {wait:g}s")
+
+    async def _on_registry(self, added: list[Any], removed: list[Any]) -> None:
+        for r in removed:
+            e = self.engines.get(r.addr)
+            if e is not None and e.client.info.get("instance") == r.instance:
+                self.remove_engine(r.addr, "left the registry (its heartbeat lapsed)")
+
+        async def add(r: Any) -> None:
+            try:
+                await self.add_engine(r.addr, r.role, r.instance)
+            except NanoForgeError as e:
+                log.error("registry: not routing to %s: %s", r.addr, e)
+
+        await asyncio.gather(*(add(r) for r in added if r.addr not in self.engines))
+
+    # -- the EngineClient protocol -----------------------------------------------------------------
+    def _pool(self, role: str) -> list[_Engine]:
+        return [e for e in self.engines.values() if e.role == role or role == "any"]
+
+    def _choose(self, pool: str, prompt: list[int]) -> _Engine | None:
+        engines = self._pool(pool)
+        if not engines:
+            return None
+        if pool not in self.strategies:
+            bs = {"block_size": self.ref[1]["kv_contract"]["block_size"]} if self.ref else {}
+            self.strategies[pool] = make_strategy(self.strategy, **(bs if self.strategy == "prefix-aware" else {}))
+        chosen = self.strategies[pool].choose([e.load for e in engines], prompt)
+        return next(e for e in engines if e.load is chosen)
+
+    @contextlib.contextmanager
+    def _on(self, rid: str, e: _Engine):
+        e.load.in_flight += 1
+        self.requests.setdefault(rid, []).append(e)
+        try:
+            yield
+        finally:
+            e.load.in_flight -= 1
+            with contextlib.suppress(ValueError):
+                self.requests.get(rid, []).remove(e)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        rid = request.request_id
+        if rid in self.requests:
+            yield TokenDelta(rid, finish_reason="error", error="duplicate request id")
+            return
+        self.requests[rid] = []
+        try:
+            if self._pool("prefill") and self._pool("decode"):
+                self.counters["pd_requests"] += 1
+                async with contextlib.aclosing(self._generate_pd(request)) as stream:
+                    async for d in stream:
+                        yield d
+                return
+            self.counters["plain_requests"] += 1
+            e = self._choose("both", request.prompt_ids) or self._choose("any", request.prompt_ids)
+            if e is None:
+                yield TokenDelta(rid, finish_reason="error", num_prompt_tokens=len(request.prompt_ids),
+                                 error="no engine available (none registered, or all left)")
+                return
+            with self._on(rid, e):
+                async with contextlib.aclosing(e.client.generate(request)) as stream:  # closing us aborts it
+                    async for d in stream:
+                        yield d
+        finally:
+            self.requests.pop(rid, None)
+
+    async def _generate_pd(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        rid, prompt, n = req.request_id, list(req.prompt_ids), len(req.prompt_ids)
+        p = self._choose("prefill", prompt)
+        first: TokenDelta | None = None
+        with self._on(rid, p):  # type: ignore[arg-type]
+            stream = p.client.generate(GenerateRequest(rid, prompt, req.params, {"phase": "prefill"}))  # type: ignore[union-attr]
+            async with contextlib.aclosing(stream):
+                async for d in stream:
+                    if d.finish_reason == "prefilled":
+                        first = d
+                    else:  # finished at its first token, failed, or an engine that knows no PD streams on
+                        yield d
+        if first is not None and not (first.kv or {}).get("num_tokens"):
+            yield TokenDelta(rid, finish_reason="error", num_prompt_tokens=n,
+                             error=f"prefill engine at {p.addr} parked the request without KV details")  # type: ignore[union-attr]
+            return
+        if first is None:
+            return
+        ended = False
+        try:
+            yield TokenDelta(rid, first.token_ids, first.logprobs, None, n, first.num_cached_tokens)
+            dec = self._choose("decode", prompt)
+            if dec is None:
+                yield TokenDelta(rid, finish_reason="error", num_prompt_tokens=n, error="no decode engine available")
+                return
+            pd = {"phase": "decode", "source": p.addr, "source_request_id": rid, "num_prompt": n,  # type: ignore[union-attr]
+                  "num_tokens": first.kv["num_tokens"]}  # type: ignore[index]
+            with self._on(rid, dec):
+                stream = dec.client.generate(GenerateRequest(rid, prompt + first.token_ids, req.params, pd))
+                async with contextlib.aclosing(stream):
+                    async for d in stream:
+                        d.num_prompt_tokens, d.num_cached_tokens = n, first.num_cached_tokens
+                        ended = d.finish_reason in ("stop", "length")
+                        yield d
+        finally:
+            if not ended and not p.client.closed:  # type: ignore[union-attr]
+                await p.client.abort(rid)  # type: ignore[union-attr]  # frees the parked KV if never pulled
+
+    async def abort(self, request_id: str) -> None:
+        for e in list(self.requests.get(request_id, [])):
+            await e.client.abort(request_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """The engines' counters summed, KV usage over all pools, and one entry per engine."""
+        engines = list(self.engines.values())
+        results = await asyncio.gather(*(e.client.stats() for e in engines), return_exceptions=True)
+        total: dict[str, Any] = {k: 0 for k in SUM_KEYS}
+        per = []
+        for e, r in zip(engines, results):
+            up = isinstance(r, dict)
+            if up:
+                for k in SUM_KEYS:
+                    total[k] += r.get(k, 0)
+                e.load.kv_usage, e.load.num_waiting = r.get("kv_usage", 0.0), r.get("num_waiting", 0)
+            per.append({"addr": e.addr, "role": e.role, "up": up, "in_flight": e.load.in_flight,
+                        **({k: r[k] for k in PER_ENGINE_KEYS if k in r} if up else {})})  # type: ignore[index]
+        if not any(x["up"] for x in per):
+            raise NanoForgeError("no engine answered: " + ("; ".join(str(r) for r in results) or "none connected"))
+        total["kv_usage"] = 1 - total["kv_blocks_free"] / max(total["kv_blocks_total"], 1)
+        return {**total, "engines": per, **{f"router_{k}": v for k, v in self.counters.items()}}
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.watcher is not None:
+            self.watcher.close()
+        for addr in list(self.engines):
+            self.engines.pop(addr).client.close(why="router is closed")
