@@ -31,7 +31,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     opts = CompileOptions(dtype=a.dtype, device=a.device, pipeline=a.pipeline, disable_passes=a.disable_pass,
                           dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
-                          providers=_kv_pairs(a.provider, "--provider"))
+                          providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
+                          attention_dp=a.attention_dp, ffn_ep=a.ffn_ep)
     say = (lambda m: None) if a.quiet else print
     say(f"compiling {a.checkpoint}")
     plan = compile_checkpoint(a.checkpoint, opts, log=say)
@@ -52,6 +53,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     plan = read_plan(a.plan)
     m = plan.module
+    if a.rank is not None:
+        return _inspect_rank(m, a.rank)
     if a.ir:
         for fn in m.functions.values():
             print(format_function(fn))
@@ -77,10 +80,48 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             for n in fn.nodes:
                 print(f"  {fn.name}  %{n.outputs[0].name:<5} {n.op:<14} {n.provider or '-':<10} @{n.source}")
     kv = m.meta.get("kv_contract", {})
+    _print_parallel(m)
     print(f"memory       weights {_mib(mem.get('param_bytes', 0))}, KV {mem.get('kv_bytes_per_token', 0):,} B/token "
           f"(block {kv.get('block_size')}, {kv.get('dtype')}, {len(kv.get('layers', []))} layers), activations "
           f"{mem.get('activation_bytes_per_token', 0):,} B/token x {mem.get('max_num_batched_tokens')} tokens "
           f"= {_mib(mem.get('activation_bytes_per_token', 0) * (mem.get('max_num_batched_tokens') or 0))}")
+    return 0
+
+
+def _print_parallel(m) -> None:
+    from .parallel.rank_view import collectives_per_step, model_bytes
+    from .parallel.shard_spec import parallel_of, world_size
+
+    world = world_size(m.meta)
+    if world == 1:
+        return
+    par = " x ".join(f"{k}={v}" for k, v in parallel_of(m.meta).items() if v > 1)
+    coll = collectives_per_step(m)
+    replicated = type(m)(m.meta, {n: p for n, p in m.params.items() if not p.shard}).param_bytes()
+    print(f"parallel     {par}: {world} ranks; per step {sum(coll.values())} collectives ("
+          + ", ".join(f"{op} x{n}" for op, n in sorted(coll.items())) + ")")
+    kv = m.meta.get("memory", {}).get("kv_bytes_per_token", 0)
+    print(f"per rank     weights {_mib(m.param_bytes())} of the model's {_mib(model_bytes(m))} ("
+          f"{_mib(m.param_bytes() - replicated)} sharded + {_mib(replicated)} replicated), KV {kv:,} B/token; "
+          "`inspect --rank R` lists a rank's slices")
+
+
+def _inspect_rank(m, rank: int) -> int:
+    from .ir.printer import format_function
+    from .parallel.rank_view import describe_rank, rank_slices
+    from .parallel.shard_spec import world_size
+
+    world = world_size(m.meta)
+    if not 0 <= rank < world:
+        raise NanoForgeError(f"--rank {rank}: the plan has {world} rank{'s' if world > 1 else ''} (0..{world - 1})")
+    for fn in m.functions.values():
+        print(format_function(fn))
+    lines = describe_rank(m, rank)
+    print(lines[0])
+    print("\n".join(lines[1:]))
+    total = sum(ks.nbytes for ks in rank_slices(m, rank))
+    print(f"rank {rank} reads {_mib(total)} of the checkpoint ({total:,} B)")
+    _print_parallel(m)
     return 0
 
 
@@ -245,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=int, default=16)
     c.add_argument("--max-num-batched-tokens", type=int, default=2048)
     c.add_argument("--provider", action="append", default=[], metavar="OP=NAME", help="force a kernel provider")
+    c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (shard_tp pass)")
+    c.add_argument("--attention-dp", type=int, default=1, metavar="N",
+                   help="attention data-parallel ranks; with --ffn-ep N, wide expert parallelism (shard_ep pass)")
+    c.add_argument("--ffn-ep", type=int, default=1, metavar="N", help="expert-parallel ranks (shard_ep pass)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(run=cmd_compile)
 
@@ -252,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("plan")
     i.add_argument("--ir", action="store_true", help="print the lowered IR")
     i.add_argument("--nodes", action="store_true", help="list every node with its provider")
+    i.add_argument("--rank", type=int, metavar="R", help="a sharded plan's rank R: its graph, params, slices and bytes")
     i.set_defaults(run=cmd_inspect)
 
     g = sub.add_parser("generate", help="generate text from a plan or a checkpoint")

@@ -28,6 +28,9 @@ class CompileOptions:
     max_num_seqs: int = 256  # largest decode batch a CUDA graph is planned for
     cuda_graphs: bool = True
     providers: dict[str, str] = field(default_factory=dict)  # op -> forced provider
+    tp: int = 1  # tensor-parallel ranks (passes/shard_tp.py)
+    attention_dp: int = 1  # attention data-parallel x FFN expert-parallel ranks (passes/shard_ep.py)
+    ffn_ep: int = 1
 
 
 def resolve_dtype(requested: str, config: dict[str, Any]) -> str:
@@ -61,9 +64,14 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
     t_trace = time.perf_counter()
     if opts.pipeline not in PIPELINES:
         raise NanoForgeError(f"unknown pipeline {opts.pipeline!r}; pipelines: {', '.join(PIPELINES)}")
+    for name, flag, n in (("shard_tp", "--tp", opts.tp), ("shard_ep", "--ffn-ep", max(opts.ffn_ep, opts.attention_dp))):
+        if n > 1 and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
+            raise NanoForgeError(f"{flag} {n} needs the {name} pass, which this compile does not run")
     target = target_of(opts.device)
     ctx = PassContext(
-        options={"select_kernels": {"target": target, "force": dict(opts.providers)},
+        options={"shard_tp": {"tp": opts.tp},
+                 "shard_ep": {"attention_dp": opts.attention_dp, "ffn_ep": opts.ffn_ep},
+                 "select_kernels": {"target": target, "force": dict(opts.providers)},
                  "plan_cuda_graphs": {"enabled": opts.cuda_graphs, "max_num_seqs": opts.max_num_seqs},
                  "plan_memory": {"block_size": opts.block_size,
                                  "max_num_batched_tokens": opts.max_num_batched_tokens}},
@@ -71,6 +79,8 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
         verify_each_pass=opts.verify_each_pass, log=log)
     pm = PassManager(PASSES, PIPELINES[opts.pipeline], ctx)
     module = pm.run(module)
+    if module.meta.get("parallel") and not opts.config_only:
+        check_bindings(module, ckpt)  # each rank's slices: the global shapes, and every split divides
     t_end = time.perf_counter()
     stats = {"open_ms": round((t_open - t0) * 1000, 1), "trace_ms": round((t_trace - t_open) * 1000, 1),
              "passes_ms": round((t_end - t_trace) * 1000, 1), "total_ms": round((t_end - t0) * 1000, 1),

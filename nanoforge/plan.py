@@ -43,6 +43,7 @@ class Plan:
             "options": self.options,
             "passes": self.passes,
             "stats": self.stats,
+            "parallel": self.module.meta.get("parallel"),  # absent: one rank
             "kv_contract": self.module.meta.get("kv_contract"),
             "memory": self.module.meta.get("memory"),
             "ir": format_module(self.module),

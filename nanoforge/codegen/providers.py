@@ -60,7 +60,7 @@ TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope",
 PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     Provider("triton", "nanoforge.codegen.kernels.triton", TRITON_OPS, _triton_probe),
     Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always,
-             graph_unsafe=frozenset({"attention", "moe"})),
+             graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
     # Library adapters rank after torch, which runs everything: they never change a default and run
     # only where forced (--provider rms_norm=flashinfer, --provider linear=deep_gemm). Not registered:
     # FlashInfer decode attention (plans on the host per step, decode rows only), FlashMLA decode

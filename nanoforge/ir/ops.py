@@ -12,6 +12,7 @@ from .graph import TensorType
 
 Types = list[TensorType]
 Infer = Callable[[Types, dict[str, TensorType], dict[str, Any]], Types]
+GROUPS = ("tp", "ep", "dp")  # parallel groups of collectives (parallel/shard_spec.py: which ranks)
 
 
 class OpTypeError(ValueError):
@@ -46,6 +47,8 @@ def _same(i: Types, p, a) -> Types:
 
 def _embed(i: Types, p, a) -> Types:
     _check(i[0].dtype in ("i32", "i64") and len(i[0].shape) == 1, f"tokens must be int[T], got {i[0]}")
+    group = a.get("vocab_parallel")
+    _check(group in (None,) + GROUPS, f"embed: unknown vocab_parallel group {group!r}")
     w = p["weight"]
     return [TensorType(w.dtype, (i[0].shape[0], w.shape[1]))]
 
@@ -131,12 +134,28 @@ def _lm_head(i: Types, p, a) -> Types:
     return [TensorType("f32", (rows.shape[0], w.shape[0]))]
 
 
+def _all_reduce(i: Types, p, a) -> Types:
+    _check(a["group"] in GROUPS, f"all_reduce: unknown group {a['group']!r}")
+    return [i[0]]
+
+
+def _all_gather(i: Types, p, a) -> Types:
+    x, dim = i[0], a["dim"] % len(i[0].shape)
+    _check(a["group"] in GROUPS and a["size"] >= 1, f"all_gather: group {a['group']!r} of size {a['size']}")
+    _check(dim > 0, "all_gather: cannot gather along the symbolic leading dim")
+    shape = list(x.shape)
+    shape[dim] = int(shape[dim]) * a["size"]
+    return [TensorType(x.dtype, tuple(shape))]
+
+
 ROPE_ATTRS = ("heads", "kv_heads", "q_head_dim", "k_head_dim", "rotary_dim", "style", "theta")
 
 OPS: dict[str, OpDef] = {
     op.name: op
     for op in [
-        OpDef("embed", ("tokens",), ("weight",), infer=_embed, doc="row lookup of token embeddings"),
+        OpDef("embed", ("tokens",), ("weight",), infer=_embed, needs_ctx=True,
+              doc="row lookup of token embeddings; with vocab_parallel=GROUP the weight holds this rank's "
+                  "contiguous share of the vocab and other ids give zeros (then an all_reduce)"),
         OpDef("linear", ("x",), ("weight",), ("bias",), infer=_linear, doc="x @ weight.T (+ bias)"),
         OpDef("add", ("a", "b"), infer=_same, doc="elementwise sum (residual connection)"),
         OpDef("mul", ("a", "b"), infer=_same, doc="elementwise product"),
@@ -158,6 +177,10 @@ OPS: dict[str, OpDef] = {
               attrs=("num_experts", "top_k", "scoring"), infer=_moe,
               doc="router, top-k, SwiGLU experts, weighted sum (shared experts are separate nodes)"),
         OpDef("lm_head", ("x", "rows"), ("weight",), infer=_lm_head, doc="logits (f32) of the selected rows"),
+        OpDef("all_reduce", ("x",), attrs=("group",), infer=_all_reduce, needs_ctx=True,
+              doc="sum over the ranks of a parallel group (ctx.comm; no comm = a group of one)"),
+        OpDef("all_gather", ("x",), attrs=("group", "dim", "size"), infer=_all_gather, needs_ctx=True,
+              doc="concatenate along dim the pieces of the `size` ranks of a group, in rank order"),
     ]
 }
 
@@ -177,3 +200,40 @@ def infer_types(op: str, inputs: Types, params: dict[str, TensorType], attrs: di
     if absent:
         raise OpTypeError(f"{op}: missing attrs {absent}")
     return d.infer(inputs, params, attrs)
+
+
+# -- wide expert parallelism (passes/shard_ep.py): a moe node becomes dispatch -> experts -> combine
+def _moe_dispatch(i: Types, p, a) -> Types:
+    x, e, k = i[0], a["num_experts"], a["top_k"]
+    _check(p["router"].shape == (e, _last(x)), f"moe_dispatch: router {p['router']} vs {e} experts x {_last(x)}")
+    _check(0 < k <= e, f"moe_dispatch: top_k {k} of {e} experts")
+    _check(a["scoring"] in ("softmax", "sigmoid"), f"moe_dispatch: unknown scoring {a['scoring']!r}")
+    return [TensorType(x.dtype, ("Tg", _last(x))), TensorType("f32", ("Tg", k)), TensorType("i64", ("Tg", k)),
+            TensorType("i64", ("W",))]
+
+
+def _grouped_experts(i: Types, p, a) -> Types:
+    x, h = i[0], _last(i[0])
+    local, inter = int(p["w_gate"].shape[0]), int(p["w_gate"].shape[1])
+    _check(a["num_experts"] % local == 0, f"grouped_experts: {local} local experts do not divide {a['num_experts']}")
+    _check(p["w_gate"].shape == (local, inter, h) and p["w_up"].shape == (local, inter, h),
+           f"grouped_experts: gate/up {p['w_gate']}")
+    _check(p["w_down"].shape == (local, h, inter), f"grouped_experts: w_down {p['w_down']}")
+    return [x]
+
+
+def _moe_combine(i: Types, p, a) -> Types:
+    return [TensorType(i[0].dtype, ("T", _last(i[0])))]
+
+
+ROUTING_ATTRS = ("num_experts", "top_k", "scoring", "group")
+OPS.update({op.name: op for op in [
+    OpDef("moe_dispatch", ("x",), ("router",), ("score_bias",), attrs=ROUTING_ATTRS, infer=_moe_dispatch,
+          needs_ctx=True, doc="route this rank's tokens, then gather every rank's tokens, weights, expert ids "
+                              "and token counts over the EP group"),
+    OpDef("grouped_experts", ("x", "weights", "ids"), ("w_gate", "w_up", "w_down"), attrs=("num_experts", "group"),
+          infer=_grouped_experts, needs_ctx=True,
+          doc="the weighted SwiGLU of this rank's experts (ids outside them contribute nothing)"),
+    OpDef("moe_combine", ("y", "counts"), attrs=("group",), infer=_moe_combine, needs_ctx=True,
+          doc="sum the experts' outputs over the EP group and keep this rank's rows"),
+]})

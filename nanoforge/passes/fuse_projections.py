@@ -7,13 +7,15 @@ weight, followed by a split.
 At batch 1 a decode step is a chain of GEMVs; one wide GEMV streams the same bytes with one
 launch instead of several narrow ones. The fused param has layout "cat" over the original
 checkpoint keys, so weights still load straight from the checkpoint; the split outputs keep the
-names of the values they replace, so the numeric check compares them.
+names of the values they replace, so the numeric check compares them. Column-parallel weights of a
+sharded module fuse too: the fused param keeps a shard count per key (q heads split, kv replicated).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ..ir.graph import Function, Module, Node, Param, TensorType, Value
+from ..parallel.shard_spec import format_spec, parse_spec
 from .manager import Pass
 
 
@@ -21,7 +23,17 @@ def _fusable(module: Module, node: Node) -> bool:
     if node.op != "linear" or "bias" in node.params:
         return False
     p = module.params[node.params["weight"]]
-    return p.layout in ("single", "cat") and p.shard is None and p.quant is None
+    column = p.shard is None or parse_spec(p.shard).dim == 0  # row-split weights keep their own GEMM
+    return p.layout in ("single", "cat") and column and p.quant is None
+
+
+def _fused_shard(weights: list[Param]) -> str | None:
+    """Column-parallel weights fuse into one with a count per key: "d0:4@tp" + "d0:2@tp" -> "d0:4,2@tp"."""
+    if weights[0].shard is None:
+        return None
+    specs = [parse_spec(w.shard) for w in weights]
+    counts = [s.count(i) for s, w in zip(specs, weights) for i in range(len(w.keys))]
+    return format_spec(0, counts[:1] if len(set(counts)) == 1 else counts, specs[0].group)
 
 
 def _fused_name(names: list[str]) -> str:
@@ -42,7 +54,7 @@ def _fuse_group(module: Module, fn: Function, group: list[Node]) -> list[str]:
     dtype = weights[0].type.dtype
     name = _fused_name([w.name for w in weights])
     module.params[name] = Param(name, TensorType(dtype, (sum(rows), weights[0].type.shape[1])),
-                                [k for w in weights for k in w.keys], "cat")
+                                [k for w in weights for k in w.keys], "cat", _fused_shard(weights))
     first = group[0]
     out_type = TensorType(first.out.type.dtype, (first.out.type.shape[0], sum(rows)))
     fused = Value(fn.next_value_name(), out_type)
@@ -62,8 +74,9 @@ def fuse_projections(module: Module, opts: dict[str, Any]) -> int:
         groups: dict[tuple[int, str], list[Node]] = {}
         for node in fn.nodes:
             if _fusable(module, node):
-                dtype = module.params[node.params["weight"]].type.dtype
-                groups.setdefault((id(node.inputs[0]), dtype), []).append(node)
+                w = module.params[node.params["weight"]]
+                group = w.shard and parse_spec(w.shard).group
+                groups.setdefault((id(node.inputs[0]), w.type.dtype, group), []).append(node)
         for group in groups.values():
             if len(group) > 1:
                 replaced.update(_fuse_group(module, fn, group))

@@ -3,6 +3,8 @@ the reference kernels and compare every value that survives the pass (fusions ke
 of what they replace). The first value that diverges is reported by its HF module path."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..codegen.kernels.context import TORCH_DTYPES, allocate_pool, make_context
@@ -10,6 +12,7 @@ from ..codegen.pysource import compile_function
 from ..errors import NanoForgeError
 from ..ir.graph import Function, Module
 from ..ir.printer import format_node
+from ..parallel.shard_spec import parallel_of, world_size
 from .plan_memory import kv_contract
 
 SEQ_LENS = (5, 3)  # two prompts: enough for causal masks and per-sequence bookkeeping
@@ -28,8 +31,10 @@ def random_params(module: Module, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_recorded(module: Module, fn_name: str, params: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Value name -> tensor for every node output of one forward over a fresh 2-prompt batch."""
+def run_recorded(module: Module, fn_name: str, params: dict[str, torch.Tensor], seed: int = 0,
+                 comm: Any = None) -> dict[str, torch.Tensor]:
+    """Value name -> tensor for every node output of one forward over a fresh 2-prompt batch
+    (`comm`: this rank's collectives, when the module is one rank of a sharded plan)."""
     fn: Function = module.functions[fn_name]
     contract = kv_contract(module, block_size=4, kv_dtype="f32")
     blocks_per_seq = [(n + 3) // 4 for n in SEQ_LENS]
@@ -38,7 +43,7 @@ def run_recorded(module: Module, fn_name: str, params: dict[str, torch.Tensor], 
     for n, nb in zip(SEQ_LENS, blocks_per_seq):
         seqs.append((n, n, list(range(first, first + nb))))
         first += nb
-    ctx = make_context(pool, 4, seqs)
+    ctx = make_context(pool, 4, seqs, comm=comm)
     g = torch.Generator().manual_seed(seed)
     vocab = module.meta.get("vocab_size", 2)
     tokens = torch.randint(0, vocab, (sum(SEQ_LENS),), generator=g)
@@ -71,7 +76,50 @@ def carry_params(params: dict[str, torch.Tensor], before: Module, after: Module)
     return out
 
 
+def _divergence(pass_name: str, fn_name: str, node, v, err: float, where: str = "") -> NanoForgeError:
+    return NanoForgeError(
+        f"pass {pass_name} changed the numerics of {fn_name}: first divergence at {node.source or '?'} "
+        f"(%{v.name} = {node.op}{where}, relative error {err:.2e} > {RTOL:.0e}): {format_node(node)}")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / (b.abs().max().item() + 1e-6) if a.shape == b.shape else float("inf")
+
+
+def check_sharding_preserves(pass_name: str, before: Module, after: Module) -> None:
+    """A sharding pass: run every rank of `after` as simulated ranks on slices of the same random
+    weights and compare with `before`, value by value in order, so a divergence is reported at its
+    HF module. A value of the unsharded shape is either whole on every rank or a partial sum (the
+    ranks' pieces sum to it); values of other shapes are per-rank pieces, skipped. Then every rank's
+    function outputs must match."""
+    from ..parallel.simulate import key_tensors, run_ranks
+
+    params = random_params(before)
+    tensors = key_tensors(before, params)
+    world = world_size(after.meta)
+    for fn_name, fn in after.functions.items():
+        if fn_name not in before.functions:
+            continue
+        ref = run_recorded(before, fn_name, params)
+        ranks = run_ranks(after, tensors, fn_name)
+        for node in fn.nodes:
+            for v in node.outputs:
+                b, got = ref.get(v.name), [r[v.name] for r in ranks]
+                if b is None or got[0].shape != b.shape:
+                    continue  # a value each rank holds its own piece of
+                err = max(_rel_err(g, b) for g in got)  # whole on every rank (attention-DP ranks: their own)
+                if not err <= RTOL and not _rel_err(torch.stack(got).sum(0), b) <= RTOL:  # nor a partial sum
+                    raise _divergence(pass_name, fn_name, node, v, err, f" on {world} simulated ranks")
+        prod = fn.producers()
+        for v, w in zip(fn.outputs, before.functions[fn_name].outputs):
+            for rank, values in enumerate(ranks):
+                if not (err := _rel_err(values[v.name], ref[w.name])) <= RTOL:
+                    raise _divergence(pass_name, fn_name, prod[id(v)], v, err, f", output on rank {rank} of {world}")
+
+
 def check_pass_preserves(pass_name: str, before: Module, after: Module) -> None:
+    if parallel_of(before.meta) != parallel_of(after.meta):
+        return check_sharding_preserves(pass_name, before, after)
     params = random_params(before)
     params_after = carry_params(params, before, after)
     for fn_name, fn in after.functions.items():
@@ -83,10 +131,5 @@ def check_pass_preserves(pass_name: str, before: Module, after: Module) -> None:
             for v in node.outputs:
                 if v.name not in ref:
                     continue
-                a, b = got[v.name], ref[v.name]
-                err = (a - b).abs().max().item() / (b.abs().max().item() + 1e-6) if a.shape == b.shape else float("inf")
-                if not err <= RTOL:
-                    raise NanoForgeError(
-                        f"pass {pass_name} changed the numerics of {fn_name}: first divergence at "
-                        f"{node.source or '?'} (%{v.name} = {node.op}, relative error {err:.2e} > {RTOL:.0e}): "
-                        f"{format_node(node)}")
+                if not (err := _rel_err(got[v.name], ref[v.name])) <= RTOL:
+                    raise _divergence(pass_name, fn_name, node, v, err)

@@ -14,6 +14,7 @@ from ..codegen.kernels.context import allocate_pool, make_context
 from ..codegen.pysource import compile_function
 from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
+from ..parallel.shard_spec import world_size
 from ..plan import Plan
 from .scheduler import ScheduledBatch
 from .weights import load_params
@@ -27,6 +28,9 @@ class ModelRunner:
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048):
         if device == "cuda" and not torch.cuda.is_available():
             raise NanoForgeError("--device cuda: no CUDA device is visible")
+        if (world := world_size(plan.module.meta)) > 1:  # one rank alone would compute garbage, silently
+            raise NanoForgeError(f"the plan is sharded over {world} ranks ({plan.module.meta['parallel']}); this "
+                                 "engine runs a single rank (the multi-process runtime is not built yet)")
         self.device = torch.device(device)
         self.contract = plan.module.meta["kv_contract"]
         self.block_size = self.contract["block_size"]

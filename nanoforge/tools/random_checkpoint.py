@@ -3,6 +3,7 @@
 interface the compiler and the weight loader use, with tensors generated on the target device."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,13 +34,25 @@ class RandomCheckpoint:
     def generation_config(self) -> dict:
         return {}
 
+    def _make(self, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """N(0, 0.02) matrices and 1 + N(0, 0.02) vectors (norm gains), made on self.device from a
+        seed per key, so every rank of a sharded plan sees the same weights."""
+        info = self.tensors[key]
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+        t = torch.randn(info.shape, generator=g, device=self.device, dtype=torch.float32) * 0.02
+        if len(info.shape) == 1:
+            t += 1
+        return t.to(dtype or TORCH_DTYPES[info.dtype])
+
     def read(self, keys: list[str], dtype: torch.dtype | None = None,
              progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """N(0, 0.02) matrices and 1 + N(0, 0.02) vectors (norm gains), made on self.device."""
-        g = torch.Generator(device=self.device).manual_seed(self.seed)
         for key in tqdm(keys, desc="random weights", unit="tensor", disable=not progress, leave=False):
-            info = self.tensors[key]
-            t = torch.randn(info.shape, generator=g, device=self.device, dtype=torch.float32) * 0.02
-            if len(info.shape) == 1:
-                t += 1
-            yield key, t.to(dtype or TORCH_DTYPES[info.dtype])
+            yield key, self._make(key, dtype)
+
+    def read_slices(self, requests: list[tuple[str, tuple[slice, ...] | None]],
+                    progress: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each key is made whole, then cut: there is no file to read only a slice of."""
+        for i, (key, sl) in enumerate(tqdm(requests, desc="random weights", unit="tensor", disable=not progress,
+                                           leave=False)):
+            t = self._make(key, None)
+            yield i, (t if sl is None else t[sl].clone())

@@ -9,6 +9,7 @@ captured CUDA graph can replay with new contents.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import itertools
 
@@ -37,6 +38,7 @@ class BatchContext:
     max_context_len: int
     _host: list[tuple[int, int, list[int]]] = field(default_factory=list, repr=False)  # (q_len, ctx_len, blocks)
     _seqs: list[SeqSlice] | None = field(default=None, repr=False)
+    comm: Any = None  # collectives of this rank (parallel/comm.py); None = a world of one
 
     @property
     def seqs(self) -> list[SeqSlice]:
@@ -89,7 +91,8 @@ def block_table_array(tables: list[list[int]], widths: np.ndarray | None = None,
 
 
 def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
-                 seqs: list[tuple[int, int, list[int]]], device: str | torch.device = "cpu") -> BatchContext:
+                 seqs: list[tuple[int, int, list[int]]], device: str | torch.device = "cpu",
+                 comm: Any = None) -> BatchContext:
     """Context for a flat batch; each seq is (q_len, ctx_len, block_ids), its new tokens being
     positions ctx_len-q_len .. ctx_len-1. Built with numpy, without per-sequence loops: a mixed
     step of hundreds of sequences spends well under a millisecond here."""
@@ -109,4 +112,4 @@ def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
 
     return BatchContext(
         pool, block_size, put(slots, torch.long), put(starts, torch.int32), put(ctx_lens, torch.int32),
-        put(table, torch.int32), int(q_lens.max(initial=0)), int(ctx_lens.max(initial=0)), list(seqs))
+        put(table, torch.int32), int(q_lens.max(initial=0)), int(ctx_lens.max(initial=0)), list(seqs), comm=comm)

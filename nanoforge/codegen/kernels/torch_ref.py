@@ -13,8 +13,21 @@ from .context import BatchContext
 from .rope_math import rope_frequencies
 
 
-def embed(tokens, weight, **_):
-    return F.embedding(tokens, weight)
+def embed(tokens, weight, vocab_parallel=None, ctx=None, **_):
+    if vocab_parallel is None:
+        return F.embedding(tokens, weight)
+    ids, keep = local_token_ids(tokens, weight.shape[0], ctx, vocab_parallel)
+    return F.embedding(ids, weight) * keep[..., None].to(weight.dtype)
+
+
+def local_token_ids(tokens, rows: int, ctx, group: str):
+    """(row in this rank's share of a vocab-parallel table, mask of the ids it holds): rank i of
+    the group holds ids i*rows .. (i+1)*rows - 1; the others look up row 0 and are masked out."""
+    comm = getattr(ctx, "comm", None)
+    start = 0 if comm is None else comm.group_position(group)[0] * rows
+    ids = tokens - start
+    keep = (ids >= 0) & (ids < rows)
+    return torch.where(keep, ids, torch.zeros_like(ids)), keep
 
 
 def linear(x, weight, bias=None, **_):
@@ -40,7 +53,7 @@ def silu_mul(gate, up, **_):
 def rms_norm(x, weight, eps, group=None, **_):
     shape = x.shape
     if group is not None:
-        x = x.reshape(*shape[:-1], -1, group)
+        x = x.reshape(*shape[:-1], shape[-1] // group, group)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * h.to(x.dtype)).reshape(shape)
@@ -107,6 +120,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, sca
 def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **a):
     """Write this step's K/V into the paged pool, then causal attention per sequence."""
     out = []
+    width = a["heads"] * (a["head_dim"] if kind == "gqa" else a["v_head_dim"])
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
         k_cache, v_cache = ctx.kv[layer]
@@ -130,7 +144,7 @@ def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **
             ks = torch.cat([kv[..., :nope], k_rope], dim=-1)
             qs = q[s.q_start: s.q_start + s.q_len].view(-1, h, nope + rope_d)
             out.append(_attend(qs, ks, kv[..., nope:], s.ctx_len, scale).reshape(s.q_len, h * vd))
-    return torch.cat(out, dim=0) if out else q.new_zeros(0, q.shape[-1])
+    return torch.cat(out, dim=0) if out else q.new_zeros(0, width)  # an empty batch (an idle DP rank)
 
 
 def select_experts(x, router, score_bias, *, num_experts, top_k, scoring, n_group=1, topk_group=1):
@@ -143,9 +157,9 @@ def select_experts(x, router, score_bias, *, num_experts, top_k, scoring, n_grou
     scores = F.linear(x.float(), router.float()).sigmoid()
     choice = scores + (score_bias.float() if score_bias is not None else 0)
     t = x.shape[0]
-    group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(-1)
+    group_scores = choice.view(t, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(-1)
     keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1)
-    mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, -1)
+    mask = keep[:, :, None].expand(t, n_group, num_experts // n_group).reshape(t, num_experts)
     ids = choice.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1)[1]
     return scores.gather(1, ids), ids
 
@@ -162,15 +176,68 @@ def _route(x, router, score_bias, num_experts, top_k, scoring, norm_topk_prob=Fa
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, **attrs):
     weights, ids = _route(x, router, score_bias, **attrs)
+    return _experts(x, weights, ids, w_gate, w_up, w_down)
+
+
+def _experts(x, weights, ids, w_gate, w_up, w_down, first: int = 0):
+    """Sum over each token's chosen experts of weight * SwiGLU; the params hold experts
+    first .. first + len(w_gate) - 1 (ids outside them contribute nothing)."""
     weights = weights.to(x.dtype)
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
+        if not first <= e < first + w_gate.shape[0]:
+            continue
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        h = x[tok]
-        y = F.linear(F.silu(F.linear(h, w_gate[e])) * F.linear(h, w_up[e]), w_down[e])
+        h, i = x[tok], e - first
+        y = F.linear(F.silu(F.linear(h, w_gate[i])) * F.linear(h, w_up[i]), w_down[i])
         out.index_add_(0, tok, y * weights[tok, slot, None])
     return out
 
 
 def lm_head(x, rows, weight, **_):
     return F.linear(x[rows], weight).float()
+
+
+# -- tensor parallelism (passes/shard_tp.py): collectives over ctx.comm; no comm is a group of one
+def all_reduce(x, group, ctx=None, **_):
+    comm = getattr(ctx, "comm", None)
+    return x if comm is None else comm.all_reduce(x, group)
+
+
+def all_gather(x, group, dim, ctx=None, **_):
+    comm = getattr(ctx, "comm", None)
+    return x if comm is None else comm.all_gather(x, group, dim)
+
+
+# -- expert parallelism (passes/shard_ep.py). Dispatch gathers every rank's tokens (padded to the
+# largest count, as collectives want equal sizes), combine sums the partial expert outputs over the
+# group and keeps this rank's rows: all-gather / all-reduce, the simplest exchange that runs on gloo
+# and in simulated ranks; an all-to-all or DeepEP provider moves only the routed tokens.
+def _ep_position(ctx, group: str) -> tuple[int, int]:
+    comm = getattr(ctx, "comm", None)
+    return (0, 1) if comm is None else comm.group_position(group)
+
+
+def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
+    weights, ids = _route(x, router, score_bias, **attrs)
+    if _ep_position(ctx, group)[1] == 1:
+        return x, weights, ids, torch.tensor([x.shape[0]])
+    comm = ctx.comm
+    counts = comm.all_gather(torch.tensor([x.shape[0]], device=x.device), group, 0).cpu()
+    cap = int(counts.max())
+    padded = [torch.cat([t, t.new_zeros(cap - t.shape[0], *t.shape[1:])]) for t in (x, weights, ids)]
+    keep = torch.cat([torch.arange(c) + r * cap for r, c in enumerate(counts.tolist())]).to(x.device)
+    return (*[comm.all_gather(t, group, 0)[keep] for t in padded], counts)
+
+
+def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **_):
+    return _experts(x, weights, ids, w_gate, w_up, w_down, first=_ep_position(ctx, group)[0] * w_gate.shape[0])
+
+
+def moe_combine(y, counts, *, ctx=None, group="ep"):
+    index, size = _ep_position(ctx, group)
+    if size == 1:
+        return y
+    total = ctx.comm.all_reduce(y, group)
+    start = int(counts[:index].sum())
+    return total[start:start + int(counts[index])]

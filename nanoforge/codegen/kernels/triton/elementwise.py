@@ -257,7 +257,12 @@ def _qk_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_p
 # ---------------------------------------------------------------------------------------------------
 # wrappers (reference signatures)
 
-def embed(tokens, weight, **_):
+def embed(tokens, weight, vocab_parallel=None, ctx=None, **_):
+    if vocab_parallel is not None:  # this rank's share of the vocab: other ids give zero rows
+        from ..torch_ref import local_token_ids
+
+        ids, keep = local_token_ids(tokens, weight.shape[0], ctx, vocab_parallel)
+        return embed(ids, weight) * keep[..., None].to(weight.dtype)
     ids = tokens.reshape(-1)
     if ids.stride(0) != 1:
         ids = ids.contiguous()

@@ -1,0 +1,1 @@
+"""Parallelism shared by passes, loader and runtime: shard specs, collectives, simulated ranks."""

@@ -1,0 +1,116 @@
+"""Collectives a rank's kernels call through `ctx.comm`: summing and gathering over a named group
+("tp", "ep", "dp"; parallel/shard_spec.py says which ranks form it).
+
+SimulatedComm runs every rank of a world as a thread of one process (the numeric check of
+sharding passes, tests); TorchDistComm is the same interface over torch.distributed (gloo on
+CPU, NCCL on GPU), one process per rank. Both reduce in rank order, so every rank of a group
+gets bit-identical results."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .shard_spec import GROUPS, group_members, rank_in_group, world_size
+
+
+@dataclass
+class _Room:
+    barrier: threading.Barrier
+    slots: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class SimulatedHub:
+    """Where the threads of one simulated world meet: one room (a barrier and a slot per rank)
+    for each group of ranks. A rank that fails calls `abort`, so the others stop waiting."""
+
+    def __init__(self, world: int, timeout_s: float = 120.0):
+        self.world, self.timeout_s = world, timeout_s
+        self._rooms: dict[tuple[int, ...], _Room] = {}
+        self._lock = threading.Lock()
+        self.aborted = False  # a room made after abort() is born broken, so no rank waits for a dead one
+
+    def exchange(self, members: list[int], rank: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's tensor, in group order, once all of them have arrived."""
+        with self._lock:
+            room = self._rooms.setdefault(tuple(members), _Room(threading.Barrier(len(members))))
+            if self.aborted:
+                room.barrier.abort()
+        room.slots[rank] = x
+        room.barrier.wait(self.timeout_s)
+        out = [room.slots[m] for m in members]
+        room.barrier.wait(self.timeout_s)  # nobody deposits the next tensor before all have read this one
+        return out
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            for room in self._rooms.values():
+                room.barrier.abort()
+
+
+class SimulatedComm:
+    def __init__(self, hub: SimulatedHub, rank: int, meta: dict[str, Any]):
+        self.hub, self.rank, self.meta = hub, rank, meta
+
+    def group_position(self, group: str) -> tuple[int, int]:
+        """(this rank's index in `group`, the group's size)."""
+        return rank_in_group(self.meta, group, self.rank)
+
+    def _gather_list(self, x: torch.Tensor, group: str) -> list[torch.Tensor]:
+        members = group_members(self.meta, group, self.rank)
+        return [x] if len(members) == 1 else self.hub.exchange(members, self.rank, x)
+
+    def all_reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        parts = self._gather_list(x, group)
+        total = parts[0].clone()
+        for t in parts[1:]:
+            total += t
+        return total
+
+    def all_gather(self, x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
+        return torch.cat(self._gather_list(x, group), dim=dim)
+
+    # all_to_all(x, group, splits) belongs to expert parallelism (passes/shard_ep.py)
+
+
+class TorchDistComm:
+    """torch.distributed with one process group per named group; the caller has already run
+    dist.init_process_group (gloo on CPU, nccl on GPU) over world_size(meta) ranks."""
+
+    def __init__(self, meta: dict[str, Any], rank: int):
+        import torch.distributed as dist
+
+        self.dist, self.rank, self.meta = dist, rank, meta
+        self.groups: dict[str, Any] = {}
+        world = world_size(meta)
+        for group in GROUPS:  # every rank creates every process group, in the same order
+            lists = sorted({tuple(group_members(meta, group, r)) for r in range(world)})
+            for members in lists:
+                if len(members) == 1:
+                    continue
+                pg = dist.new_group(list(members))
+                if rank in members:
+                    self.groups[group] = pg
+
+    def group_position(self, group: str) -> tuple[int, int]:
+        return rank_in_group(self.meta, group, self.rank)
+
+    def all_reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        if group not in self.groups:
+            return x
+        x = x.contiguous()
+        self.dist.all_reduce(x, group=self.groups[group])  # in place: the partial sum is dead after this
+        return x
+
+    def all_gather(self, x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
+        if group not in self.groups:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.group_position(group)[1])]
+        self.dist.all_gather(parts, x, group=self.groups[group])
+        return torch.cat(parts, dim=dim)
+
+    # all_to_all(x, group, splits) belongs to expert parallelism (passes/shard_ep.py)
