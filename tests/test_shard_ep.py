@@ -87,3 +87,47 @@ def test_cli_compile_and_inspect(ckpt, tmp_path, capsys):  # noqa: F811
     assert main(["compile", str(ckpt("qwen3_moe")), "-o", str(tmp_path / "bad"), "--attention-dp", "2",
                  "--ffn-ep", "3", "-q"]) != 0
     assert "must be equal" in capsys.readouterr().err
+
+
+def _a2a_worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from nanoforge.parallel.comm import TorchDistComm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        comm = TorchDistComm({"parallel": {"attention_dp": 2, "ffn_ep": 2}}, rank)
+        send = [1, 2] if rank == 0 else [3, 0]  # uneven, and one pair sends nothing
+        x = torch.arange(sum(send) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
+        got, recv = comm.all_to_all(x, "ep", send)
+        assert recv == ([1, 3] if rank == 0 else [2, 0])
+        want = torch.cat([torch.arange(2.).view(1, 2), torch.arange(6.).view(3, 2) + 100]) if rank == 0 else \
+            torch.arange(2., 6.).view(2, 2)
+        assert torch.equal(got, want), (rank, got)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_to_all_on_gloo_and_simulated_agree():
+    """The dispatch exchange over two real gloo processes (uneven counts), and the same exchange
+    between simulated ranks."""
+    import threading
+
+    import torch.multiprocessing as mp
+
+    from nanoforge.parallel.comm import SimulatedComm, SimulatedHub
+    from test_shard_tp import _free_port
+
+    mp.spawn(_a2a_worker, args=(_free_port(),), nprocs=2, join=True)
+    meta, hub, out = {"parallel": {"attention_dp": 2, "ffn_ep": 2}}, SimulatedHub(2), {}
+
+    def rank(r: int) -> None:
+        send = [1, 2] if r == 0 else [3, 0]
+        x = torch.arange(sum(send) * 2, dtype=torch.float32).view(-1, 2) + 100 * r
+        out[r] = SimulatedComm(hub, r, meta).all_to_all(x, "ep", send)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert out[0][1] == [1, 3] and out[1][1] == [2, 0]
+    assert torch.equal(out[1][0], torch.arange(2., 6.).view(2, 2))

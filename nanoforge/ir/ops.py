@@ -209,7 +209,7 @@ def _moe_dispatch(i: Types, p, a) -> Types:
     _check(0 < k <= e, f"moe_dispatch: top_k {k} of {e} experts")
     _check(a["scoring"] in ("softmax", "sigmoid"), f"moe_dispatch: unknown scoring {a['scoring']!r}")
     return [TensorType(x.dtype, ("Tg", _last(x))), TensorType("f32", ("Tg", k)), TensorType("i64", ("Tg", k)),
-            TensorType("i64", ("W",))]
+            TensorType("i64", ("P",))]
 
 
 def _grouped_experts(i: Types, p, a) -> Types:
@@ -229,11 +229,11 @@ def _moe_combine(i: Types, p, a) -> Types:
 ROUTING_ATTRS = ("num_experts", "top_k", "scoring", "group")
 OPS.update({op.name: op for op in [
     OpDef("moe_dispatch", ("x",), ("router",), ("score_bias",), attrs=ROUTING_ATTRS, infer=_moe_dispatch,
-          needs_ctx=True, doc="route this rank's tokens, then gather every rank's tokens, weights, expert ids "
-                              "and token counts over the EP group"),
+          needs_ctx=True, doc="route this rank's tokens and send each to the EP ranks owning one of its experts "
+                              "(all-to-all); also returns the exchange plan moe_combine reverses"),
     OpDef("grouped_experts", ("x", "weights", "ids"), ("w_gate", "w_up", "w_down"), attrs=("num_experts", "group"),
           infer=_grouped_experts, needs_ctx=True,
           doc="the weighted SwiGLU of this rank's experts (ids outside them contribute nothing)"),
-    OpDef("moe_combine", ("y", "counts"), attrs=("group",), infer=_moe_combine, needs_ctx=True,
-          doc="sum the experts' outputs over the EP group and keep this rank's rows"),
+    OpDef("moe_combine", ("y", "plan"), attrs=("group",), infer=_moe_combine, needs_ctx=True,
+          doc="send the experts' outputs back to their tokens' ranks and sum them per token"),
 ]})

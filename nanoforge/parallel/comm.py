@@ -73,7 +73,18 @@ class SimulatedComm:
     def all_gather(self, x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
         return torch.cat(self._gather_list(x, group), dim=dim)
 
-    # all_to_all(x, group, splits) belongs to expert parallelism (passes/shard_ep.py)
+    def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Rows of x grouped by destination (send_counts[d] rows for member d, in group order) ->
+        the rows every member sent here, grouped by source, and how many came from each."""
+        members = group_members(self.meta, group, self.rank)
+        if len(members) == 1:
+            return x, list(send_counts)
+        me = members.index(self.rank)
+        sent = self.hub.exchange(members, self.rank, torch.tensor(send_counts))
+        starts = [int(c[:me].sum()) for c in sent]
+        recv = [int(c[me]) for c in sent]
+        parts = self.hub.exchange(members, self.rank, x)
+        return torch.cat([p[s:s + n] for p, s, n in zip(parts, starts, recv)]), recv
 
 
 class TorchDistComm:
@@ -113,4 +124,14 @@ class TorchDistComm:
         self.dist.all_gather(parts, x, group=self.groups[group])
         return torch.cat(parts, dim=dim)
 
-    # all_to_all(x, group, splits) belongs to expert parallelism (passes/shard_ep.py)
+    def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """As SimulatedComm.all_to_all; the counts go first (one int per pair), then the rows."""
+        if group not in self.groups:
+            return x, list(send_counts)
+        pg, send = self.groups[group], torch.tensor(send_counts, dtype=torch.long, device=x.device)
+        recv = torch.empty_like(send)
+        self.dist.all_to_all_single(recv, send, group=pg)
+        counts = recv.tolist()
+        out = x.new_empty(sum(counts), *x.shape[1:])
+        self.dist.all_to_all_single(out, x.contiguous(), counts, list(send_counts), group=pg)
+        return out, counts

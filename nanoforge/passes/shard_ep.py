@@ -36,15 +36,15 @@ def _rewrite(fn: Function, node: Node, ep: int) -> list[Node]:
     k = node.attrs["top_k"]
     names = iter(range(int(fn.next_value_name()), 1 << 30))
     new = lambda dtype, shape: Value(str(next(names)), TensorType(dtype, shape))  # noqa: E731
-    xg, wg, ids, counts = new(x.type.dtype, ("Tg", h)), new("f32", ("Tg", k)), new("i64", ("Tg", k)), new("i64", ("W",))
+    xg, wg, ids, plan = new(x.type.dtype, ("Tg", h)), new("f32", ("Tg", k)), new("i64", ("Tg", k)), new("i64", ("P",))
     yg = new(x.type.dtype, ("Tg", h))
     routing = {"router": node.params["router"], **({"score_bias": node.params["score_bias"]}
                                                    if "score_bias" in node.params else {})}
     experts = {s: node.params[s] for s in EXPERT_SLOTS}
-    return [Node("moe_dispatch", [x], routing, {**node.attrs, "group": "ep"}, [xg, wg, ids, counts], node.source),
+    return [Node("moe_dispatch", [x], routing, {**node.attrs, "group": "ep"}, [xg, wg, ids, plan], node.source),
             Node("grouped_experts", [xg, wg, ids], experts, {"num_experts": node.attrs["num_experts"], "group": "ep"},
                  [yg], node.source),
-            Node("moe_combine", [yg, counts], {}, {"group": "ep"}, [node.out], node.source)]
+            Node("moe_combine", [yg, plan], {}, {"group": "ep"}, [node.out], node.source)]
 
 
 def run(module: Module, opts: dict[str, Any]) -> int:

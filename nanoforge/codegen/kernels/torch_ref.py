@@ -209,10 +209,11 @@ def all_gather(x, group, dim, ctx=None, **_):
     return x if comm is None else comm.all_gather(x, group, dim)
 
 
-# -- expert parallelism (passes/shard_ep.py). Dispatch gathers every rank's tokens (padded to the
-# largest count, as collectives want equal sizes), combine sums the partial expert outputs over the
-# group and keeps this rank's rows: all-gather / all-reduce, the simplest exchange that runs on gloo
-# and in simulated ranks; an all-to-all or DeepEP provider moves only the routed tokens.
+# -- expert parallelism (passes/shard_ep.py). Dispatch sends each token to the ranks that own one of
+# its experts (all-to-all, variable counts: torch.distributed's all_to_all_single runs on gloo and
+# NCCL), experts run on what arrived, combine sends the outputs back and sums them per token. The
+# exchange plan travels between the two as one i64 tensor: [T, recv counts (W), send counts (W),
+# the token index of every sent row].
 def _ep_position(ctx, group: str) -> tuple[int, int]:
     comm = getattr(ctx, "comm", None)
     return (0, 1) if comm is None else comm.group_position(group)
@@ -220,24 +221,29 @@ def _ep_position(ctx, group: str) -> tuple[int, int]:
 
 def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
     weights, ids = _route(x, router, score_bias, **attrs)
-    if _ep_position(ctx, group)[1] == 1:
-        return x, weights, ids, torch.tensor([x.shape[0]])
-    comm = ctx.comm
-    counts = comm.all_gather(torch.tensor([x.shape[0]], device=x.device), group, 0).cpu()
-    cap = int(counts.max())
-    padded = [torch.cat([t, t.new_zeros(cap - t.shape[0], *t.shape[1:])]) for t in (x, weights, ids)]
-    keep = torch.cat([torch.arange(c) + r * cap for r, c in enumerate(counts.tolist())]).to(x.device)
-    return (*[comm.all_gather(t, group, 0)[keep] for t in padded], counts)
+    size = _ep_position(ctx, group)[1]
+    if size == 1:
+        return x, weights, ids, torch.tensor([x.shape[0], x.shape[0], x.shape[0], *range(x.shape[0])])
+    owner = ids // (attrs["num_experts"] // size)
+    hit = torch.zeros(x.shape[0], size, dtype=torch.bool, device=x.device).scatter_(1, owner, True)
+    idx = [hit[:, d].nonzero().squeeze(1) for d in range(size)]
+    send, order = [len(i) for i in idx], torch.cat(idx)
+    x_in, recv = ctx.comm.all_to_all(x[order], group, send)
+    w_in, _ = ctx.comm.all_to_all(weights[order], group, send)
+    ids_in, _ = ctx.comm.all_to_all(ids[order], group, send)
+    plan = torch.cat([torch.tensor([x.shape[0], *recv, *send]), order.cpu()])
+    return x_in, w_in, ids_in, plan
 
 
 def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **_):
     return _experts(x, weights, ids, w_gate, w_up, w_down, first=_ep_position(ctx, group)[0] * w_gate.shape[0])
 
 
-def moe_combine(y, counts, *, ctx=None, group="ep"):
-    index, size = _ep_position(ctx, group)
+def moe_combine(y, plan, *, ctx=None, group="ep"):
+    size = _ep_position(ctx, group)[1]
     if size == 1:
         return y
-    total = ctx.comm.all_reduce(y, group)
-    start = int(counts[:index].sum())
-    return total[start:start + int(counts[index])]
+    plan = plan.tolist()
+    tokens, recv, order = plan[0], plan[1:1 + size], plan[1 + 2 * size:]
+    back, _ = ctx.comm.all_to_all(y, group, recv)  # each row returns to the rank it came from
+    return y.new_zeros(tokens, y.shape[-1]).index_add_(0, torch.tensor(order, dtype=torch.long, device=y.device), back)
