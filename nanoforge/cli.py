@@ -131,14 +131,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if not a.prompt:
         raise NanoForgeError("give at least one --prompt")
-    llm = LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device,
-              gpu_memory_utilization=a.gpu_memory_utilization)
-    sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
-                        max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
-    if a.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp, use_tqdm=False)
-    else:
-        outs = llm.generate(a.prompt, sp, use_tqdm=False)
+    with LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device,
+             gpu_memory_utilization=a.gpu_memory_utilization, **_layout(a)) as llm:  # starts a sharded plan's ranks
+        sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                            max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
+        if a.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp, use_tqdm=False)
+        else:
+            outs = llm.generate(a.prompt, sp, use_tqdm=False)
     for prompt, out in zip(a.prompt, outs):
         if a.json:
             print(json.dumps({"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
@@ -146,6 +146,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
         else:
             print(out.text)
     return 0
+
+
+def _layout(a: argparse.Namespace) -> dict[str, int]:
+    """--tp / --attention-dp / --ffn-ep given for a checkpoint compiled on the fly (a plan has its own)."""
+    return {k: v for k in ("tp", "attention_dp", "ffn_ep") if (v := getattr(a, k, None)) is not None}
+
+
+def add_layout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, metavar="N", help="a checkpoint: compile it for N tensor-parallel ranks, one "
+                   "process each (a plan runs the ranks it was compiled for)")
+    p.add_argument("--attention-dp", type=int, metavar="N", help="a checkpoint: attention data-parallel ranks "
+                   "(with --ffn-ep N)")
+    p.add_argument("--ffn-ep", type=int, metavar="N", help="a checkpoint: expert-parallel ranks")
 
 
 def cmd_bench_offline(a: argparse.Namespace) -> int:
@@ -194,6 +207,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.registry or a.advertise_addr:
         raise NanoForgeError("--registry and --advertise-addr are for engine servers: add --addr ADDR "
                              "(and --role prefill|decode)")
+    import signal
+
     import uvicorn
 
     from .llm import LLM
@@ -201,18 +216,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serving.openai_api import build_app
 
     opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len)) if v is not None}
-    llm = LLM(a.model, device=a.device, **opts)
-    eng = llm.engine
-    fits = len(eng.blocks.blocks) * eng.blocks.block_size  # the engine admits only requests whose longest
-    if eng.max_model_len > fits:                           # case fits the KV pool: say so once, here
-        print(f"max_model_len {eng.max_model_len} -> {fits}: the KV cache holds {fits} tokens", file=sys.stderr)
-        eng.max_model_len = fits
-    name = a.served_model_name or Path(a.model).name
-    client = InProcessClient(llm.engine, name)
-    try:
-        uvicorn.run(build_app(client, llm.tokenizer, name, a.api_key), host=a.host, port=a.port, log_level="info")
-    finally:
-        client.close()
+    with LLM(a.model, device=a.device, **opts, **_layout(a)) as llm:  # starts a sharded plan's ranks
+        eng = llm.engine
+        fits = len(eng.blocks.blocks) * eng.blocks.block_size  # the engine admits only requests whose longest
+        if eng.max_model_len > fits:                           # case fits the KV pool: say so once, here
+            print(f"max_model_len {eng.max_model_len} -> {fits}: the KV cache holds {fits} tokens", file=sys.stderr)
+            eng.max_model_len = fits
+        name = a.served_model_name or Path(a.model).name
+        client = InProcessClient(llm.engine, name)
+        # uvicorn re-raises a SIGTERM once it has shut down; as SystemExit it unwinds through here,
+        # so the engine thread stops and `with LLM` stops the worker ranks
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            uvicorn.run(build_app(client, llm.tokenizer, name, a.api_key), host=a.host, port=a.port, log_level="info")
+        finally:
+            client.close()
     return 0
 
 
@@ -224,10 +242,28 @@ def _serve_engine(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len),
                               ("num_blocks", a.num_blocks)) if v is not None}
+    opts.update(_layout(a))
+    if a.role != "both" and _world_of(a) > 1:
+        raise NanoForgeError(f"--role {a.role}: moving KV between engines of a sharded plan is not built yet "
+                             "(each rank holds a part of it); serve it with --role both")
     serve_engine(a.model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name, role=a.role,
                  device=a.device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
                  registry=a.registry, advertise_addr=a.advertise_addr, **opts)
     return 0
+
+
+def _world_of(a: argparse.Namespace) -> int:
+    """Ranks the served model needs: the layout flags, or the plan's."""
+    from .parallel.shard_spec import world_size
+
+    layout = _layout(a)
+    if layout:
+        return world_size({"parallel": layout})
+    if (Path(a.model) / "plan.json").is_file():
+        from .plan import read_plan
+
+        return world_size(read_plan(a.model).module.meta)
+    return 1
 
 
 def cmd_route(a: argparse.Namespace) -> int:
@@ -316,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
                    "unless told")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU this engine may use")
+    add_layout_flags(g)
     g.set_defaults(run=cmd_generate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
@@ -331,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--addr", help="run an engine server at this ZMQ address (tcp://HOST:PORT) instead of HTTP; "
                    "a prefill or decode role implies one (default tcp://127.0.0.1:5555)")
     s.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
+    add_layout_flags(s)
     add_engine_server_flags(s)
     s.set_defaults(run=cmd_serve)
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from .compiler import CompileOptions, compile_checkpoint
 from .errors import NanoForgeError
 from .models.checkpoint import Checkpoint, fingerprint_mismatches, open_checkpoint
+from .parallel.shard_spec import parallel_of
 from .plan import Plan, machine_mismatches, read_plan
 from .runtime.engine import Engine, EngineConfig
 from .runtime.sampling_params import SamplingParams
@@ -62,13 +63,21 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
-                 block_size: int = 16, device: str | None = None, progress: bool = True, **engine_options: Any):
-        """`model`: a plan dir (runs on the plan's device) or a checkpoint (compiled in memory
-        for `device`, CPU by default); engine_options are EngineConfig fields."""
+                 block_size: int = 16, device: str | None = None, progress: bool = True, tp: int | None = None,
+                 attention_dp: int | None = None, ffn_ep: int | None = None, **engine_options: Any):
+        """`model`: a plan dir (runs on the plan's device and ranks) or a checkpoint (compiled in
+        memory for `device`, CPU by default, and `tp` / `attention_dp` x `ffn_ep` ranks);
+        engine_options are EngineConfig fields. A sharded plan starts one worker process per
+        rank beyond the first; `close()` (or `with LLM(...)`) stops them."""
         cfg = EngineConfig(**engine_options)
+        layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, device=device or "cpu", block_size=block_size,
-                              max_num_seqs=cfg.max_num_seqs)
+                              max_num_seqs=cfg.max_num_seqs, **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)
+        have = parallel_of(self.plan.module.meta)
+        if wrong := [f"{k}={v}" for k, v in layout.items() if v is not None and v != have[k]]:
+            raise NanoForgeError(f"{model} is a plan for " + ", ".join(f"{k}={v}" for k, v in have.items()) + f", not "
+                                 f"{', '.join(wrong)}: recompile the checkpoint with those ranks")
         cfg.device = self.plan.target.get("device", "cpu")
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(self.checkpoint)
@@ -76,6 +85,16 @@ class LLM:
             self.tokenizer = None  # token-id prompts still work; text prompts say why not
         self.engine = Engine(self.plan, self.checkpoint, self.tokenizer, cfg, progress)
         self.progress = progress
+
+    def close(self) -> None:
+        """Stop the worker ranks of a sharded plan (nothing to do for one rank); idempotent."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
+from ..parallel.shard_spec import parallel_of, world_size
 from ..plan import Plan
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -87,16 +88,27 @@ class Engine:
         num_blocks = cfg.num_blocks or (cfg.kv_cache_memory // block_bytes if cfg.kv_cache_memory else None)
         if num_blocks is None and cfg.device == "cpu":
             num_blocks = (1 << 30) // block_bytes
-        self.runner = runner or ModelRunner(plan, ckpt, num_blocks, cfg.device, progress, self.max_model_len,
-                                            cfg.max_num_seqs, cfg.enforce_eager, cfg.gpu_memory_utilization,
-                                            cfg.max_num_batched_tokens)
+        if runner is None and world_size(meta) > 1:  # one process per rank, this one is rank 0
+            from .distributed_runner import DistributedRunner as runner_class
+        else:
+            runner_class = ModelRunner
+        self.runner = runner or runner_class(plan, ckpt, num_blocks, cfg.device, progress, self.max_model_len,
+                                             cfg.max_num_seqs, cfg.enforce_eager, cfg.gpu_memory_utilization,
+                                             cfg.max_num_batched_tokens)
         num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
         if num_blocks < 1:
             raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
                                  "gpu_memory_utilization")
-        self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                                   cfg.max_prefill_chunk), self.blocks)
+        sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_chunk)
+        if (dp := parallel_of(meta)["attention_dp"]) > 1:  # a scheduler and KV pool per DP replica, in lockstep
+            from .dp_scheduler import DPScheduler
+
+            self.scheduler = DPScheduler(sched_cfg, num_blocks, bs, cfg.prefix_caching, dp)
+            self.blocks = self.scheduler.blocks  # type: ignore[assignment]
+            self.cfg = replace(cfg, overlap_decode=False)  # a chained step would need each replica's tokens
+        else:
+            self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
+            self.scheduler = Scheduler(sched_cfg, self.blocks)
         self.eos_ids = list(tokenizer.eos_token_ids) if tokenizer else []
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
@@ -134,6 +146,10 @@ class Engine:
         if seq is not None and seq.status is not Status.FINISHED:
             self._finalize_text(seq)
             self.scheduler.finish(seq, "abort")
+
+    def close(self) -> None:
+        """Stop what the runner started (the worker ranks of a sharded plan)."""
+        getattr(self.runner, "close", lambda: None)()
 
     def has_work(self) -> bool:
         return self._pending is not None or self.scheduler.has_work()

@@ -21,6 +21,7 @@ class SchedulerConfig:
 @dataclass
 class ScheduledBatch:
     items: list[tuple[Sequence, int]]  # (sequence, tokens to compute this step)
+    replicas: list[int] | None = None  # attention-DP: items of replica 0, 1, ... in turn (dp_scheduler.py)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,98 @@
+"""Attention-DP replicas (attention_dp x ffn_ep plans): each DP rank runs attention on its own
+requests over its own KV pool, so the driver keeps one Scheduler and BlockManager per replica
+behind the interfaces Engine uses. A new request goes to the replica holding the fewest; a step
+is every replica's batch in turn (ScheduledBatch.replicas says where each ends), run in lockstep
+by DistributedRunner: a replica with nothing to do runs an empty batch, since the MoE layers'
+collectives need every rank each step."""
+from __future__ import annotations
+
+from ..errors import NanoForgeError
+from .block_manager import BlockManager
+from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+
+class DPBlocks:
+    """BlockManager calls routed to the replica of the sequence. Sizes read as one replica's pool
+    (what one request may use); usage as the mean over replicas, prefix-cache counts summed."""
+
+    def __init__(self, sched: "DPScheduler"):
+        self.sched = sched
+        self.managers = [r.blocks for r in sched.replicas]
+        self.block_size = self.managers[0].block_size
+        self.blocks = self.managers[0].blocks
+
+    def _of(self, seq: Sequence) -> BlockManager:
+        d = self.sched.owner.get(seq.seq_id)
+        if d is None:
+            raise NanoForgeError(f"sequence {seq.seq_id} belongs to no attention-DP replica (requests enter an "
+                                 "attention-DP engine through add_request only)")
+        return self.managers[d]
+
+    @property
+    def num_free(self) -> int:
+        return sum(m.num_free for m in self.managers) // len(self.managers)
+
+    @property
+    def hits(self) -> int:
+        return sum(m.hits for m in self.managers)
+
+    @property
+    def queries(self) -> int:
+        return sum(m.queries for m in self.managers)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return self.managers[0].blocks_needed(num_tokens)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        return self._of(seq).match_prefix(seq)
+
+    def can_grow(self, seq: Sequence, num_new: int) -> bool:
+        return self._of(seq).can_grow(seq, num_new)
+
+    def grow(self, seq: Sequence, num_new: int) -> None:
+        self._of(seq).grow(seq, num_new)
+
+    def commit(self, seq: Sequence) -> None:
+        self._of(seq).commit(seq)
+
+    def release(self, seq: Sequence) -> None:
+        self._of(seq).release(seq)
+
+
+class DPScheduler:
+    def __init__(self, cfg: SchedulerConfig, num_blocks: int, block_size: int, prefix_caching: bool, dp: int):
+        self.replicas = [Scheduler(cfg, BlockManager(num_blocks, block_size, prefix_caching)) for _ in range(dp)]
+        self.owner: dict[int, int] = {}  # seq_id -> replica
+        self.blocks = DPBlocks(self)
+
+    def add(self, seq: Sequence) -> None:
+        load = [len(r.running) + len(r.waiting) for r in self.replicas]
+        d = load.index(min(load))
+        self.owner[seq.seq_id] = d
+        self.replicas[d].add(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batches = [r.schedule() for r in self.replicas]
+        return ScheduledBatch([it for b in batches for it in b.items], [len(b.items) for b in batches])
+
+    def has_work(self) -> bool:
+        return any(r.has_work() for r in self.replicas)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for r in self.replicas for s in r.running]
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return [s for r in self.replicas for s in r.waiting]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(r.num_preemptions for r in self.replicas)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self.replicas[self.owner.pop(seq.seq_id)].finish(seq, reason)
+
+    def detach(self, seq: Sequence) -> None:
+        self.replicas[self.owner[seq.seq_id]].detach(seq)

@@ -1,0 +1,87 @@
+"""One worker rank of a sharded plan, started by DistributedRunner with everything on its command
+line: `python -m nanoforge.runtime.worker PLAN_DIR CHECKPOINT --rank R --world N --port P ...`.
+It loads its slices, joins the other ranks and runs the steps the driver broadcasts until the
+stop header. It exits by itself when the driver goes away (its stdin pipe closes, or its parent
+changes), so a killed driver leaves no worker behind."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+
+def _watch_driver(driver_pid: int, run_dir: Path) -> None:
+    def leave(why: str) -> None:
+        print(f"worker {os.getpid()}: {why}; exiting", file=sys.stderr, flush=True)
+        if run_dir.name.startswith("nanoforge-ranks-"):  # the driver's temp dir (plan copy, logs): nobody left to
+            shutil.rmtree(run_dir, ignore_errors=True)   # read it if the driver died without cleaning up
+        os._exit(1)
+
+    def stdin_closed() -> None:
+        try:
+            while os.read(0, 4096):  # the raw fd: a buffered reader's lock would stall interpreter shutdown
+                pass
+        except OSError:
+            pass
+        leave("the driver closed its pipe")
+
+    def parent_changed() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(0.5)
+        leave(f"the driver (pid {driver_pid}) is gone")
+
+    for fn in (stdin_closed, parent_changed):
+        threading.Thread(target=fn, name=fn.__name__, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanoforge.runtime.worker")
+    p.add_argument("plan")
+    p.add_argument("checkpoint")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="the driver's TCPStore on 127.0.0.1")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-blocks", type=int, default=-1, help="-1: what fits in this rank's memory")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--driver-pid", type=int, required=True)
+    a = p.parse_args(argv)
+    _watch_driver(a.driver_pid, Path(a.plan).resolve().parent)
+    try:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        from ..models.checkpoint import open_checkpoint
+        from ..plan import read_plan
+        from .distributed_runner import STEP_TIMEOUT, RankRunner
+
+        if a.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(a.device))
+        plan, ckpt = read_plan(a.plan), open_checkpoint(a.checkpoint)
+        store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
+                              timeout=max(STEP_TIMEOUT, datetime.timedelta(seconds=60)))
+        runner = RankRunner(plan, ckpt, None if a.num_blocks < 0 else a.num_blocks, a.device, False, a.max_model_len,
+                            a.max_num_seqs, a.enforce_eager, a.gpu_memory_utilization, a.max_num_batched_tokens,
+                            a.rank, store)
+        runner.serve()
+        dist.destroy_process_group()
+        return 0
+    except BaseException as e:  # noqa: BLE001 - the driver reads the last line of this log
+        traceback.print_exc()
+        print(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
