@@ -86,6 +86,17 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / (b.abs().max().item() + 1e-6) if a.shape == b.shape else float("inf")
 
 
+def _with_reference(before: Module, after: Module, params: dict[str, torch.Tensor]):
+    """(name, rewritten function, the original's recorded values) for every function both have."""
+    for fn_name, fn in after.functions.items():
+        if fn_name in before.functions:
+            yield fn_name, fn, run_recorded(before, fn_name, params)
+
+
+def _values(fn: Function):
+    return ((node, v) for node in fn.nodes for v in node.outputs)
+
+
 def check_sharding_preserves(pass_name: str, before: Module, after: Module) -> None:
     """A sharding pass: run every rank of `after` as simulated ranks on slices of the same random
     weights and compare with `before`, value by value in order, so a divergence is reported at its
@@ -97,19 +108,15 @@ def check_sharding_preserves(pass_name: str, before: Module, after: Module) -> N
     params = random_params(before)
     tensors = key_tensors(before, params)
     world = world_size(after.meta)
-    for fn_name, fn in after.functions.items():
-        if fn_name not in before.functions:
-            continue
-        ref = run_recorded(before, fn_name, params)
+    for fn_name, fn, ref in _with_reference(before, after, params):
         ranks = run_ranks(after, tensors, fn_name)
-        for node in fn.nodes:
-            for v in node.outputs:
-                b, got = ref.get(v.name), [r[v.name] for r in ranks]
-                if b is None or got[0].shape != b.shape:
-                    continue  # a value each rank holds its own piece of
-                err = max(_rel_err(g, b) for g in got)  # whole on every rank (attention-DP ranks: their own)
-                if not err <= RTOL and not _rel_err(torch.stack(got).sum(0), b) <= RTOL:  # nor a partial sum
-                    raise _divergence(pass_name, fn_name, node, v, err, f" on {world} simulated ranks")
+        for node, v in _values(fn):
+            b, got = ref.get(v.name), [r[v.name] for r in ranks]
+            if b is None or got[0].shape != b.shape:
+                continue  # a value each rank holds its own piece of
+            err = max(_rel_err(g, b) for g in got)  # whole on every rank (attention-DP ranks: their own)
+            if not err <= RTOL and not _rel_err(torch.stack(got).sum(0), b) <= RTOL:  # nor a partial sum
+                raise _divergence(pass_name, fn_name, node, v, err, f" on {world} simulated ranks")
         prod = fn.producers()
         for v, w in zip(fn.outputs, before.functions[fn_name].outputs):
             for rank, values in enumerate(ranks):
@@ -122,14 +129,10 @@ def check_pass_preserves(pass_name: str, before: Module, after: Module) -> None:
         return check_sharding_preserves(pass_name, before, after)
     params = random_params(before)
     params_after = carry_params(params, before, after)
-    for fn_name, fn in after.functions.items():
-        if fn_name not in before.functions:
-            continue
-        ref = run_recorded(before, fn_name, params)
+    for fn_name, fn, ref in _with_reference(before, after, params):
         got = run_recorded(after, fn_name, params_after)
-        for node in fn.nodes:
-            for v in node.outputs:
-                if v.name not in ref:
-                    continue
-                if not (err := _rel_err(got[v.name], ref[v.name])) <= RTOL:
-                    raise _divergence(pass_name, fn_name, node, v, err)
+        for node, v in _values(fn):
+            if v.name not in ref:
+                continue
+            if not (err := _rel_err(got[v.name], ref[v.name])) <= RTOL:
+                raise _divergence(pass_name, fn_name, node, v, err)

@@ -119,12 +119,16 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self._check_request(prompt_ids, params)
-        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        seq = self._new_sequence(list(prompt_ids), params)
+        self.scheduler.add(seq)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        return seq
+
+    def _new_sequence(self, token_ids: list[int], params: SamplingParams, num_prompt: int = 0) -> Sequence:
+        seq = Sequence(next(self._ids), token_ids, params, num_prompt=num_prompt)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         self.seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        self.metrics.prompt_tokens += len(prompt_ids)
         return seq
 
     def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -346,12 +350,9 @@ class Engine:
         if min(out) < 0 or max(out) >= self.vocab_size or len(token_ids) >= self.max_model_len:
             raise NanoForgeError(f"migrated request: output ids must be in [0, {self.vocab_size}) and "
                                  f"{len(token_ids)} tokens below max_model_len {self.max_model_len}")
-        seq = Sequence(next(self._ids), list(token_ids), params, num_prompt=num_prompt)
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
+        seq = self._new_sequence(list(token_ids), params, num_prompt)
         if params.logprobs is not None:  # the source engine sent those tokens' logprobs
             seq.logprobs = [{"token": 0.0, "top": []} for _ in out]
-        self.seqs[seq.seq_id] = seq
         self.blocks.match_prefix(seq)
         first, need = len(seq.block_table), num_kv - seq.num_computed
         if need > 0 and not self.blocks.can_grow(seq, need):

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import zmq
 
@@ -35,15 +35,15 @@ TRANSPORTS = ("auto", "tcp", "ipc")
 SLOWEST_BYTES_PER_S = 5e8  # a pull may take timeout + its bytes at this rate before it is given up
 
 
-class KVTransport:
-    """How pulled KV reaches this engine's pool; the pull protocol is the same for every one."""
-    mode = "tcp"
+class KVTransport(Protocol):
+    """How pulled KV reaches this engine's pool; the pull protocol is the same for every one
+    (HostStaged, CudaIpc; an RDMA transport would be one more class of this shape)."""
+    mode: str
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int:
-        raise NotImplementedError
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int: ...
 
 
-class HostStaged(KVTransport):
+class HostStaged:
     """The blocks' bytes travel in the kv_data frames (ZMQ over TCP), staged in host memory."""
     mode = "tcp"
 
@@ -54,7 +54,7 @@ class HostStaged(KVTransport):
         return scatter_blocks(self.pool, dst_ids, frames)
 
 
-class CudaIpc(KVTransport):
+class CudaIpc:
     """Same host, both pools on CUDA: kv_data names the source blocks and they are copied device to
     device (a peer copy when the engines use two GPUs) out of the source pool mapped once by IPC."""
     mode = "ipc"
