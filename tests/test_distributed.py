@@ -220,3 +220,16 @@ def test_slices_are_read_without_mmap(tmp_path, monkeypatch):
     for i, (k, sl) in enumerate(reqs):
         want = ts[k] if sl is None else ts[k][sl]
         assert got[i].dtype == want.dtype and torch.equal(got[i], want), (k, sl)
+
+
+def test_random_weights_are_the_same_on_every_rank(ranks):
+    """Benchmarks shard random-weight checkpoints too: each worker makes its slices from the
+    driver's config and seed, so tp=2 reproduces tp=1."""
+    from nanoforge.models.presets import PRESETS
+    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+
+    cfg = {**PRESETS["qwen3-tiny"], "num_hidden_layers": 2}
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in LLM(RandomCheckpoint(cfg, "tiny", "f32", seed=3), **ENGINE).generate(PROMPTS, sp)]
+    llm = ranks.get("random-tp2", lambda: LLM(RandomCheckpoint(cfg, "tiny", "f32", seed=3), tp=2, **ENGINE))
+    assert [o.token_ids for o in llm.generate(PROMPTS, sp)] == want

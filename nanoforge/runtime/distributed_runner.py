@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -172,9 +173,10 @@ class DistributedRunner(RankRunner):
                  enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int = 2048):
         world = world_size(plan.module.meta)
-        if getattr(ckpt, "kind", None) != "hf" or not Path(ckpt.path).is_dir():
+        kind = getattr(ckpt, "kind", None)
+        if not (kind == "random" or kind == "hf" and Path(ckpt.path).is_dir()):
             raise NanoForgeError(f"a plan sharded over {world} ranks needs a safetensors checkpoint directory that "
-                                 f"each rank opens itself; got {ckpt.path} ({getattr(ckpt, 'kind', '?')})")
+                                 f"each rank opens itself; got {ckpt.path} ({kind or '?'})")
         if dist.is_initialized():
             raise NanoForgeError("this process already runs a distributed engine (torch.distributed is "
                                  "initialized); close that LLM first")
@@ -188,11 +190,12 @@ class DistributedRunner(RankRunner):
                 "gpu_memory_utilization": gpu_memory_utilization, "driver_pid": os.getpid()}
         try:
             plan.save(self.tmp / "plan")  # the workers read the plan from here (it may exist only in memory)
+            source = self._checkpoint_arg(ckpt)
             store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                                   timeout=STEP_TIMEOUT)
             for rank in range(1, world):
                 dev = f"cuda:{rank}" if device.startswith("cuda") else device  # one GPU per rank, this host's
-                argv = [str(self.tmp / "plan"), str(Path(ckpt.path).resolve()), "--rank", str(rank), "--world",
+                argv = [str(self.tmp / "plan"), source, "--rank", str(rank), "--world",
                         str(world), "--port", str(store.port), "--device", dev] + ["--enforce-eager"] * enforce_eager
                 self.workers.append(self._spawn(rank, argv + [x for k, v in opts.items()
                                                               for x in (f"--{k.replace('_', '-')}", str(v))]))
@@ -205,6 +208,16 @@ class DistributedRunner(RankRunner):
             self.close()
             raise
         log.info("%d ranks up: workers %s", world, [p.pid for p in self.workers])
+
+    def _checkpoint_arg(self, ckpt: Checkpoint) -> str:
+        """What a worker opens: the checkpoint directory, or for random weights (benchmarks) a
+        JSON file of their config and seed, from which every rank makes the same tensors."""
+        if getattr(ckpt, "kind", None) != "random":
+            return str(Path(ckpt.path).resolve())
+        spec = {"config": ckpt.config, "name": str(ckpt.path), "dtype": ckpt.dtype, "seed": ckpt.seed,
+                "on_cuda": str(ckpt.device).startswith("cuda")}  # CPU and CUDA generators differ
+        (self.tmp / "random.json").write_text(json.dumps(spec))
+        return f"random:{self.tmp / 'random.json'}"
 
     def _spawn(self, rank: int, args: list[str]) -> subprocess.Popen:
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": args[args.index("--port") + 1]}

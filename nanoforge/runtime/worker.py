@@ -39,10 +39,26 @@ def _watch_driver(driver_pid: int, run_dir: Path) -> None:
         threading.Thread(target=fn, name=fn.__name__, daemon=True).start()
 
 
+def _open_source(arg: str, device: str):
+    """The checkpoint directory, or `random:SPEC.json` (random weights of a config, made on the
+    rank's device from the same seed as the driver's)."""
+    from ..models.checkpoint import open_checkpoint
+
+    if not arg.startswith("random:"):
+        return open_checkpoint(arg)
+    import json
+
+    from ..tools.random_checkpoint import RandomCheckpoint
+
+    spec = json.loads(Path(arg[len("random:"):]).read_text())
+    return RandomCheckpoint(spec["config"], spec["name"], spec["dtype"], spec["seed"],
+                            device=device if spec["on_cuda"] else "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanoforge.runtime.worker")
     p.add_argument("plan")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory, or random:SPEC.json")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--port", type=int, required=True, help="the driver's TCPStore on 127.0.0.1")
@@ -62,13 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import torch.distributed as dist
 
-        from ..models.checkpoint import open_checkpoint
         from ..plan import read_plan
         from .distributed_runner import STEP_TIMEOUT, RankRunner
 
         if a.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(a.device))
-        plan, ckpt = read_plan(a.plan), open_checkpoint(a.checkpoint)
+        plan, ckpt = read_plan(a.plan), _open_source(a.checkpoint, a.device)
         store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
                               timeout=max(STEP_TIMEOUT, datetime.timedelta(seconds=60)))
         runner = RankRunner(plan, ckpt, None if a.num_blocks < 0 else a.num_blocks, a.device, False, a.max_model_len,
