@@ -2,6 +2,7 @@
 # On a GPU machine, from the repo root: install carried wheels (.whl/), run the GPU tests and the
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
 #   bench/gpu_check.sh [tests] [attention] [decode] [mixed] [offline] [elementwise] [moe] [sampling] [libs] [compare]
+#                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
 # flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
 # triton vs deep_gemm grouped MoE -> $OUT/compare.json, skipping a library that does not import.
@@ -52,6 +53,7 @@ for s in $STAGES; do
     elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.codegen.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
     sampling) run sampling python3 -c "import json; from nanoforge.codegen.kernels.triton.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
+    moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_providers.py ;;
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys

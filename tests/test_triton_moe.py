@@ -95,6 +95,26 @@ def test_empty_experts_and_multiprogram_align():
 
 
 @pytest.mark.parametrize("single_max", [10 ** 9, 0])
+def test_grouped_experts_of_one_ep_rank(single_max):
+    """Rank 1 of 2 holds experts 4..7: the rows that reached it (routed over all 8) get the
+    reference's contribution of those experts only; slots naming rank 0's experts add nothing."""
+    from types import SimpleNamespace
+
+    M = _M()
+    attrs = dict(num_experts=8, top_k=3, scoring="softmax", norm_topk_prob=True)
+    p = _problem(T=11, E=8, H=32, I=48, seed=8)
+    w, ids = torch_ref._route(p["x"], p["router"], None, **attrs)
+    comm = SimpleNamespace(group_position=lambda group: (1, 2))
+    ctx = SimpleNamespace(comm=comm)
+    local = {k: p[k][4:] for k in ("w_gate", "w_up", "w_down")}
+    want = torch_ref.grouped_experts(p["x"], w, ids, **local, num_experts=8, ctx=ctx)
+    assert want.abs().sum() > 0 and ((ids >= 4).any(-1) & (ids < 4).any(-1)).any()
+    got = M.grouped_experts(p["x"], w, ids, **local, num_experts=8, ctx=ctx, align_single_max=single_max)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert M.grouped_experts(p["x"][:0], w[:0], ids[:0], **local, ctx=ctx).shape == (0, 32)
+
+
+@pytest.mark.parametrize("single_max", [10 ** 9, 0])
 def test_align_invariants(single_max):
     M = _M()
     E, T, k, BM = 6, 9, 3, 16

@@ -55,7 +55,7 @@ def _lib_probe(name: str) -> Callable[[dict], str | None]:
 
 
 TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe",
-                        "linear"})  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
+                        "grouped_experts", "linear"})  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
 
 PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     Provider("triton", "nanoforge.codegen.kernels.triton", TRITON_OPS, _triton_probe),

@@ -73,9 +73,11 @@ class SimulatedComm:
     def all_gather(self, x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
         return torch.cat(self._gather_list(x, group), dim=dim)
 
-    def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int],
+                   recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Rows of x grouped by destination (send_counts[d] rows for member d, in group order) ->
-        the rows every member sent here, grouped by source, and how many came from each."""
+        the rows every member sent here, grouped by source, and how many came from each.
+        `recv_counts`, when the caller knows them (a reply), skip the exchange of counts."""
         members = group_members(self.meta, group, self.rank)
         if len(members) == 1:
             return x, list(send_counts)
@@ -124,14 +126,17 @@ class TorchDistComm:
         self.dist.all_gather(parts, x, group=self.groups[group])
         return torch.cat(parts, dim=dim)
 
-    def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int],
+                   recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """As SimulatedComm.all_to_all; the counts go first (one int per pair), then the rows."""
         if group not in self.groups:
             return x, list(send_counts)
-        pg, send = self.groups[group], torch.tensor(send_counts, dtype=torch.long, device=x.device)
-        recv = torch.empty_like(send)
-        self.dist.all_to_all_single(recv, send, group=pg)
-        counts = recv.tolist()
+        pg, counts = self.groups[group], recv_counts
+        if counts is None:
+            send = torch.tensor(send_counts, dtype=torch.long, device=x.device)
+            recv = torch.empty_like(send)
+            self.dist.all_to_all_single(recv, send, group=pg)
+            counts = recv.tolist()
         out = x.new_empty(sum(counts), *x.shape[1:])
         self.dist.all_to_all_single(out, x.contiguous(), counts, list(send_counts), group=pg)
         return out, counts

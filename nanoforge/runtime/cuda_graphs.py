@@ -1,12 +1,14 @@
 """CUDA graphs for decode-only batches: capture the plan's forward once per planned batch size
 at start-up, then replay with new contents in static input buffers. A batch is padded to the
-next captured size (padding rows write nowhere: slot -1, and their logits are dropped)."""
+next captured size (padding rows write nowhere: slot -1, and their logits are dropped). On a
+sharded plan every rank captures the same sizes in the same order, the collectives (NCCL) inside
+the graphs, and replays the same size each step."""
 from __future__ import annotations
 
 import bisect
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ log = logging.getLogger("nanoforge.graphs")
 
 class DecodeGraphs:
     def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int],
-                 max_model_len: int, device: torch.device):
+                 max_model_len: int, device: torch.device, comm: Any = None):
         self.sizes = sorted(sizes)
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
@@ -38,7 +40,7 @@ class DecodeGraphs:
         mempool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             ctx = BatchContext(pool, block_size, self.slots[:size], self.query_start[:size + 1],
-                               self.context_lens[:size], self.block_tables[:size], 1, max_model_len)
+                               self.context_lens[:size], self.block_tables[:size], 1, max_model_len, comm=comm)
             args = (params, ctx, self.tokens[:size], self.positions[:size], self.rows[:size])
             with torch.inference_mode():
                 forward(*args)  # warm-up: compiles kernels, fills caches outside the capture
@@ -65,20 +67,39 @@ class DecodeGraphs:
         """Replay the graph of the next size up; `device_tokens` (one per sequence, on the
         device) replace the host token ids, for a step chained on the previous one's samples."""
         b = len(batch.items)
+        pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
+        tokens = None if device_tokens is not None else \
+            [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
+        return self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens)
+
+    def fits_flat(self, seqs: list[tuple[int, int, list[int]]], rows: list[int]) -> bool:
+        """Whether a flat batch (a rank's view of a step) is a decode step a graph can replay."""
+        return 0 < len(seqs) <= self.sizes[-1] and len(rows) == len(seqs) and all(q == 1 for q, _, _ in seqs)
+
+    def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
+                 device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """run() for a flat batch (q_len 1, ctx_len, blocks) per sequence: every rank of a
+        sharded plan replays the same graph size, its collectives included."""
+        pos = np.fromiter((c - 1 for _, c, _ in seqs), np.int64, len(seqs))
+        return self._replay(pos, None if device_tokens is not None else tokens, [t for _, _, t in seqs],
+                            device_tokens)
+
+    def _replay(self, pos: np.ndarray, tokens: list[int] | None, block_tables: list[list[int]],
+                device_tokens: torch.Tensor | None) -> torch.Tensor:
+        b = len(pos)
         size = self.sizes[bisect.bisect_left(self.sizes, b)]
         bs = self.block_size
-        tables = block_table_array([seq.block_table for seq, _ in batch.items], rows=size)
+        tables = block_table_array(block_tables, rows=size)
         width = tables.shape[1]
-        tokens = np.zeros(size, np.int64)
+        host_tokens = np.zeros(size, np.int64)
         positions = np.zeros(size, np.int64)
         slots = np.full(size, -1, np.int64)
         lens = np.ones(size, np.int32)
-        pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
-        if device_tokens is None:
-            tokens[:b] = [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
+        if tokens is not None:
+            host_tokens[:b] = tokens
         positions[:b], lens[:b] = pos, pos + 1
         slots[:b] = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
-        self.tokens[:size].copy_(torch.from_numpy(tokens), non_blocking=True)
+        self.tokens[:size].copy_(torch.from_numpy(host_tokens), non_blocking=True)
         if device_tokens is not None:
             self.tokens[:b].copy_(device_tokens)
         self.positions[:size].copy_(torch.from_numpy(positions), non_blocking=True)

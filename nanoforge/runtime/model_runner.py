@@ -73,7 +73,7 @@ class ModelRunner:
 
             sizes = [s for s in plan.module.meta["cuda_graphs"]["sizes"] if s <= max_num_seqs] or [1]
             self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
-                                       max_model_len, self.device)
+                                       max_model_len, self.device, self.comm)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
 
@@ -125,8 +125,6 @@ class ModelRunner:
             return "not on a CUDA device"
         if enforce_eager:
             return "enforce_eager is set"
-        if self.world > 1:
-            return f"the plan runs on {self.world} ranks (CUDA graphs around collectives are not captured yet)"
         info = plan.module.meta.get("cuda_graphs") or {"sizes": [], "reason": "the plan has no CUDA-graph pass"}
         return info["reason"] if not info["sizes"] else None
 

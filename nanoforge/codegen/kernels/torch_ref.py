@@ -6,6 +6,8 @@ match HF to ~1e-5.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -211,12 +213,29 @@ def all_gather(x, group, dim, ctx=None, **_):
 
 # -- expert parallelism (passes/shard_ep.py). Dispatch sends each token to the ranks that own one of
 # its experts (all-to-all, variable counts: torch.distributed's all_to_all_single runs on gloo and
-# NCCL), experts run on what arrived, combine sends the outputs back and sums them per token. The
-# exchange plan travels between the two as one i64 tensor: [T, recv counts (W), send counts (W),
-# the token index of every sent row].
+# NCCL), experts run on what arrived, combine sends the outputs back and sums them per token. A sent
+# row packs the token, its routing weights and expert ids as bytes: one exchange of counts and one of
+# rows per dispatch, one of rows per combine (its counts are the dispatch's, reversed). The exchange
+# plan travels between the two as one i64 tensor: [T, recv counts (W), send counts (W), the token
+# index of every sent row].
 def _ep_position(ctx, group: str) -> tuple[int, int]:
     comm = getattr(ctx, "comm", None)
     return (0, 1) if comm is None else comm.group_position(group)
+
+
+def _as_bytes(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.contiguous().view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
+                      for t in ts], dim=1)
+
+
+def _from_bytes(rows: torch.Tensor, *like: tuple[torch.dtype, int]) -> list[torch.Tensor]:
+    """Split packed rows back into (dtype, width) columns."""
+    out, at = [], 0
+    for dtype, width in like:
+        n = width * torch.empty(0, dtype=dtype).element_size()
+        out.append(rows[:, at:at + n].contiguous().view(dtype))
+        at += n
+    return out
 
 
 def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
@@ -226,11 +245,11 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
         return x, weights, ids, torch.tensor([x.shape[0], x.shape[0], x.shape[0], *range(x.shape[0])])
     owner = ids // (attrs["num_experts"] // size)
     hit = torch.zeros(x.shape[0], size, dtype=torch.bool, device=x.device).scatter_(1, owner, True)
-    idx = [hit[:, d].nonzero().squeeze(1) for d in range(size)]
-    send, order = [len(i) for i in idx], torch.cat(idx)
-    x_in, recv = ctx.comm.all_to_all(x[order], group, send)
-    w_in, _ = ctx.comm.all_to_all(weights[order], group, send)
-    ids_in, _ = ctx.comm.all_to_all(ids[order], group, send)
+    order = hit.t().nonzero()[:, 1]  # tokens for rank 0, then rank 1, ...
+    send = hit.sum(0).tolist()
+    rows, recv = ctx.comm.all_to_all(_as_bytes(x[order], weights[order], ids[order]), group, send)
+    k = ids.shape[1]
+    x_in, w_in, ids_in = _from_bytes(rows, (x.dtype, x.shape[1]), (weights.dtype, k), (ids.dtype, k))
     plan = torch.cat([torch.tensor([x.shape[0], *recv, *send]), order.cpu()])
     return x_in, w_in, ids_in, plan
 
@@ -244,6 +263,6 @@ def moe_combine(y, plan, *, ctx=None, group="ep"):
     if size == 1:
         return y
     plan = plan.tolist()
-    tokens, recv, order = plan[0], plan[1:1 + size], plan[1 + 2 * size:]
-    back, _ = ctx.comm.all_to_all(y, group, recv)  # each row returns to the rank it came from
+    tokens, recv, send, order = plan[0], plan[1:1 + size], plan[1 + size:1 + 2 * size], plan[1 + 2 * size:]
+    back, _ = ctx.comm.all_to_all(y, group, recv, recv_counts=send)  # each row returns to the rank it came from
     return y.new_zeros(tokens, y.shape[-1]).index_add_(0, torch.tensor(order, dtype=torch.long, device=y.device), back)

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..torch_ref import _route, select_experts
+from ..torch_ref import _ep_position, _route, select_experts
 
-__all__ = ["moe", "select_experts", "fused_experts", "moe_align", "pick_config", "bench_moe", "tune_moe"]
+__all__ = ["moe", "grouped_experts", "select_experts", "fused_experts", "moe_align", "pick_config", "bench_moe", "tune_moe"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +67,7 @@ def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num
     for c in range(0, N, CHUNK):
         offs = c + tl.arange(0, CHUNK)
         e = tl.load(ids_ptr + offs, mask=offs < N, other=E_PAD).to(tl.int32)
+        e = tl.where(e < E, e, E_PAD)  # an expert of another rank: no segment here
         counts += tl.sum((e[:, None] == ecols[None, :]).to(tl.int32), axis=0)
     padded = (counts + BM - 1) // BM * BM
     ends = tl.cumsum(padded, axis=0)
@@ -80,7 +81,7 @@ def _align_single_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npp_ptr, N, E, num
         onehot = (e[:, None] == ecols[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, axis=0) - 1 + cursor[None, :]
         dest = tl.sum(onehot * rank, axis=1)
-        tl.store(sorted_ptr + dest, offs, mask=offs < N)
+        tl.store(sorted_ptr + dest, offs, mask=(offs < N) & (e < E))
         cursor += tl.sum(onehot, axis=0)
     for b0 in range(0, num_blocks, NB):
         _align_blocks(b0, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N, num_blocks, BM, E_PAD, NB)
@@ -111,13 +112,14 @@ def _align_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ids_ptr, npp_p
         tl.store(npp_ptr, total)
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     e = tl.load(ids_ptr + offs, mask=offs < N, other=E_PAD).to(tl.int32)
+    e = tl.where(e < E, e, E_PAD)
     onehot = (e[:, None] == ecols[None, :]).to(tl.int32)
     cnt = tl.sum(onehot, axis=0)
     base = tl.atomic_add(counts_ptr + E + ecols, cnt, mask=emask & (cnt > 0))  # distinct addresses
     base = tl.where(emask & (cnt > 0), base, 0)
     rank = tl.cumsum(onehot, axis=0) - 1 + (starts + base)[None, :]
     dest = tl.sum(onehot * rank, axis=1)
-    tl.store(sorted_ptr + dest, offs, mask=offs < N)
+    tl.store(sorted_ptr + dest, offs, mask=(offs < N) & (e < E))
     _align_blocks(pid * NB, ends, starts, counts, total, sorted_ptr, expert_ids_ptr, N, num_blocks, BM, E_PAD, NB)
 
 
@@ -128,7 +130,8 @@ def _p2(n: int) -> int:
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, single_max: int = 256):
     """(sorted_pair_ids int32 [num_blocks*BM], expert_ids int32 [num_blocks], num_post_padded int32 [1]).
 
-    ids: [T, top_k] (any int dtype) expert id of each (token, slot); pair p = t*top_k + slot.
+    ids: [T, top_k] (any int dtype) expert id of each (token, slot); pair p = t*top_k + slot. A pair
+    whose id is num_experts or more (an expert of another EP rank) is left out of every segment.
     Padding entries hold the sentinel N = ids.numel(). Every shape depends on (N, E, BM) only."""
     flat = ids.reshape(-1)
     n, E = flat.numel(), num_experts
@@ -291,9 +294,10 @@ def _fit(bn_bk, n, k, bm, elem_bytes, b_tiles):
 
 
 def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=None, align_single_max=256,
-                  renormalize=False, norm_eps=0.0, scale=1.0):
+                  renormalize=False, norm_eps=0.0, scale=1.0, skips=False):
     """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k], x [T, H], with
-    w = weights (/ (weights.sum(-1) + norm_eps) if renormalize) * scale, rounded to x.dtype."""
+    w = weights (/ (weights.sum(-1) + norm_eps) if renormalize) * scale, rounded to x.dtype.
+    `skips`: some ids are num_experts (not this rank's); those pairs add nothing."""
     T, H = x.shape
     top_k = ids.shape[1]
     E, I = num_experts, w_gate.shape[1]
@@ -319,7 +323,7 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
         BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0, PREC=prec,
         num_warps=warps, num_stages=stages)
 
-    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    y = (torch.zeros if skips else torch.empty)(n, H, dtype=x.dtype, device=x.device)  # skipped rows stay 0
     bn, bk, warps, stages = _fit(cfg["dn"], H, I, BM, x.element_size(), 1)
     _down_kernel[(num_pid_m * triton.cdiv(H, bn),)](
         h, w_down, y, rw, sorted_ids, expert_ids, npp, n, I, H, num_pid_m, top_k, float(norm_eps), float(scale),
@@ -337,6 +341,17 @@ def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k,
     return fused_experts(x, weights, ids, w_gate, w_up, w_down, num_experts=num_experts,
                          renormalize=norm_topk_prob, norm_eps=1e-20 if scoring == "sigmoid" else 0.0,
                          scale=routed_scaling_factor)
+
+
+def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", align_single_max=256, **_):
+    """torch_ref.grouped_experts' contract: the experts of this EP rank (L = len(w_gate), global
+    ids first .. first+L-1) over the rows moe_dispatch brought here, already routed and weighted;
+    a row's slots naming other ranks' experts are skipped by the align step."""
+    first = _ep_position(ctx, group)[0] * w_gate.shape[0]
+    local = ids - first
+    local = torch.where((local >= 0) & (local < w_gate.shape[0]), local, w_gate.shape[0])
+    return fused_experts(x, weights, local, w_gate, w_up, w_down, num_experts=w_gate.shape[0], skips=True,
+                         align_single_max=align_single_max)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Decode throughput of a Qwen3-MoE-shaped model on one GPU vs two (issue 6): tp=1 (with and
+without CUDA graphs), tp=2, and attention_dp=2 x ffn_ep=2 (ep=2), random bf16 weights.
+
+The model is Qwen3-30B-A3B's layers (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768,
+top-8, vocab 151936) cut to --layers layers so one card holds it. Each layout runs in a fresh
+process (one torch.distributed world per process). Decode tok/s = B * (M - 1) / (t(M) - t(1)):
+the same B prompts generated to M tokens and to 1 token, so prefill cancels out. Every layout
+must produce the greedy tokens of tp=1 eager for its first prompts (a check, not a timing).
+
+    python bench/moe_parallel.py [--layers 8] [--batch 64 256] [--out bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                 "intermediate_size": 6144, "moe_intermediate_size": 768, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                 "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                 "rms_norm_eps": 1e-6, "rope_theta": 1000000, "max_position_embeddings": 40960,
+                 "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "bfloat16",
+                 "bos_token_id": None, "eos_token_id": None}
+LAYOUTS = {"tp1": {}, "tp1-eager": {"enforce_eager": True}, "tp2": {"tp": 2},
+           "ep2": {"attention_dp": 2, "ffn_ep": 2}}
+CHECK_PROMPTS, CHECK_TOKENS = 4, 16
+SMOKE = {"hidden_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512}  # --smoke: CPU, tiny
+
+
+def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len: int, smoke: bool) -> dict:
+    import torch
+
+    from nanoforge import LLM, SamplingParams
+    from nanoforge.parallel.shard_spec import parallel_of, world_size
+    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+
+    cfg = {**QWEN3_30B_A3B, "num_hidden_layers": layers, **(SMOKE if smoke else {})}
+    device = "cpu" if smoke else "cuda"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ckpt = RandomCheckpoint(cfg, f"qwen3-30b-a3b-{layers}l", "f32" if smoke else "bf16", device=device)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(max(batches))]
+    start = time.perf_counter()
+    llm = LLM(ckpt, device=device, progress=False, max_num_seqs=max(batches), max_model_len=prompt_len + out_len + 16,
+              **LAYOUTS[layout])
+    res = {"layout": layout, "start_s": time.perf_counter() - start, "parallel": parallel_of(llm.plan.module.meta),
+           "providers": sorted({f"{n.op}={n.provider}" for _, n in llm.plan.module.nodes()
+                                if n.op in ("moe", "grouped_experts", "moe_dispatch", "attention", "linear")})}
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+    res["check_tokens"] = [o.token_ids for o in llm.generate(prompts[:CHECK_PROMPTS], greedy(CHECK_TOKENS))]
+    res["runs"] = []
+    for b in batches:
+        llm.generate(prompts[:b], greedy(4))  # warm-up at this batch size
+        times = {}
+        for n in (1, out_len):
+            sync()
+            t0 = time.perf_counter()
+            llm.generate(prompts[:b], greedy(n))
+            sync()
+            times[n] = time.perf_counter() - t0
+        tok_s = b * (out_len - 1) / (times[out_len] - times[1])
+        res["runs"].append({"batch": b, "prefill_s": times[1], "total_s": times[out_len],
+                            "decode_tok_s": tok_s, "decode_tok_s_per_gpu": tok_s / world_size(llm.plan.module.meta),
+                            "ms_per_step": 1e3 * (times[out_len] - times[1]) / (out_len - 1)})
+        print(json.dumps(res["runs"][-1]), file=sys.stderr, flush=True)
+    res["batches"] = dict(llm.metrics()["batches"])
+    llm.close()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: checks the script, times nothing")
+    ap.add_argument("--child", choices=list(LAYOUTS), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(a.child, a.layers, a.batch, a.prompt_len, a.out_len, a.smoke)), flush=True)
+        return
+    import torch
+
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    results = {}
+    for layout in a.layouts:
+        if not a.smoke and torch.cuda.device_count() < 2 and layout in ("tp2", "ep2"):
+            results[layout] = {"skipped": "needs 2 GPUs"}
+            continue
+        argv = [sys.executable, __file__, "--child", layout, "--layers", str(a.layers), "--prompt-len",
+                str(a.prompt_len), "--out-len", str(a.out_len), "--batch", *map(str, a.batch)] + ["--smoke"] * a.smoke
+        print(f"== {layout}", flush=True)
+        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, timeout=1200)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        results[layout] = json.loads(line[-1][7:]) if p.returncode == 0 and line else {"error": f"exit {p.returncode}"}
+    ref = results.get("tp1-eager", {}).get("check_tokens")
+    for r in results.values():
+        if "check_tokens" in r:
+            r["same_greedy_tokens_as_tp1_eager"] = r.pop("check_tokens") == ref if ref else None
+    base = {x["batch"]: x["decode_tok_s"] for x in results.get("tp1", {}).get("runs", [])}
+    for r in results.values():
+        for x in r.get("runs", []):
+            if x["batch"] in base:
+                x["ratio_to_tp1"] = x["decode_tok_s"] / base[x["batch"]]
+    import triton
+
+    doc = {"bench": "moe_parallel", "card": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(),
+           "gpus": torch.cuda.device_count(),
+           "versions": {"torch": torch.__version__, "triton": triton.__version__},
+           "config": {**QWEN3_30B_A3B, "num_hidden_layers": a.layers, **(SMOKE if a.smoke else {}), "prompt_len": a.prompt_len,
+                      "out_len": a.out_len, "batches": a.batch, "weights": "random bf16"},
+           "baseline": "tp1 (one GPU, CUDA graphs)", "results": results}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"moe_parallel-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    for name, r in results.items():
+        for x in r.get("runs", []):
+            print(f"{name:10s} batch {x['batch']:4d}: {x['decode_tok_s']:9.0f} tok/s "
+                  f"({x['decode_tok_s_per_gpu']:8.0f}/GPU, {x['ms_per_step']:.2f} ms/step) "
+                  f"x{x.get('ratio_to_tp1', float('nan')):.2f} of tp1")
+        if "runs" not in r:
+            print(name, r)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
