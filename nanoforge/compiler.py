@@ -26,6 +26,7 @@ class CompileOptions:
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256  # largest decode batch a CUDA graph is planned for
+    deep_ep_max_tokens: int = 128  # DeepEP low-latency cap, tokens per rank (passes/plan_deep_ep.py; 0 = off)
     cuda_graphs: bool = True
     providers: dict[str, str] = field(default_factory=dict)  # op -> forced provider
     tp: int = 1  # tensor-parallel ranks (passes/shard_tp.py)
@@ -72,6 +73,7 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
         options={"shard_tp": {"tp": opts.tp},
                  "shard_ep": {"attention_dp": opts.attention_dp, "ffn_ep": opts.ffn_ep},
                  "select_kernels": {"target": target, "force": dict(opts.providers)},
+                 "plan_deep_ep": {"max_num_seqs": opts.max_num_seqs, "max_tokens": opts.deep_ep_max_tokens},
                  "plan_cuda_graphs": {"enabled": opts.cuda_graphs, "max_num_seqs": opts.max_num_seqs},
                  "plan_memory": {"block_size": opts.block_size,
                                  "max_num_batched_tokens": opts.max_num_batched_tokens}},

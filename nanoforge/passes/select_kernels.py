@@ -2,15 +2,34 @@
 why each better-ranked provider was passed over (shown by `nanoforge inspect`).
 
 Option `force` ({op: provider}) comes from `--provider op=name`; forcing a provider that
-cannot run there is an error, not a silent fallback."""
+cannot run there is an error, not a silent fallback. The EP ops of a layer hand each other the
+dispatching provider's own layout, so a library dispatch must also run that layer's experts and
+combine (`--provider` all three); only torch's layout is the ops' documented contract."""
 from __future__ import annotations
 
 from typing import Any
 
 from ..codegen.providers import BY_NAME, candidates
 from ..errors import NanoForgeError
-from ..ir.graph import Module
+from ..ir.graph import Function, Module
 from .manager import Pass
+
+
+def _check_ep_trios(fn: Function) -> None:
+    """grouped_experts reads moe_dispatch's rows and moe_combine its plan: the combine must run on the
+    dispatch's provider, and so must the experts unless the dispatch is torch's (the public layout)."""
+    made_by = {v.name: n for n in fn.nodes for v in n.outputs}
+    for node in fn.nodes:
+        if node.op not in ("grouped_experts", "moe_combine"):
+            continue
+        d = made_by.get(node.inputs[0 if node.op == "grouped_experts" else 1].name)
+        if d is None or d.op != "moe_dispatch" or d.provider == node.provider:
+            continue
+        if node.op == "moe_combine" or d.provider != "torch":
+            p = node.provider if d.provider == "torch" else d.provider
+            raise NanoForgeError(f"{node.op} runs on {node.provider} but its moe_dispatch on {d.provider} "
+                                 f"@{node.source}: force the EP ops together (--provider moe_dispatch={p} "
+                                 f"--provider grouped_experts={p} --provider moe_combine={p})")
 
 
 def select_kernels(module: Module, opts: dict[str, Any]) -> int:
@@ -36,6 +55,8 @@ def select_kernels(module: Module, opts: dict[str, Any]) -> int:
         if node.provider != choice:
             node.provider = choice
             changes += 1
+    for fn in module.functions.values():
+        _check_ep_trios(fn)
     module.meta["target"] = target
     module.meta["provider_fallbacks"] = {op: why for op, why in notes.items() if why}
     return changes

@@ -1,4 +1,4 @@
-"""Adapters over third-party kernel libraries (FlashInfer, DeepGEMM, FlashMLA), one module each.
+"""Adapters over third-party kernel libraries (FlashInfer, DeepGEMM, FlashMLA, DeepEP), one module each.
 
 Each module imports its library at import time and raises ImportError naming the installed and
 the required version when the build is not the one checked on the GPU machines
@@ -29,7 +29,9 @@ FLASHINFER = Lib("flashinfer", "flashinfer-python", "0.7.2.post1", "nanoforge.co
 DEEP_GEMM = Lib("deep_gemm", "tokenspeed-deepgemm", "2.5.0.post20260424",
                 "nanoforge.codegen.kernels.libs.deep_gemm_ops", archs=(90, 100))
 FLASH_MLA = Lib("flash_mla", "sgl-flash-mla", "1.0.0", "nanoforge.codegen.kernels.libs.flash_mla_decode", archs=(90,))
-LIBS = {lib.module: lib for lib in (FLASHINFER, DEEP_GEMM, FLASH_MLA)}
+DEEP_EP = Lib("deep_ep", "tokenspeed-deepep", "1.2.1.post20251110", "nanoforge.codegen.kernels.libs.deep_ep_ops",
+              archs=(90,))
+LIBS = {lib.module: lib for lib in (FLASHINFER, DEEP_GEMM, FLASH_MLA, DEEP_EP)}
 
 
 def version_error(lib: Lib, installed: str | None) -> ImportError | None:
