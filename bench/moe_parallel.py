@@ -4,8 +4,10 @@ without CUDA graphs), tp=2, and attention_dp=2 x ffn_ep=2 (ep=2), random bf16 we
 The model is Qwen3-30B-A3B's layers (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768,
 top-8, vocab 151936) cut to --layers layers so one card holds it. Each layout runs in a fresh
 process (one torch.distributed world per process). Decode tok/s = B * (M - 1) / (t(M) - t(1)):
-the same B prompts generated to M tokens and to 1 token, so prefill cancels out. Every layout
-must produce the greedy tokens of tp=1 eager for its first prompts (a check, not a timing).
+B prompts generated to M tokens and B others of the same length to 1 token, so prefill cancels
+out (fresh prompts each time: no prefix-cache hits). Every layout must produce the greedy tokens
+of tp=1 for its first prompts (a check, not a timing). --profile prints rank 0's top CUDA and CPU
+ops over a few decode steps of the largest batch.
 
     python bench/moe_parallel.py [--layers 8] [--batch 64 256] [--out bench/results]
 """
@@ -34,7 +36,8 @@ SMOKE = {"hidden_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 
          "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512}  # --smoke: CPU, tiny
 
 
-def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len: int, smoke: bool) -> dict:
+def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len: int, smoke: bool,
+          profile: bool = False) -> dict:
     import torch
 
     from nanoforge import LLM, SamplingParams
@@ -46,7 +49,9 @@ def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ckpt = RandomCheckpoint(cfg, f"qwen3-30b-a3b-{layers}l", "f32" if smoke else "bf16", device=device)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, cfg["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(max(batches))]
+    fresh = lambda n: [torch.randint(0, cfg["vocab_size"], (prompt_len,), generator=g).tolist()  # noqa: E731
+                       for _ in range(n)]
+    prompts = fresh(CHECK_PROMPTS)
     start = time.perf_counter()
     llm = LLM(ckpt, device=device, progress=False, max_num_seqs=max(batches), max_model_len=prompt_len + out_len + 16,
               **LAYOUTS[layout])
@@ -57,12 +62,12 @@ def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len
     res["check_tokens"] = [o.token_ids for o in llm.generate(prompts[:CHECK_PROMPTS], greedy(CHECK_TOKENS))]
     res["runs"] = []
     for b in batches:
-        llm.generate(prompts[:b], greedy(4))  # warm-up at this batch size
+        llm.generate(fresh(b), greedy(4))  # warm-up at this batch size
         times = {}
         for n in (1, out_len):
             sync()
             t0 = time.perf_counter()
-            llm.generate(prompts[:b], greedy(n))
+            llm.generate(fresh(b), greedy(n))
             sync()
             times[n] = time.perf_counter() - t0
         tok_s = b * (out_len - 1) / (times[out_len] - times[1])
@@ -71,7 +76,13 @@ def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len
                             "ms_per_step": 1e3 * (times[out_len] - times[1]) / (out_len - 1)})
         print(json.dumps(res["runs"][-1]), file=sys.stderr, flush=True)
     res["batches"] = dict(llm.metrics()["batches"])
-    llm.close()
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(fresh(max(batches)), greedy(8))
+        for key in ("cuda_time_total", "cpu_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=15), file=sys.stderr, flush=True)
     return res
 
 
@@ -83,11 +94,14 @@ def main() -> None:
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--timeout", type=float, default=400, help="seconds a layout's process may take")
+    ap.add_argument("--profile", action="store_true", help="print rank 0's top ops (torch.profiler)")
     ap.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: checks the script, times nothing")
     ap.add_argument("--child", choices=list(LAYOUTS), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.layers, a.batch, a.prompt_len, a.out_len, a.smoke)), flush=True)
+        res = child(a.child, a.layers, a.batch, a.prompt_len, a.out_len, a.smoke, a.profile)
+        print("RESULT " + json.dumps(res), flush=True)  # before the ranks stop: a hang there loses nothing
         return
     import torch
 
@@ -99,15 +113,23 @@ def main() -> None:
             results[layout] = {"skipped": "needs 2 GPUs"}
             continue
         argv = [sys.executable, __file__, "--child", layout, "--layers", str(a.layers), "--prompt-len",
-                str(a.prompt_len), "--out-len", str(a.out_len), "--batch", *map(str, a.batch)] + ["--smoke"] * a.smoke
+                str(a.prompt_len), "--out-len", str(a.out_len), "--batch", *map(str, a.batch)] + ["--smoke"] * a.smoke + ["--profile"] * a.profile
         print(f"== {layout}", flush=True)
-        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, timeout=1200)
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        results[layout] = json.loads(line[-1][7:]) if p.returncode == 0 and line else {"error": f"exit {p.returncode}"}
-    ref = results.get("tp1-eager", {}).get("check_tokens")
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            out, _ = p.communicate(timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        results[layout] = json.loads(line[-1][7:]) if line else {"error": f"exit {p.returncode}"}
+        if p.returncode != 0:
+            results[layout]["exit"] = p.returncode  # e.g. killed after --timeout while stopping its ranks
+    ref_name = next((n for n in ("tp1-eager", "tp1") if "check_tokens" in results.get(n, {})), None)
+    ref = results[ref_name]["check_tokens"] if ref_name else None
     for r in results.values():
         if "check_tokens" in r:
-            r["same_greedy_tokens_as_tp1_eager"] = r.pop("check_tokens") == ref if ref else None
+            r[f"same_greedy_tokens_as_{ref_name}"] = r["check_tokens"] == ref
     base = {x["batch"]: x["decode_tok_s"] for x in results.get("tp1", {}).get("runs", [])}
     for r in results.values():
         for x in r.get("runs", []):

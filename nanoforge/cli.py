@@ -32,7 +32,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
                           dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                           providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
-                          attention_dp=a.attention_dp, ffn_ep=a.ffn_ep)
+                          attention_dp=a.attention_dp, ffn_ep=a.ffn_ep, max_num_seqs=a.max_num_seqs,
+                          deep_ep_max_tokens=a.deep_ep_max_tokens)
     say = (lambda m: None) if a.quiet else print
     say(f"compiling {a.checkpoint}")
     plan = compile_checkpoint(a.checkpoint, opts, log=say)
@@ -81,6 +82,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 print(f"  {fn.name}  %{n.outputs[0].name:<5} {n.op:<14} {n.provider or '-':<10} @{n.source}")
     kv = m.meta.get("kv_contract", {})
     _print_parallel(m)
+    if "deep_ep" in m.meta:
+        print(f"deep_ep      {m.meta['deep_ep']['modes']}")
     print(f"memory       weights {_mib(mem.get('param_bytes', 0))}, KV {mem.get('kv_bytes_per_token', 0):,} B/token "
           f"(block {kv.get('block_size')}, {kv.get('dtype')}, {len(kv.get('layers', []))} layers), activations "
           f"{mem.get('activation_bytes_per_token', 0):,} B/token x {mem.get('max_num_batched_tokens')} tokens "
@@ -131,8 +134,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if not a.prompt:
         raise NanoForgeError("give at least one --prompt")
+    # `with LLM` starts a sharded plan's ranks, and stops them
     with LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device,
-             gpu_memory_utilization=a.gpu_memory_utilization, **_layout(a)) as llm:  # starts a sharded plan's ranks
+             gpu_memory_utilization=a.gpu_memory_utilization, **_layout(a), **_launch(a)) as llm:
         sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                             max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
         if a.chat:
@@ -153,12 +157,23 @@ def _layout(a: argparse.Namespace) -> dict[str, int]:
     return {k: v for k in ("tp", "attention_dp", "ffn_ep") if (v := getattr(a, k, None)) is not None}
 
 
+def _launch(a: argparse.Namespace) -> dict[str, str]:
+    """--launcher / --ray-address: where a sharded plan's worker ranks run (EngineConfig fields)."""
+    return {k: v for k in ("launcher", "ray_address") if (v := getattr(a, k, None)) is not None}
+
+
 def add_layout_flags(p: argparse.ArgumentParser) -> None:
+    from .runtime.launchers import LAUNCHERS
+
     p.add_argument("--tp", type=int, metavar="N", help="a checkpoint: compile it for N tensor-parallel ranks, one "
                    "process each (a plan runs the ranks it was compiled for)")
     p.add_argument("--attention-dp", type=int, metavar="N", help="a checkpoint: attention data-parallel ranks "
                    "(with --ffn-ep N)")
     p.add_argument("--ffn-ep", type=int, metavar="N", help="a checkpoint: expert-parallel ranks")
+    p.add_argument("--launcher", choices=LAUNCHERS, help="where the worker ranks run: local processes "
+                   "(default) or Ray actors (pip install ray; the checkpoint at the same path on every node)")
+    p.add_argument("--ray-address", metavar="ADDR", help="--launcher ray: the cluster to join (default "
+                   "$RAY_ADDRESS, else the one on this node, else a new local one)")
 
 
 def cmd_bench_offline(a: argparse.Namespace) -> int:
@@ -216,7 +231,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serving.openai_api import build_app
 
     opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len)) if v is not None}
-    with LLM(a.model, device=a.device, **opts, **_layout(a)) as llm:  # starts a sharded plan's ranks
+    with LLM(a.model, device=a.device, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
         eng = llm.engine
         fits = len(eng.blocks.blocks) * eng.blocks.block_size  # the engine admits only requests whose longest
         if eng.max_model_len > fits:                           # case fits the KV pool: say so once, here
@@ -242,7 +257,7 @@ def _serve_engine(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len),
                               ("num_blocks", a.num_blocks)) if v is not None}
-    opts.update(_layout(a))
+    opts.update(_layout(a), **_launch(a))
     if a.role != "both" and _world_of(a) > 1:
         raise NanoForgeError(f"--role {a.role}: moving KV between engines of a sharded plan is not built yet "
                              "(each rank holds a part of it); serve it with --role both")
@@ -322,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=int, default=16)
     c.add_argument("--max-num-batched-tokens", type=int, default=2048)
     c.add_argument("--provider", action="append", default=[], metavar="OP=NAME", help="force a kernel provider")
+    c.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
+                   help="largest decode batch per rank the plan is made for (CUDA graphs, DeepEP's cap)")
+    c.add_argument("--deep-ep-max-tokens", type=int, default=128, metavar="N",
+                   help="tokens per rank DeepEP's low-latency mode holds (with --provider moe_dispatch=deep_ep; "
+                        "0: normal mode only)")
     c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (shard_tp pass)")
     c.add_argument("--attention-dp", type=int, default=1, metavar="N",
                    help="attention data-parallel ranks; with --ffn-ep N, wide expert parallelism (shard_ep pass)")

@@ -68,7 +68,8 @@ class LLM:
         """`model`: a plan dir (runs on the plan's device and ranks) or a checkpoint (compiled in
         memory for `device`, CPU by default, and `tp` / `attention_dp` x `ffn_ep` ranks);
         engine_options are EngineConfig fields. A sharded plan starts one worker process per
-        rank beyond the first; `close()` (or `with LLM(...)`) stops them."""
+        rank beyond the first, here (`launcher="local"`) or as Ray actors on a cluster
+        (`launcher="ray"`, `ray_address=...`); `close()` (or `with LLM(...)`) stops them."""
         cfg = EngineConfig(**engine_options)
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, device=device or "cpu", block_size=block_size,

@@ -32,6 +32,7 @@ def test_two_gpus_generate_one_gpus_tokens(ckpt, one_gpu, layout):  # noqa: F811
         runner = llm.engine.runner
         assert isinstance(runner, DistributedRunner) and torch.distributed.get_backend() == "nccl"
         got = [o.token_ids for o in llm.generate(PROMPTS, greedy())]
+        print(layout, "same tokens as one GPU:", got == one_gpu, dict(llm.metrics()["batches"]), flush=True)
         ops = _providers(llm)
         assert ops["attention"] == "triton"
         if "ffn_ep" in layout:

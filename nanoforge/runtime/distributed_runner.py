@@ -1,8 +1,10 @@
 """A sharded plan runs as one process per rank. The driver (the engine's process) is rank 0: it
 holds the scheduler and runs rank 0's share of the model; ranks 1..N-1 are worker processes
 (runtime/worker.py) started with plain command-line arguments (plan dir, checkpoint path, rank,
-world, store port) that load only their slices. Every step the driver broadcasts the batch as
-int64 tensors, then every rank runs the same forward with its TorchDistComm; rank 0 samples.
+world, store address) that load only their slices; a launcher (runtime/launchers.py) starts them
+as subprocesses of this host (local) or as Ray actors on a cluster's nodes (ray). Every step the
+driver broadcasts the batch as int64 tensors, then every rank runs the same forward with its
+TorchDistComm; rank 0 samples.
 
 Per-step protocol, over a gloo group of all ranks (CPU tensors, also under NCCL):
 
@@ -25,18 +27,19 @@ what each rank fits (an all_reduce MIN at start-up).
 A worker that fails exits; its sockets close, the driver's next collective raises, and the driver
 names the rank and the last line of its log (every later step raises the same error). Workers
 leave when the driver stops them, when their stdin pipe from the driver closes, or when their
-parent changes (the driver died; they delete its temp dir). CUDA graphs are not used yet."""
+parent changes (the driver died; they delete its temp dir); Ray actors die with the driver's job.
+
+On CUDA every rank captures the plan's decode graphs (NCCL collectives inside) and replays one
+when the step is a decode batch that fits; each rank decides from the same broadcast batch."""
 from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,6 +53,7 @@ from ..models.checkpoint import Checkpoint
 from ..parallel.comm import TorchDistComm
 from ..parallel.shard_spec import parallel_of, rank_in_group, world_size
 from ..plan import Plan
+from .launchers import make_launcher
 from .model_runner import ModelRunner, flat_batch
 from .scheduler import ScheduledBatch
 
@@ -114,9 +118,29 @@ class RankRunner(ModelRunner):
             if flag:
                 device_tokens = torch.empty(counts[self.replica][1], dtype=torch.long, device=self.device)
                 dist.broadcast(device_tokens, 0)
-            logits = self.run(tokens, seqs, rows, device_tokens)
+            logits = self.run_step(tokens, seqs, rows, device_tokens)
             if self.dp > 1:
                 self._gather_logits(logits, [c[3] for c in counts])
+
+    def leave(self) -> None:
+        """Free the process groups. CUDA graphs that captured NCCL collectives go first: with one
+        alive, ncclCommDestroy never returns (pytorch/pytorch#115388)."""
+        if getattr(self, "graphs", None) is not None:
+            self.graphs = None
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def run_step(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], rows: list[int],
+                 device_tokens: torch.Tensor | None) -> torch.Tensor:
+        """This rank's forward of a step: a graph replay when the step is a decode batch a graph
+        fits (every rank decides alike from the same batch), else eager."""
+        if self.graphs is not None and self.graphs.fits_flat(seqs, rows):
+            self.batches["graph"] += 1
+            return self.graphs.run_flat(tokens, seqs, device_tokens)
+        self.batches[f"eager: {self.no_graph_reason or 'not a decode batch a graph fits'}"] += 1
+        return self.run(tokens, seqs, rows, device_tokens)
 
     def _gather_logits(self, logits: torch.Tensor, rows: list[int]) -> list[torch.Tensor] | None:
         """Every rank's logits on rank 0, each padded to the most rows of any replica."""
@@ -165,13 +189,14 @@ def _unpack(body: torch.Tensor, counts: list[list[int]], flag: int, replica: int
 
 
 class DistributedRunner(RankRunner):
-    """Rank 0 in the driver, and the worker processes of ranks 1..N-1. The ModelRunner interface:
-    execute(batch, device_tokens) -> (logits of the sampled rows, their item indices)."""
+    """Rank 0 in the driver, and the worker processes of ranks 1..N-1, started by `launcher`
+    ("local" or "ray"). The ModelRunner interface: execute(batch, device_tokens) -> (logits of the
+    sampled rows, their item indices)."""
 
     def __init__(self, plan: Plan, ckpt: Checkpoint, num_blocks: int | None, device: str = "cpu",
                  progress: bool = True, max_model_len: int = 4096, max_num_seqs: int = 256,
                  enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
-                 max_num_batched_tokens: int = 2048):
+                 max_num_batched_tokens: int = 2048, launcher: str = "local", ray_address: str | None = None):
         world = world_size(plan.module.meta)
         kind = getattr(ckpt, "kind", None)
         if not (kind == "random" or kind == "hf" and Path(ckpt.path).is_dir()):
@@ -180,34 +205,42 @@ class DistributedRunner(RankRunner):
         if dist.is_initialized():
             raise NanoForgeError("this process already runs a distributed engine (torch.distributed is "
                                  "initialized); close that LLM first")
-        self.workers: list[subprocess.Popen] = []
+        self.launcher = None
         self.error: NanoForgeError | None = None
         self.closed, self.steps, self.lock = False, 0, threading.Lock()
         self.tmp = Path(tempfile.mkdtemp(prefix="nanoforge-ranks-"))
-        atexit.register(self.close)
         opts = {"num_blocks": -1 if num_blocks is None else num_blocks, "max_model_len": max_model_len,
                 "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
-                "gpu_memory_utilization": gpu_memory_utilization, "driver_pid": os.getpid()}
+                "gpu_memory_utilization": gpu_memory_utilization}
         try:
             plan.save(self.tmp / "plan")  # the workers read the plan from here (it may exist only in memory)
             source = self._checkpoint_arg(ckpt)
-            store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+            self.launcher = make_launcher(launcher, self.tmp, world, device, ray_address)
+            atexit.register(self.close)  # after ray.init's exit hook, so this one runs first
+            store = dist.TCPStore(self.launcher.store_host, 0, world, is_master=True, wait_for_workers=False,
                                   timeout=STEP_TIMEOUT)
             for rank in range(1, world):
-                dev = f"cuda:{rank}" if device.startswith("cuda") else device  # one GPU per rank, this host's
-                argv = [str(self.tmp / "plan"), source, "--rank", str(rank), "--world",
-                        str(world), "--port", str(store.port), "--device", dev] + ["--enforce-eager"] * enforce_eager
-                self.workers.append(self._spawn(rank, argv + [x for k, v in opts.items()
-                                                              for x in (f"--{k.replace('_', '-')}", str(v))]))
-            super().__init__(plan, ckpt, num_blocks, device, progress, max_model_len, max_num_seqs, enforce_eager,
-                             gpu_memory_utilization, max_num_batched_tokens, 0, store)
+                argv = [str(self.tmp / "plan"), source, "--rank", str(rank), "--world", str(world),
+                        "--host", self.launcher.store_host, "--port", str(store.port),
+                        "--device", self.launcher.device(rank, device)] + ["--enforce-eager"] * enforce_eager
+                self.launcher.start(rank, argv + [x for k, v in opts.items()
+                                                  for x in (f"--{k.replace('_', '-')}", str(v))])
+            if not self.launcher.logs_in_run_dir:  # the ranks got its files as bytes: nothing left to read here
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            super().__init__(plan, ckpt, num_blocks, self.launcher.driver_device(device), progress, max_model_len,
+                             max_num_seqs, enforce_eager, gpu_memory_utilization, max_num_batched_tokens, 0, store)
         except BaseException as e:
             if isinstance(e, (RuntimeError, dist.DistError)) and self.workers:
                 self._fail(e)  # names the worker that went away, if one did
             self.error = NanoForgeError(f"start-up failed: {e}")  # no stop header: the ranks may be mid-handshake
             self.close()
             raise
-        log.info("%d ranks up: workers %s", world, [p.pid for p in self.workers])
+        log.info("%d ranks up (%s launcher): %s", world, launcher, self.launcher.describe())
+
+    @property
+    def workers(self) -> list:
+        """The worker ranks 1..N-1: subprocess.Popen (local launcher) or Ray actor handles."""
+        return getattr(self.launcher, "workers", getattr(self.launcher, "actors", []))
 
     def _checkpoint_arg(self, ckpt: Checkpoint) -> str:
         """What a worker opens: the checkpoint directory, or for random weights (benchmarks) a
@@ -218,13 +251,6 @@ class DistributedRunner(RankRunner):
                 "on_cuda": str(ckpt.device).startswith("cuda")}  # CPU and CUDA generators differ
         (self.tmp / "random.json").write_text(json.dumps(spec))
         return f"random:{self.tmp / 'random.json'}"
-
-    def _spawn(self, rank: int, args: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": args[args.index("--port") + 1]}
-        with open(self.tmp / f"rank{rank}.log", "wb") as out:
-            # own session: a Ctrl-C at the terminal reaches the driver, which stops the workers
-            return subprocess.Popen([sys.executable, "-m", "nanoforge.runtime.worker", *args], stdin=subprocess.PIPE,
-                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def _rendezvous(self) -> None:
         """Wait until every worker has loaded its slices, failing at once if one exits."""
@@ -248,7 +274,6 @@ class DistributedRunner(RankRunner):
 
     def _step(self, batch: ScheduledBatch, device_tokens: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
         sample_items = list(range(len(batch.items))) if device_tokens is not None else batch.sample_indices()
-        self.batches[f"eager: {self.no_graph_reason}"] += 1
         flag = device_tokens is not None
         parts, at = [], 0
         for n in batch.replicas or [len(batch.items)]:
@@ -266,7 +291,7 @@ class DistributedRunner(RankRunner):
             dist.broadcast(torch.tensor(body, dtype=torch.long), 0, group=self.control)
             if flag:
                 dist.broadcast(device_tokens.to(torch.long).contiguous(), 0)
-            logits = self.run(*parts[0], device_tokens)
+            logits = self.run_step(*parts[0], device_tokens)
             if self.dp > 1:
                 rows = [len(p[2]) for p in parts]
                 gathered = self._gather_logits(logits, rows)
@@ -281,25 +306,16 @@ class DistributedRunner(RankRunner):
 
     # -- failures and shutdown ---------------------------------------------------------------------
     def _check_workers(self) -> None:
-        if any(p.poll() is not None for p in self.workers):
+        if self.launcher.any_dead():
             self._fail(None)
-
-    def _worker_report(self, rank: int, proc: subprocess.Popen) -> str:
-        code = proc.returncode
-        if code is None:
-            return ""
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        lines = [ln for ln in _tail(self.tmp / f"rank{rank}.log").splitlines() if ln.strip()]
-        last = f": {lines[-1].strip()}" if lines and code > 0 else ""
-        return f"worker rank {rank} (pid {proc.pid}) {how}{last} (log: {self.tmp / f'rank{rank}.log'})"
 
     def _fail(self, cause: BaseException | None) -> None:
         """Name the worker that went away (waiting briefly for it to exit), stop the others, and
         raise; every later step raises the same error."""
         deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and all(p.poll() is None for p in self.workers):
+        while time.monotonic() < deadline and not self.launcher.any_dead():
             time.sleep(0.05)
-        reports = [r for rank, p in enumerate(self.workers, 1) if (r := self._worker_report(rank, p))]
+        reports = self.launcher.reports()
         what = "; ".join(reports) if reports else f"{type(cause).__name__}: {cause}"
         self.error = NanoForgeError(f"distributed engine stopped: {what}")
         self._stop(graceful=False)
@@ -314,17 +330,9 @@ class DistributedRunner(RankRunner):
                 stopped = True
             except (RuntimeError, dist.DistError):
                 pass
-        deadline = time.monotonic() + (10.0 if stopped else 0.0)
-        for p in self.workers:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p.stdin is not None:
-                p.stdin.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if self.launcher is not None:
+            self.launcher.stop(10.0 if stopped else 0.0)
+        self.leave()
 
     def close(self) -> None:
         """Stop the workers (a stop header, then a kill after 10 s) and free the process groups."""
@@ -338,14 +346,5 @@ class DistributedRunner(RankRunner):
         finally:
             if idle:
                 self.lock.release()
-        if self.error is None:
+        if self.error is None or not self.workers:  # kept after a failure for the workers' logs
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(f.seek(0, 2) - n, 0))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -12,12 +13,15 @@ from ..models.checkpoint import Checkpoint
 from ..parallel.shard_spec import parallel_of, world_size
 from ..plan import Plan
 from .block_manager import BlockManager
+from .launchers import check_launcher
 from .model_runner import ModelRunner
 from .sampler import SampleRequest, sample, sample_plain, sample_plain_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("nanoforge.engine")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class EngineConfig:
     prefix_caching: bool = True
     enforce_eager: bool = False  # never replay CUDA graphs
     overlap_decode: bool = True  # launch decode step N+1 before the host has read step N's tokens
+    launcher: str = "local"  # where a sharded plan's worker ranks run: local subprocesses, or ray actors
+    ray_address: str | None = None  # launcher ray: the cluster to join (default $RAY_ADDRESS, else this node's)
 
 
 @dataclass
@@ -88,13 +94,18 @@ class Engine:
         num_blocks = cfg.num_blocks or (cfg.kv_cache_memory // block_bytes if cfg.kv_cache_memory else None)
         if num_blocks is None and cfg.device == "cpu":
             num_blocks = (1 << 30) // block_bytes
+        check_launcher(cfg.launcher)
+        launch = {}
         if runner is None and world_size(meta) > 1:  # one process per rank, this one is rank 0
             from .distributed_runner import DistributedRunner as runner_class
+            launch = {"launcher": cfg.launcher, "ray_address": cfg.ray_address}
         else:
             runner_class = ModelRunner
+            if cfg.launcher != "local":
+                log.info("launcher %s ignored: the plan runs as one rank, in this process", cfg.launcher)
         self.runner = runner or runner_class(plan, ckpt, num_blocks, cfg.device, progress, self.max_model_len,
                                              cfg.max_num_seqs, cfg.enforce_eager, cfg.gpu_memory_utilization,
-                                             cfg.max_num_batched_tokens)
+                                             cfg.max_num_batched_tokens, **launch)
         num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
         if num_blocks < 1:
             raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "

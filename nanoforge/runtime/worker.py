@@ -1,8 +1,9 @@
-"""One worker rank of a sharded plan, started by DistributedRunner with everything on its command
-line: `python -m nanoforge.runtime.worker PLAN_DIR CHECKPOINT --rank R --world N --port P ...`.
-It loads its slices, joins the other ranks and runs the steps the driver broadcasts until the
-stop header. It exits by itself when the driver goes away (its stdin pipe closes, or its parent
-changes), so a killed driver leaves no worker behind."""
+"""One worker rank of a sharded plan, started by DistributedRunner's launcher with everything on
+its command line: `python -m nanoforge.runtime.worker PLAN_DIR CHECKPOINT --rank R --world N
+--host H --port P ...` (a subprocess), or `main(argv)` in a Ray actor. It loads its slices, joins
+the other ranks and runs the steps the driver broadcasts until the stop header. A subprocess
+(`--driver-pid`) exits by itself when the driver goes away (its stdin pipe closes, or its parent
+changes), so a killed driver leaves no worker behind; Ray kills the actors of a dead driver."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 
 def _watch_driver(driver_pid: int, run_dir: Path) -> None:
@@ -55,13 +57,18 @@ def _open_source(arg: str, device: str):
                             device=device if spec["on_cuda"] else "cpu")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, errors: list[str] | None = None,
+         loaded: Callable[[], None] | None = None) -> int:
+    """Serve the steps until the stop header: 0, or 1 after printing the error (its one-line
+    summary last, also appended to `errors`). `loaded()` is called once the plan and the
+    checkpoint spec have been read (the files are not needed after that)."""
     p = argparse.ArgumentParser(prog="python -m nanoforge.runtime.worker")
     p.add_argument("plan")
     p.add_argument("checkpoint", help="a checkpoint directory, or random:SPEC.json")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
-    p.add_argument("--port", type=int, required=True, help="the driver's TCPStore on 127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the driver's TCPStore address (default %(default)s)")
+    p.add_argument("--port", type=int, required=True, help="the driver's TCPStore port")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-blocks", type=int, default=-1, help="-1: what fits in this rank's memory")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -69,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--driver-pid", type=int, required=True)
+    p.add_argument("--driver-pid", type=int, help="a subprocess of this driver: leave when it goes away "
+                   "(or closes stdin)")
     a = p.parse_args(argv)
-    _watch_driver(a.driver_pid, Path(a.plan).resolve().parent)
+    if a.driver_pid is not None:
+        _watch_driver(a.driver_pid, Path(a.plan).resolve().parent)
     try:
         import datetime
 
@@ -84,17 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         if a.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(a.device))
         plan, ckpt = read_plan(a.plan), _open_source(a.checkpoint, a.device)
-        store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
+        if loaded is not None:
+            loaded()
+        store = dist.TCPStore(a.host, a.port, a.world, is_master=False,
                               timeout=max(STEP_TIMEOUT, datetime.timedelta(seconds=60)))
         runner = RankRunner(plan, ckpt, None if a.num_blocks < 0 else a.num_blocks, a.device, False, a.max_model_len,
                             a.max_num_seqs, a.enforce_eager, a.gpu_memory_utilization, a.max_num_batched_tokens,
                             a.rank, store)
         runner.serve()
-        dist.destroy_process_group()
+        runner.leave()
         return 0
     except BaseException as e:  # noqa: BLE001 - the driver reads the last line of this log
         traceback.print_exc()
-        print(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr, flush=True)
+        line = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+        print(line, file=sys.stderr, flush=True)
+        if errors is not None:
+            errors.append(line)
         return 1
 
 
