@@ -281,16 +281,16 @@ def test_what_deep_ep_cannot_run_fails_at_compile_time(usable, kw, message):
 @pytest.mark.parametrize("force, message", [
     ({"moe_dispatch": "deep_ep", "moe_combine": "deep_ep"}, r"grouped_experts runs on \w+ but its moe_dispatch on "
                                                            "deep_ep"),
-    ({"moe_dispatch": "deep_ep", "grouped_experts": "deep_ep"}, "moe_combine runs on torch but its moe_dispatch on "
-                                                               "deep_ep"),
-    ({"moe_combine": "deep_ep"}, "moe_combine runs on deep_ep but its moe_dispatch on torch"),
+    ({"moe_dispatch": "deep_ep", "grouped_experts": "deep_ep"}, "moe_combine runs on allgather but its moe_dispatch "
+                                                               "on deep_ep"),
+    ({"moe_combine": "deep_ep"}, "moe_combine runs on deep_ep but its moe_dispatch on allgather"),
 ])
 def test_the_ep_ops_are_forced_together(usable, force, message):
     with pytest.raises(NanoForgeError, match=message + r" @model\.layers\.\d+\.mlp: force the EP ops together "
                        r"\(--provider moe_dispatch=deep_ep --provider grouped_experts=deep_ep "
                        r"--provider moe_combine=deep_ep\)$"):
         _compile(force)
-    _compile({"grouped_experts": "deep_ep"})  # torch's dispatch layout is the public contract: allowed
+    _compile({"grouped_experts": "deep_ep"})  # allgather's dispatch layout is the public contract: allowed
 
 
 def test_cli_compile_and_inspect(usable, tmp_path, capsys):

@@ -19,9 +19,11 @@ from test_shard_tp import SIZES, ckpt  # noqa: F401 - the module-scoped checkpoi
 MOE_ARCHS = ["qwen3_moe", "deepseek_v3"]  # 8 and 16 experts: 2, 4 and 8 divide both
 
 
-def compiled(path, n: int, verify: bool = False):
-    return compile_checkpoint(path, CompileOptions(dtype="f32", attention_dp=n, ffn_ep=n,
-                                                   verify_each_pass=verify)).module
+def compiled(path, n: int, verify: bool = False, exchange: str = "allgather"):
+    """`exchange`: the EP dispatch/combine provider (allgather: the default; torch: all-to-all)."""
+    return compile_checkpoint(path, CompileOptions(dtype="f32", attention_dp=n, ffn_ep=n, verify_each_pass=verify,
+                                                   providers={"moe_dispatch": exchange, "moe_combine": exchange}
+                                                   )).module
 
 
 def prompts(n: int, vocab: int) -> list[list[int]]:
@@ -30,16 +32,18 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
                                                                                                        generator=g)]
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "torch"])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_dp_ranks_with_their_own_requests_match_unsharded(arch, ckpt):  # noqa: F811
+def test_dp_ranks_with_their_own_requests_match_unsharded(arch, exchange, ckpt):  # noqa: F811
     path = ckpt(arch)
     ck = open_checkpoint(path)
     ref_module = compiled(path, 1)
     batch = prompts(5, SIZES[arch]["vocab_size"])  # 8 ranks: three of them idle (an empty batch)
     want = run_ranks_dp(ref_module, ck, batch)
     for n in (2, 4, 8):
-        module = compiled(path, n, verify=n == 4)  # --verify-each-pass: the numeric check's simulated ranks
+        module = compiled(path, n, n == 4, exchange)  # --verify-each-pass: the numeric check's simulated ranks
         assert module.meta["parallel"] == {"tp": 1, "attention_dp": n, "ffn_ep": n}
+        assert {node.provider for _, node in module.nodes() if node.op == "moe_dispatch"} == {exchange}
         got = run_ranks_dp(module, ck, batch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
                                    msg=lambda m: f"{arch} ep={n}: {m}")
@@ -104,6 +108,8 @@ def _a2a_worker(rank: int, port: int) -> None:
         want = torch.cat([torch.arange(2.).view(1, 2), torch.arange(6.).view(3, 2) + 100]) if rank == 0 else \
             torch.arange(2., 6.).view(2, 2)
         assert torch.equal(got, want), (rank, got)
+        y = torch.arange(8, dtype=torch.float32).view(4, 2) * (rank + 1)  # reduce_scatter: sum, then my half
+        assert torch.equal(comm.reduce_scatter(y, "ep"), (torch.arange(8.).view(4, 2) * 3)[2 * rank:2 * rank + 2])
     finally:
         dist.destroy_process_group()
 

@@ -59,6 +59,9 @@ TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope",
 
 PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     Provider("triton", "nanoforge.codegen.kernels.triton", TRITON_OPS, _triton_probe),
+    # EP dispatch/combine as all-gather + reduce-scatter: fixed shapes, no host sync (CUDA graphs)
+    Provider("allgather", "nanoforge.codegen.kernels.ep_allgather", frozenset({"moe_dispatch", "moe_combine"}),
+             _always),
     Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
     # Library adapters rank after torch, which runs everything: they never change a default and run

@@ -73,6 +73,12 @@ class SimulatedComm:
     def all_gather(self, x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
         return torch.cat(self._gather_list(x, group), dim=dim)
 
+    def reduce_scatter(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        """The sum over the group of x [size * n, ...], this member's n rows of it."""
+        me, size = self.group_position(group)
+        n = x.shape[0] // size
+        return self.all_reduce(x, group)[me * n:(me + 1) * n]
+
     def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int],
                    recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Rows of x grouped by destination (send_counts[d] rows for member d, in group order) ->
@@ -125,6 +131,19 @@ class TorchDistComm:
         parts = [torch.empty_like(x) for _ in range(self.group_position(group)[1])]
         self.dist.all_gather(parts, x, group=self.groups[group])
         return torch.cat(parts, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        """As SimulatedComm.reduce_scatter (gloo has none: an all_reduce, then this rank's rows)."""
+        if group not in self.groups:
+            return x
+        me, size = self.group_position(group)
+        x = x.contiguous()
+        if x.device.type != "cuda":
+            self.dist.all_reduce(x, group=self.groups[group])
+            return x[me * (x.shape[0] // size):(me + 1) * (x.shape[0] // size)]
+        out = x.new_empty(x.shape[0] // size, *x.shape[1:])
+        self.dist.reduce_scatter_tensor(out, x, group=self.groups[group])
+        return out
 
     def all_to_all(self, x: torch.Tensor, group: str, send_counts: list[int],
                    recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:

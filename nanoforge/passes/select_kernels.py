@@ -4,7 +4,7 @@ why each better-ranked provider was passed over (shown by `nanoforge inspect`).
 Option `force` ({op: provider}) comes from `--provider op=name`; forcing a provider that
 cannot run there is an error, not a silent fallback. The EP ops of a layer hand each other the
 dispatching provider's own layout, so a library dispatch must also run that layer's experts and
-combine (`--provider` all three); only torch's layout is the ops' documented contract."""
+combine (`--provider` all three); torch's and allgather's rows are the ops' documented contract."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,9 +15,12 @@ from ..ir.graph import Function, Module
 from .manager import Pass
 
 
+PUBLIC_EP_LAYOUT = ("torch", "allgather")  # dispatches whose rows are the documented contract
+
+
 def _check_ep_trios(fn: Function) -> None:
     """grouped_experts reads moe_dispatch's rows and moe_combine its plan: the combine must run on the
-    dispatch's provider, and so must the experts unless the dispatch is torch's (the public layout)."""
+    dispatch's provider, and so must the experts unless the dispatch's rows are the public layout."""
     made_by = {v.name: n for n in fn.nodes for v in n.outputs}
     for node in fn.nodes:
         if node.op not in ("grouped_experts", "moe_combine"):
@@ -25,8 +28,8 @@ def _check_ep_trios(fn: Function) -> None:
         d = made_by.get(node.inputs[0 if node.op == "grouped_experts" else 1].name)
         if d is None or d.op != "moe_dispatch" or d.provider == node.provider:
             continue
-        if node.op == "moe_combine" or d.provider != "torch":
-            p = node.provider if d.provider == "torch" else d.provider
+        if node.op == "moe_combine" or d.provider not in PUBLIC_EP_LAYOUT:
+            p = node.provider if d.provider in PUBLIC_EP_LAYOUT else d.provider
             raise NanoForgeError(f"{node.op} runs on {node.provider} but its moe_dispatch on {d.provider} "
                                  f"@{node.source}: force the EP ops together (--provider moe_dispatch={p} "
                                  f"--provider grouped_experts={p} --provider moe_combine={p})")

@@ -40,7 +40,8 @@ class DecodeGraphs:
         mempool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             ctx = BatchContext(pool, block_size, self.slots[:size], self.query_start[:size + 1],
-                               self.context_lens[:size], self.block_tables[:size], 1, max_model_len, comm=comm)
+                               self.context_lens[:size], self.block_tables[:size], 1, max_model_len, comm=comm,
+                               ep_tokens=size)
             args = (params, ctx, self.tokens[:size], self.positions[:size], self.rows[:size])
             with torch.inference_mode():
                 forward(*args)  # warm-up: compiles kernels, fills caches outside the capture
@@ -72,22 +73,19 @@ class DecodeGraphs:
             [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
         return self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens)
 
-    def fits_flat(self, seqs: list[tuple[int, int, list[int]]], rows: list[int]) -> bool:
-        """Whether a flat batch (a rank's view of a step) is a decode step a graph can replay."""
-        return 0 < len(seqs) <= self.sizes[-1] and len(rows) == len(seqs) and all(q == 1 for q, _, _ in seqs)
-
     def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
-                 device_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """run() for a flat batch (q_len 1, ctx_len, blocks) per sequence: every rank of a
-        sharded plan replays the same graph size, its collectives included."""
+                 device_tokens: torch.Tensor | None = None, pad_to: int = 0) -> torch.Tensor:
+        """run() for a flat batch (q_len 1, ctx_len, blocks) per sequence, on the graph of the
+        size that holds max(len(seqs), pad_to): every rank of a sharded plan replays the same one,
+        its collectives included (an idle attention-DP replica: no sequences, all padding)."""
         pos = np.fromiter((c - 1 for _, c, _ in seqs), np.int64, len(seqs))
         return self._replay(pos, None if device_tokens is not None else tokens, [t for _, _, t in seqs],
-                            device_tokens)
+                            device_tokens, pad_to)
 
     def _replay(self, pos: np.ndarray, tokens: list[int] | None, block_tables: list[list[int]],
-                device_tokens: torch.Tensor | None) -> torch.Tensor:
+                device_tokens: torch.Tensor | None, pad_to: int = 0) -> torch.Tensor:
         b = len(pos)
-        size = self.sizes[bisect.bisect_left(self.sizes, b)]
+        size = self.sizes[bisect.bisect_left(self.sizes, max(b, pad_to))]
         bs = self.block_size
         tables = block_table_array(block_tables, rows=size)
         width = tables.shape[1]

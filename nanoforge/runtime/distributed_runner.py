@@ -118,7 +118,7 @@ class RankRunner(ModelRunner):
             if flag:
                 device_tokens = torch.empty(counts[self.replica][1], dtype=torch.long, device=self.device)
                 dist.broadcast(device_tokens, 0)
-            logits = self.run_step(tokens, seqs, rows, device_tokens)
+            logits = self.run_step(tokens, seqs, rows, device_tokens, counts)
             if self.dp > 1:
                 self._gather_logits(logits, [c[3] for c in counts])
 
@@ -133,14 +133,18 @@ class RankRunner(ModelRunner):
             dist.destroy_process_group()
 
     def run_step(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], rows: list[int],
-                 device_tokens: torch.Tensor | None) -> torch.Tensor:
-        """This rank's forward of a step: a graph replay when the step is a decode batch a graph
-        fits (every rank decides alike from the same batch), else eager."""
-        if self.graphs is not None and self.graphs.fits_flat(seqs, rows):
+                 device_tokens: torch.Tensor | None, counts: list[list[int]]) -> torch.Tensor:
+        """This rank's forward of a step: a graph replay when every replica's batch is a decode
+        batch the graphs fit, else eager. Every rank decides alike from the step header (`counts`:
+        T, B, K, R of each replica), and replays the size of the largest replica's batch: the EP
+        collectives inside need the same shapes on every rank (an idle replica pads all its rows)."""
+        most = max(b for _, b, _, _ in counts)
+        decode = all(t == b == r for t, b, _, r in counts)  # one token per sequence, each sampled
+        if self.graphs is not None and decode and 0 < most <= self.graphs.sizes[-1]:
             self.batches["graph"] += 1
-            return self.graphs.run_flat(tokens, seqs, device_tokens)
+            return self.graphs.run_flat(tokens, seqs, device_tokens, pad_to=most)
         self.batches[f"eager: {self.no_graph_reason or 'not a decode batch a graph fits'}"] += 1
-        return self.run(tokens, seqs, rows, device_tokens)
+        return self.run(tokens, seqs, rows, device_tokens, ep_tokens=max(t for t, _, _, _ in counts))
 
     def _gather_logits(self, logits: torch.Tensor, rows: list[int]) -> list[torch.Tensor] | None:
         """Every rank's logits on rank 0, each padded to the most rows of any replica."""
@@ -291,7 +295,7 @@ class DistributedRunner(RankRunner):
             dist.broadcast(torch.tensor(body, dtype=torch.long), 0, group=self.control)
             if flag:
                 dist.broadcast(device_tokens.to(torch.long).contiguous(), 0)
-            logits = self.run_step(*parts[0], device_tokens)
+            logits = self.run_step(*parts[0], device_tokens, [sizes[4 * d:4 * d + 4] for d in range(self.dp)])
             if self.dp > 1:
                 rows = [len(p[2]) for p in parts]
                 gathered = self._gather_logits(logits, rows)

@@ -148,9 +148,10 @@ class ModelRunner:
         return self.run(tokens, seqs, rows, device_tokens), sample_items
 
     def run(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], rows: list[int],
-            device_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """The forward over one flat batch (flat_batch's lists); logits of `rows`."""
-        ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm)
+            device_tokens: torch.Tensor | None = None, ep_tokens: int | None = None) -> torch.Tensor:
+        """The forward over one flat batch (flat_batch's lists); logits of `rows`. `ep_tokens`:
+        the most tokens any rank of the EP group runs this step (sharded plans)."""
+        ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm, ep_tokens)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
         with torch.inference_mode():

@@ -39,6 +39,7 @@ class BatchContext:
     _host: list[tuple[int, int, list[int]]] = field(default_factory=list, repr=False)  # (q_len, ctx_len, blocks)
     _seqs: list[SeqSlice] | None = field(default=None, repr=False)
     comm: Any = None  # collectives of this rank (parallel/comm.py); None = a world of one
+    ep_tokens: int | None = None  # most tokens any rank of the EP group has this step (None: ask the group)
 
     @property
     def seqs(self) -> list[SeqSlice]:
@@ -92,7 +93,7 @@ def block_table_array(tables: list[list[int]], widths: np.ndarray | None = None,
 
 def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
                  seqs: list[tuple[int, int, list[int]]], device: str | torch.device = "cpu",
-                 comm: Any = None) -> BatchContext:
+                 comm: Any = None, ep_tokens: int | None = None) -> BatchContext:
     """Context for a flat batch; each seq is (q_len, ctx_len, block_ids), its new tokens being
     positions ctx_len-q_len .. ctx_len-1. Built with numpy, without per-sequence loops: a mixed
     step of hundreds of sequences spends well under a millisecond here."""
@@ -112,4 +113,5 @@ def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
 
     return BatchContext(
         pool, block_size, put(slots, torch.long), put(starts, torch.int32), put(ctx_lens, torch.int32),
-        put(table, torch.int32), int(q_lens.max(initial=0)), int(ctx_lens.max(initial=0)), list(seqs), comm=comm)
+        put(table, torch.int32), int(q_lens.max(initial=0)), int(ctx_lens.max(initial=0)), list(seqs), comm=comm,
+        ep_tokens=ep_tokens)
