@@ -1,15 +1,19 @@
-"""Decode throughput of a Qwen3-MoE-shaped model on one GPU vs two (issue 6): tp=1 (with and
-without CUDA graphs), tp=2, and attention_dp=2 x ffn_ep=2 (ep=2), random bf16 weights.
+"""Decode throughput of MoE models of real layer sizes on one GPU vs several (issues 6 and 7),
+random bf16 weights: tp=1 (with and without CUDA graphs), tp=N, and attention_dp=N x ffn_ep=N
+with each EP exchange: all-gather (epN, the default), all-to-all (epN-a2a), DeepEP (epN-deepep;
+its low-latency mode holds 128 tokens a rank, so --batch <= 128 there).
 
-The model is Qwen3-30B-A3B's layers (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768,
-top-8, vocab 151936) cut to --layers layers so one card holds it. Each layout runs in a fresh
-process (one torch.distributed world per process). Decode tok/s = B * (M - 1) / (t(M) - t(1)):
-B prompts generated to M tokens and B others of the same length to 1 token, so prefill cancels
-out (fresh prompts each time: no prefix-cache hits). Every layout must produce the greedy tokens
-of tp=1 for its first prompts (a check, not a timing). --profile prints rank 0's top CUDA and CPU
-ops over a few decode steps of the largest batch.
+--model qwen3-30b-a3b (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768, top-8, vocab
+151936) or deepseek-v3 (hidden 7168, MLA, 256 experts of 2048 + 1 shared, top-8 of 8 groups,
+first layer dense), cut to --layers layers so one card holds the 1-GPU reference (deepseek-v3:
+--layers 3 is ~51 GB). Each layout runs in a fresh process (one torch.distributed world per
+process). Decode tok/s = B * (M - 1) / (t(M) - t(1)): B prompts generated to M tokens and B
+others of the same length to 1 token, so prefill cancels out (fresh prompts each time: no
+prefix-cache hits). Every layout must produce the greedy tokens of tp=1 for its first prompts
+(a check, not a timing). --profile prints rank 0's top CUDA and CPU ops over a few decode steps.
 
-    python bench/moe_parallel.py [--layers 8] [--batch 64 256] [--out bench/results]
+    python bench/moe_parallel.py [--model qwen3-30b-a3b] [--layers 8] [--layouts tp1 tp2 ep2]
+                                 [--batch 64 256] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -29,14 +33,44 @@ QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_
                  "rms_norm_eps": 1e-6, "rope_theta": 1000000, "max_position_embeddings": 40960,
                  "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "bfloat16",
                  "bos_token_id": None, "eos_token_id": None}
-LAYOUTS = {"tp1": {}, "tp1-eager": {"enforce_eager": True}, "tp2": {"tp": 2},
-           "ep2": {"attention_dp": 2, "ffn_ep": 2}}
+DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+               "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_attention_heads": 128,
+               "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+               "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+               "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+               "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+               "scoring_func": "sigmoid", "vocab_size": 129280, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+               "max_position_embeddings": 163840, "tie_word_embeddings": False, "attention_bias": False,
+               "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": None, "eos_token_id": None}
+MODELS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v3": DEEPSEEK_V3}  # real layer sizes; --layers cuts depth
+EXCHANGES = {"": {}, "-a2a": {"moe_dispatch": "torch", "moe_combine": "torch"},  # all-gather (default), all-to-all
+             "-deepep": dict.fromkeys(("moe_dispatch", "grouped_experts", "moe_combine"), "deep_ep")}  # batch <= 128
+
+
+def layout_options(name: str) -> dict:
+    """tpN, tp1-eager, epN (attention_dp=N x ffn_ep=N, all-gather exchange), epN-a2a, epN-deepep."""
+    if name == "tp1-eager":
+        return {"enforce_eager": True}
+    kind, _, rest = name[:2], None, name[2:]
+    n, _, exchange = rest.partition("-")
+    if kind == "tp" and n.isdigit() and not exchange:
+        return {"tp": int(n)} if int(n) > 1 else {}
+    if kind == "ep" and n.isdigit() and f"-{exchange}" * bool(exchange) in EXCHANGES:
+        return {"attention_dp": int(n), "ffn_ep": int(n), "providers": EXCHANGES[f"-{exchange}" * bool(exchange)]}
+    raise SystemExit(f"unknown layout {name!r}: tpN, tp1-eager, epN, epN-a2a or epN-deepep")
+
+
+def gpus_of(name: str) -> int:
+    opts = layout_options(name)
+    return opts.get("tp", 1) * opts.get("attention_dp", 1)
+
+
 CHECK_PROMPTS, CHECK_TOKENS = 4, 16
 SMOKE = {"hidden_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512}  # --smoke: CPU, tiny
 
 
-def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len: int, smoke: bool,
+def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: int, out_len: int, smoke: bool,
           profile: bool = False) -> dict:
     import torch
 
@@ -44,17 +78,17 @@ def child(layout: str, layers: int, batches: list[int], prompt_len: int, out_len
     from nanoforge.parallel.shard_spec import parallel_of, world_size
     from nanoforge.tools.random_checkpoint import RandomCheckpoint
 
-    cfg = {**QWEN3_30B_A3B, "num_hidden_layers": layers, **(SMOKE if smoke else {})}
+    cfg = {**MODELS[model], "num_hidden_layers": layers, **(SMOKE if smoke else {})}
     device = "cpu" if smoke else "cuda"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ckpt = RandomCheckpoint(cfg, f"qwen3-30b-a3b-{layers}l", "f32" if smoke else "bf16", device=device)
+    ckpt = RandomCheckpoint(cfg, f"{model}-{layers}l", "f32" if smoke else "bf16", device=device)
     g = torch.Generator().manual_seed(0)
     fresh = lambda n: [torch.randint(0, cfg["vocab_size"], (prompt_len,), generator=g).tolist()  # noqa: E731
                        for _ in range(n)]
     prompts = fresh(CHECK_PROMPTS)
     start = time.perf_counter()
     llm = LLM(ckpt, device=device, progress=False, max_num_seqs=max(batches), max_model_len=prompt_len + out_len + 16,
-              **LAYOUTS[layout])
+              **layout_options(layout))
     res = {"layout": layout, "start_s": time.perf_counter() - start, "parallel": parallel_of(llm.plan.module.meta),
            "providers": sorted({f"{n.op}={n.provider}" for _, n in llm.plan.module.nodes()
                                 if n.op in ("moe", "grouped_experts", "moe_dispatch", "attention", "linear")})}
@@ -92,15 +126,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--out-len", type=int, default=128)
-    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
+    ap.add_argument("--layouts", nargs="+", default=["tp1", "tp1-eager", "tp2", "ep2"],
+                    help="tpN, tp1-eager, epN (attention-DP x FFN-EP, all-gather), epN-a2a, epN-deepep")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--timeout", type=float, default=400, help="seconds a layout's process may take")
     ap.add_argument("--profile", action="store_true", help="print rank 0's top ops (torch.profiler)")
     ap.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: checks the script, times nothing")
-    ap.add_argument("--child", choices=list(LAYOUTS), help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        res = child(a.child, a.layers, a.batch, a.prompt_len, a.out_len, a.smoke, a.profile)
+        res = child(a.model, a.child, a.layers, a.batch, a.prompt_len, a.out_len, a.smoke, a.profile)
         print("RESULT " + json.dumps(res), flush=True)  # before the ranks stop: a hang there loses nothing
         return
     import torch
@@ -109,10 +145,10 @@ def main() -> None:
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     results = {}
     for layout in a.layouts:
-        if not a.smoke and torch.cuda.device_count() < 2 and layout in ("tp2", "ep2"):
-            results[layout] = {"skipped": "needs 2 GPUs"}
+        if not a.smoke and torch.cuda.device_count() < gpus_of(layout):
+            results[layout] = {"skipped": f"needs {gpus_of(layout)} GPUs"}
             continue
-        argv = [sys.executable, __file__, "--child", layout, "--layers", str(a.layers), "--prompt-len",
+        argv = [sys.executable, __file__, "--child", layout, "--model", a.model, "--layers", str(a.layers), "--prompt-len",
                 str(a.prompt_len), "--out-len", str(a.out_len), "--batch", *map(str, a.batch)] + ["--smoke"] * a.smoke + ["--profile"] * a.profile
         print(f"== {layout}", flush=True)
         p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
@@ -140,7 +176,7 @@ def main() -> None:
     doc = {"bench": "moe_parallel", "card": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(),
            "gpus": torch.cuda.device_count(),
            "versions": {"torch": torch.__version__, "triton": triton.__version__},
-           "config": {**QWEN3_30B_A3B, "num_hidden_layers": a.layers, **(SMOKE if a.smoke else {}), "prompt_len": a.prompt_len,
+           "model": a.model, "config": {**MODELS[a.model], "num_hidden_layers": a.layers, **(SMOKE if a.smoke else {}), "prompt_len": a.prompt_len,
                       "out_len": a.out_len, "batches": a.batch, "weights": "random bf16"},
            "baseline": "tp1 (one GPU, CUDA graphs)", "results": results}
     out = Path(a.out)

@@ -64,16 +64,19 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
                  block_size: int = 16, device: str | None = None, progress: bool = True, tp: int | None = None,
-                 attention_dp: int | None = None, ffn_ep: int | None = None, **engine_options: Any):
+                 attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
+                 **engine_options: Any):
         """`model`: a plan dir (runs on the plan's device and ranks) or a checkpoint (compiled in
-        memory for `device`, CPU by default, and `tp` / `attention_dp` x `ffn_ep` ranks);
+        memory for `device`, CPU by default, and `tp` / `attention_dp` x `ffn_ep` ranks, with
+        `providers` forced as `compile --provider OP=NAME` does);
         engine_options are EngineConfig fields. A sharded plan starts one worker process per
         rank beyond the first, here (`launcher="local"`) or as Ray actors on a cluster
         (`launcher="ray"`, `ray_address=...`); `close()` (or `with LLM(...)`) stops them."""
         cfg = EngineConfig(**engine_options)
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, device=device or "cpu", block_size=block_size,
-                              max_num_seqs=cfg.max_num_seqs, **{k: v for k, v in layout.items() if v is not None})
+                              max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
+                              **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)
         have = parallel_of(self.plan.module.meta)
         if wrong := [f"{k}={v}" for k, v in layout.items() if v is not None and v != have[k]]:

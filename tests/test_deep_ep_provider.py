@@ -143,7 +143,8 @@ def _problem(scoring: str, E=8, H=16, I=12):
     return p, attrs
 
 
-def _run_ranks(M, p: dict, attrs: dict, steps: list[tuple[int, int, int]], groups: bool = True):
+def _run_ranks(M, p: dict, attrs: dict, steps: list[tuple[int, int, int]], groups: bool = True,
+               hooks: bool = False, header: bool = False):
     """Two simulated ranks run dispatch -> experts -> combine for each step (tokens of rank 0, of rank 1,
     the low-latency cap); returns {(rank, step): (output, torch_ref.moe on that rank's tokens)}, comms."""
     hub, comms, got, errors = SimulatedHub(2, timeout_s=30), {}, {}, []
@@ -151,6 +152,8 @@ def _run_ranks(M, p: dict, attrs: dict, steps: list[tuple[int, int, int]], group
     def rank(r: int) -> None:
         try:
             comm = comms[r] = SimulatedComm(hub, r, META)
+            if hooks:  # as TorchDistComm: host work before a CUDA graph replays
+                comm.replay_hooks = []
             if groups:  # the process group deep_ep.Buffer takes (here: where the fake meets its peer)
                 comm.groups = {"ep": SimpleNamespace(hub=hub, rank=r, members=[0, 1])}
             L = attrs["num_experts"] // 2
@@ -158,6 +161,8 @@ def _run_ranks(M, p: dict, attrs: dict, steps: list[tuple[int, int, int]], group
             for i, step in enumerate(steps):
                 x = torch.randn(step[r], 16, generator=torch.Generator().manual_seed(100 * i + r))
                 ctx = SimpleNamespace(comm=comm)  # a fresh context per step, as the runtime makes
+                if header:  # the runtime's step header says how many tokens the fullest rank has
+                    ctx.ep_tokens = max(step[:2])
                 xs, ws, ids, plan = M.moe_dispatch(x, p["router"], p.get("score_bias"), ctx=ctx, group="ep",
                                                    low_latency_max_tokens=step[2], **attrs)
                 y = M.grouped_experts(xs, ws, ids, **local, num_experts=attrs["num_experts"], ctx=ctx, group="ep")
@@ -203,6 +208,26 @@ def test_adapter_on_simulated_ranks_matches_moe(scoring, fake_ep):
     assert log["destroyed"] == 2 and not hasattr(comms[0], "_deep_ep")
 
 
+def test_graph_replays_switch_to_low_latency_mode_first(fake_ep, monkeypatch):
+    """A replayed graph runs no Python: after an eager normal-mode step, the comm's replay hook
+    cleans the low-latency buffer before the replay, once. With the step header's token count the
+    mode is chosen without a collective (as inside a captured graph)."""
+    M, log = fake_ep
+    p, attrs = _problem("softmax")
+    comms = _run_ranks(M, p, attrs, [(3, 5, 8), (9, 20, 8)], hooks=True)  # low latency, then normal
+    assert all(len(c.replay_hooks) == 1 for c in comms.values())
+    assert all(c._deep_ep["ep"].mode == "normal" for c in comms.values())
+    cleans = dict(log["cleans"])
+    threads = [threading.Thread(target=c.replay_hooks[0]) for c in comms.values()]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert all(log["cleans"][r] == cleans[r] + 1 and comms[r]._deep_ep["ep"].mode == "low_latency" for r in (0, 1))
+    [c.replay_hooks[0]() for c in comms.values()]  # already in low-latency mode: no second clean
+    assert log["cleans"] == {r: cleans[r] + 1 for r in (0, 1)}
+    monkeypatch.setattr(SimulatedComm, "all_gather", lambda *a: pytest.fail("the header's count was ignored"))
+    _run_ranks(M, p, attrs, [(3, 5, 8), (9, 20, 8)], header=True)
+
+
 def test_adapter_simulated_ranks_without_process_groups_use_torch_ref(fake_ep):
     """--verify-each-pass runs ranks as threads: no process group for DeepEP, so torch_ref moves the rows."""
     M, log = fake_ep
@@ -235,7 +260,8 @@ def _compile(force: dict, *, seqs=64, cap=128, hidden=2048, dtype="bf16", ep=2):
     module = trace_model({**config_dict("qwen3_moe"), "hidden_size": hidden}, dtype)  # 6 experts, top-3
     ctx = PassContext(options={"shard_ep": {"attention_dp": ep, "ffn_ep": ep},
                                "select_kernels": {"target": {"device": "cuda", "capability": "sm90"}, "force": force},
-                               "plan_deep_ep": {"max_num_seqs": seqs, "max_tokens": cap}})
+                               "plan_deep_ep": {"max_num_seqs": seqs, "max_tokens": cap},
+                               "plan_cuda_graphs": {"max_num_seqs": seqs}})  # as compiler.py passes them
     return PassManager(PASSES, PIPELINES["default"], ctx).run(module)
 
 
@@ -245,8 +271,8 @@ def test_probe_and_rank():
     assert probe({"device": "cuda", "capability": "sm80"}) == "deep_ep needs sm90; the target is sm80"
     names = [p.name for p in providers.PROVIDERS]
     assert names.index("torch") < names.index("deep_ep")  # used only where forced
-    for op in TRIO:
-        assert providers.graph_unsafe_reason(op, "deep_ep")
+    for op in TRIO:  # low-latency mode is capturable; plan_deep_ep blocks graphs when it is off
+        assert providers.graph_unsafe_reason(op, "deep_ep") is None
 
 
 def test_plan_records_the_modes(usable):
@@ -256,12 +282,13 @@ def test_plan_records_the_modes(usable):
     assert {n.provider for _, n in module.nodes() if n.op in TRIO} == {"deep_ep"}
     assert "no EP rank holds more than 128 tokens" in module.meta["deep_ep"]["modes"]
     assert "max_num_seqs 64" in module.meta["deep_ep"]["modes"]
-    assert "deep_ep" in module.meta["cuda_graphs"]["reason"]
+    assert module.meta["cuda_graphs"]["reason"] is None and max(module.meta["cuda_graphs"]["sizes"]) == 64
     text = format_module(module)
     assert "low_latency_max_tokens=128" in text and format_module(parse_module(text)) == text
     off = _compile(TRIO, seqs=512, cap=0, hidden=96)  # normal mode only: no cap, any hidden size
     assert {n.attrs["low_latency_max_tokens"] for _, n in off.nodes() if n.op == "moe_dispatch"} == {0}
     assert off.meta["deep_ep"]["modes"].startswith("normal for every batch")
+    assert off.meta["cuda_graphs"]["sizes"] == [] and "normal mode only" in off.meta["cuda_graphs"]["reason"]
     assert "deep_ep" not in _compile({}).meta  # not forced: torch, nothing planned
 
 

@@ -73,9 +73,10 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              _lib_probe("flashinfer")),
     Provider("deep_gemm", "nanoforge.codegen.kernels.libs.deep_gemm_ops", frozenset({"linear"}),
              _lib_probe("deep_gemm")),
-    Provider("deep_ep", "nanoforge.codegen.kernels.libs.deep_ep_ops",  # forced as a trio (select_kernels)
-             frozenset({"moe_dispatch", "grouped_experts", "moe_combine"}), _lib_probe("deep_ep"),
-             graph_unsafe=frozenset({"moe_dispatch", "grouped_experts", "moe_combine"})),
+    # forced as a trio (select_kernels); graph-safe in low-latency mode, which every captured batch
+    # uses (plan_deep_ep: max_num_seqs <= the cap; with the cap 0 it records why there are no graphs)
+    Provider("deep_ep", "nanoforge.codegen.kernels.libs.deep_ep_ops",
+             frozenset({"moe_dispatch", "grouped_experts", "moe_combine"}), _lib_probe("deep_ep")),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -104,6 +104,7 @@ class TorchDistComm:
 
         self.dist, self.rank, self.meta = dist, rank, meta
         self.groups: dict[str, Any] = {}
+        self.replay_hooks: list[Callable[[], None]] = []  # host work before a CUDA graph replays (DeepEP)
         world = world_size(meta)
         for group in GROUPS:  # every rank creates every process group, in the same order
             lists = sorted({tuple(group_members(meta, group, r)) for r in range(world)})

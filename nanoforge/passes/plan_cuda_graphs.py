@@ -28,6 +28,8 @@ def plan_cuda_graphs(module: Module, opts: dict[str, Any]) -> int:
         reason = "the target is not a CUDA device"
     elif not opts["enabled"]:
         reason = "disabled at compile time"
+    elif module.meta.get("graph_blockers"):  # an earlier pass's reason (e.g. plan_deep_ep)
+        reason = module.meta["graph_blockers"][0]
     else:
         for _, node in module.nodes():
             why = graph_unsafe_reason(node.op, node.provider or "torch")

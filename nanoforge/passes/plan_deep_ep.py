@@ -54,6 +54,9 @@ def plan_deep_ep(module: Module, opts: dict[str, Any]) -> int:
     for node in nodes:
         _check(node, ranks, cap)
         node.attrs["low_latency_max_tokens"] = cap
+    if not cap:  # normal mode reads its received counts on the host
+        module.meta.setdefault("graph_blockers", []).append(f"deep_ep in normal mode only ({FLAG} 0) syncs with "
+                                                            "the host")
     module.meta["deep_ep"] = {
         "low_latency_max_tokens": cap, "max_num_seqs": seqs,
         "modes": (f"low_latency while no EP rank holds more than {cap} tokens (every decode batch: "

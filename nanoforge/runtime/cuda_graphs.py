@@ -22,7 +22,7 @@ log = logging.getLogger("nanoforge.graphs")
 class DecodeGraphs:
     def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int],
                  max_model_len: int, device: torch.device, comm: Any = None):
-        self.sizes = sorted(sizes)
+        self.sizes, self.comm = sorted(sizes), comm
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         n = self.sizes[-1]
@@ -105,5 +105,7 @@ class DecodeGraphs:
         self.context_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
         self.block_tables[:size, :width].copy_(torch.from_numpy(tables), non_blocking=True)
         graph, out = self.graphs[size]
+        for hook in getattr(self.comm, "replay_hooks", ()):  # e.g. DeepEP's switch to low-latency mode
+            hook()
         graph.replay()
         return out[:b]

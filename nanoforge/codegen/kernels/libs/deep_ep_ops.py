@@ -15,8 +15,10 @@ The exchange plan is an opaque `Exchange` that generated code passes from dispat
 
 One deep_ep.Buffer per process and EP group, made at the first dispatch (a collective: every rank
 reaches it at the same layer) and kept on the comm object (`comm._deep_ep`); `release(comm)` frees it.
-Routing is torch_ref._route, so every provider picks the same experts. Host syncs (the token count
-all-gather, normal mode's received counts): not CUDA-graph safe.
+Routing is torch_ref._route, so every provider picks the same experts. The mode comes from the most
+tokens any rank holds: the step header's (BatchContext.ep_tokens), else an all-gather. Low-latency
+mode is CUDA-graph safe (a captured decode step has ep_tokens = its size <= the cap, and the switch
+out of normal mode runs as a replay hook on the comm); normal mode syncs with the host.
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class BufferState:
     rdma_bytes: int
     qps: int  # queue pairs per rank = local experts in low-latency mode; 0 = normal mode only
     mode: str = ""  # the last mode run: entering low latency after normal mode cleans its buffer first
+    hooked: bool = False  # the switch to low latency is on the comm's replay hooks (CUDA graphs)
 
 
 def _sizes(ranks: int, hidden: int, num_experts: int, low_latency_tokens: int) -> tuple[int, int, int]:
@@ -96,6 +99,12 @@ def buffer(comm: Any, group: str, hidden: int, num_experts: int, low_latency_tok
     return st
 
 
+def _enter_low_latency(st: BufferState, cap: int, hidden: int, num_experts: int) -> None:
+    if st.mode != "low_latency":  # normal mode leaves the low-latency buffer dirty
+        st.buffer.clean_low_latency_buffer(cap, hidden, num_experts)
+    st.mode = "low_latency"
+
+
 def release(comm: Any) -> None:
     """Destroy this process's DeepEP buffers (collective: every rank of each group calls it)."""
     for st in comm.__dict__.pop("_deep_ep", {}).values():
@@ -105,7 +114,7 @@ def release(comm: Any) -> None:
 def _most_tokens(ctx: Any, tokens: int, device: torch.device, group: str) -> int:
     """The most tokens any rank of the group dispatches this step: all ranks must pick one mode. One
     all-gather a step, cached on the step's context (every MoE layer of a step moves the same rows)."""
-    most = getattr(ctx, "_deep_ep_most_tokens", None)
+    most = getattr(ctx, "ep_tokens", None) or getattr(ctx, "_deep_ep_most_tokens", None)  # the step header's
     if most is None:
         counts = ctx.comm.all_gather(torch.tensor([tokens], dtype=torch.int64, device=device), group, 0)
         most = int(counts.max())
@@ -131,9 +140,10 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", low_latenc
     st = buffer(ctx.comm, group, hidden, num_experts, cap)
     most = _most_tokens(ctx, tokens, x.device, group) if cap else 0
     if cap and most <= cap:
-        if st.mode != "low_latency":  # normal mode leaves the low-latency buffer dirty
-            st.buffer.clean_low_latency_buffer(cap, hidden, num_experts)
-        st.mode = "low_latency"
+        _enter_low_latency(st, cap, hidden, num_experts)
+        if not st.hooked and hasattr(ctx.comm, "replay_hooks"):  # a graph replay runs no Python: switch before it
+            ctx.comm.replay_hooks.append(lambda: _enter_low_latency(st, cap, hidden, num_experts))
+            st.hooked = True
         recv_x, counts, handle, _, _ = st.buffer.low_latency_dispatch(x, ids, cap, num_experts, use_fp8=False)
         # an expert receives at most `most` rows from each rank, packed from row 0: the experts skip the rest
         return (recv_x[:, :max(most, 1) * ranks], weights.new_empty(0, k), counts,
