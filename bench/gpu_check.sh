@@ -3,6 +3,7 @@
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
 #   bench/gpu_check.sh [tests] [attention] [decode] [mixed] [offline] [elementwise] [moe] [sampling] [libs] [compare]
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
+#                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
 # flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
 # triton vs deep_gemm grouped MoE -> $OUT/compare.json, skipping a library that does not import.
@@ -54,6 +55,14 @@ for s in $STAGES; do
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.codegen.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
     sampling) run sampling python3 -c "import json; from nanoforge.codegen.kernels.triton.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
+    # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
+    # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
+    ep8_deepep) run ep8_deepep env NANOFORGE_EP_RANKS=8 OUT="$OUT" python3 -m pytest -m gpu -q -s -p no:cacheprovider \
+                  tests/test_gpu_deepep.py ;;
+    ep8_dsv3) run ep8_dsv3 python3 bench/moe_parallel.py --model deepseek-v3 --layers 3 --layouts tp1 ep8 ep8-deepep \
+                --batch 128 1024 --timeout 280 --out "$OUT" ;;
+    ep8_qwen3) run ep8_qwen3 python3 bench/moe_parallel.py --model qwen3-30b-a3b --layers 8 --layouts tp1 ep8 ep8-deepep \
+                 --batch 128 1024 --timeout 180 --out "$OUT" ;;
     libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_providers.py ;;
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys

@@ -1,7 +1,8 @@
 """Decode throughput of MoE models of real layer sizes on one GPU vs several (issues 6 and 7),
 random bf16 weights: tp=1 (with and without CUDA graphs), tp=N, and attention_dp=N x ffn_ep=N
 with each EP exchange: all-gather (epN, the default), all-to-all (epN-a2a), DeepEP (epN-deepep;
-its low-latency mode holds 128 tokens a rank, so --batch <= 128 there).
+its low-latency mode holds 128 tokens a rank, so --batch <= 128 x N there; a batch is split over
+the N attention-DP replicas).
 
 --model qwen3-30b-a3b (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768, top-8, vocab
 151936) or deepseek-v3 (hidden 7168, MLA, 256 experts of 2048 + 1 shared, top-8 of 8 groups,
@@ -66,8 +67,14 @@ def gpus_of(name: str) -> int:
 
 
 CHECK_PROMPTS, CHECK_TOKENS = 4, 16
-SMOKE = {"hidden_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512}  # --smoke: CPU, tiny
+SMOKE = {  # --smoke: the same architectures, tiny, on the CPU
+    "qwen3-30b-a3b": {"hidden_size": 64, "moe_intermediate_size": 32, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                      "vocab_size": 512},
+    "deepseek-v3": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "n_routed_experts": 8, "n_group": 2, "topk_group": 1,
+                    "num_experts_per_tok": 2, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 8, "vocab_size": 512}}
 
 
 def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: int, out_len: int, smoke: bool,
@@ -78,7 +85,7 @@ def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: 
     from nanoforge.parallel.shard_spec import parallel_of, world_size
     from nanoforge.tools.random_checkpoint import RandomCheckpoint
 
-    cfg = {**MODELS[model], "num_hidden_layers": layers, **(SMOKE if smoke else {})}
+    cfg = {**MODELS[model], "num_hidden_layers": layers, **(SMOKE[model] if smoke else {})}
     device = "cpu" if smoke else "cuda"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ckpt = RandomCheckpoint(cfg, f"{model}-{layers}l", "f32" if smoke else "bf16", device=device)
@@ -87,8 +94,10 @@ def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: 
                        for _ in range(n)]
     prompts = fresh(CHECK_PROMPTS)
     start = time.perf_counter()
-    llm = LLM(ckpt, device=device, progress=False, max_num_seqs=max(batches), max_model_len=prompt_len + out_len + 16,
-              **layout_options(layout))
+    opts = layout_options(layout)
+    per_replica = -(-max(batches) // opts.get("attention_dp", 1))  # max_num_seqs is each DP replica's
+    llm = LLM(ckpt, device=device, progress=False, max_num_seqs=per_replica, max_model_len=prompt_len + out_len + 16,
+              **opts)
     res = {"layout": layout, "start_s": time.perf_counter() - start, "parallel": parallel_of(llm.plan.module.meta),
            "providers": sorted({f"{n.op}={n.provider}" for _, n in llm.plan.module.nodes()
                                 if n.op in ("moe", "grouped_experts", "moe_dispatch", "attention", "linear")})}
@@ -176,8 +185,9 @@ def main() -> None:
     doc = {"bench": "moe_parallel", "card": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(),
            "gpus": torch.cuda.device_count(),
            "versions": {"torch": torch.__version__, "triton": triton.__version__},
-           "model": a.model, "config": {**MODELS[a.model], "num_hidden_layers": a.layers, **(SMOKE if a.smoke else {}), "prompt_len": a.prompt_len,
-                      "out_len": a.out_len, "batches": a.batch, "weights": "random bf16"},
+           "model": a.model, "config": {**MODELS[a.model], "num_hidden_layers": a.layers,
+                                        **(SMOKE[a.model] if a.smoke else {}), "prompt_len": a.prompt_len,
+                                        "out_len": a.out_len, "batches": a.batch, "weights": "random bf16"},
            "baseline": "tp1 (one GPU, CUDA graphs)", "results": results}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

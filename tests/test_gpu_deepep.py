@@ -1,8 +1,8 @@
 """DeepEP provider (codegen/kernels/libs/deep_ep_ops.py) on 2 GPUs of one host (-m gpu; skipped without
-2 CUDA GPUs of sm90 or without deep_ep).
+2 CUDA GPUs of sm90 or without deep_ep); NANOFORGE_EP_RANKS=8 runs it on 8 (DeepEP's published EP8).
 
-Two processes (NCCL, NVLink multicast off) form an attention_dp=2 x ffn_ep=2 layout; each holds its
-own tokens, a different count per rank (one rank idle in some steps). dispatch -> grouped_experts ->
+The processes (NCCL, NVLink multicast off) form an attention_dp=N x ffn_ep=N layout; each holds its
+own tokens, a different count per rank (even ranks one count, odd ranks another; idle in some steps). dispatch -> grouped_experts ->
 combine must equal torch_ref.moe(x, router, the full expert weights) on each rank's tokens within
 bf16 tolerance, in normal mode and in low-latency mode (which also switches to normal mode and back
 on one buffer). Then it times dispatch and combine per call on DeepSeek-V3's routing shape (hidden
@@ -31,7 +31,8 @@ import torch
 from nanoforge.codegen.kernels import libs, torch_ref
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-META = {"parallel": {"attention_dp": 2, "ffn_ep": 2}}
+RANKS = int(os.environ.get("NANOFORGE_EP_RANKS", "2"))  # 8 for the published EP8 comparison (an 8-GPU host)
+META = {"parallel": {"attention_dp": RANKS, "ffn_ep": RANKS}}
 E, K, H, I, CAP = 256, 8, 7168, 64, 128  # DeepSeek-V3's routing and hidden size; narrow experts keep weights small
 ATTRS = dict(num_experts=E, top_k=K, scoring="sigmoid", norm_topk_prob=True, n_group=8, topk_group=4,
              routed_scaling_factor=2.5)
@@ -79,7 +80,7 @@ def _timing(M, comm, p: dict, mode: str) -> dict:
     x = torch.randn(tokens, H, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(9))
     w, ids = torch_ref._route(x, p["router"], p["score_bias"], **ATTRS)
     ids, selections = ids.to(M.deep_ep.topk_idx_t), int((ids >= 0).sum())
-    out = {"tokens_per_rank": tokens, "hidden": H, "top_k": K, "experts": E, "ranks": 2}
+    out = {"tokens_per_rank": tokens, "hidden": H, "top_k": K, "experts": E, "ranks": RANKS}
     if mode == "low_latency":
         buf.clean_low_latency_buffer(CAP, H, E)
         raw = _events([lambda _: buf.low_latency_dispatch(x, ids, CAP, E, use_fp8=False),
@@ -112,7 +113,7 @@ def _worker(rank: int, port: int, mode: str, path: str) -> None:
     try:
         os.environ.update(ENV)
         torch.cuda.set_device(rank)
-        dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS,
                                 timeout=timedelta(seconds=180))  # a rank left waiting on a failed one gives up
         comm = TorchDistComm(META, rank)
         M = importlib.import_module(libs.DEEP_EP.adapter)
@@ -122,10 +123,10 @@ def _worker(rank: int, port: int, mode: str, path: str) -> None:
         res["stage"], res["cases"] = "cases", []
         save()
         p = _params(DEVICE)
-        local = {k: p[k][rank * (E // 2): (rank + 1) * (E // 2)] for k in ("w_gate", "w_up", "w_down")}
+        local = {k: p[k][rank * (E // RANKS): (rank + 1) * (E // RANKS)] for k in ("w_gate", "w_up", "w_down")}
         for i, (counts, cap, want) in enumerate(STEPS[mode]):
             g = torch.Generator(DEVICE).manual_seed(1000 * i + rank)
-            x = torch.randn(counts[rank], H, device=DEVICE, dtype=torch.bfloat16, generator=g)
+            x = torch.randn(counts[rank % 2], H, device=DEVICE, dtype=torch.bfloat16, generator=g)
             ctx = SimpleNamespace(comm=comm)  # one step
             xs, ws, ids, plan = M.moe_dispatch(x, p["router"], p["score_bias"], ctx=ctx, low_latency_max_tokens=cap,
                                                **ATTRS)
@@ -133,7 +134,8 @@ def _worker(rank: int, port: int, mode: str, path: str) -> None:
             out = M.moe_combine(M.grouped_experts(xs, ws, ids, **local, num_experts=E, ctx=ctx), plan, ctx=ctx)
             ref = torch_ref.moe(x, p["router"], p["w_gate"], p["w_up"], p["w_down"], p["score_bias"], **ATTRS)
             err = (out.float() - ref.float()).abs().max().item() if x.shape[0] else 0.0
-            res["cases"].append({"tokens": list(counts), "want": want, "ran": ran, "shape": list(out.shape),
+            res["cases"].append({"tokens": [counts[r % 2] for r in range(RANKS)], "want": want, "ran": ran,
+                                 "shape": list(out.shape),
                                  "finite": bool(torch.isfinite(out).all()), "max_err": err,
                                  "ref_max": ref.float().abs().max().item() if x.shape[0] else 0.0})
             save()
@@ -162,8 +164,8 @@ def _run(mode: str, tmp_path: Path, monkeypatch) -> list[dict]:
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
     ctx, port = mp.get_context("spawn"), _free_port()
-    paths = [tmp_path / f"{mode}-{r}.json" for r in (0, 1)]
-    procs = [ctx.Process(target=_worker, args=(r, port, mode, str(paths[r]))) for r in (0, 1)]
+    paths = [tmp_path / f"{mode}-{r}.json" for r in range(RANKS)]
+    procs = [ctx.Process(target=_worker, args=(r, port, mode, str(paths[r]))) for r in range(RANKS)]
     [p.start() for p in procs]
     deadline = time.monotonic() + TIMEOUT_S
     for p in procs:
@@ -182,8 +184,8 @@ def _run(mode: str, tmp_path: Path, monkeypatch) -> list[dict]:
 
 
 def _requirements() -> None:
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs")
+    if torch.cuda.device_count() < RANKS:
+        pytest.skip(f"needs {RANKS} CUDA GPUs (NANOFORGE_EP_RANKS)")
     if torch.cuda.get_device_capability(0) != (9, 0):
         pytest.skip("the pinned DeepEP build runs on sm90")
     if importlib.util.find_spec("deep_ep") is None:
