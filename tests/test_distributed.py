@@ -203,7 +203,7 @@ def test_slices_are_read_without_mmap(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from nanoforge.models.checkpoint import open_checkpoint
-    from nanoforge.runtime import weights
+    from nanoforge.models import slice_reader
 
     g = torch.Generator().manual_seed(0)
     ts = {"a": torch.randn(64, 48, generator=g).to(torch.bfloat16), "b": torch.randn(5, 12, 8, generator=g),
@@ -215,8 +215,8 @@ def test_slices_are_read_without_mmap(tmp_path, monkeypatch):
     reqs = [("a", None), ("a", (slice(16, 32), every)), ("a", (every, slice(24, 48))),
             ("b", (every, slice(3, 9), every)), ("b", (every, every, slice(4, 8))), ("b", (slice(2, 4), every, every)),
             ("c", (slice(0, 3),)), ("e", (every, slice(5, 10)))]
-    monkeypatch.setattr(weights, "CHUNK", 100)  # a column cut spans several chunks of rows
-    got = dict(weights.read_slices(reqs, ck, progress=False))
+    monkeypatch.setattr(slice_reader, "CHUNK", 100)  # a column cut spans several chunks of rows
+    got = dict(ck.read_slices(reqs, progress=False))
     for i, (k, sl) in enumerate(reqs):
         want = ts[k] if sl is None else ts[k][sl]
         assert got[i].dtype == want.dtype and torch.equal(got[i], want), (k, sl)

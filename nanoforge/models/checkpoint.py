@@ -79,30 +79,16 @@ class Checkpoint:
     def read_slices(self, requests: list[tuple[str, tuple[slice, ...] | None]],
                     progress: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (request index, CPU tensor) for (key, slices) requests (None: the whole tensor),
-        reading only those bytes (safetensors get_slice): what one rank of a sharded plan needs."""
+        reading only those bytes (models/slice_reader.py): what one rank of a sharded plan needs."""
         if self.kind == "gguf":
             raise NanoForgeError(f"{self.path.name}: a sharded plan reads slices of tensors, which needs a "
                                  "safetensors checkpoint (GGUF tensors are dequantized whole)")
-        by_file: dict[str, list[int]] = defaultdict(list)
-        for i, (k, _) in enumerate(requests):
+        for k, _ in requests:
             if k not in self.tensors:
                 raise NanoForgeError(f"checkpoint {self.path} has no tensor '{k}'")
-            by_file[self.tensors[k].file].append(i)
-        size = [_nbytes(self.tensors[k], self.kind) // max(1, _fraction(self.tensors[k].shape, sl))
-                for k, sl in requests]
-        from safetensors import safe_open
-        with tqdm(total=sum(size), unit="B", unit_scale=True, desc=f"loading {self.path.name} (shard)",
-                  disable=not progress, leave=False) as bar:
-            for file, idx in by_file.items():
-                try:
-                    with safe_open(str(self.path / file), framework="pt", device="cpu") as f:
-                        for i in idx:
-                            k, sl = requests[i]
-                            t = f.get_tensor(k) if sl is None else f.get_slice(k)[sl]
-                            bar.update(size[i])
-                            yield i, t
-                except (OSError, RuntimeError) as e:
-                    raise NanoForgeError(f"{self.path / file}: cannot read tensors ({e})") from e
+        from .slice_reader import read_slices
+
+        yield from read_slices(self.path, self.tensors, requests, progress)
 
     def _read_file(self, file: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.kind == "gguf":
@@ -278,14 +264,6 @@ def _sample_hash(path: Path, start: int, size: int, window: int = 1 << 16) -> st
             f.seek(offset)
             h.update(f.read(window))
     return h.hexdigest()
-
-
-def _fraction(shape: tuple[int, ...], sl: tuple[slice, ...] | None) -> int:
-    """Whole tensor / slice, in elements (1 for the whole tensor)."""
-    whole = part = 1
-    for d, s in zip(shape, sl or ()):
-        whole, part = whole * d, part * len(range(*s.indices(d)))
-    return whole // max(part, 1)
 
 
 def _nbytes(t: TensorInfo, kind: str) -> int:
