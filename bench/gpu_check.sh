@@ -60,7 +60,7 @@ for s in $STAGES; do
     ep8_deepep) run ep8_deepep env NANOFORGE_EP_RANKS=8 OUT="$OUT" python3 -m pytest -m gpu -q -s -p no:cacheprovider \
                   tests/test_gpu_deepep.py ;;
     ep8_dsv3) run ep8_dsv3 python3 bench/moe_parallel.py --model deepseek-v3 --layers 3 --layouts tp1 ep8 ep8-deepep \
-                --batch 128 1024 --timeout 280 --out "$OUT" ;;
+                --batch 128 1024 --timeout 180 --out "$OUT" ;;
     ep8_qwen3) run ep8_qwen3 python3 bench/moe_parallel.py --model qwen3-30b-a3b --layers 8 --layouts tp1 ep8 ep8-deepep \
                  --batch 128 1024 --timeout 180 --out "$OUT" ;;
     libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_providers.py ;;
