@@ -159,12 +159,16 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", low_latenc
 
 
 def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **_):
-    """Rows of the normal layout: torch_ref's weighted SwiGLU over this rank's experts. The
+    """Rows of the normal layout: the weighted SwiGLU over this rank's experts (Triton on CUDA). The
     low-latency layout x [L, M, H]: one batched SwiGLU per local expert, unweighted (combine weights);
     rows past each expert's count hold garbage that low_latency_combine never reads."""
     if x.dim() == 3:
         h = F.silu(torch.bmm(x, w_gate.transpose(1, 2))) * torch.bmm(x, w_up.transpose(1, 2))
         return torch.bmm(h, w_down.transpose(1, 2))
+    if x.is_cuda:  # the normal layout is the public one (global ids, -1 for none): the fused Triton kernels
+        from ..triton.moe import grouped_experts as fused
+
+        return fused(x, weights, ids, w_gate, w_up, w_down, ctx=ctx, group=group)
     return torch_ref.grouped_experts(x, weights, ids, w_gate, w_up, w_down, ctx=ctx, group=group)
 
 
