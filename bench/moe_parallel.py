@@ -52,12 +52,12 @@ def layout_options(name: str) -> dict:
     """tpN, tp1-eager, epN (attention_dp=N x ffn_ep=N, all-gather exchange), epN-a2a, epN-deepep."""
     if name == "tp1-eager":
         return {"enforce_eager": True}
-    kind, _, rest = name[:2], None, name[2:]
-    n, _, exchange = rest.partition("-")
-    if kind == "tp" and n.isdigit() and not exchange:
+    n, dash, exchange = name[2:].partition("-")
+    kind, suffix = name[:2], dash + exchange
+    if kind == "tp" and n.isdigit() and not suffix:
         return {"tp": int(n)} if int(n) > 1 else {}
-    if kind == "ep" and n.isdigit() and f"-{exchange}" * bool(exchange) in EXCHANGES:
-        return {"attention_dp": int(n), "ffn_ep": int(n), "providers": EXCHANGES[f"-{exchange}" * bool(exchange)]}
+    if kind == "ep" and n.isdigit() and suffix in EXCHANGES:
+        return {"attention_dp": int(n), "ffn_ep": int(n), "providers": EXCHANGES[suffix]}
     raise SystemExit(f"unknown layout {name!r}: tpN, tp1-eager, epN, epN-a2a or epN-deepep")
 
 

@@ -76,13 +76,16 @@ class Checkpoint:
                     bar.update(size[k])
                     yield k, (t if dtype is None else t.to(dtype))
 
+    def no_slices_reason(self) -> str:
+        return (f"{self.path.name}: a sharded plan reads slices of tensors, which needs a safetensors checkpoint "
+                "(GGUF tensors are dequantized whole)")
+
     def read_slices(self, requests: list[tuple[str, tuple[slice, ...] | None]],
                     progress: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (request index, CPU tensor) for (key, slices) requests (None: the whole tensor),
         reading only those bytes (models/slice_reader.py): what one rank of a sharded plan needs."""
         if self.kind == "gguf":
-            raise NanoForgeError(f"{self.path.name}: a sharded plan reads slices of tensors, which needs a "
-                                 "safetensors checkpoint (GGUF tensors are dequantized whole)")
+            raise NanoForgeError(self.no_slices_reason())
         for k, _ in requests:
             if k not in self.tensors:
                 raise NanoForgeError(f"checkpoint {self.path} has no tensor '{k}'")

@@ -110,7 +110,7 @@ class RankRunner(ModelRunner):
             op, flag, _, dp, *sizes = header.tolist()
             if op == OP_STOP:
                 return
-            counts = [sizes[4 * d:4 * d + 4] for d in range(dp)]
+            counts = _replica_counts(sizes, dp)
             body = torch.empty(sum(_body_len(c, flag) for c in counts), dtype=torch.long)
             dist.broadcast(body, 0, group=self.control)
             tokens, seqs, rows = _unpack(body, counts, flag, self.replica)
@@ -156,6 +156,11 @@ class RankRunner(ModelRunner):
         parts = [torch.empty_like(mine) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(mine, parts, dst=0)
         return parts
+
+
+def _replica_counts(sizes: list[int], dp: int) -> list[list[int]]:
+    """The header's (T, B, K, R) of each DP replica."""
+    return [sizes[4 * d:4 * d + 4] for d in range(dp)]
 
 
 def _body_len(c: list[int], flag: int) -> int:
@@ -295,7 +300,7 @@ class DistributedRunner(RankRunner):
             dist.broadcast(torch.tensor(body, dtype=torch.long), 0, group=self.control)
             if flag:
                 dist.broadcast(device_tokens.to(torch.long).contiguous(), 0)
-            logits = self.run_step(*parts[0], device_tokens, [sizes[4 * d:4 * d + 4] for d in range(self.dp)])
+            logits = self.run_step(*parts[0], device_tokens, _replica_counts(sizes, self.dp))
             if self.dp > 1:
                 rows = [len(p[2]) for p in parts]
                 gathered = self._gather_logits(logits, rows)

@@ -43,8 +43,7 @@ def check_bindings(module: Module, ckpt: Checkpoint) -> list[str]:
     for p in module.params.values():
         spec, world = _spec(module, p)
         if spec is not None and ckpt.kind == "gguf":
-            raise NanoForgeError(f"{ckpt.path.name}: a sharded plan reads slices of tensors, which needs a "
-                                 "safetensors checkpoint (GGUF tensors are dequantized whole); compile without --tp")
+            raise NanoForgeError(f"{ckpt.no_slices_reason()}; compile without --tp")
         rows = read = 0
         for i, key in enumerate(p.keys):
             info = ckpt.tensors.get(key)

@@ -13,16 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_ref import _as_bytes, _ep_position, _from_bytes, _route
-
-
-def _padded_tokens(ctx, group: str, tokens: int, device: torch.device) -> int:
-    most = getattr(ctx, "ep_tokens", None)
-    if most is None:
-        most = int(ctx.comm.all_gather(torch.tensor([tokens], device=device), group, 0).max())
-    if most < tokens:
-        raise ValueError(f"moe_dispatch: {tokens} tokens on this rank, but the step says at most {most}")
-    return most
+from .torch_ref import _as_bytes, _ep_position, _from_bytes, _route, ep_step_tokens
 
 
 def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
@@ -31,7 +22,7 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
     if size == 1:
         return x, weights, ids, torch.tensor([x.shape[0], x.shape[0]])
     tokens, k = ids.shape
-    pad = _padded_tokens(ctx, group, tokens, x.device)
+    pad = ep_step_tokens(ctx, group, tokens, x.device)
     rows = _as_bytes(x, weights, ids)
     if pad > tokens:  # padding rows: zeros, expert id -1 (nobody's)
         filler = _as_bytes(x.new_zeros(pad - tokens, x.shape[1]), weights.new_zeros(pad - tokens, k),

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...errors import NanoForgeError
 from .context import BatchContext
 from .rope_math import rope_frequencies
 
@@ -221,6 +222,19 @@ def all_gather(x, group, dim, ctx=None, **_):
 def _ep_position(ctx, group: str) -> tuple[int, int]:
     comm = getattr(ctx, "comm", None)
     return (0, 1) if comm is None else comm.group_position(group)
+
+
+def ep_step_tokens(ctx, group: str, tokens: int, device: torch.device) -> int:
+    """The most tokens any rank of the EP group has this step: the step header's (ctx.ep_tokens),
+    else gathered from the group once per step (a host sync) and kept on the step's context."""
+    most = getattr(ctx, "ep_tokens", None) or getattr(ctx, "_ep_gathered_tokens", None)
+    if most is None:
+        most = int(ctx.comm.all_gather(torch.tensor([tokens], device=device), group, 0).max())
+        ctx._ep_gathered_tokens = most
+    if most < tokens:
+        raise NanoForgeError(f"an EP layer has {tokens} tokens on this rank, but the step holds at most {most} "
+                             "per rank (a step's context reused with a larger batch)")
+    return most
 
 
 def _as_bytes(*ts: torch.Tensor) -> torch.Tensor:

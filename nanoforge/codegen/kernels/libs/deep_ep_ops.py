@@ -111,20 +111,6 @@ def release(comm: Any) -> None:
         st.buffer.destroy()
 
 
-def _most_tokens(ctx: Any, tokens: int, device: torch.device, group: str) -> int:
-    """The most tokens any rank of the group dispatches this step: all ranks must pick one mode. One
-    all-gather a step, cached on the step's context (every MoE layer of a step moves the same rows)."""
-    most = getattr(ctx, "ep_tokens", None) or getattr(ctx, "_deep_ep_most_tokens", None)  # the step header's
-    if most is None:
-        counts = ctx.comm.all_gather(torch.tensor([tokens], dtype=torch.int64, device=device), group, 0)
-        most = int(counts.max())
-        setattr(ctx, "_deep_ep_most_tokens", most)
-    if tokens > most:
-        raise NanoForgeError(f"deep_ep: {tokens} tokens reached a MoE layer of a step whose first MoE layer saw at "
-                             f"most {most} per rank; a step's context must not be reused with a larger batch")
-    return most
-
-
 def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", low_latency_max_tokens=0, **attrs):
     """torch_ref.moe_dispatch's contract on DeepEP (see the module doc for the low-latency layout)."""
     index, ranks = torch_ref._ep_position(ctx, group)
@@ -138,7 +124,7 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", low_latenc
     x, weights, ids = x.contiguous(), weights.float().contiguous(), ids.to(deep_ep.topk_idx_t).contiguous()
     cap = int(low_latency_max_tokens)
     st = buffer(ctx.comm, group, hidden, num_experts, cap)
-    most = _most_tokens(ctx, tokens, x.device, group) if cap else 0
+    most = torch_ref.ep_step_tokens(ctx, group, tokens, x.device) if cap else 0
     if cap and most <= cap:
         _enter_low_latency(st, cap, hidden, num_experts)
         if not st.hooked and hasattr(ctx.comm, "replay_hooks"):  # a graph replay runs no Python: switch before it
