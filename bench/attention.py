@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nanoforge.codegen.kernels.triton.attention_bench import bench_paged_decode
+from nanoforge.kernels.triton.attention_bench import bench_paged_decode
 from nanoforge.tools.bench_offline import machine_info
 from nanoforge.tools.roofline import measure_ceilings
 

@@ -51,9 +51,9 @@ for s in $STAGES; do
              --profile --out "$OUT" ;;
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
                --hf-num-prompts 16 --hf-batch-size 16 --results-dir "$OUT" ;;
-    elementwise) run elementwise python3 -c "import json; from nanoforge.codegen.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
-    moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.codegen.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
-    sampling) run sampling python3 -c "import json; from nanoforge.codegen.kernels.triton.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
+    elementwise) run elementwise python3 -c "import json; from nanoforge.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
+    moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
+    sampling) run sampling python3 -c "import json; from nanoforge.kernels.triton.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
@@ -67,12 +67,12 @@ for s in $STAGES; do
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys
 import torch
-from nanoforge.codegen.kernels.triton.attention_bench import bench_paged_decode
-from nanoforge.codegen.kernels.triton.moe import bench_moe
+from nanoforge.kernels.triton.attention_bench import bench_paged_decode
+from nanoforge.kernels.triton.moe import bench_moe
 
 def lib(name):
     try:
-        return importlib.import_module(f"nanoforge.codegen.kernels.libs.{name}"), None
+        return importlib.import_module(f"nanoforge.kernels.libs.{name}"), None
     except ImportError as exc:
         print(f"{name} skipped: {exc}", flush=True)
         return None, str(exc)

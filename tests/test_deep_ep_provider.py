@@ -1,4 +1,4 @@
-"""DeepEP provider (codegen/kernels/libs/deep_ep_ops.py, passes/plan_deep_ep.py) on the CPU.
+"""DeepEP provider (kernels/libs/deep_ep_ops.py, passes/plan_deep_ep.py) on the CPU.
 
 The adapter runs against a torch stand-in of deep_ep.Buffer that follows buffer.py's documented
 contracts (local expert ids from normal dispatch, unweighted normal combine, the low-latency
@@ -21,7 +21,7 @@ import torch
 
 from nanoforge.cli import main
 from nanoforge.codegen import providers
-from nanoforge.codegen.kernels import libs, torch_ref
+from nanoforge.kernels import libs, torch_ref
 from nanoforge.errors import NanoForgeError
 from nanoforge.ir.parser import parse_module
 from nanoforge.ir.printer import format_module

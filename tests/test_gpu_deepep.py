@@ -1,4 +1,4 @@
-"""DeepEP provider (codegen/kernels/libs/deep_ep_ops.py) on 2 GPUs of one host (-m gpu; skipped without
+"""DeepEP provider (kernels/libs/deep_ep_ops.py) on 2 GPUs of one host (-m gpu; skipped without
 2 CUDA GPUs of sm90 or without deep_ep); NANOFORGE_EP_RANKS=8 runs it on 8 (DeepEP's published EP8).
 
 The processes (NCCL, NVLink multicast off) form an attention_dp=N x ffn_ep=N layout; each holds its
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoforge.codegen.kernels import libs, torch_ref
+from nanoforge.kernels import libs, torch_ref
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 RANKS = int(os.environ.get("NANOFORGE_EP_RANKS", "2"))  # 8 for the published EP8 comparison (an 8-GPU host)

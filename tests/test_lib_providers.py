@@ -1,4 +1,4 @@
-"""Library providers (codegen/kernels/libs): FlashInfer, DeepGEMM, FlashMLA.
+"""Library providers (kernels/libs): FlashInfer, DeepGEMM, FlashMLA.
 
 CPU: probes give a clear reason (CPU target, arch, library absent, wrong version) and never raise;
 forcing a library provider where it cannot run is a one-line NanoForgeError; defaults do not change;
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoforge.codegen import providers
-from nanoforge.codegen.kernels import libs, torch_ref
+from nanoforge.kernels import libs, torch_ref
 from nanoforge.errors import NanoForgeError
 
 SM90 = {"device": "cuda", "capability": "sm90"}
@@ -249,7 +249,7 @@ def _adapter(name: str, archs: tuple[int, ...] | None = None):
     major, minor = torch.cuda.get_device_capability()
     if archs is not None and major * 10 + minor not in archs:
         pytest.skip(f"needs sm{'/sm'.join(map(str, archs))}")
-    return pytest.importorskip(f"nanoforge.codegen.kernels.libs.{name}", exc_type=ImportError)
+    return pytest.importorskip(f"nanoforge.kernels.libs.{name}", exc_type=ImportError)
 
 
 def _capture(fn):
@@ -339,7 +339,7 @@ def test_gpu_flashinfer_decode_graph_replan():
 
 @gpu
 def test_gpu_flashinfer_bench_keys():
-    from nanoforge.codegen.kernels.triton.attention_bench import bench_paged_decode
+    from nanoforge.kernels.triton.attention_bench import bench_paged_decode
 
     r, t = _adapter("flashinfer_attn").bench_flashinfer_decode(4, 512), bench_paged_decode(4, 512)
     assert set(t) <= set(r) and r["kv_bytes"] == t["kv_bytes"] and r["tb_s"] > 0

@@ -154,7 +154,7 @@ def test_make_context_matches_per_sequence_bookkeeping():
     loop would compute them, for mixed batches of decode rows and prefill chunks."""
     import random
 
-    from nanoforge.codegen.kernels.context import make_context
+    from nanoforge.kernels.context import make_context
 
     rnd = random.Random(3)
     bs = 4

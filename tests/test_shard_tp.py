@@ -271,8 +271,8 @@ def test_vocab_parallel_embed_providers_agree():
     """Both embed providers give this rank's rows and zeros for ids another rank holds."""
     from types import SimpleNamespace
 
-    from nanoforge.codegen.kernels import torch_ref
-    from nanoforge.codegen.kernels.triton import elementwise
+    from nanoforge.kernels import torch_ref
+    from nanoforge.kernels.triton import elementwise
 
     local = torch.randn(10, 8)  # rank 1 of 4 holds ids 10..19
     tokens = torch.tensor([0, 9, 10, 19, 20, 39])

@@ -1,4 +1,4 @@
-"""Triton paged attention (nanoforge/codegen/kernels/triton/attention.py) against the torch reference.
+"""Triton paged attention (nanoforge/kernels/triton/attention.py) against the torch reference.
 
 CPU CI runs the small tests in the Triton interpreter (conftest sets TRITON_INTERPRET=1; fp32/fp16
 only, since bf16 arithmetic is wrong there). `pytest -m gpu` runs the realistic bf16 shapes and the
@@ -13,8 +13,8 @@ import random
 import pytest
 import torch
 
-from nanoforge.codegen.kernels import torch_ref
-from nanoforge.codegen.kernels.context import allocate_pool, make_context
+from nanoforge.kernels import torch_ref
+from nanoforge.kernels.context import allocate_pool, make_context
 
 HAS_CUDA = torch.cuda.is_available()
 CAN_RUN = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
@@ -28,7 +28,7 @@ def _attn():
     import importlib  # imported after conftest set the interpreter mode; the package's `attention`
     # attribute is the provider function, so import the module by its full name
 
-    return importlib.import_module("nanoforge.codegen.kernels.triton.attention")
+    return importlib.import_module("nanoforge.kernels.triton.attention")
 
 
 def build_batch(spec, *, shapes, block_size, dtype, seed, skip_rows=(), device=DEV, spare_blocks=3):
@@ -293,7 +293,7 @@ def test_paged_attention_cuda_graph_replay(batch):
 @gpu
 @needs_cuda
 def test_bench_helper_runs():
-    from nanoforge.codegen.kernels.triton.attention_bench import bench_paged_decode
+    from nanoforge.kernels.triton.attention_bench import bench_paged_decode
 
     r = bench_paged_decode(4, 512)
     assert r["tb_s"] > 0 and r["ms"] > 0

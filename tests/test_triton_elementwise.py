@@ -13,8 +13,8 @@ if not HAS_CUDA and not os.environ.get("TRITON_INTERPRET"):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 for the Triton kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from nanoforge.codegen.kernels import torch_ref as R  # noqa: E402
-from nanoforge.codegen.kernels.triton import elementwise as E  # noqa: E402
+from nanoforge.kernels import torch_ref as R  # noqa: E402
+from nanoforge.kernels.triton import elementwise as E  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale": 1.0,

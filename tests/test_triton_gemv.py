@@ -14,7 +14,7 @@ if not HAS_CUDA and not os.environ.get("TRITON_INTERPRET"):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 for the Triton kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from nanoforge.codegen.kernels.triton import gemv as G  # noqa: E402
+from nanoforge.kernels.triton import gemv as G  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 # the interpreter's run-time loop bound (K) goes through int(ndarray of shape [1]); numpy < 2.4 warns

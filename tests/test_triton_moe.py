@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from nanoforge.codegen.kernels import torch_ref
+from nanoforge.kernels import torch_ref
 
 pytestmark = [
     pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -25,7 +25,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def _M():
     # the module (the package's __init__ re-exports the function `moe` under the same name);
     # imported lazily, after conftest set TRITON_INTERPRET
-    return importlib.import_module("nanoforge.codegen.kernels.triton.moe")
+    return importlib.import_module("nanoforge.kernels.triton.moe")
 
 
 def _problem(T, E, H, I, dtype=torch.float32, seed=0, bias=False):

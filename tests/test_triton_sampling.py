@@ -15,7 +15,7 @@ if not HAS_CUDA and not os.environ.get("TRITON_INTERPRET"):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 for the Triton kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from nanoforge.codegen.kernels.triton.sampling import sample_tokens  # noqa: E402
+from nanoforge.kernels.triton.sampling import sample_tokens  # noqa: E402
 from nanoforge.runtime.sampler import _filter  # noqa: E402
 from nanoforge.runtime.sampling_params import SamplingParams  # noqa: E402
 

@@ -43,10 +43,10 @@ def _triton_probe(target: dict) -> str | None:
 
 
 def _lib_probe(name: str) -> Callable[[dict], str | None]:
-    """Probe of a third-party kernel library (codegen/kernels/libs): cheap target checks, then a
+    """Probe of a third-party kernel library (kernels/libs): cheap target checks, then a
     lookup, then the adapter's import with its version check; never raises."""
     def probe(target: dict) -> str | None:
-        from .kernels import libs
+        from ..kernels import libs
 
         return libs.probe(libs.LIBS[name], target)
 
@@ -58,24 +58,24 @@ TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope",
                         "grouped_experts", "linear"})  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
 
 PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
-    Provider("triton", "nanoforge.codegen.kernels.triton", TRITON_OPS, _triton_probe),
+    Provider("triton", "nanoforge.kernels.triton", TRITON_OPS, _triton_probe),
     # EP dispatch/combine as all-gather + reduce-scatter: fixed shapes, no host sync (CUDA graphs)
-    Provider("allgather", "nanoforge.codegen.kernels.ep_allgather", frozenset({"moe_dispatch", "moe_combine"}),
+    Provider("allgather", "nanoforge.kernels.ep_allgather", frozenset({"moe_dispatch", "moe_combine"}),
              _always),
-    Provider("torch", "nanoforge.codegen.kernels.torch_ref", frozenset(OPS), _always,
+    Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
     # Library adapters rank after torch, which runs everything: they never change a default and run
     # only where forced (--provider rms_norm=flashinfer, --provider linear=deep_gemm). Not registered:
     # FlashInfer decode attention (plans on the host per step, decode rows only), FlashMLA decode
     # (decode only), DeepGEMM's grouped MoE (libs/deep_gemm_ops.moe has the full contract; register
     # "moe" once its GPU tests pass and it beats Triton).
-    Provider("flashinfer", "nanoforge.codegen.kernels.libs.flashinfer_attn", frozenset({"rms_norm", "add_rms_norm"}),
+    Provider("flashinfer", "nanoforge.kernels.libs.flashinfer_attn", frozenset({"rms_norm", "add_rms_norm"}),
              _lib_probe("flashinfer")),
-    Provider("deep_gemm", "nanoforge.codegen.kernels.libs.deep_gemm_ops", frozenset({"linear"}),
+    Provider("deep_gemm", "nanoforge.kernels.libs.deep_gemm_ops", frozenset({"linear"}),
              _lib_probe("deep_gemm")),
     # forced as a trio (select_kernels); graph-safe in low-latency mode, which every captured batch
     # uses (plan_deep_ep: max_num_seqs <= the cap; with the cap 0 it records why there are no graphs)
-    Provider("deep_ep", "nanoforge.codegen.kernels.libs.deep_ep_ops",
+    Provider("deep_ep", "nanoforge.kernels.libs.deep_ep_ops",
              frozenset({"moe_dispatch", "grouped_experts", "moe_combine"}), _lib_probe("deep_ep")),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}

@@ -5,7 +5,7 @@ shared experts, and dense MLPs in the first `first_k_dense_replace` layers.
 The MTP layers (`model.layers.{num_hidden_layers}...`) stay in the checkpoint, unused for now."""
 from __future__ import annotations
 
-from ..codegen.kernels.rope_math import yarn_mscale
+from ..ir.rope import yarn_mscale
 from .common import CausalLM, Config, DecoderLayer, GatedMLP, StackedExperts, attention, rope, rope_attrs, rope_settings
 from .frontend import Linear, ParamSpec, RMSNorm, Sym, TraceModule, split
 

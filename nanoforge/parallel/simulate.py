@@ -90,7 +90,7 @@ def run_ranks_dp(module: Module, weights: dict[str, torch.Tensor] | Any, prompts
     """Logits (f32[len(prompts), vocab], prompt order) of one prefill of `prompts` on attention-DP
     ranks: prompt i runs on DP rank i % dp, each rank with its own batch and KV pool (ranks left
     without a prompt run an empty batch, as idle ranks must for the MoE collectives)."""
-    from ..codegen.kernels.context import allocate_pool, make_context
+    from ..kernels.context import allocate_pool, make_context
     from ..codegen.pysource import compile_function
     from ..passes.plan_memory import kv_contract
     from ..runtime.weights import load_params

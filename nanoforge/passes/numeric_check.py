@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..codegen.kernels.context import TORCH_DTYPES, allocate_pool, make_context
+from ..kernels.context import TORCH_DTYPES, allocate_pool, make_context
 from ..codegen.pysource import compile_function
 from ..errors import NanoForgeError
 from ..ir.graph import Function, Module

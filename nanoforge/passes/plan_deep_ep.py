@@ -1,6 +1,6 @@
 """plan_deep_ep: which DeepEP mode serves which batch sizes, checked where the plan is made.
 
-DeepEP (codegen/kernels/libs/deep_ep_ops.py) moves decode batches in its low-latency mode, whose
+DeepEP (kernels/libs/deep_ep_ops.py) moves decode batches in its low-latency mode, whose
 buffers hold a fixed number of tokens per rank (`max_tokens`, --deep-ep-max-tokens), and larger
 batches (prefill, mixed) in its normal mode. A decode batch is up to max_num_seqs tokens per rank,
 so it must fit the cap, or decode would silently take the slower path. The cap goes on every

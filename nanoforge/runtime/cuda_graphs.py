@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..codegen.kernels.context import BatchContext, block_table_array
+from ..kernels.context import BatchContext, block_table_array
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("nanoforge.graphs")

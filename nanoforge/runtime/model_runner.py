@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch
 
-from ..codegen.kernels.context import allocate_pool, make_context
+from ..kernels.context import allocate_pool, make_context
 from ..codegen.pysource import compile_function
 from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint

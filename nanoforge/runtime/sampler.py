@@ -89,7 +89,7 @@ def _sample_triton(logits: torch.Tensor, params: list[SamplingParams],
     """Temperature/top-k/top-p/min-p rows in one Triton launch instead of a per-row loop with a
     device->host copy each. One uniform per row, from the request's generator when it has one,
     keeps seeded requests reproducible whatever they are batched with."""
-    from ..codegen.kernels.triton.sampling import sample_tokens
+    from ..kernels.triton.sampling import sample_tokens
 
     u = torch.rand(len(params))  # unseeded rows: the global CPU generator
     for i, (p, g) in enumerate(zip(params, generators)):

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from ..codegen.kernels.context import TORCH_DTYPES
+from ..kernels.context import TORCH_DTYPES
 from ..errors import NanoForgeError
 from ..ir.graph import Module, Param
 from ..models.checkpoint import Checkpoint

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from ..codegen.kernels.context import TORCH_DTYPES
+from ..kernels.context import TORCH_DTYPES
 from ..models import trace_model
 from ..models.checkpoint import TensorInfo
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...errors import NanoForgeError
+from ..errors import NanoForgeError
 from .context import BatchContext
 from .rope_math import rope_frequencies
 

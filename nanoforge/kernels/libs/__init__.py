@@ -25,11 +25,11 @@ class Lib:
     min_sm: int = 80
 
 
-FLASHINFER = Lib("flashinfer", "flashinfer-python", "0.7.2.post1", "nanoforge.codegen.kernels.libs.flashinfer_attn")
+FLASHINFER = Lib("flashinfer", "flashinfer-python", "0.7.2.post1", "nanoforge.kernels.libs.flashinfer_attn")
 DEEP_GEMM = Lib("deep_gemm", "tokenspeed-deepgemm", "2.5.0.post20260424",
-                "nanoforge.codegen.kernels.libs.deep_gemm_ops", archs=(90, 100))
-FLASH_MLA = Lib("flash_mla", "sgl-flash-mla", "1.0.0", "nanoforge.codegen.kernels.libs.flash_mla_decode", archs=(90,))
-DEEP_EP = Lib("deep_ep", "tokenspeed-deepep", "1.2.1.post20251110", "nanoforge.codegen.kernels.libs.deep_ep_ops",
+                "nanoforge.kernels.libs.deep_gemm_ops", archs=(90, 100))
+FLASH_MLA = Lib("flash_mla", "sgl-flash-mla", "1.0.0", "nanoforge.kernels.libs.flash_mla_decode", archs=(90,))
+DEEP_EP = Lib("deep_ep", "tokenspeed-deepep", "1.2.1.post20251110", "nanoforge.kernels.libs.deep_ep_ops",
               archs=(90,))
 LIBS = {lib.module: lib for lib in (FLASHINFER, DEEP_GEMM, FLASH_MLA, DEEP_EP)}
 

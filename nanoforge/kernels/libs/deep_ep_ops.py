@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ....errors import NanoForgeError
+from ...errors import NanoForgeError
 from .. import torch_ref
 from . import DEEP_EP, import_library, version_error
 

@@ -355,7 +355,7 @@ def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="e
 
 
 # ---------------------------------------------------------------------------------------------
-# benchmark and tuning (re-run on a new GPU: python -m nanoforge.codegen.kernels.triton.moe --tune)
+# benchmark and tuning (re-run on a new GPU: python -m nanoforge.kernels.triton.moe --tune)
 # ---------------------------------------------------------------------------------------------
 def _bench_problem(T, E, top_k, H, I, layers, seed, scoring="softmax"):
     """x and `layers` independent random bf16 MoE layers (so the timed loop streams weights from HBM

@@ -9,9 +9,7 @@ from functools import lru_cache
 
 import torch
 
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+from ..ir.rope import yarn_mscale
 
 
 def _yarn(inv_freq: torch.Tensor, dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:
