@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up, compile SmolLM2-135M, chat) and `make test`.
+# Two entry points: `make demo` (set up the venv, compile SmolLM2-135M, chat) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,6 +7,8 @@ DEMO := demo
 
 .PHONY: setup redis-server test demo clean
 
+# `setup` is what the tests need: the venv plus redis-server. The demo needs only the venv, so it
+# never installs OS packages (which needs root or sudo).
 setup: $(STAMP) redis-server
 
 # The engine-registry tests run a real redis-server; install it from the OS packages when missing
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-demo: setup
+demo: $(STAMP)
 	@GGUF=$$($(BIN)/python scripts/fetch_smollm2.py .cache/smollm2) && \
 	echo "== compile $$GGUF" && \
 	$(BIN)/nanoforge compile $$GGUF -o $(DEMO)/smollm2-plan --dump-dir $(DEMO)/passes --verify-each-pass && \

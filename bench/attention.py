@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from nanoforge.kernels.triton.attention_bench import bench_paged_decode
-from nanoforge.tools.bench_offline import machine_info
-from nanoforge.tools.roofline import measure_ceilings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for bench.kernels
+
+from bench.kernels.attention import bench_paged_decode  # noqa: E402
+from nanoforge.tools.bench_offline import machine_info  # noqa: E402
+from nanoforge.tools.roofline import measure_ceilings  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 from nanoforge import LLM, SamplingParams
 from nanoforge.models.presets import PRESETS
 from nanoforge.tools.bench_offline import machine_info
-from nanoforge.tools.random_checkpoint import RandomCheckpoint
+from nanoforge.models.random_checkpoint import RandomCheckpoint
 from nanoforge.tools.roofline import measure_ceilings
 
 

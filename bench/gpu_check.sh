@@ -51,9 +51,9 @@ for s in $STAGES; do
              --profile --out "$OUT" ;;
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
                --hf-num-prompts 16 --hf-batch-size 16 --results-dir "$OUT" ;;
-    elementwise) run elementwise python3 -c "import json; from nanoforge.kernels.triton.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
-    moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('nanoforge.kernels.triton.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
-    sampling) run sampling python3 -c "import json; from nanoforge.kernels.triton.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
+    elementwise) run elementwise python3 -c "import json; from bench.kernels.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
+    moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('bench.kernels.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
+    sampling) run sampling python3 -c "import json; from bench.kernels.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
@@ -67,8 +67,9 @@ for s in $STAGES; do
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys
 import torch
-from nanoforge.kernels.triton.attention_bench import bench_paged_decode
-from nanoforge.kernels.triton.moe import bench_moe
+from bench.kernels.attention import bench_paged_decode
+from bench.kernels.libs import bench_deep_gemm_grouped, bench_flashinfer_decode
+from bench.kernels.moe import bench_moe
 
 def lib(name):
     try:
@@ -88,7 +89,7 @@ for b in (32, 64, 128):  # Qwen3-0.6B attention: 16 q / 8 kv heads, head_dim 128
     row, line = {"batch": b, "ctx_len": 4096, "triton": t}, f"decode ctx 4096 batch {b:4d}: triton {t['tb_s']:.2f} TB/s"
     for key, tc in (("flashinfer", False), ("flashinfer_tc", True)) if fi else ():
         try:
-            f = row[key] = fi.bench_flashinfer_decode(b, 4096, use_tensor_cores=tc)
+            f = row[key] = bench_flashinfer_decode(b, 4096, use_tensor_cores=tc)
             line += f" | {key} {f['tb_s']:.2f} TB/s, time {key}/triton {f['ms'] / t['ms']:.2f}"
         except Exception as exc:
             row[key] = err(exc)
@@ -101,7 +102,7 @@ for T in (1, 64, 2048):  # Qwen3-30B-A3B MoE layer
     row, line = {"T": T, "triton": t}, f"moe T {T:5d}: triton experts {t['experts_graph_ms'] * 1e3:.1f} us"
     if dg:
         try:
-            d = row["deep_gemm"] = dg.bench_deep_gemm_grouped(T, 128, 8, 2048, 768)
+            d = row["deep_gemm"] = bench_deep_gemm_grouped(T, 128, 8, 2048, 768)
             line += f" | deep_gemm GEMMs {d['ms'] * 1e3:.1f} us ({d['ms'] / t['experts_graph_ms']:.2f}x triton)"
             if "experts_ms" in d:
                 line += f", experts {d['experts_ms'] * 1e3:.1f} us ({d['experts_ms'] / t['experts_graph_ms']:.2f}x)"

@@ -30,7 +30,7 @@ def make_checkpoint(path: Path, layers: int) -> Path:
     from safetensors.torch import save_file
 
     from nanoforge.models.presets import PRESETS
-    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+    from nanoforge.models.random_checkpoint import RandomCheckpoint
 
     config = {**PRESETS["qwen3-0.6b"], "num_hidden_layers": layers}
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()) == config:

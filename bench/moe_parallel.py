@@ -83,7 +83,7 @@ def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: 
 
     from nanoforge import LLM, SamplingParams
     from nanoforge.parallel.shard_spec import parallel_of, world_size
-    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+    from nanoforge.models.random_checkpoint import RandomCheckpoint
 
     cfg = {**MODELS[model], "num_hidden_layers": layers, **(SMOKE[model] if smoke else {})}
     device = "cpu" if smoke else "cuda"

@@ -32,7 +32,7 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from nanoforge.models.presets import PRESETS
-    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+    from nanoforge.models.random_checkpoint import RandomCheckpoint
 
     cfg = {**PRESETS["qwen3-tiny"], "torch_dtype": "float32"}
     ck = RandomCheckpoint(cfg, MODEL, dtype="f32", seed=seed)

@@ -1,6 +1,8 @@
 """NanoForge: a compiler-style LLM inference engine."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):

@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from . import defaults
 from .errors import NanoForgeError
 
 
@@ -38,9 +39,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     say(f"compiling {a.checkpoint}")
     plan = compile_checkpoint(a.checkpoint, opts, log=say)
     plan.save(Path(a.output))
-    s, mem = plan.stats, plan.module.meta["memory"]
-    say(f"{plan.module.meta['architecture']}: {s['nodes']} nodes, {s['params']} params "
-        f"({_mib(mem['param_bytes'])}), KV {mem['kv_bytes_per_token']:,} B/token")
+    s, mem = plan.stats, plan.memory
+    say(f"{plan.model.architecture}: {s['nodes']} nodes, {s['params']} params "
+        f"({_mib(mem.param_bytes)}), KV {mem.kv_bytes_per_token:,} B/token")
     if a.dump_dir:
         say(f"pass dumps: {a.dump_dir}/ (index.txt lists them)")
     print(f"wrote {a.output} in {s['total_ms'] / 1000:.2f} s (trace {s['trace_ms']:.0f} ms, "
@@ -55,16 +56,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     plan = read_plan(a.plan)
     m = plan.module
     if a.rank is not None:
-        return _inspect_rank(m, a.rank)
+        return _inspect_rank(plan, a.rank)
     if a.ir:
         for fn in m.functions.values():
             print(format_function(fn))
         return 0
-    mem = m.meta.get("memory", {})
-    print(f"model        {m.meta.get('architecture')} ({m.meta.get('dtype')}), {m.meta.get('num_layers')} layers, "
-          f"vocab {m.meta.get('vocab_size')}")
-    print(f"checkpoint   {plan.checkpoint.get('path')} [{plan.checkpoint.get('kind')}]")
-    print(f"target       {json.dumps(plan.target)}")
+    info, mem, kv = plan.model, plan.memory, plan.kv_contract
+    print(f"model        {info.architecture} ({info.dtype}), {info.num_layers} layers, vocab {info.vocab_size}")
+    print(f"checkpoint   {plan.checkpoint.path} [{plan.checkpoint.kind}]")
+    t = plan.target
+    print(f"target       {t.device}{' ' + t.capability if t.capability else ''} (torch {t.torch}, {t.machine})")
     print(f"params       {len(m.params)} tensors, {_mib(m.param_bytes())}")
     print("passes       " + ", ".join(f"{p['name']}({'skipped' if p.get('skipped') else p['changes']})"
                                       for p in plan.passes))
@@ -74,47 +75,45 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for op, count in sorted(ops.items(), key=lambda kv: -kv[1]):
             providers = Counter(n.provider or "-" for n in fn.nodes if n.op == op)
             print(f"  {op:<14} {count:>5}  provider " + ", ".join(f"{p} x{c}" for p, c in providers.items()))
-    for op, why in m.meta.get("provider_fallbacks", {}).items():
+    for op, why in plan.provider_notes.items():
         print(f"  fallback {op}: " + "; ".join(why))
     if a.nodes:
         for fn in m.functions.values():
             for n in fn.nodes:
                 print(f"  {fn.name}  %{n.outputs[0].name:<5} {n.op:<14} {n.provider or '-':<10} @{n.source}")
-    kv = m.meta.get("kv_contract", {})
-    _print_parallel(m)
-    if "deep_ep" in m.meta:
-        print(f"deep_ep      {m.meta['deep_ep']['modes']}")
-    print(f"memory       weights {_mib(mem.get('param_bytes', 0))}, KV {mem.get('kv_bytes_per_token', 0):,} B/token "
-          f"(block {kv.get('block_size')}, {kv.get('dtype')}, {len(kv.get('layers', []))} layers), activations "
-          f"{mem.get('activation_bytes_per_token', 0):,} B/token x {mem.get('max_num_batched_tokens')} tokens "
-          f"= {_mib(mem.get('activation_bytes_per_token', 0) * (mem.get('max_num_batched_tokens') or 0))}")
+    _print_parallel(plan)
+    if plan.deep_ep is not None:
+        print(f"deep_ep      {plan.deep_ep.modes}")
+    graphs = plan.cuda_graphs
+    print("cuda graphs  " + (f"decode batch sizes {', '.join(map(str, graphs.sizes))}" if graphs.sizes
+                             else f"none: {graphs.reason}"))
+    print(f"memory       weights {_mib(mem.param_bytes)}, KV {mem.kv_bytes_per_token:,} B/token "
+          f"(block {kv.block_size}, {kv.dtype}, {len(kv.layers)} layers), activations "
+          f"{mem.activation_bytes_per_token:,} B/token x {mem.max_num_batched_tokens} tokens "
+          f"= {_mib(mem.activation_bytes_per_token * mem.max_num_batched_tokens)}")
     return 0
 
 
-def _print_parallel(m) -> None:
+def _print_parallel(plan) -> None:
     from .parallel.rank_view import collectives_per_step, model_bytes
-    from .parallel.shard_spec import parallel_of, world_size
 
-    world = world_size(m.meta)
-    if world == 1:
+    m, layout = plan.module, plan.parallel
+    if not layout.sharded:
         return
-    par = " x ".join(f"{k}={v}" for k, v in parallel_of(m.meta).items() if v > 1)
     coll = collectives_per_step(m)
     replicated = type(m)(m.meta, {n: p for n, p in m.params.items() if not p.shard}).param_bytes()
-    print(f"parallel     {par}: {world} ranks; per step {sum(coll.values())} collectives ("
+    print(f"parallel     {layout.describe()}: {layout.world} ranks; per step {sum(coll.values())} collectives ("
           + ", ".join(f"{op} x{n}" for op, n in sorted(coll.items())) + ")")
-    kv = m.meta.get("memory", {}).get("kv_bytes_per_token", 0)
     print(f"per rank     weights {_mib(m.param_bytes())} of the model's {_mib(model_bytes(m))} ("
-          f"{_mib(m.param_bytes() - replicated)} sharded + {_mib(replicated)} replicated), KV {kv:,} B/token; "
-          "`inspect --rank R` lists a rank's slices")
+          f"{_mib(m.param_bytes() - replicated)} sharded + {_mib(replicated)} replicated), KV "
+          f"{plan.memory.kv_bytes_per_token:,} B/token; `inspect --rank R` lists a rank's slices")
 
 
-def _inspect_rank(m, rank: int) -> int:
+def _inspect_rank(plan, rank: int) -> int:
     from .ir.printer import format_function
     from .parallel.rank_view import describe_rank, rank_slices
-    from .parallel.shard_spec import world_size
 
-    world = world_size(m.meta)
+    m, world = plan.module, plan.parallel.world
     if not 0 <= rank < world:
         raise NanoForgeError(f"--rank {rank}: the plan has {world} rank{'s' if world > 1 else ''} (0..{world - 1})")
     for fn in m.functions.values():
@@ -124,7 +123,7 @@ def _inspect_rank(m, rank: int) -> int:
     print("\n".join(lines[1:]))
     total = sum(ks.nbytes for ks in rank_slices(m, rank))
     print(f"rank {rank} reads {_mib(total)} of the checkpoint ({total:,} B)")
-    _print_parallel(m)
+    _print_parallel(plan)
     return 0
 
 
@@ -139,10 +138,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
              gpu_memory_utilization=a.gpu_memory_utilization, **_layout(a), **_launch(a)) as llm:
         sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                             max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
+        bar = sys.stderr.isatty() and not a.json  # tokens generated, on a terminal
         if a.chat:
-            outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp, use_tqdm=False)
+            outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp, use_tqdm=bar)
         else:
-            outs = llm.generate(a.prompt, sp, use_tqdm=False)
+            outs = llm.generate(a.prompt, sp, use_tqdm=bar)
     for prompt, out in zip(a.prompt, outs):
         if a.json:
             print(json.dumps({"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
@@ -232,11 +232,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len)) if v is not None}
     with LLM(a.model, device=a.device, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
-        eng = llm.engine
-        fits = len(eng.blocks.blocks) * eng.blocks.block_size  # the engine admits only requests whose longest
-        if eng.max_model_len > fits:                           # case fits the KV pool: say so once, here
-            print(f"max_model_len {eng.max_model_len} -> {fits}: the KV cache holds {fits} tokens", file=sys.stderr)
-            eng.max_model_len = fits
         name = a.served_model_name or Path(a.model).name
         client = InProcessClient(llm.engine, name)
         # uvicorn re-raises a SIGTERM once it has shut down; as SystemExit it unwinds through here,
@@ -269,15 +264,15 @@ def _serve_engine(a: argparse.Namespace) -> int:
 
 def _world_of(a: argparse.Namespace) -> int:
     """Ranks the served model needs: the layout flags, or the plan's."""
-    from .parallel.shard_spec import world_size
+    from .facts import ParallelLayout
 
     layout = _layout(a)
     if layout:
-        return world_size({"parallel": layout})
+        return ParallelLayout(**layout).world
     if (Path(a.model) / "plan.json").is_file():
         from .plan import read_plan
 
-        return world_size(read_plan(a.model).module.meta)
+        return read_plan(a.model).parallel.world
     return 1
 
 
@@ -305,20 +300,6 @@ def cmd_route(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
-    """PD and registry flags of an engine server (`nanoforge serve --addr`, python -m
-    nanoforge.serving.engine_server)."""
-    p.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
-                   help="prefill: keep each PD request's KV after its first token for a decode engine to pull; "
-                        "decode: pull it; both: whole requests")
-    p.add_argument("--kv-park-timeout", type=float, default=30.0,
-                   help="seconds a prefilled request's KV waits to be pulled before it is freed (default %(default)s)")
-    p.add_argument("--kv-transport", choices=["auto", "tcp", "ipc"], default="auto",
-                   help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto")
-    p.add_argument("--registry", help="redis://host:port[/db]: heartbeat this engine's record there for routers")
-    p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoforge", description="Compile, inspect and run LLM checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -334,12 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify-each-pass", action="store_true",
                    help="check numerically (tiny random inputs) that every pass preserves the function")
     c.add_argument("--config-only", action="store_true", help="dry run from config.json alone (plan not runnable)")
-    c.add_argument("--block-size", type=int, default=16)
-    c.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    c.add_argument("--block-size", type=int, default=defaults.BLOCK_SIZE, help="tokens per KV block (default "
+                   "%(default)s)")
+    c.add_argument("--max-num-batched-tokens", type=int, default=defaults.MAX_NUM_BATCHED_TOKENS,
+                   help="tokens per step the plan's memory is planned for (default %(default)s)")
     c.add_argument("--provider", action="append", default=[], metavar="OP=NAME", help="force a kernel provider")
-    c.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
-                   help="largest decode batch per rank the plan is made for (CUDA graphs, DeepEP's cap)")
-    c.add_argument("--deep-ep-max-tokens", type=int, default=128, metavar="N",
+    c.add_argument("--max-num-seqs", type=int, default=defaults.MAX_NUM_SEQS, metavar="N",
+                   help="largest decode batch per rank the plan is made for (CUDA graphs, DeepEP's cap; default "
+                        "%(default)s)")
+    c.add_argument("--deep-ep-max-tokens", type=int, default=defaults.DEEP_EP_MAX_TOKENS, metavar="N",
                    help="tokens per rank DeepEP's low-latency mode holds (with --provider moe_dispatch=deep_ep; "
                         "0: normal mode only)")
     c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (shard_tp pass)")
@@ -371,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
     g.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
                    "unless told")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU this engine may use")
+    g.add_argument("--gpu-memory-utilization", type=float, default=defaults.GPU_MEMORY_UTILIZATION,
+                   help="share of the GPU this engine may use (default %(default)s)")
     add_layout_flags(g)
     g.set_defaults(run=cmd_generate)
 
@@ -389,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a prefill or decode role implies one (default tcp://127.0.0.1:5555)")
     s.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
     add_layout_flags(s)
+    from .serving.engine_flags import add_engine_server_flags
+
     add_engine_server_flags(s)
     s.set_defaults(run=cmd_serve)
 
@@ -417,13 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     o.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
-    o.add_argument("--max-num-seqs", type=int, default=256)
+    o.add_argument("--max-num-seqs", type=int, default=defaults.MAX_NUM_SEQS)
     o.add_argument("--max-num-batched-tokens", type=int, default=4096)
     o.add_argument("--hf-num-prompts", type=int, default=None,
                    help="prompts of the workload also run through HF generate (default: all; 0 skips HF)")
     o.add_argument("--hf-batch-size", type=int, default=16)
     o.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    o.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU the engine may use")
+    o.add_argument("--gpu-memory-utilization", type=float, default=defaults.GPU_MEMORY_UTILIZATION,
+                   help="share of the GPU the engine may use (default %(default)s)")
     o.add_argument("--results-dir", default="bench/results")
     o.set_defaults(run=cmd_bench_offline)
     v = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (Poisson arrivals, "
@@ -456,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `nanoforge inspect PLAN --nodes | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

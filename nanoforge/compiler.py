@@ -7,11 +7,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import defaults
 from .errors import NanoForgeError
+from .facts import Target, layout_of
+from .ir.graph import Module
 from .models import DTYPES, trace_model
 from .models.checkpoint import Checkpoint, open_checkpoint
-from .passes import PASSES, PIPELINES, PassContext, PassManager
-from .plan import Plan
+from .models.weights import check_bindings
+from .passes import (PASSES, PIPELINES, PassContext, PassManager, fuse_elementwise, plan_cuda_graphs, plan_deep_ep,
+                     plan_memory, select_kernels, shard_ep, shard_tp)
+from .plan import CheckpointRef, Plan
 
 
 @dataclass
@@ -23,10 +28,10 @@ class CompileOptions:
     dump_dir: str | None = None
     verify_each_pass: bool = False
     config_only: bool = False
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256  # largest decode batch a CUDA graph is planned for
-    deep_ep_max_tokens: int = 128  # DeepEP low-latency cap, tokens per rank (passes/plan_deep_ep.py; 0 = off)
+    block_size: int = defaults.BLOCK_SIZE
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = defaults.MAX_NUM_SEQS  # largest decode batch a CUDA graph is planned for
+    deep_ep_max_tokens: int = defaults.DEEP_EP_MAX_TOKENS  # DeepEP low-latency cap per rank (plan_deep_ep; 0 = off)
     cuda_graphs: bool = True
     providers: dict[str, str] = field(default_factory=dict)  # op -> forced provider
     tp: int = 1  # tensor-parallel ranks (passes/shard_tp.py)
@@ -40,22 +45,37 @@ def resolve_dtype(requested: str, config: dict[str, Any]) -> str:
     return DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), "bf16")
 
 
-def target_of(device: str) -> dict[str, Any]:
+def target_of(device: str) -> Target:
     import torch
 
     if device not in ("cpu", "cuda"):
         raise NanoForgeError(f"--device {device!r}: choose cpu or cuda")
-    target = {"device": device, "torch": torch.__version__.split("+")[0], "machine": platform.machine()}
+    capability = ""
     if device == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        target["capability"] = f"sm{major}{minor}"
-    return target
+        capability = f"sm{major}{minor}"
+    return Target(device, torch.__version__.split("+")[0], platform.machine(), capability)
+
+
+def pass_options(opts: CompileOptions, target: Target) -> dict[str, Any]:
+    """Each pass's options from the compile options (passes not named keep their defaults)."""
+    return {"shard_tp": shard_tp.Options(opts.tp),
+            "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
+            "fuse_elementwise": fuse_elementwise.Options(),
+            "select_kernels": select_kernels.Options(target, dict(opts.providers)),
+            "plan_deep_ep": plan_deep_ep.Options(opts.max_num_seqs, opts.deep_ep_max_tokens),
+            "plan_cuda_graphs": plan_cuda_graphs.Options(opts.cuda_graphs, opts.max_num_seqs),
+            "plan_memory": plan_memory.Options(opts.block_size, opts.max_num_batched_tokens)}
+
+
+def _numeric_check(name: str, before: Module, after: Module) -> str | None:
+    from .check import numeric  # imports torch: only when asked for
+
+    return numeric.after_pass(name, before, after)
 
 
 def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[str], None] = lambda m: None,
                        ckpt: Checkpoint | None = None) -> Plan:
-    from .runtime.weights import check_bindings
-
     t0 = time.perf_counter()
     ckpt = ckpt or open_checkpoint(path, config_only=opts.config_only)
     t_open = time.perf_counter()
@@ -69,26 +89,18 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
         if n > 1 and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
             raise NanoForgeError(f"{flag} {n} needs the {name} pass, which this compile does not run")
     target = target_of(opts.device)
-    ctx = PassContext(
-        options={"shard_tp": {"tp": opts.tp},
-                 "shard_ep": {"attention_dp": opts.attention_dp, "ffn_ep": opts.ffn_ep},
-                 "select_kernels": {"target": target, "force": dict(opts.providers)},
-                 "plan_deep_ep": {"max_num_seqs": opts.max_num_seqs, "max_tokens": opts.deep_ep_max_tokens},
-                 "plan_cuda_graphs": {"enabled": opts.cuda_graphs, "max_num_seqs": opts.max_num_seqs},
-                 "plan_memory": {"block_size": opts.block_size,
-                                 "max_num_batched_tokens": opts.max_num_batched_tokens}},
-        disabled=set(opts.disable_passes), dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,
-        verify_each_pass=opts.verify_each_pass, log=log)
+    ctx = PassContext(options=pass_options(opts, target), disabled=set(opts.disable_passes),
+                      dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,
+                      after_pass=_numeric_check if opts.verify_each_pass else None, log=log)
     pm = PassManager(PASSES, PIPELINES[opts.pipeline], ctx)
     module = pm.run(module)
-    if module.meta.get("parallel") and not opts.config_only:
+    if layout_of(module).sharded and not opts.config_only:
         check_bindings(module, ckpt)  # each rank's slices: the global shapes, and every split divides
     t_end = time.perf_counter()
     stats = {"open_ms": round((t_open - t0) * 1000, 1), "trace_ms": round((t_trace - t_open) * 1000, 1),
              "passes_ms": round((t_end - t_trace) * 1000, 1), "total_ms": round((t_end - t0) * 1000, 1),
              "nodes": sum(len(f.nodes) for f in module.functions.values()), "params": len(module.params),
              "unused_checkpoint_tensors": len(unused)}
-    checkpoint = {"path": str(Path(path).resolve()), "kind": ckpt.kind,
-                  "fingerprint": None if opts.config_only else ckpt.fingerprint()}
+    checkpoint = CheckpointRef(str(Path(path).resolve()), ckpt.kind, None if opts.config_only else ckpt.fingerprint())
     return Plan(module, checkpoint, ckpt.config, target, [asdict(r) for r in pm.records],
                 {k: v for k, v in asdict(opts).items() if k != "dump_dir"}, stats)

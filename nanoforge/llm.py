@@ -7,10 +7,10 @@ from typing import Any, Sequence as Seq
 
 from tqdm import tqdm
 
+from . import defaults
 from .compiler import CompileOptions, compile_checkpoint
 from .errors import NanoForgeError
 from .models.checkpoint import Checkpoint, fingerprint_mismatches, open_checkpoint
-from .parallel.shard_spec import parallel_of
 from .plan import Plan, machine_mismatches, read_plan
 from .runtime.engine import Engine, EngineConfig
 from .runtime.sampling_params import SamplingParams
@@ -32,12 +32,12 @@ def load_plan(path: str | Path, checkpoint: str | Path | None = None,
               device: str | None = None) -> tuple[Plan, Checkpoint]:
     """Read a plan and open its checkpoint, naming every way the two (or the machine) disagree."""
     plan = read_plan(path)
-    expected = plan.checkpoint.get("fingerprint")
+    expected = plan.checkpoint.fingerprint
     if expected is None:
         raise NanoForgeError(f"plan {path} was compiled with --config-only and cannot be run; compile it "
                              "against the checkpoint")
     problems = machine_mismatches(plan, device)
-    ckpt_path = Path(checkpoint or plan.checkpoint["path"])
+    ckpt_path = Path(checkpoint or plan.checkpoint.path)
     if not ckpt_path.exists():
         raise NanoForgeError(f"plan {path} was compiled from {ckpt_path}, which does not exist; pass --checkpoint")
     ckpt = open_checkpoint(ckpt_path)
@@ -63,7 +63,7 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
-                 block_size: int = 16, device: str | None = None, progress: bool = True, tp: int | None = None,
+                 block_size: int = defaults.BLOCK_SIZE, device: str | None = None, progress: bool = True, tp: int | None = None,
                  attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
                  **engine_options: Any):
         """`model`: a plan dir (runs on the plan's device and ranks) or a checkpoint (compiled in
@@ -78,11 +78,11 @@ class LLM:
                               max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
                               **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)
-        have = parallel_of(self.plan.module.meta)
-        if wrong := [f"{k}={v}" for k, v in layout.items() if v is not None and v != have[k]]:
-            raise NanoForgeError(f"{model} is a plan for " + ", ".join(f"{k}={v}" for k, v in have.items()) + f", not "
-                                 f"{', '.join(wrong)}: recompile the checkpoint with those ranks")
-        cfg.device = self.plan.target.get("device", "cpu")
+        have = self.plan.parallel
+        if wrong := [f"{k}={v}" for k, v in layout.items() if v is not None and v != getattr(have, k)]:
+            raise NanoForgeError(f"{model} is a plan for tp={have.tp}, attention_dp={have.attention_dp}, ffn_ep="
+                                 f"{have.ffn_ep}, not {', '.join(wrong)}: recompile the checkpoint with those ranks")
+        cfg.device = self.plan.target.device
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(self.checkpoint)
         except NanoForgeError:
@@ -117,15 +117,19 @@ class LLM:
         ids = [self._require_tokenizer().encode(p) if isinstance(p, str) else list(p) for p in prompts]
         seqs = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
         show = self.progress if use_tqdm is None else use_tqdm
-        with tqdm(total=len(seqs), desc="generate", unit="req", disable=not show) as bar:
-            done = 0
+        # counted in tokens, so one long generation moves the bar too; a sequence that stops early
+        # counts the tokens it did not need as done
+        with tqdm(total=sum(p.max_tokens for p in plist), desc="generate", unit="tok", disable=not show) as bar:
             while self.engine.has_work():
                 self.engine.step()
-                finished = sum(s.finish_reason is not None for s in seqs)
-                bar.update(finished - done)
-                done = finished
+                if not show:
+                    continue
+                done = sum(s.params.max_tokens if s.finish_reason is not None else s.num_output for s in seqs)
+                bar.update(done - bar.n)
+                bar.set_postfix_str(f"{sum(s.finish_reason is not None for s in seqs)}/{len(seqs)} requests",
+                                    refresh=False)
         for s in seqs:
-            self.engine.seqs.pop(s.seq_id, None)
+            self.engine.forget(s)
         return [RequestOutput(s.prompt_ids, s.output_ids, s.text, s.finish_reason,
                               s.logprobs if s.params.logprobs is not None else None, s.num_cached) for s in seqs]
 
@@ -148,9 +152,8 @@ class LLM:
         finally:
             self.engine.keep_logits = False
         for s in seqs:
-            self.engine.seqs.pop(s.seq_id, None)
+            self.engine.forget(s)
         return torch.stack([s.logits for s in seqs])
 
     def metrics(self) -> dict[str, Any]:
-        return self.engine.metrics.summary(self.engine.blocks, self.engine.scheduler.num_preemptions,
-                                           getattr(self.engine.runner, "batches", None))
+        return self.engine.metrics_summary()

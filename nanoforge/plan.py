@@ -1,7 +1,10 @@
 """The plan artifact: a directory with `plan.json` (data only) and readable copies of the IR
 and the generated source. Saving is atomic (no half-written plan dir is ever left behind);
-loading checks the header against this nanoforge, this machine and the checkpoint, and names
-every mismatch."""
+loading checks every field's type and names the first one that is wrong, then checks the header
+against this nanoforge, this machine and the checkpoint, and names every mismatch.
+
+What the passes found out (KV contract, memory, CUDA-graph sizes, parallel layout, DeepEP modes)
+travels inside the IR as typed facts (facts.py); `Plan` exposes each as a typed attribute."""
 from __future__ import annotations
 
 import json
@@ -12,45 +15,120 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import NanoForgeError
+from .facts import (CudaGraphPlan, DeepEPPlan, MemoryPlan, ModelInfo, ParallelLayout, ProviderNotes, Target,
+                    layout_of, read, require)
 from .ir.graph import Module
 from .ir.parser import parse_module
 from .ir.printer import format_function, format_module
 from .ir.verifier import verify_module
+from .kv_contract import KVContract
+from .typed_json import from_json, to_json
+from .version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: facts are typed (meta "model" replaces the loose architecture/dtype/... keys)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: str
+    kind: str  # hf | gguf | random
+    fingerprint: dict[str, Any] | None = None  # None: compiled with --config-only (not runnable)
+
+
+@dataclass(frozen=True)
+class _ModelField:
+    architecture: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _PlanFile:
+    """plan.json as read: every field a loaded plan relies on, with its type."""
+
+    format_version: int
+    model: _ModelField
+    checkpoint: CheckpointRef
+    target: Target
+    ir: str
+    nanoforge_version: str = "?"
+    options: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
     module: Module
-    checkpoint: dict[str, Any]  # path, kind, fingerprint
+    checkpoint: CheckpointRef
     config: dict[str, Any]  # the HF config the model was traced from
-    target: dict[str, Any]
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
+    target: Target
+    passes: list[dict[str, Any]] = field(default_factory=list)  # the pass manager's records
+    options: dict[str, Any] = field(default_factory=dict)  # the CompileOptions it was made with
     stats: dict[str, Any] = field(default_factory=dict)
     nanoforge_version: str = __version__
 
+    # -- the facts, typed ------------------------------------------------------------------------
+    @property
+    def model(self) -> ModelInfo:
+        return require(self.module, ModelInfo)
+
+    @property
+    def dtype(self) -> str:
+        return self.model.dtype
+
+    @property
+    def kv_contract(self) -> KVContract:
+        return require(self.module, KVContract)
+
+    @property
+    def memory(self) -> MemoryPlan:
+        return require(self.module, MemoryPlan)
+
+    @property
+    def cuda_graphs(self) -> CudaGraphPlan:
+        return read(self.module, CudaGraphPlan) or CudaGraphPlan()
+
+    @property
+    def parallel(self) -> ParallelLayout:
+        return layout_of(self.module)
+
+    @property
+    def deep_ep(self) -> DeepEPPlan | None:
+        return read(self.module, DeepEPPlan)
+
+    @property
+    def provider_notes(self) -> dict[str, list[str]]:
+        notes = read(self.module, ProviderNotes)
+        return notes.notes if notes else {}
+
+    def check_facts(self) -> None:
+        """Read every fact once, so a malformed one fails at load, naming its field."""
+        for name in ("model", "kv_contract", "memory", "cuda_graphs", "parallel", "deep_ep", "provider_notes"):
+            getattr(self, name)
+
+    # -- files -----------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        par = read(self.module, ParallelLayout)
         return {
             "format_version": FORMAT_VERSION,
             "nanoforge_version": self.nanoforge_version,
-            "model": {"architecture": self.module.meta.get("architecture"), "config": self.config},
-            "checkpoint": self.checkpoint,
-            "target": self.target,
+            "model": {"architecture": self.model.architecture, "config": self.config},
+            "checkpoint": to_json(self.checkpoint),
+            "target": to_json(self.target),
             "options": self.options,
             "passes": self.passes,
             "stats": self.stats,
-            "parallel": self.module.meta.get("parallel"),  # absent: one rank
-            "kv_contract": self.module.meta.get("kv_contract"),
-            "memory": self.module.meta.get("memory"),
+            "parallel": to_json(par) if par else None,  # absent: one rank
+            "kv_contract": self.kv_contract.to_json(),
+            "memory": to_json(self.memory),
+            "cuda_graphs": to_json(self.cuda_graphs),
             "ir": format_module(self.module),
         }
 
     def save(self, out: Path) -> None:
-        """Write to a temp dir beside `out`, then swap it in; an existing plan is replaced."""
+        """Write to a temp dir beside `out`, then swap it in; an existing plan is replaced. The
+        dir gets the permissions of any other new dir (mkdtemp alone would leave it 0700)."""
         from .codegen.pysource import module_source
 
         out = Path(out)
@@ -59,6 +137,7 @@ class Plan:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
+            tmp.chmod(0o777 & ~_umask())
             (tmp / "plan.json").write_text(json.dumps(self.to_json(), indent=1))
             (tmp / "ir").mkdir()
             for fn in self.module.functions.values():
@@ -73,8 +152,15 @@ class Plan:
             raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_plan(path: Path | str) -> Plan:
-    """Parse a plan dir (data only) and check its format version; no checkpoint needed."""
+    """Parse a plan dir (data only), checking its format version and every field's type; no
+    checkpoint needed."""
     path = Path(path)
     f = path / "plan.json"
     if not f.is_file():
@@ -88,17 +174,20 @@ def read_plan(path: Path | str) -> Plan:
         raise NanoForgeError(f"{f}: plan format version {version!r} is not supported by nanoforge {__version__} "
                              f"(it reads version {FORMAT_VERSION}); recompile the checkpoint")
     try:
-        module = parse_module(data["ir"])
+        pf = from_json(_PlanFile, data, "plan.json")
+        module = parse_module(pf.ir)
         verify_module(module)
-        return Plan(module, data["checkpoint"], data["model"]["config"], data["target"], data.get("passes", []),
-                    data.get("options", {}), data.get("stats", {}), data.get("nanoforge_version", "?"))
-    except (KeyError, TypeError) as e:
-        raise NanoForgeError(f"{f}: missing or malformed field {e}") from None
+        plan = Plan(module, pf.checkpoint, pf.model.config, pf.target, pf.passes, pf.options, pf.stats,
+                    pf.nanoforge_version)
+        plan.check_facts()
+        return plan
+    except NanoForgeError as e:
+        raise NanoForgeError(f"{f}: {e}") from None
 
 
 def machine_mismatches(plan: Plan, device: str | None) -> list[str]:
     """What stops this machine from running the plan on `device` (None: the plan's own device)."""
-    want = plan.target.get("device", "cpu")
+    want = plan.target.device
     if device is not None and device != want:
         return [f"plan targets {want}, not {device} (recompile with --device {device})"]
     if want == "cpu":

@@ -28,12 +28,14 @@ from nanoforge.ir.printer import format_module
 from nanoforge.models import trace_model
 from nanoforge.parallel.comm import SimulatedComm, SimulatedHub
 from nanoforge.passes import PASSES, PIPELINES, PassContext, PassManager
+from nanoforge.facts import CudaGraphPlan, DeepEPPlan, ParallelLayout, Target, read
+from nanoforge.passes import plan_cuda_graphs, plan_deep_ep, select_kernels, shard_ep
 from test_cli import fails_with
 from test_ir import config_dict
 from test_lib_providers import _fake, isolated  # noqa: F401 - the fixture
 
 TRIO = {op: "deep_ep" for op in ("moe_dispatch", "grouped_experts", "moe_combine")}
-META = {"parallel": {"attention_dp": 2, "ffn_ep": 2}}
+META = ParallelLayout(1, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,17 +260,17 @@ def usable(monkeypatch):
 
 def _compile(force: dict, *, seqs=64, cap=128, hidden=2048, dtype="bf16", ep=2):
     module = trace_model({**config_dict("qwen3_moe"), "hidden_size": hidden}, dtype)  # 6 experts, top-3
-    ctx = PassContext(options={"shard_ep": {"attention_dp": ep, "ffn_ep": ep},
-                               "select_kernels": {"target": {"device": "cuda", "capability": "sm90"}, "force": force},
-                               "plan_deep_ep": {"max_num_seqs": seqs, "max_tokens": cap},
-                               "plan_cuda_graphs": {"max_num_seqs": seqs}})  # as compiler.py passes them
+    ctx = PassContext(options={"shard_ep": shard_ep.Options(ep, ep),
+                               "select_kernels": select_kernels.Options(Target("cuda", capability="sm90"), force),
+                               "plan_deep_ep": plan_deep_ep.Options(seqs, cap),
+                               "plan_cuda_graphs": plan_cuda_graphs.Options(max_num_seqs=seqs)})  # as compiler.py does
     return PassManager(PASSES, PIPELINES["default"], ctx).run(module)
 
 
 def test_probe_and_rank():
     probe = providers.BY_NAME["deep_ep"].probe
-    assert probe({"device": "cpu"}) == "deep_ep needs a CUDA target (compile with --device cuda)"
-    assert probe({"device": "cuda", "capability": "sm80"}) == "deep_ep needs sm90; the target is sm80"
+    assert probe(Target("cpu")) == "deep_ep needs a CUDA target (compile with --device cuda)"
+    assert probe(Target("cuda", capability="sm80")) == "deep_ep needs sm90; the target is sm80"
     names = [p.name for p in providers.PROVIDERS]
     assert names.index("torch") < names.index("deep_ep")  # used only where forced
     for op in TRIO:  # low-latency mode is capturable; plan_deep_ep blocks graphs when it is off
@@ -280,16 +282,17 @@ def test_plan_records_the_modes(usable):
     dispatches = [n for _, n in module.nodes() if n.op == "moe_dispatch"]
     assert dispatches and all(n.provider == "deep_ep" and n.attrs["low_latency_max_tokens"] == 128 for n in dispatches)
     assert {n.provider for _, n in module.nodes() if n.op in TRIO} == {"deep_ep"}
-    assert "no EP rank holds more than 128 tokens" in module.meta["deep_ep"]["modes"]
-    assert "max_num_seqs 64" in module.meta["deep_ep"]["modes"]
-    assert module.meta["cuda_graphs"]["reason"] is None and max(module.meta["cuda_graphs"]["sizes"]) == 64
+    assert "no EP rank holds more than 128 tokens" in read(module, DeepEPPlan).modes
+    assert "max_num_seqs 64" in read(module, DeepEPPlan).modes
+    graphs = read(module, CudaGraphPlan)
+    assert graphs.reason is None and max(graphs.sizes) == 64
     text = format_module(module)
     assert "low_latency_max_tokens=128" in text and format_module(parse_module(text)) == text
     off = _compile(TRIO, seqs=512, cap=0, hidden=96)  # normal mode only: no cap, any hidden size
     assert {n.attrs["low_latency_max_tokens"] for _, n in off.nodes() if n.op == "moe_dispatch"} == {0}
-    assert off.meta["deep_ep"]["modes"].startswith("normal for every batch")
-    assert off.meta["cuda_graphs"]["sizes"] == [] and "normal mode only" in off.meta["cuda_graphs"]["reason"]
-    assert "deep_ep" not in _compile({}).meta  # not forced: torch, nothing planned
+    assert read(off, DeepEPPlan).modes.startswith("normal for every batch")
+    assert read(off, CudaGraphPlan).sizes == () and "normal mode only" in read(off, CudaGraphPlan).reason
+    assert read(_compile({}), DeepEPPlan) is None  # not forced: torch, nothing planned
 
 
 @pytest.mark.parametrize("kw, message", [

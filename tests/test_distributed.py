@@ -24,6 +24,7 @@ from nanoforge import LLM, SamplingParams
 from nanoforge.cli import main
 from nanoforge.errors import NanoForgeError
 from nanoforge.runtime.distributed_runner import DistributedRunner
+from nanoforge.facts import ParallelLayout
 
 # Qwen3-MoE whose sizes divide by 2: layer 0 dense, layer 1 MoE (8 experts top-2), vocab 1024
 SIZES = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
@@ -149,7 +150,7 @@ def test_cli_generate_on_a_checkpoint_with_tp2(ckpt, ref, ranks, capsys):
 
 def test_attention_dp2_ffn_ep2_generates_tp1_tokens(ckpt, ref, ranks):
     llm = ranks.get("dp2ep2", lambda: LLM(ckpt, attention_dp=2, ffn_ep=2, **ENGINE))
-    assert llm.plan.module.meta["parallel"] == {"tp": 1, "attention_dp": 2, "ffn_ep": 2}
+    assert llm.plan.parallel == ParallelLayout(1, 2, 2)
     got = [o.token_ids for o in llm.generate(PROMPTS, greedy())]
     assert got == ref[1]
     owners = llm.engine.scheduler.replicas
@@ -226,7 +227,7 @@ def test_random_weights_are_the_same_on_every_rank(ranks):
     """Benchmarks shard random-weight checkpoints too: each worker makes its slices from the
     driver's config and seed, so tp=2 reproduces tp=1."""
     from nanoforge.models.presets import PRESETS
-    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+    from nanoforge.models.random_checkpoint import RandomCheckpoint
 
     cfg = {**PRESETS["qwen3-tiny"], "num_hidden_layers": 2}
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

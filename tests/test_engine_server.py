@@ -5,6 +5,7 @@ absent engine ends streams (or connect) with an error instead of a hang."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pickle
 import re
@@ -77,15 +78,15 @@ def test_hello_carries_model_info_and_kv_contract(env):
 
     c, stats = _with_client(env.addr, body)
     assert c.model_name == "tiny" and c.max_model_len == env.ref.engine.max_model_len
-    assert c.kv_contract == env.ref.plan.module.meta["kv_contract"] and len(c.kv_contract["layers"]) == 3
+    assert c.kv_contract == env.ref.plan.kv_contract and len(c.kv_contract.layers) == 3
     assert c.info["protocol_version"] == 1 and c.info["pid"] == env.procs["main"][0].pid
-    assert stats["kv_contract"] == c.kv_contract and stats["kv_blocks_total"] == 256 and stats["role"] == "both"
+    assert stats["kv_contract"] == c.kv_contract.to_json() and stats["kv_blocks_total"] == 256 and stats["role"] == "both"
 
 
 def test_connect_refuses_an_incompatible_kv_layout(env, tiny_ckpt):
     """A peer that must exchange KV blocks (PD) names the first difference at connect time."""
-    other = LLM(tiny_ckpt("deepseek_v3"), progress=False).plan.module.meta["kv_contract"]
-    same = env.ref.plan.module.meta["kv_contract"]
+    other = LLM(tiny_ckpt("deepseek_v3"), progress=False).plan.kv_contract
+    same = env.ref.plan.kv_contract
 
     async def main():
         ok = await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract=same)
@@ -93,7 +94,7 @@ def test_connect_refuses_an_incompatible_kv_layout(env, tiny_ckpt):
         with pytest.raises(NanoForgeError, match=r"incompatible KV cache layout: .*layer 0: mla"):
             await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract=other)
         with pytest.raises(NanoForgeError, match="block_size: 32 vs 16"):
-            await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract={**same, "block_size": 32})
+            await ZmqEngineClient.connect(env.addr, timeout=5, expect_kv_contract=dataclasses.replace(same, block_size=32))
 
     asyncio.run(main())
 
@@ -149,7 +150,7 @@ class FakeEngine:
     async def hello(self, instance: str = "one") -> None:
         msg = await self.recv()
         await self.send({"type": "hello", "id": msg["id"], "model_name": "fake", "max_model_len": 64,
-                         "kv_contract": {"layers": []}, "protocol_version": 1, "instance": instance})
+                         "kv_contract": {"block_size": 16, "dtype": "f32", "layers": []}, "protocol_version": 1, "instance": instance})
 
     def close(self) -> None:
         self.router.close(linger=0)

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from nanoforge.codegen import providers
 from nanoforge.kernels import libs, torch_ref
 from nanoforge.errors import NanoForgeError
+from nanoforge.facts import Target
 
-SM90 = {"device": "cuda", "capability": "sm90"}
-CPU = {"device": "cpu"}
+SM90 = Target("cuda", capability="sm90")
+CPU = Target("cpu")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # Triton (moe_align) runs interpreted on CPU
 gpu = pytest.mark.gpu
 
@@ -62,10 +63,10 @@ def test_probe_target_reasons():
     dg, fi = providers.BY_NAME["deep_gemm"].probe, providers.BY_NAME["flashinfer"].probe
     assert dg(CPU) == "deep_gemm needs a CUDA target (compile with --device cuda)"
     assert fi(CPU) == "flashinfer needs a CUDA target (compile with --device cuda)"
-    assert dg({"device": "cuda", "capability": "sm80"}) == "deep_gemm needs sm90/sm100; the target is sm80"
-    assert fi({"device": "cuda", "capability": "sm75"}) == "flashinfer needs sm80+; the target is sm75"
-    assert "no GPU was visible" in dg({"device": "cuda"})
-    sm100 = {"device": "cuda", "capability": "sm100"}
+    assert dg(Target("cuda", capability="sm80")) == "deep_gemm needs sm90/sm100; the target is sm80"
+    assert fi(Target("cuda", capability="sm75")) == "flashinfer needs sm80+; the target is sm75"
+    assert "no GPU was visible" in dg(Target("cuda"))
+    sm100 = Target("cuda", capability="sm100")
     assert libs.probe(libs.FLASH_MLA, sm100) == "flash_mla needs sm90; the target is sm100"
 
 
@@ -100,7 +101,9 @@ def _select(force: dict, target: dict):
     from nanoforge.passes import PASSES, PIPELINES, PassContext, PassManager
     from test_ir import config_dict  # tests/ is on sys.path (conftest)
 
-    ctx = PassContext(options={"select_kernels": {"target": target, "force": force}})
+    from nanoforge.passes import select_kernels
+
+    ctx = PassContext(options={"select_kernels": select_kernels.Options(target, force)})
     PassManager(PASSES, PIPELINES["default"], ctx).run(trace_model(config_dict("qwen3"), "f32"))
 
 
@@ -339,9 +342,11 @@ def test_gpu_flashinfer_decode_graph_replan():
 
 @gpu
 def test_gpu_flashinfer_bench_keys():
-    from nanoforge.kernels.triton.attention_bench import bench_paged_decode
+    from bench.kernels.attention import bench_paged_decode
+    from bench.kernels.libs import bench_flashinfer_decode
 
-    r, t = _adapter("flashinfer_attn").bench_flashinfer_decode(4, 512), bench_paged_decode(4, 512)
+    _adapter("flashinfer_attn")  # skips without a GPU or the library
+    r, t = bench_flashinfer_decode(4, 512), bench_paged_decode(4, 512)
     assert set(t) <= set(r) and r["kv_bytes"] == t["kv_bytes"] and r["tb_s"] > 0
 
 
@@ -377,7 +382,10 @@ def test_gpu_deep_gemm_moe(T, scoring):
 
 @gpu
 def test_gpu_deep_gemm_bench_runs():
-    r = _adapter("deep_gemm_ops", (90, 100)).bench_deep_gemm_grouped(64, 32, 4, 512, 256, layers=2)
+    from bench.kernels.libs import bench_deep_gemm_grouped
+
+    _adapter("deep_gemm_ops", (90, 100))  # skips without an sm90/sm100 GPU or the library
+    r = bench_deep_gemm_grouped(64, 32, 4, 512, 256, layers=2)
     assert r["ms"] > 0 and "experts_ms" in r, r
 
 

@@ -7,7 +7,10 @@ from collections import Counter
 import pytest
 
 from hf_fixtures import ARCHS, moe_layers, tiny_config
+from nanoforge.check.numeric import after_pass as numeric_check
 from nanoforge.errors import NanoForgeError
+from nanoforge.facts import MemoryPlan, read
+from nanoforge.kv_contract import KVContract
 from nanoforge.ir.graph import Module
 from nanoforge.models import trace_model
 from nanoforge.passes import PASSES, PIPELINES, Pass, PassContext, PassManager
@@ -23,7 +26,7 @@ def run_pipeline(module: Module, **ctx) -> PassManager:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_verify_each_pass_holds(arch):
     module = trace_model(config_dict(arch), "f32")
-    pm = run_pipeline(module, verify_each_pass=True)
+    pm = run_pipeline(module, after_pass=numeric_check)
     assert [r.name for r in pm.records] == PIPELINES["default"]
 
 
@@ -83,7 +86,7 @@ def test_unknown_pass_is_named():
         PassManager(PASSES, PIPELINES["default"], PassContext(disabled={"fuse_everything"}))
 
 
-def _break_layer1_mlp(module: Module, opts: dict) -> int:
+def _break_layer1_mlp(module: Module, opts) -> int:
     """Test-only 'fusion' with a bug: swaps gate and up of one layer's silu_mul."""
     for _, node in module.nodes():
         if node.op == "silu_mul" and node.source == "model.layers.1.mlp":
@@ -99,11 +102,11 @@ def test_broken_pass_is_caught_at_its_hf_module(arch):
     pipeline = PIPELINES["default"][:at] + ["break_mlp"] + PIPELINES["default"][at:]
     module = trace_model(config_dict(arch), "f32")
     with pytest.raises(NanoForgeError, match=r"pass break_mlp changed the numerics .* at model\.layers\.1\.mlp "):
-        PassManager(passes, pipeline, PassContext(verify_each_pass=True)).run(module)
+        PassManager(passes, pipeline, PassContext(after_pass=numeric_check)).run(module)
 
 
 def test_broken_pass_changing_attrs_is_caught():
-    def bad_eps(module: Module, opts: dict) -> int:
+    def bad_eps(module: Module, opts) -> int:
         node = next(n for _, n in module.nodes() if n.source == "model.layers.2.post_attention_layernorm")
         node.attrs["eps"] = 0.5
         return 1
@@ -111,11 +114,11 @@ def test_broken_pass_changing_attrs_is_caught():
     passes = dict(PASSES, bad_eps=Pass("bad_eps", bad_eps, "test-only bug"))
     module = trace_model(config_dict("qwen3_moe"), "f32")
     with pytest.raises(NanoForgeError, match=r"model\.layers\.2\.post_attention_layernorm"):
-        PassManager(passes, ["verify", "fuse_elementwise", "bad_eps"], PassContext(verify_each_pass=True)).run(module)
+        PassManager(passes, ["verify", "fuse_elementwise", "bad_eps"], PassContext(after_pass=numeric_check)).run(module)
 
 
 def test_pass_producing_invalid_ir_is_named():
-    def drop_node(module: Module, opts: dict) -> int:
+    def drop_node(module: Module, opts) -> int:
         module.functions["forward"].nodes.pop(3)
         return 1
 
@@ -128,11 +131,11 @@ def test_pass_producing_invalid_ir_is_named():
 def test_plan_memory_kv_contract():
     module = trace_model(config_dict("deepseek_v3"), "bf16")
     run_pipeline(module)
-    kv = module.meta["kv_contract"]
+    kv = read(module, KVContract)
     cfg = tiny_config("deepseek_v3")
-    assert [layer["layer"] for layer in kv["layers"]] == list(range(cfg.num_hidden_layers))
-    assert kv["layers"][0]["shapes"] == [[cfg.kv_lora_rank + cfg.qk_rope_head_dim]]
-    assert module.meta["memory"]["kv_bytes_per_token"] == 2 * cfg.num_hidden_layers * (
+    assert [layer.layer for layer in kv.layers] == list(range(cfg.num_hidden_layers))
+    assert kv.layers[0].shapes == ((cfg.kv_lora_rank + cfg.qk_rope_head_dim,),)
+    assert read(module, MemoryPlan).kv_bytes_per_token == 2 * cfg.num_hidden_layers * (
         cfg.kv_lora_rank + cfg.qk_rope_head_dim)
 
 
@@ -143,4 +146,4 @@ def test_param_bytes_match_hf_parameter_count(arch):
     module = trace_model(config_dict(arch), "bf16")
     run_pipeline(module)
     hf = transformers.AutoModelForCausalLM.from_config(tiny_config(arch))
-    assert module.meta["memory"]["param_bytes"] == 2 * sum(p.numel() for p in hf.parameters())
+    assert read(module, MemoryPlan).param_bytes == 2 * sum(p.numel() for p in hf.parameters())

@@ -131,15 +131,29 @@ def test_prompt_longer_than_max_model_len_is_rejected(tiny_ckpt):
     llm = make_llm(tiny_ckpt, "llama", max_model_len=64)
     with pytest.raises(NanoForgeError, match="max_model_len is 64"):
         llm.generate([[1] * 64], GREEDY)
-    out = llm.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    out = llm.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
     assert_no_leak(llm)
 
 
+def test_max_tokens_beyond_max_model_len_is_rejected_not_capped(tiny_ckpt):
+    """The OpenAI server's rule (a 400) for every caller: a request whose prompt + max_tokens cannot
+    fit is refused at once, naming what fits, rather than silently stopped at max_model_len."""
+    llm = make_llm(tiny_ckpt, "llama", max_model_len=64)
+    with pytest.raises(NanoForgeError, match=r"prompt \(60 tokens\) \+ max_tokens \(50\) is more than max_model_len 64; "
+                                             r"lower max_tokens to at most 4"):
+        llm.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    assert_no_leak(llm)
+
+
 def test_request_larger_than_pool_is_rejected(tiny_ckpt):
+    """max_model_len defaults to what the KV pool holds (2 blocks of 16 tokens), and says so."""
     llm = make_llm(tiny_ckpt, "llama", num_blocks=2)
-    with pytest.raises(NanoForgeError, match="pool has 2"):
+    assert llm.engine.max_model_len == 32
+    with pytest.raises(NanoForgeError, match=r"max_model_len is 32 \(all the KV cache holds\)"):
         llm.generate([[1] * 40], GREEDY)
+    with pytest.raises(NanoForgeError, match="max_model_len 64 is more than the KV cache holds"):
+        make_llm(tiny_ckpt, "llama", num_blocks=2, max_model_len=64)
     assert_no_leak(llm)
 
 

@@ -11,8 +11,9 @@ from nanoforge.errors import NanoForgeError
 from nanoforge.models import trace_model
 from nanoforge.models.checkpoint import open_checkpoint
 from nanoforge.parallel.rank_view import collectives_per_step
-from nanoforge.parallel.simulate import run_ranks_dp
+from nanoforge.check.simulate import run_ranks_dp
 from nanoforge.passes import shard_ep
+from nanoforge.facts import ParallelLayout, layout_of, write
 from test_ir import config_dict
 from test_shard_tp import SIZES, ckpt  # noqa: F401 - the module-scoped checkpoint fixture
 
@@ -42,7 +43,7 @@ def test_dp_ranks_with_their_own_requests_match_unsharded(arch, exchange, ckpt):
     want = run_ranks_dp(ref_module, ck, batch)
     for n in (2, 4, 8):
         module = compiled(path, n, n == 4, exchange)  # --verify-each-pass: the numeric check's simulated ranks
-        assert module.meta["parallel"] == {"tp": 1, "attention_dp": n, "ffn_ep": n}
+        assert layout_of(module) == ParallelLayout(1, n, n)
         assert {node.provider for _, node in module.nodes() if node.op == "moe_dispatch"} == {exchange}
         got = run_ranks_dp(module, ck, batch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
@@ -52,7 +53,7 @@ def test_dp_ranks_with_their_own_requests_match_unsharded(arch, exchange, ckpt):
 def test_rewrite_and_specs():
     module = trace_model(config_dict("deepseek_v3"), "f32")
     experts = [n.attrs["num_experts"] for _, n in module.nodes() if n.op == "moe"]
-    assert shard_ep.run(module, {"attention_dp": 4, "ffn_ep": 4}) == len(experts)
+    assert shard_ep.run(module, shard_ep.Options(4, 4)) == len(experts)
     ops = [n.op for _, n in module.nodes()]
     assert "moe" not in ops and ops.count("grouped_experts") == len(experts)
     assert collectives_per_step(module) == {"moe_dispatch": len(experts), "moe_combine": len(experts)}
@@ -63,9 +64,9 @@ def test_rewrite_and_specs():
 
 
 @pytest.mark.parametrize("opts, message", [
-    ({"attention_dp": 2, "ffn_ep": 4}, "must be equal"),
-    ({"attention_dp": 3, "ffn_ep": 3}, "--ffn-ep 3 does not divide the 16 experts of model.layers.1.mlp"),
-    ({"attention_dp": 0, "ffn_ep": 0}, "must be >= 1"),
+    (shard_ep.Options(2, 4), "must be equal"),
+    (shard_ep.Options(3, 3), "--ffn-ep 3 does not divide the 16 experts of model.layers.1.mlp"),
+    (shard_ep.Options(0, 0), "must be >= 1"),
 ])
 def test_bad_layouts_are_named(opts, message):
     with pytest.raises(NanoForgeError, match=message):
@@ -74,11 +75,11 @@ def test_bad_layouts_are_named(opts, message):
 
 def test_dense_model_and_tp_combination_are_refused(tmp_path, capsys):
     with pytest.raises(NanoForgeError, match="no MoE layers"):
-        shard_ep.run(trace_model(config_dict("qwen3"), "f32"), {"attention_dp": 2, "ffn_ep": 2})
+        shard_ep.run(trace_model(config_dict("qwen3"), "f32"), shard_ep.Options(2, 2))
     module = trace_model(config_dict("qwen3_moe"), "f32")
-    module.meta["parallel"] = {"tp": 2}
+    write(module, ParallelLayout(tp=2))
     with pytest.raises(NanoForgeError, match="--tp cannot be combined"):
-        shard_ep.run(module, {"attention_dp": 2, "ffn_ep": 2})
+        shard_ep.run(module, shard_ep.Options(2, 2))
 
 
 def test_cli_compile_and_inspect(ckpt, tmp_path, capsys):  # noqa: F811
@@ -100,7 +101,7 @@ def _a2a_worker(rank: int, port: int) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        comm = TorchDistComm({"parallel": {"attention_dp": 2, "ffn_ep": 2}}, rank)
+        comm = TorchDistComm(ParallelLayout(1, 2, 2), rank)
         send = [1, 2] if rank == 0 else [3, 0]  # uneven, and one pair sends nothing
         x = torch.arange(sum(send) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
         got, recv = comm.all_to_all(x, "ep", send)
@@ -125,12 +126,12 @@ def test_all_to_all_on_gloo_and_simulated_agree():
     from test_shard_tp import _free_port
 
     mp.spawn(_a2a_worker, args=(_free_port(),), nprocs=2, join=True)
-    meta, hub, out = {"parallel": {"attention_dp": 2, "ffn_ep": 2}}, SimulatedHub(2), {}
+    layout, hub, out = ParallelLayout(1, 2, 2), SimulatedHub(2), {}
 
     def rank(r: int) -> None:
         send = [1, 2] if r == 0 else [3, 0]
         x = torch.arange(sum(send) * 2, dtype=torch.float32).view(-1, 2) + 100 * r
-        out[r] = SimulatedComm(hub, r, meta).all_to_all(x, "ep", send)
+        out[r] = SimulatedComm(hub, r, layout).all_to_all(x, "ep", send)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     [t.start() for t in threads]

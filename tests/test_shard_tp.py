@@ -18,12 +18,16 @@ from nanoforge.ir.parser import parse_module
 from nanoforge.ir.printer import format_module
 from nanoforge.models import trace_model
 from nanoforge.models.checkpoint import open_checkpoint
-from nanoforge.parallel.shard_spec import format_spec, key_slices, parse_spec, rank_in_group
-from nanoforge.parallel.simulate import run_ranks
+from nanoforge.parallel.shard_spec import format_spec, key_slices, parse_spec
+from nanoforge.check.simulate import run_ranks
 from nanoforge.passes import PASSES, PIPELINES, Pass, PassContext, PassManager
-from nanoforge.passes.numeric_check import run_recorded
+from nanoforge.check.recorded import run_recorded
 from nanoforge.plan import read_plan
-from nanoforge.runtime.weights import load_params
+from nanoforge.models.weights import load_params
+from nanoforge.check.numeric import after_pass as numeric_check
+from nanoforge.facts import ParallelLayout, layout_of, read
+from nanoforge.kv_contract import KVContract
+from nanoforge.passes import shard_tp
 from test_ir import config_dict
 
 # sizes that divide by 8; qwen3 has 2 kv heads, fewer than tp 4 and 8 (replicated in groups)
@@ -82,7 +86,7 @@ def test_simulated_ranks_match_unsharded_logits(arch, ckpt):
     assert want.shape == (2, SIZES[arch]["vocab_size"])
     for tp in (2, 4, 8):
         module = compiled(path, tp, verify=tp == 8)  # --verify-each-pass: simulated ranks on random weights
-        assert module.meta["parallel"] == {"tp": tp, "attention_dp": 1, "ffn_ep": 1}
+        assert layout_of(module) == ParallelLayout(tp=tp)
         out = module.functions["forward"].outputs[0].name
         for rank, values in enumerate(run_ranks(module, ck)):
             torch.testing.assert_close(values[out], want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
@@ -95,7 +99,7 @@ def test_kv_heads_fewer_than_ranks_are_replicated(ckpt):
     assert all(n.attrs["heads"] == 1 and n.attrs["kv_heads"] == 1 for n in attn)
     qkv = module.params["model.layers.0.self_attn.q_k_v_proj.weight"]
     assert qkv.shard == "d0:8,2,2@tp" and qkv.type.shape == (16 + 16 + 16, 64)
-    assert module.meta["kv_contract"]["layers"][0]["shapes"] == [[1, 16], [1, 16]]
+    assert read(module, KVContract).layers[0].shapes == ((1, 16), (1, 16))
 
 
 def test_collectives_and_specs(ckpt):
@@ -134,14 +138,14 @@ def test_plan_round_trips_with_shard_specs(ckpt, tmp_path):
 def test_sizes_that_do_not_divide_are_named(change, tp, message):
     module = trace_model(sized_config("qwen3", **change), "f32")
     with pytest.raises(NanoForgeError, match=message.replace(".", r"\.")):
-        PASSES["shard_tp"].run(module, {"tp": tp})
+        PASSES["shard_tp"].run(module, shard_tp.Options(tp))
 
 
 def test_moe_intermediate_that_does_not_divide(ckpt, tmp_path, capsys):
     module = trace_model(sized_config("qwen3_moe", moe_intermediate_size=36), "f32")
     message = r"--tp 8 does not divide the moe intermediate size 36 of model\.layers\.1\.mlp"
     with pytest.raises(NanoForgeError, match=message):
-        PASSES["shard_tp"].run(module, {"tp": 8})
+        PASSES["shard_tp"].run(module, shard_tp.Options(8))
     assert main(["compile", str(ckpt("qwen3")), "-o", str(tmp_path / "p"), "--tp", "16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --tp 16 does not divide the 8 attention heads of model.layers.0.self_attn"
@@ -151,7 +155,7 @@ def test_moe_intermediate_that_does_not_divide(ckpt, tmp_path, capsys):
 def test_tp1_is_a_noop():
     module = trace_model(sized_config("qwen3"), "f32")
     before = format_module(module)
-    assert PASSES["shard_tp"].run(module, {"tp": 1}) == 0 and format_module(module) == before
+    assert PASSES["shard_tp"].run(module, shard_tp.Options(1)) == 0 and format_module(module) == before
 
 
 def test_each_rank_reads_only_its_slice(ckpt):
@@ -187,9 +191,9 @@ def test_verify_each_pass_catches_a_broken_sharding(ckpt):
         ar.op, ar.attrs = "silu", {}  # drops the sum over ranks
         return n
 
-    passes = dict(PASSES, shard_tp=Pass("shard_tp", broken, "test-only bug", {"tp": 1}))
+    passes = dict(PASSES, shard_tp=Pass("shard_tp", broken, "test-only bug", shard_tp.Options))
     module = trace_model(sized_config("qwen3"), "f32")
-    ctx = PassContext(options={"shard_tp": {"tp": 2}}, verify_each_pass=True)
+    ctx = PassContext(options={"shard_tp": shard_tp.Options(2)}, after_pass=numeric_check)
     with pytest.raises(NanoForgeError, match=r"pass shard_tp changed the numerics of forward: first divergence at "
                                              r"model\.layers\.1\.mlp\.down_proj .* on 2 simulated ranks"):
         PassManager(passes, PIPELINES["default"], ctx).run(module)
@@ -229,9 +233,9 @@ def test_shard_spec_api():
     assert held == [False, False, True, True] + [False] * 4  # rank 1 of 4 holds experts 2 and 3
     inner = Param("w", TensorType("f32", (8, 2, 8)), [f"e{i}" for i in range(8)], "stack", "d1:4@tp")
     assert key_slices(inner, parse_spec(inner.shard), 5, (8, 8), 2, 4) == (slice(4, 6), slice(None))
-    meta = {"parallel": {"tp": 2, "attention_dp": 2, "ffn_ep": 4}}
-    assert rank_in_group(meta, "tp", 3) == (1, 2) and rank_in_group(meta, "dp", 3) == (1, 2)
-    assert rank_in_group(meta, "ep", 3) == (3, 4)
+    layout = ParallelLayout(tp=2, attention_dp=2, ffn_ep=4)
+    assert layout.rank_in_group("tp", 3) == (1, 2) and layout.rank_in_group("dp", 3) == (1, 2)
+    assert layout.rank_in_group("ep", 3) == (3, 4)
 
 
 def test_torch_dist_comm_on_gloo():
@@ -256,7 +260,7 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        comm = TorchDistComm({"parallel": {"tp": world}}, rank)
+        comm = TorchDistComm(ParallelLayout(tp=world), rank)
         assert comm.group_position("tp") == (rank, world)
         x = torch.full((2, 3), float(rank + 1))
         assert torch.equal(comm.all_reduce(x.clone(), "tp"), torch.full((2, 3), 3.0))
@@ -284,7 +288,7 @@ def test_vocab_parallel_embed_providers_agree():
 
 
 def test_random_checkpoint_slices_match_whole_tensors():
-    from nanoforge.tools.random_checkpoint import RandomCheckpoint
+    from nanoforge.models.random_checkpoint import RandomCheckpoint
 
     rc = RandomCheckpoint(sized_config("qwen3"), "tiny", "f32")
     key = "model.layers.1.mlp.down_proj.weight"

@@ -15,6 +15,7 @@ import torch
 
 from nanoforge.kernels import torch_ref
 from nanoforge.kernels.context import allocate_pool, make_context
+from nanoforge.kv_contract import KVContract, KVLayer
 
 HAS_CUDA = torch.cuda.is_available()
 CAN_RUN = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
@@ -45,8 +46,7 @@ def build_batch(spec, *, shapes, block_size, dtype, seed, skip_rows=(), device=D
     seqs = []
     for q_len, c in spec:
         seqs.append((q_len, c, [free.pop(0) for _ in range(math.ceil(c / block_size))]))
-    contract = {"dtype": DTYPE_NAMES[dtype], "block_size": block_size,
-                "layers": [{"layer": 0, "shapes": shapes}]}
+    contract = KVContract(block_size, DTYPE_NAMES[dtype], (KVLayer(0, "gqa", tuple(map(tuple, shapes))),))
     pool = allocate_pool(contract, num_blocks, device)
     gen = torch.Generator().manual_seed(seed)
     for t in pool[0]:
@@ -293,7 +293,7 @@ def test_paged_attention_cuda_graph_replay(batch):
 @gpu
 @needs_cuda
 def test_bench_helper_runs():
-    from nanoforge.kernels.triton.attention_bench import bench_paged_decode
+    from bench.kernels.attention import bench_paged_decode
 
     r = bench_paged_decode(4, 512)
     assert r["tb_s"] > 0 and r["ms"] > 0

@@ -5,6 +5,8 @@ block sizes); the `gpu` tests take bf16 at the Qwen3-8B / 0.6B projection shapes
 """
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,11 @@ if not HAS_CUDA and not os.environ.get("TRITON_INTERPRET"):
 pytest.importorskip("triton")
 
 from nanoforge.kernels.triton import gemv as G  # noqa: E402
+
+ROOT = str(Path(__file__).resolve().parent.parent)  # bench/ is not installed: import it from the repo root
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
+from bench.kernels import gemv as BG  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 # the interpreter's run-time loop bound (K) goes through int(ndarray of shape [1]); numpy < 2.4 warns
@@ -92,9 +99,9 @@ def check_bf16(out, x, w):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 2, 7, 16])
-@pytest.mark.parametrize("name", list(G.SHAPES))
+@pytest.mark.parametrize("name", list(BG.SHAPES))
 def test_gpu_skinny_bf16(m, name):
-    n, k = G.SHAPES[name]
+    n, k = BG.SHAPES[name]
     x, w = rnd(m, k, dtype=torch.bfloat16), rnd(n, k, dtype=torch.bfloat16)
     check_bf16(G.skinny_matmul(x, w), x, w)
 
@@ -126,7 +133,7 @@ def test_gpu_cuda_graph_replay(m):
 @gpu
 @needs_cuda
 def test_gpu_bench_keys():
-    r = G.bench_skinny(1, 1024, 2048, rep=5)
+    r = BG.bench_skinny(1, 1024, 2048, rep=5)
     for key in ("ms", "TB/s", "torch_ms", "torch_TB/s", "copy_TB/s", "device", "config"):
         assert key in r
     assert r["ms"] > 0 and r["torch_ms"] > 0 and 0 < r["TB/s"] < 20

@@ -13,6 +13,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Callable
 
 from ..errors import NanoForgeError
+from ..facts import Target
 from ..ir.ops import OPS
 
 
@@ -21,31 +22,30 @@ class Provider:
     name: str
     module: str  # import path of the kernel module
     ops: frozenset[str]
-    probe: Callable[[dict], str | None]  # target -> None if usable, else why not
+    probe: Callable[[Target], str | None]  # target -> None if usable, else why not
     graph_unsafe: frozenset[str] = frozenset()  # ops whose kernels sync with the host (no CUDA graph)
 
 
-def _always(target: dict) -> str | None:
+def _always(target: Target) -> str | None:
     return None
 
 
-def _triton_probe(target: dict) -> str | None:
-    if target.get("device") != "cuda":
+def _triton_probe(target: Target) -> str | None:
+    if target.device != "cuda":
         return "needs a CUDA target (compile with --device cuda)"
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    cap = target.get("capability", "")
-    if cap.startswith("sm") and int(cap[2:]) < 80:
-        return f"needs sm80 or newer; the target is {cap}"
+    if 0 < target.sm < 80:
+        return f"needs sm80 or newer; the target is {target.capability}"
     return None
 
 
-def _lib_probe(name: str) -> Callable[[dict], str | None]:
+def _lib_probe(name: str) -> Callable[[Target], str | None]:
     """Probe of a third-party kernel library (kernels/libs): cheap target checks, then a
     lookup, then the adapter's import with its version check; never raises."""
-    def probe(target: dict) -> str | None:
+    def probe(target: Target) -> str | None:
         from ..kernels import libs
 
         return libs.probe(libs.LIBS[name], target)
@@ -81,7 +81,7 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
 BY_NAME = {p.name: p for p in PROVIDERS}
 
 
-def candidates(op: str, target: dict) -> list[tuple[str, str | None]]:
+def candidates(op: str, target: Target) -> list[tuple[str, str | None]]:
     """Every provider of `op` in rank order, with None (usable) or the reason it is not."""
     return [(p.name, p.probe(target)) for p in PROVIDERS if op in p.ops]
 

@@ -16,6 +16,8 @@ import itertools
 import numpy as np
 import torch
 
+from ..kv_contract import KVContract
+
 
 @dataclass
 class SeqSlice:
@@ -64,14 +66,15 @@ class BatchContext:
 TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
-def allocate_pool(contract: dict, num_blocks: int, device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
+def allocate_pool(contract: KVContract, num_blocks: int,
+                  device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
     """The paged KV pool the contract describes: per layer, one tensor per entry shape,
     [num_blocks, block_size, *shape]. Indexed by the attention node's `layer` attr."""
-    dtype, bs = TORCH_DTYPES[contract["dtype"]], contract["block_size"]
+    dtype, bs = TORCH_DTYPES[contract.dtype], contract.block_size
     pool: list[tuple[torch.Tensor, ...]] = []
-    for i, layer in enumerate(contract["layers"]):
-        assert layer["layer"] == i, "KV contract layers must be numbered 0..L-1"
-        pool.append(tuple(torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer["shapes"]))
+    for i, layer in enumerate(contract.layers):
+        assert layer.layer == i, "KV contract layers must be numbered 0..L-1"
+        pool.append(tuple(torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer.shapes))
     return pool
 
 

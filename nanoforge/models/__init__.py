@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from .. import defaults
 from ..errors import NanoForgeError
+from ..facts import ModelInfo, write
 from ..ir.graph import Module
 from . import deepseek_v3, llama, qwen3, qwen3_moe
 from .common import Config
@@ -38,17 +40,9 @@ def trace_model(config: dict[str, Any], dtype: str = "bf16") -> Module:
     c = Config(config)
     start = time.perf_counter()
     model = ARCHITECTURES[arch](c)
-    meta = {
-        "architecture": arch,
-        "model_type": config.get("model_type", ""),
-        "dtype": dtype,
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "num_layers": c.num_hidden_layers,
-        "max_position_embeddings": c.get("max_position_embeddings", 4096),
-    }
-    if c.get("num_nextn_predict_layers"):
-        meta["mtp_layers"] = c.num_nextn_predict_layers
-    module = trace_forward(model, meta, dtype)
-    module.meta["trace_ms"] = round((time.perf_counter() - start) * 1000, 1)
+    module = trace_forward(model, dtype)
+    write(module, ModelInfo(arch, dtype, c.vocab_size, c.hidden_size, c.num_hidden_layers,
+                            int(c.get("max_position_embeddings", defaults.MAX_MODEL_LEN)),
+                            str(config.get("model_type", "")), int(c.get("num_nextn_predict_layers") or 0),
+                            round((time.perf_counter() - start) * 1000, 1)))
     return module

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NanoForgeError
+from .tensor_info import TensorInfo
 
 if TYPE_CHECKING:
     from .gguf_file import GGUFFile
@@ -24,14 +25,6 @@ ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 MAX_HEADER = 100_000_000  # the safetensors format's own limit
 GGUF_HASHED = 1 << 20     # a GGUF's metadata and tensor table sit in its first bytes
-
-
-@dataclass
-class TensorInfo:
-    key: str                 # HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
-    shape: tuple[int, ...]   # HF orientation (as torch holds it)
-    dtype: str               # safetensors dtype ("BF16", ...) or, for GGUF, the quant type ("Q4_1", "F32")
-    file: str                # file name relative to the checkpoint dir (or the gguf file name)
 
 
 @dataclass

@@ -25,8 +25,8 @@ class ParamSpec:
 
 
 class Tracer:
-    def __init__(self, meta: dict[str, Any], dtype: str):
-        self.module = Module(meta=meta)
+    def __init__(self, dtype: str):
+        self.module = Module(meta={})
         self.dtype = dtype
         self.fn: Function | None = None
         self.scope: list[str] = []
@@ -191,9 +191,9 @@ def split(x: Sym, sizes: list[int]) -> tuple[Sym, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def trace_forward(model: TraceModule, meta: dict[str, Any], dtype: str) -> Module:
+def trace_forward(model: TraceModule, dtype: str) -> Module:
     """Trace `model.forward(tokens, positions, rows)` into the module's `forward` function."""
-    tracer = Tracer(meta, dtype)
+    tracer = Tracer(dtype)
     model.bind()
     tokens, positions, rows = tracer.begin(
         "forward", {"tokens": TensorType("i64", ("T",)), "positions": TensorType("i64", ("T",)),

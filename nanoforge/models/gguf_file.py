@@ -8,6 +8,7 @@ rotate-half (neox) layout back.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import NanoForgeError
-from .checkpoint import TensorInfo
+from .tensor_info import TensorInfo
 
 _LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -75,6 +76,10 @@ def open_gguf(path: Path) -> GGUFFile:
     try:
         reader = GGUFReader(str(path))
     except Exception as e:
+        # gguf's reader fails on a file cut short with a numpy error ("cannot reshape array of size
+        # ..."); walk the layout ourselves to say so, naming what runs past the end
+        if why := truncation(path):
+            raise NanoForgeError(why) from e
         raise NanoForgeError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
     g = GGUFFile(path, reader, {})
     if g.arch() != "llama":
@@ -85,6 +90,114 @@ def open_gguf(path: Path) -> GGUFFile:
             raise NanoForgeError(f"{path.name}: GGUF tensor '{t.name}' has no HF llama equivalent")
         g.names[key] = t.name
     return g
+
+
+class _Short(Exception):
+    def __init__(self, what: str, end: int):
+        self.what, self.end = what, end
+
+
+# GGUFValueType -> struct format of one scalar (8 STRING and 9 ARRAY are variable-sized)
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def truncation(path: Path) -> str | None:
+    """Why the GGUF file at `path` is cut short (the header field, metadata entry or tensor that
+    runs past its end, and the bytes it has against those needed), or None when its layout fits.
+    Bounds-checked and separate from gguf's reader, which reports a short file as a numpy error."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path} is empty (0 bytes)"
+    try:
+        with open(path, "rb") as f:
+            return _walk(f, path, size)
+    except _Short as s:
+        return (f"{path} is truncated: {s.what} runs past the end of the file ({size} bytes; it needs at least "
+                f"{s.end}); an incomplete download? fetch it again")
+    except (OSError, ValueError, KeyError, struct.error):
+        return None  # not a layout problem we can name; the caller keeps the reader's message
+
+
+def _walk(f, path: Path, size: int) -> str | None:
+    magic = f.read(4)
+    if magic != b"GGUF":
+        if len(magic) < 4 and b"GGUF".startswith(magic):
+            raise _Short("the GGUF magic", 4)
+        return None
+    order = "<"
+
+    def take(fmt: str, what: str) -> tuple:
+        n = struct.calcsize(order + fmt)
+        b = f.read(n)
+        if len(b) < n:
+            raise _Short(what, f.tell() - len(b) + n)
+        return struct.unpack(order + fmt, b)
+
+    def skip(n: int, what: str) -> None:
+        end = f.tell() + n
+        if end > size:
+            raise _Short(what, end)
+        f.seek(end)
+
+    def string(what: str) -> bytes:
+        (n,) = take("Q", what)
+        end = f.tell() + n
+        if end > size:
+            raise _Short(what, end)
+        return f.read(n)
+
+    (version,) = take("I", "the GGUF version")
+    if version & 0xFFFF == 0:  # written for the other byte order, as gguf's reader detects it
+        order = ">"
+        version = struct.unpack(">I", struct.pack("<I", version))[0]
+    if version not in (2, 3):
+        return None
+    n_tensors, n_kv = take("QQ", "the GGUF tensor and metadata counts")
+    alignment = 32
+    for i in range(n_kv):
+        key = string(f"metadata entry {i} of {n_kv}").decode("utf-8", "replace")
+        what = f"metadata '{key}'"
+        (vtype,) = take("I", what)
+        if vtype == 9:
+            etype, count = take("IQ", what)
+            if etype in _SCALAR:
+                skip(count * struct.calcsize(order + _SCALAR[etype]), what)
+            elif etype == 8:
+                for _ in range(count):
+                    string(what)
+            else:
+                return None  # nested arrays: gguf's reader does not read them either
+        elif vtype == 8:
+            string(what)
+        elif vtype in _SCALAR:
+            (v,) = take(_SCALAR[vtype], what)
+            if key == "general.alignment" and vtype == 4 and v > 0 and v & (v - 1) == 0:
+                alignment = v
+        else:
+            return None
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    tensors = []
+    for i in range(n_tensors):
+        name = string(f"the tensor table (entry {i} of {n_tensors})").decode("utf-8", "replace")
+        what = f"the tensor table entry of '{name}'"
+        (n_dims,) = take("I", what)
+        dims = take("Q" * n_dims, what)
+        ttype, offset = take("IQ", what)
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        numel = 1
+        for d in dims:
+            numel *= d
+        tensors.append((offset, numel * type_size // block, name))
+    start = -(-f.tell() // alignment) * alignment
+    if not tensors:
+        return None
+    need = max(start + off + n for off, n, _ in tensors)
+    for off, n, name in sorted(tensors):
+        if start + off + n > size:
+            return (f"{path} is truncated: tensor '{name}' ends at byte {start + off + n} but the file has "
+                    f"{size} bytes (the complete file has {need}; an incomplete download? fetch it again)")
+    return None
 
 
 def llama_config(g: GGUFFile) -> dict[str, Any]:

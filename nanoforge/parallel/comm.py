@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from .shard_spec import GROUPS, group_members, rank_in_group, world_size
+from ..facts import ParallelLayout
+from ..ir.ops import GROUPS
 
 
 @dataclass
@@ -52,15 +53,15 @@ class SimulatedHub:
 
 
 class SimulatedComm:
-    def __init__(self, hub: SimulatedHub, rank: int, meta: dict[str, Any]):
-        self.hub, self.rank, self.meta = hub, rank, meta
+    def __init__(self, hub: SimulatedHub, rank: int, layout: ParallelLayout):
+        self.hub, self.rank, self.layout = hub, rank, layout
 
     def group_position(self, group: str) -> tuple[int, int]:
         """(this rank's index in `group`, the group's size)."""
-        return rank_in_group(self.meta, group, self.rank)
+        return self.layout.rank_in_group(group, self.rank)
 
     def _gather_list(self, x: torch.Tensor, group: str) -> list[torch.Tensor]:
-        members = group_members(self.meta, group, self.rank)
+        members = self.layout.group_members(group, self.rank)
         return [x] if len(members) == 1 else self.hub.exchange(members, self.rank, x)
 
     def all_reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
@@ -84,7 +85,7 @@ class SimulatedComm:
         """Rows of x grouped by destination (send_counts[d] rows for member d, in group order) ->
         the rows every member sent here, grouped by source, and how many came from each.
         `recv_counts`, when the caller knows them (a reply), skip the exchange of counts."""
-        members = group_members(self.meta, group, self.rank)
+        members = self.layout.group_members(group, self.rank)
         if len(members) == 1:
             return x, list(send_counts)
         me = members.index(self.rank)
@@ -97,17 +98,16 @@ class SimulatedComm:
 
 class TorchDistComm:
     """torch.distributed with one process group per named group; the caller has already run
-    dist.init_process_group (gloo on CPU, nccl on GPU) over world_size(meta) ranks."""
+    dist.init_process_group (gloo on CPU, nccl on GPU) over the layout's world of ranks."""
 
-    def __init__(self, meta: dict[str, Any], rank: int):
+    def __init__(self, layout: ParallelLayout, rank: int):
         import torch.distributed as dist
 
-        self.dist, self.rank, self.meta = dist, rank, meta
+        self.dist, self.rank, self.layout = dist, rank, layout
         self.groups: dict[str, Any] = {}
         self.replay_hooks: list[Callable[[], None]] = []  # host work before a CUDA graph replays (DeepEP)
-        world = world_size(meta)
         for group in GROUPS:  # every rank creates every process group, in the same order
-            lists = sorted({tuple(group_members(meta, group, r)) for r in range(world)})
+            lists = sorted({tuple(layout.group_members(group, r)) for r in range(layout.world)})
             for members in lists:
                 if len(members) == 1:
                     continue
@@ -116,7 +116,7 @@ class TorchDistComm:
                     self.groups[group] = pg
 
     def group_position(self, group: str) -> tuple[int, int]:
-        return rank_in_group(self.meta, group, self.rank)
+        return self.layout.rank_in_group(group, self.rank)
 
     def all_reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
         if group not in self.groups:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from ..facts import layout_of
 from ..ir.graph import DTYPE_BYTES, Module, Param
-from .shard_spec import key_slices, parse_spec, rank_in_group, world_size
-from .simulate import cat_rows
+from .shard_spec import cat_rows, key_slices, parse_spec
 
 COLLECTIVES = ("all_reduce", "all_gather", "moe_dispatch", "moe_combine")
 
@@ -46,7 +46,7 @@ def rank_slices(module: Module, rank: int) -> list[KeySlice]:
     out = []
     for p in module.params.values():
         spec = parse_spec(p.shard) if p.shard else None
-        index, size = rank_in_group(module.meta, spec.group, rank) if spec else (0, 1)
+        index, size = layout_of(module).rank_in_group(spec.group, rank) if spec else (0, 1)
         for i, (key, shape) in enumerate(zip(p.keys, key_shapes(module, p))):
             sl = key_slices(p, spec, i, shape, index, size) if spec else None
             if spec is not None and sl is None:
@@ -76,8 +76,9 @@ def collectives_per_step(module: Module, fn_name: str = "forward") -> Counter:
 
 def describe_rank(module: Module, rank: int) -> list[str]:
     """Lines for `inspect --rank`: this rank's place in each group, then its params and slices."""
-    world = world_size(module.meta)
-    groups = ", ".join(f"{g} {i} of {n}" for g in ("tp", "dp", "ep") for i, n in [rank_in_group(module.meta, g, rank)]
+    layout = layout_of(module)
+    world = layout.world
+    groups = ", ".join(f"{g} {i} of {n}" for g in ("tp", "dp", "ep") for i, n in [layout.rank_in_group(g, rank)]
                        if n > 1)
     lines = [f"rank {rank} of {world}: {groups or 'the only rank'}"]
     for ks in rank_slices(module, rank):

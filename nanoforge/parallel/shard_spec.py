@@ -11,16 +11,17 @@ ranks; only the slice a rank loads differs. `Param.shard` says how, as plain tex
 
 Layout "stack" (dim 0 = expert): "d0:n" splits the experts (a rank reads only its experts'
 keys), "d1:n" / "d2:n" split inside each expert's tensor. `group` names the ranks the param is
-split over ("tp", "ep", "dp"); meta["parallel"] = {"tp", "attention_dp", "ffn_ep"} lays ranks out
-as rank = dp_index * tp + tp_index, with the EP group over consecutive ranks.
+split over ("tp", "ep", "dp"); the module's ParallelLayout fact (facts.py) says which ranks form
+each group.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
-from ..ir.graph import Param
+from ..errors import NanoForgeError
+from ..ir.graph import Module, Param
 from ..ir.ops import GROUPS as OP_GROUPS
 
 GROUPS = OP_GROUPS  # "tp", "ep", "dp"
@@ -53,37 +54,6 @@ def parse_spec(s: str) -> ShardSpec:
     if min(counts) < 1:
         raise ValueError(f"bad shard spec {s!r}: counts must be >= 1")
     return ShardSpec(int(m[1]), counts, m[3])
-
-
-def parallel_of(meta: dict[str, Any]) -> dict[str, int]:
-    """meta["parallel"] with every degree filled in (absent = 1)."""
-    par = meta.get("parallel") or {}
-    return {k: int(par.get(k, 1)) for k in ("tp", "attention_dp", "ffn_ep")}
-
-
-def world_size(meta: dict[str, Any]) -> int:
-    par = parallel_of(meta)
-    return max(par["tp"] * par["attention_dp"], par["ffn_ep"])
-
-
-def rank_in_group(meta: dict[str, Any], group: str, rank: int) -> tuple[int, int]:
-    """(index of `rank` inside its `group`, size of that group)."""
-    par = parallel_of(meta)
-    if group == "tp":
-        return rank % par["tp"], par["tp"]
-    if group == "ep":
-        return rank % par["ffn_ep"], par["ffn_ep"]
-    if group == "dp":
-        return (rank // par["tp"]) % par["attention_dp"], par["attention_dp"]
-    raise ValueError(f"unknown parallel group {group!r}; groups: {', '.join(GROUPS)}")
-
-
-def group_members(meta: dict[str, Any], group: str, rank: int) -> list[int]:
-    """The global ranks of `rank`'s group, in group order."""
-    index, size = rank_in_group(meta, group, rank)
-    stride = parallel_of(meta)["tp"] if group == "dp" else 1
-    base = rank - index * stride
-    return [base + i * stride for i in range(size)]
 
 
 def key_slices(param: Param, spec: ShardSpec, key_index: int, key_shape: Sequence[int], rank: int,
@@ -123,7 +93,7 @@ def local_key_shape(param: Param, spec: ShardSpec | None, key_index: int, key_sh
     return tuple(len(range(*s.indices(d))) for s, d in zip(sl, key_shape))
 
 
-def global_shape(param: Param, meta: dict[str, Any] | None = None) -> tuple[int, ...]:
+def global_shape(param: Param) -> tuple[int, ...]:
     """The shape of the param's unsharded (checkpoint) tensor. A "cat" param with different
     counts per key has no single answer (it depends on each key's rows): ValueError."""
     shape = [int(d) for d in param.type.shape]
@@ -134,3 +104,18 @@ def global_shape(param: Param, meta: dict[str, Any] | None = None) -> tuple[int,
         raise ValueError(f"${param.name}: shard {spec} has a count per key; its global rows are each key's rows")
     shape[spec.dim] *= spec.counts[0]
     return tuple(shape)
+
+
+def cat_rows(module: Module, p: Param) -> list[int]:
+    """Rows of each key of a "cat" param (this rank's rows, if sharded): the split after its linear."""
+    for fn in module.functions.values():
+        users = fn.users()
+        for n in fn.nodes:
+            if n.op == "linear" and n.params.get("weight") == p.name:
+                for u in users.get(id(n.out), []):
+                    if u.op == "split" and len(u.attrs["sizes"]) == len(p.keys):
+                        return list(u.attrs["sizes"])
+    rows = int(p.type.shape[0])
+    if rows % len(p.keys):
+        raise NanoForgeError(f"${p.name}: cannot tell the rows of each of its {len(p.keys)} keys")
+    return [rows // len(p.keys)] * len(p.keys)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import (fuse_elementwise, fuse_projections, plan_cuda_graphs, plan_deep_ep, plan_memory, select_kernels,
                shard_ep, shard_tp, verify)
-from .manager import Pass, PassContext, PassManager, PassRecord
+from .manager import NoOptions, Pass, PassContext, PassManager, PassRecord
 
 PASSES: dict[str, Pass] = {p.name: p for p in [
     verify.PASS, shard_tp.PASS, shard_ep.PASS, fuse_elementwise.PASS, fuse_projections.PASS, select_kernels.PASS,
@@ -14,4 +14,4 @@ PIPELINES: dict[str, list[str]] = {
                 "plan_deep_ep", "plan_cuda_graphs", "plan_memory"],
 }
 
-__all__ = ["PASSES", "PIPELINES", "Pass", "PassContext", "PassManager", "PassRecord"]
+__all__ = ["PASSES", "PIPELINES", "NoOptions", "Pass", "PassContext", "PassManager", "PassRecord"]

@@ -9,7 +9,7 @@ check can compare every surviving value with its twin before the pass.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from ..ir.graph import Function, Module, Node
 from .manager import Pass
@@ -66,17 +66,23 @@ def _fuse_qk_norm_rope(fn: Function) -> int:
     return count
 
 
-def fuse_elementwise(module: Module, opts: dict[str, Any]) -> int:
+@dataclass(frozen=True)
+class Options:
+    add_rms_norm: bool = True
+    silu_mul: bool = True
+    qk_norm_rope: bool = True
+
+
+def fuse_elementwise(module: Module, opts: Options) -> int:
     count = 0
     for fn in module.functions.values():
-        if opts["add_rms_norm"]:
+        if opts.add_rms_norm:
             count += _fuse_add_norm(fn)
-        if opts["silu_mul"]:
+        if opts.silu_mul:
             count += _fuse_silu_mul(fn)
-        if opts["qk_norm_rope"]:
+        if opts.qk_norm_rope:
             count += _fuse_qk_norm_rope(fn)
     return count
 
 
-PASS = Pass("fuse_elementwise", fuse_elementwise, "add+rms_norm, silu*mul, qk_norm+rope",
-            {"add_rms_norm": True, "silu_mul": True, "qk_norm_rope": True})
+PASS = Pass("fuse_elementwise", fuse_elementwise, "add+rms_norm, silu*mul, qk_norm+rope", Options)

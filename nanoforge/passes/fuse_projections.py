@@ -12,11 +12,9 @@ sharded module fuse too: the fused param keeps a shard count per key (q heads sp
 """
 from __future__ import annotations
 
-from typing import Any
-
 from ..ir.graph import Function, Module, Node, Param, TensorType, Value
 from ..parallel.shard_spec import format_spec, parse_spec
-from .manager import Pass
+from .manager import NoOptions, Pass
 
 
 def _fusable(module: Module, node: Node) -> bool:
@@ -68,7 +66,7 @@ def _fuse_group(module: Module, fn: Function, group: list[Node]) -> list[str]:
     return [w.name for w in weights]
 
 
-def fuse_projections(module: Module, opts: dict[str, Any]) -> int:
+def fuse_projections(module: Module, opts: NoOptions) -> int:
     count, replaced = 0, set()
     for fn in module.functions.values():
         groups: dict[tuple[int, str], list[Node]] = {}
@@ -87,4 +85,4 @@ def fuse_projections(module: Module, opts: dict[str, Any]) -> int:
     return count
 
 
-PASS = Pass("fuse_projections", fuse_projections, "linears on one input -> one linear over a cat weight + split", {})
+PASS = Pass("fuse_projections", fuse_projections, "linears on one input -> one linear over a cat weight + split")

@@ -5,9 +5,11 @@ Sizes 1, 2, 4, 8, then every 16 up to max_num_seqs, cut where the largest graph'
 graph can be used (CPU target, or a node whose kernel syncs with the host) the plan says why."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
+from .. import defaults
 from ..codegen.providers import graph_unsafe_reason
+from ..facts import CudaGraphPlan, GraphBlockers, ModelInfo, Target, read, require, write
 from ..ir.graph import Module
 from .manager import Pass
 from .plan_memory import peak_activation_bytes
@@ -21,15 +23,23 @@ def candidate_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-def plan_cuda_graphs(module: Module, opts: dict[str, Any]) -> int:
-    target = module.meta.get("target", {})
+@dataclass(frozen=True)
+class Options:
+    enabled: bool = True
+    max_num_seqs: int = defaults.MAX_NUM_SEQS  # the largest decode batch
+    memory_budget: int = 2 << 30  # bytes the largest graph's activations may take
+
+
+def plan_cuda_graphs(module: Module, opts: Options) -> int:
+    target = read(module, Target) or Target()
+    blockers = read(module, GraphBlockers)
     reason = None
-    if target.get("device") != "cuda":
+    if target.device != "cuda":
         reason = "the target is not a CUDA device"
-    elif not opts["enabled"]:
+    elif not opts.enabled:
         reason = "disabled at compile time"
-    elif module.meta.get("graph_blockers"):  # an earlier pass's reason (e.g. plan_deep_ep)
-        reason = module.meta["graph_blockers"][0]
+    elif blockers is not None and blockers.reasons:  # an earlier pass's reason (e.g. plan_deep_ep)
+        reason = blockers.reasons[0]
     else:
         for _, node in module.nodes():
             why = graph_unsafe_reason(node.op, node.provider or "torch")
@@ -39,14 +49,12 @@ def plan_cuda_graphs(module: Module, opts: dict[str, Any]) -> int:
     sizes: list[int] = []
     if reason is None:
         per_token = max(peak_activation_bytes(f) for f in module.functions.values())
-        vocab_bytes = 4 * int(module.meta.get("vocab_size", 0))  # f32 logits per sequence
-        sizes = [s for s in candidate_sizes(opts["max_num_seqs"])
-                 if s * (per_token + vocab_bytes) <= opts["memory_budget"]]
+        vocab_bytes = 4 * require(module, ModelInfo).vocab_size  # f32 logits per sequence
+        sizes = [s for s in candidate_sizes(opts.max_num_seqs) if s * (per_token + vocab_bytes) <= opts.memory_budget]
         if not sizes:
-            reason = f"even a batch of 1 needs more than the {opts['memory_budget']} B budget"
-    module.meta["cuda_graphs"] = {"sizes": sizes, "reason": reason}
+            reason = f"even a batch of 1 needs more than the {opts.memory_budget} B budget"
+    write(module, CudaGraphPlan(tuple(sizes), reason))
     return len(sizes)
 
 
-PASS = Pass("plan_cuda_graphs", plan_cuda_graphs, "decode batch sizes to capture, or why none",
-            {"enabled": True, "max_num_seqs": 256, "memory_budget": 2 << 30})
+PASS = Pass("plan_cuda_graphs", plan_cuda_graphs, "decode batch sizes to capture, or why none", Options)

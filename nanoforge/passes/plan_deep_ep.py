@@ -1,18 +1,20 @@
 """plan_deep_ep: which DeepEP mode serves which batch sizes, checked where the plan is made.
 
-DeepEP (kernels/libs/deep_ep_ops.py) moves decode batches in its low-latency mode, whose
+DeepEP (nanoforge/kernels/libs/deep_ep_ops.py) moves decode batches in its low-latency mode, whose
 buffers hold a fixed number of tokens per rank (`max_tokens`, --deep-ep-max-tokens), and larger
 batches (prefill, mixed) in its normal mode. A decode batch is up to max_num_seqs tokens per rank,
 so it must fit the cap, or decode would silently take the slower path. The cap goes on every
 deep_ep moe_dispatch as attr `low_latency_max_tokens` (the kernel reads it; 0 = normal mode only)
-and the split into module.meta["deep_ep"] for `nanoforge inspect`. Also checked here, so a plan
+and the split into the DeepEPPlan fact for `nanoforge inspect`. Also checked here, so a plan
 DeepEP cannot run never compiles: bf16 activations, EP ranks of one NVLink host, and the hidden
 sizes and top-k the pinned build's low-latency kernels were instantiated for."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
+from .. import defaults
 from ..errors import NanoForgeError
+from ..facts import DeepEPPlan, GraphBlockers, layout_of, read, write
 from ..ir.graph import Module, Node
 from .manager import Pass
 
@@ -39,31 +41,34 @@ def _check(node: Node, ranks: int, cap: int) -> None:
                              f"{node.attrs['top_k']}; {FLAG} 0 uses normal mode")
 
 
-def plan_deep_ep(module: Module, opts: dict[str, Any]) -> int:
+@dataclass(frozen=True)
+class Options:
+    max_num_seqs: int = defaults.MAX_NUM_SEQS  # decode batch per rank
+    max_tokens: int = defaults.DEEP_EP_MAX_TOKENS  # low-latency cap per rank (--deep-ep-max-tokens)
+
+
+def plan_deep_ep(module: Module, opts: Options) -> int:
     nodes = [n for _, n in module.nodes() if n.op == "moe_dispatch" and n.provider == "deep_ep"]
     if not nodes:
         return 0
-    cap, seqs = int(opts["max_tokens"]), int(opts["max_num_seqs"])
+    cap, seqs = opts.max_tokens, opts.max_num_seqs
     if not 0 <= cap <= MAX_CAP:
         raise NanoForgeError(f"{FLAG} {cap}: DeepEP's low-latency mode holds 1 to {MAX_CAP} tokens per rank "
                              "(0 turns it off)")
     if cap and seqs > cap:
         raise NanoForgeError(f"--max-num-seqs {seqs} exceeds DeepEP's low-latency cap {FLAG} {cap}: lower "
                              f"--max-num-seqs to {cap} or raise {FLAG} to {seqs}")
-    ranks = int(module.meta.get("parallel", {}).get("ffn_ep", 1))
+    ranks = layout_of(module).ffn_ep
     for node in nodes:
         _check(node, ranks, cap)
         node.attrs["low_latency_max_tokens"] = cap
     if not cap:  # normal mode reads its received counts on the host
-        module.meta.setdefault("graph_blockers", []).append(f"deep_ep in normal mode only ({FLAG} 0) syncs with "
-                                                            "the host")
-    module.meta["deep_ep"] = {
-        "low_latency_max_tokens": cap, "max_num_seqs": seqs,
-        "modes": (f"low_latency while no EP rank holds more than {cap} tokens (every decode batch: "
-                  f"max_num_seqs {seqs}), normal above (prefill, mixed batches)") if cap else
-                 f"normal for every batch ({FLAG} 0)"}
+        blockers = read(module, GraphBlockers) or GraphBlockers()
+        write(module, GraphBlockers((*blockers.reasons, f"deep_ep in normal mode only ({FLAG} 0) syncs with the host")))
+    write(module, DeepEPPlan(cap, seqs, (f"low_latency while no EP rank holds more than {cap} tokens (every decode "
+                                         f"batch: max_num_seqs {seqs}), normal above (prefill, mixed batches)")
+                             if cap else f"normal for every batch ({FLAG} 0)"))
     return len(nodes)
 
 
-PASS = Pass("plan_deep_ep", plan_deep_ep, "DeepEP low-latency vs normal mode by batch size, checked",
-            {"max_num_seqs": 256, "max_tokens": 128})
+PASS = Pass("plan_deep_ep", plan_deep_ep, "DeepEP low-latency vs normal mode by batch size, checked", Options)

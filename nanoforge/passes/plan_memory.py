@@ -1,55 +1,33 @@
-"""plan_memory: derive the KV contract (what the paged pool holds per token and layer) and the
-memory the plan needs: weights, KV bytes per token, and peak activation bytes per token from
-value liveness. The runtime sizes its pool from these numbers; it never inspects the model."""
+"""plan_memory: derive the KV contract (kv_contract.py: what the paged pool holds per token and
+layer) and the memory the plan needs: weights, KV bytes per token, and peak activation bytes per
+token from value liveness. The runtime sizes its pool from these facts; it never inspects the model."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
+from .. import defaults
+from ..errors import NanoForgeError
+from ..facts import MemoryPlan, ModelInfo, require, write
 from ..ir.graph import DTYPE_BYTES, Function, Module
+from ..kv_contract import KVContract, KVLayer
 from .manager import Pass
 
 
-def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) -> dict[str, Any]:
-    """Per attention layer, the shape of one token's entry in each pool tensor."""
+def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) -> KVContract:
+    """Per attention layer, the shape of one token's entry in each pool tensor (values in the
+    model's dtype unless `kv_dtype` says otherwise)."""
     layers = []
-    dtype = kv_dtype or module.meta.get("dtype", "bf16")
     for _, n in module.nodes():
         if n.op != "attention":
             continue
         a = n.attrs
         if a["kind"] == "gqa":
-            shapes = [[a["kv_heads"], a["head_dim"]], [a["kv_heads"], a["head_dim"]]]
+            shapes = ((a["kv_heads"], a["head_dim"]), (a["kv_heads"], a["head_dim"]))
         else:
-            shapes = [[a["kv_lora_rank"] + a["qk_rope_head_dim"]]]
-        layers.append({"layer": a["layer"], "kind": a["kind"], "shapes": shapes, "source": n.source})
-    layers.sort(key=lambda layer: layer["layer"])
-    return {"block_size": block_size, "dtype": dtype, "layers": layers}
-
-
-def kv_contract_mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Why KV blocks written under contract `a` cannot be read under `b` (empty: they can), one
-    line per difference, first differing layer only: what PD migration checks before it connects."""
-    out = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ("block_size", "dtype") if a.get(k) != b.get(k)]
-    la, lb = a.get("layers", []), b.get("layers", [])
-    if len(la) != len(lb):
-        out.append(f"attention layers: {len(la)} vs {len(lb)}")
-    for x, y in zip(la, lb):
-        if (x["kind"], x["shapes"]) != (y["kind"], y["shapes"]):
-            out.append(f"layer {x['layer']}: {x['kind']} {x['shapes']} vs {y['kind']} {y['shapes']}")
-            break
-    return out
-
-
-def kv_bytes_per_token(contract: dict[str, Any]) -> int:
-    per = DTYPE_BYTES[contract["dtype"]]
-    total = 0
-    for layer in contract["layers"]:
-        for shape in layer["shapes"]:
-            n = per
-            for d in shape:
-                n *= d
-            total += n
-    return total
+            shapes = ((a["kv_lora_rank"] + a["qk_rope_head_dim"],),)
+        layers.append(KVLayer(a["layer"], a["kind"], shapes, n.source))
+    layers.sort(key=lambda layer: layer.layer)
+    return KVContract(block_size, kv_dtype or require(module, ModelInfo).dtype, tuple(layers))
 
 
 def peak_activation_bytes(fn: Function) -> int:
@@ -70,17 +48,21 @@ def peak_activation_bytes(fn: Function) -> int:
     return peak
 
 
-def plan_memory(module: Module, opts: dict[str, Any]) -> int:
-    contract = kv_contract(module, opts["block_size"])
-    module.meta["kv_contract"] = contract
-    module.meta["memory"] = {
-        "param_bytes": module.param_bytes(),
-        "kv_bytes_per_token": kv_bytes_per_token(contract),
-        "activation_bytes_per_token": max(peak_activation_bytes(f) for f in module.functions.values()),
-        "max_num_batched_tokens": opts["max_num_batched_tokens"],
-    }
-    return len(contract["layers"])
+@dataclass(frozen=True)
+class Options:
+    block_size: int = defaults.BLOCK_SIZE  # tokens per KV block
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS  # the largest step, for the activation peak
 
 
-PASS = Pass("plan_memory", plan_memory, "KV contract, weight / KV / activation bytes",
-            {"block_size": 16, "max_num_batched_tokens": 2048})
+def plan_memory(module: Module, opts: Options) -> int:
+    if opts.block_size < 1:
+        raise NanoForgeError(f"--block-size {opts.block_size}: must be at least 1")
+    contract = kv_contract(module, opts.block_size)
+    write(module, contract)
+    write(module, MemoryPlan(module.param_bytes(), contract.bytes_per_token(),
+                             max(peak_activation_bytes(f) for f in module.functions.values()),
+                             opts.max_num_batched_tokens))
+    return len(contract.layers)
+
+
+PASS = Pass("plan_memory", plan_memory, "KV contract, weight / KV / activation bytes", Options)

@@ -7,10 +7,11 @@ dispatching provider's own layout, so a library dispatch must also run that laye
 combine (`--provider` all three); torch's and allgather's rows are the ops' documented contract."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 from ..codegen.providers import BY_NAME, candidates
 from ..errors import NanoForgeError
+from ..facts import ProviderNotes, Target, write
 from ..ir.graph import Function, Module
 from .manager import Pass
 
@@ -35,8 +36,14 @@ def _check_ep_trios(fn: Function) -> None:
                                  f"--provider grouped_experts={p} --provider moe_combine={p})")
 
 
-def select_kernels(module: Module, opts: dict[str, Any]) -> int:
-    target, force = opts["target"], opts["force"]
+@dataclass(frozen=True)
+class Options:
+    target: Target = field(default_factory=Target)  # the machine the plan is for
+    force: dict[str, str] = field(default_factory=dict)  # op -> provider (--provider OP=NAME)
+
+
+def select_kernels(module: Module, opts: Options) -> int:
+    target, force = opts.target, opts.force
     for op, name in force.items():
         if name not in BY_NAME:
             raise NanoForgeError(f"--provider {op}={name}: unknown provider; known: {', '.join(BY_NAME)}")
@@ -52,7 +59,7 @@ def select_kernels(module: Module, opts: dict[str, Any]) -> int:
         else:
             usable = [n for n, why in ranked if why is None]
             if not usable:
-                raise NanoForgeError(f"no provider can run {node.op} on {target['device']} @ {node.source}")
+                raise NanoForgeError(f"no provider can run {node.op} on {target.device} @ {node.source}")
             choice = usable[0]
             notes.setdefault(node.op, [f"{n}: {why}" for n, why in ranked if why is not None])
         if node.provider != choice:
@@ -60,10 +67,9 @@ def select_kernels(module: Module, opts: dict[str, Any]) -> int:
             changes += 1
     for fn in module.functions.values():
         _check_ep_trios(fn)
-    module.meta["target"] = target
-    module.meta["provider_fallbacks"] = {op: why for op, why in notes.items() if why}
+    write(module, target)
+    write(module, ProviderNotes({op: why for op, why in notes.items() if why}))
     return changes
 
 
-PASS = Pass("select_kernels", select_kernels, "provider per node, with the reason for each fallback",
-            {"target": {"device": "cpu"}, "force": {}})
+PASS = Pass("select_kernels", select_kernels, "provider per node, with the reason for each fallback", Options)

@@ -7,11 +7,11 @@ After the pass the module is the per-rank module, one graph for every rank: whic
 owns comes from its position in the EP group at run time, not from the graph."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from ..errors import NanoForgeError
+from ..facts import ParallelLayout, layout_of, write
 from ..ir.graph import Function, Module, Node, TensorType, Value
-from ..parallel.shard_spec import parallel_of
 from .manager import Pass
 
 EXPERT_SLOTS = ("w_gate", "w_up", "w_down")
@@ -21,7 +21,7 @@ def _check(module: Module, dp: int, ep: int, moes: list[tuple[Function, Node]]) 
     if dp != ep:
         raise NanoForgeError(f"--attention-dp {dp} and --ffn-ep {ep} must be equal: attention data parallelism "
                              "and expert parallelism run on the same ranks")
-    if module.meta.get("parallel", {}).get("tp", 1) > 1:
+    if layout_of(module).tp > 1:
         raise NanoForgeError("--tp cannot be combined with --attention-dp/--ffn-ep (yet)")
     if not moes:
         raise NanoForgeError(f"--ffn-ep {ep}: the model has no MoE layers to spread over ranks")
@@ -47,8 +47,14 @@ def _rewrite(fn: Function, node: Node, ep: int) -> list[Node]:
             Node("moe_combine", [yg, plan], {}, {"group": "ep"}, [node.out], node.source)]
 
 
-def run(module: Module, opts: dict[str, Any]) -> int:
-    dp, ep = int(opts["attention_dp"]), int(opts["ffn_ep"])
+@dataclass(frozen=True)
+class Options:
+    attention_dp: int = 1  # --attention-dp
+    ffn_ep: int = 1  # --ffn-ep
+
+
+def run(module: Module, opts: Options) -> int:
+    dp, ep = opts.attention_dp, opts.ffn_ep
     if dp < 1 or ep < 1:
         raise NanoForgeError(f"--attention-dp and --ffn-ep must be >= 1; got {dp} and {ep}")
     if dp == ep == 1:
@@ -66,8 +72,8 @@ def run(module: Module, opts: dict[str, Any]) -> int:
                 shape = tuple(p.type.shape)
                 p.type = TensorType(p.type.dtype, (int(shape[0]) // ep, *shape[1:]))
                 p.shard = f"d0:{ep}@ep"
-    module.meta["parallel"] = {**parallel_of(module.meta), "attention_dp": dp, "ffn_ep": ep}
+    write(module, ParallelLayout(tp=layout_of(module).tp, attention_dp=dp, ffn_ep=ep))
     return len(moes)
 
 
-PASS = Pass("shard_ep", run, __doc__.split("\n")[0], defaults={"attention_dp": 1, "ffn_ep": 1})
+PASS = Pass("shard_ep", run, __doc__.split("\n")[0], Options)

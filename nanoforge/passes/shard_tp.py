@@ -15,12 +15,14 @@ right where something needs the whole value.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NanoForgeError
+from ..facts import ParallelLayout, layout_of, write
 from ..ir.graph import Function, Module, Node, TensorType, Value
 from ..ir.ops import infer_types
-from ..parallel.shard_spec import format_spec, parallel_of
+from ..parallel.shard_spec import format_spec
 from .manager import Pass
 
 HEAD_LOCAL = {"rope", "qk_norm_rope", "silu", "mul", "silu_mul", "split", "rms_norm"}
@@ -159,14 +161,19 @@ def _insert_after(fn: Function, ids: set[int], op: str, attrs: dict[str, Any]) -
                 fn.nodes.insert(fn.nodes.index(node) + 1, Node(op, [raw], {}, dict(attrs), [v], node.source))
 
 
-def shard_tp(module: Module, opts: dict[str, Any]) -> int:
-    tp = opts["tp"]
+@dataclass(frozen=True)
+class Options:
+    tp: int = 1  # tensor-parallel ranks (--tp)
+
+
+def shard_tp(module: Module, opts: Options) -> int:
+    tp = opts.tp
     if not isinstance(tp, int) or tp < 1:
         raise NanoForgeError(f"--tp {tp!r}: expected a positive integer")
     if tp == 1:
         return 0
-    if max(parallel_of(module.meta).values()) > 1:
-        raise NanoForgeError(f"--tp {tp}: the module is already sharded ({module.meta['parallel']})")
+    if (layout := layout_of(module)).sharded:
+        raise NanoForgeError(f"--tp {tp}: the module is already sharded ({layout.describe()})")
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
     changes = sum(_shard_function(module, fn, tp, specs) for fn in module.functions.values())
     for name, (s, shape) in specs.items():
@@ -177,9 +184,9 @@ def shard_tp(module: Module, opts: dict[str, Any]) -> int:
             ptypes = {slot: module.params[n].type for slot, n in node.params.items()}
             for v, t in zip(node.outputs, infer_types(node.op, [v.type for v in node.inputs], ptypes, node.attrs)):
                 v.type = t
-    module.meta["parallel"] = {"tp": tp, "attention_dp": 1, "ffn_ep": 1}
+    write(module, ParallelLayout(tp=tp))
     return changes + len(specs)
 
 
 PASS = Pass("shard_tp", shard_tp, "tensor parallelism: column/row-parallel linears, local heads, "
-            "vocab-parallel embedding and lm_head, all_reduce / all_gather", {"tp": 1})
+            "vocab-parallel embedding and lm_head, all_reduce / all_gather", Options)

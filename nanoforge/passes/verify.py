@@ -1,14 +1,12 @@
 """verify: structural checks of the traced module (SSA, operand types, params); changes nothing."""
 from __future__ import annotations
 
-from typing import Any
-
 from ..ir.graph import Module
 from ..ir.verifier import verify_module
-from .manager import Pass
+from .manager import NoOptions, Pass
 
 
-def verify(module: Module, opts: dict[str, Any]) -> int:
+def verify(module: Module, opts: NoOptions) -> int:
     verify_module(module)
     return 0
 

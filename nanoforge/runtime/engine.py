@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .. import defaults
 from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
-from ..parallel.shard_spec import parallel_of, world_size
 from ..plan import Plan
 from .block_manager import BlockManager
 from .launchers import check_launcher
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, RunnerConfig
 from .sampler import SampleRequest, sample, sample_plain, sample_plain_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -29,11 +29,11 @@ class EngineConfig:
     device: str = "cpu"
     num_blocks: int | None = None  # default: kv_cache_memory / bytes per block
     kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, on CUDA what gpu_memory_utilization leaves
-    gpu_memory_utilization: float = 0.9  # share of the card's memory this engine may hold in all
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_prefill_chunk: int = 512
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION
+    max_num_seqs: int = defaults.MAX_NUM_SEQS
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
+    max_prefill_chunk: int = defaults.MAX_PREFILL_CHUNK
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at what the KV pool holds
     prefix_caching: bool = True
     enforce_eager: bool = False  # never replay CUDA graphs
     overlap_decode: bool = True  # launch decode step N+1 before the host has read step N's tokens
@@ -80,38 +80,50 @@ def _spread(xs: list[float]) -> dict[str, float] | None:
     return {"min": 1000 * xs[0], "p50": 1000 * xs[len(xs) // 2], "max": 1000 * xs[-1]}
 
 
+def _check_config(cfg: EngineConfig) -> None:
+    if not 0 < cfg.gpu_memory_utilization <= 1:
+        raise NanoForgeError(f"gpu_memory_utilization must be in (0, 1]; got {cfg.gpu_memory_utilization}")
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"):
+        if getattr(cfg, name) < 1:
+            raise NanoForgeError(f"{name} must be at least 1; got {getattr(cfg, name)}")
+    if cfg.max_model_len is not None and cfg.max_model_len < 2:
+        raise NanoForgeError(f"max_model_len must be at least 2 (a prompt token and a generated one); got "
+                             f"{cfg.max_model_len}")
+
+
 class Engine:
     def __init__(self, plan: Plan, ckpt: Checkpoint | None, tokenizer: Tokenizer | None, cfg: EngineConfig,
                  progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
-        meta = plan.module.meta
-        self.vocab_size = int(meta["vocab_size"])
-        self.max_model_len = cfg.max_model_len or int(meta.get("max_position_embeddings", 4096))
-        bs = meta["kv_contract"]["block_size"]
-        if not 0 < cfg.gpu_memory_utilization <= 1:
-            raise NanoForgeError(f"gpu_memory_utilization must be in (0, 1]; got {cfg.gpu_memory_utilization}")
-        block_bytes = max(meta["memory"]["kv_bytes_per_token"] * bs, 1)
+        _check_config(cfg)
+        self.vocab_size = plan.model.vocab_size
+        model_len = cfg.max_model_len or plan.model.max_position_embeddings
+        bs = plan.kv_contract.block_size
+        block_bytes = max(plan.memory.kv_bytes_per_token * bs, 1)
         num_blocks = cfg.num_blocks or (cfg.kv_cache_memory // block_bytes if cfg.kv_cache_memory else None)
         if num_blocks is None and cfg.device == "cpu":
-            num_blocks = (1 << 30) // block_bytes
+            num_blocks = defaults.CPU_KV_CACHE_BYTES // block_bytes
         check_launcher(cfg.launcher)
-        launch = {}
-        if runner is None and world_size(meta) > 1:  # one process per rank, this one is rank 0
-            from .distributed_runner import DistributedRunner as runner_class
-            launch = {"launcher": cfg.launcher, "ray_address": cfg.ray_address}
+        runner_cfg = RunnerConfig(cfg.device, num_blocks, model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                  cfg.gpu_memory_utilization, cfg.enforce_eager, progress)
+        if runner is not None:
+            self.runner = runner
+        elif plan.parallel.sharded:  # one process per rank, this one is rank 0
+            from .distributed_runner import DistributedRunner
+
+            self.runner = DistributedRunner(plan, ckpt, runner_cfg, cfg.launcher, cfg.ray_address)
         else:
-            runner_class = ModelRunner
             if cfg.launcher != "local":
                 log.info("launcher %s ignored: the plan runs as one rank, in this process", cfg.launcher)
-        self.runner = runner or runner_class(plan, ckpt, num_blocks, cfg.device, progress, self.max_model_len,
-                                             cfg.max_num_seqs, cfg.enforce_eager, cfg.gpu_memory_utilization,
-                                             cfg.max_num_batched_tokens, **launch)
+            self.runner = ModelRunner(plan, ckpt, runner_cfg)
         num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
         if num_blocks < 1:
             raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
                                  "gpu_memory_utilization")
+        self.max_model_len = self._fit_model_len(model_len, num_blocks * bs, explicit=cfg.max_model_len is not None)
+        self._len_note = " (all the KV cache holds)" if self.max_model_len < model_len else ""
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_chunk)
-        if (dp := parallel_of(meta)["attention_dp"]) > 1:  # a scheduler and KV pool per DP replica, in lockstep
+        if (dp := plan.parallel.attention_dp) > 1:  # a scheduler and KV pool per DP replica, in lockstep
             from .dp_scheduler import DPScheduler
 
             self.scheduler = DPScheduler(sched_cfg, num_blocks, bs, cfg.prefix_caching, dp)
@@ -127,6 +139,63 @@ class Engine:
         self.seqs: dict[int, Sequence] = {}
         self._pending: _InFlight | None = None  # a launched decode step whose tokens are on the device
         self._last_resolve = 0.0
+
+    @staticmethod
+    def _fit_model_len(model_len: int, pool_tokens: int, explicit: bool) -> int:
+        """The longest sequence the engine admits: the model's (or the user's) limit, cut to what
+        one sequence can hold in the KV pool; a limit the user set that the pool cannot hold is an
+        error (as in vLLM), the model's own is lowered and logged."""
+        if model_len <= pool_tokens:
+            return model_len
+        if explicit:
+            raise NanoForgeError(f"max_model_len {model_len} is more than the KV cache holds ({pool_tokens} tokens): "
+                                 "lower max_model_len, or give the cache more memory (num_blocks, kv_cache_memory, "
+                                 "gpu_memory_utilization)")
+        log.info("max_model_len %d -> %d: the KV cache holds %d tokens", model_len, pool_tokens, pool_tokens)
+        return pool_tokens
+
+    # -- what callers may look at (serving, LLM, benchmarks) ---------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV blocks in the pool (of each attention-DP replica)."""
+        return len(self.blocks.blocks)
+
+    def kv_pool(self) -> list[tuple[torch.Tensor, ...]]:
+        """The paged KV pool tensors, per attention layer (laid out as the plan's KV contract says)."""
+        return self.runner.pool
+
+    def kv_block_ids(self, seq: Sequence, first_block: int, num_tokens: int) -> list[int]:
+        """The pool blocks holding tokens first_block * block_size .. num_tokens - 1 of `seq`."""
+        return seq.block_table[first_block:self.blocks.blocks_needed(num_tokens)]
+
+    def stats(self) -> dict[str, float]:
+        """Load and cache counters, for /metrics and routers."""
+        total, free = len(self.blocks.blocks), self.blocks.num_free
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": total, "kv_blocks_free": free, "kv_usage": 1 - free / max(total, 1),
+                "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
+                "prompt_tokens": self.metrics.prompt_tokens, "generated_tokens": self.metrics.generated_tokens,
+                "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions}
+
+    def metrics_summary(self) -> dict:
+        """Step times, batch shapes and how each batch ran (CUDA graph, or why eager)."""
+        return self.metrics.summary(self.blocks, self.scheduler.num_preemptions, getattr(self.runner, "batches", None))
+
+    def runner_info(self) -> dict:
+        """Start-up facts of the model runner: the decode graph sizes captured and the warm-up time."""
+        graphs = getattr(self.runner, "graphs", None)
+        return {"cuda_graph_sizes": list(graphs.sizes) if graphs is not None else [],
+                "no_graph_reason": getattr(self.runner, "no_graph_reason", None),
+                "warmup_s": getattr(self.runner, "warmup_s", 0.0),
+                "capture_s": getattr(graphs, "capture_s", None)}
+
+    def forget(self, seq: Sequence) -> None:
+        """Drop a finished sequence from the engine's table (its caller keeps the object)."""
+        self.seqs.pop(seq.seq_id, None)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self._check_request(prompt_ids, params)
@@ -149,12 +218,12 @@ class Engine:
             raise NanoForgeError(f"prompt token ids must be in [0, {self.vocab_size}); got {min(prompt_ids)}.."
                                  f"{max(prompt_ids)}")
         if len(prompt_ids) >= self.max_model_len:
-            raise NanoForgeError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
-                                 "(the prompt plus at least one generated token must fit)")
-        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
-        if self.blocks.blocks_needed(longest) > len(self.blocks.blocks):
-            raise NanoForgeError(f"request needs {self.blocks.blocks_needed(longest)} KV blocks of "
-                                 f"{self.blocks.block_size} tokens but the pool has {len(self.blocks.blocks)}")
+            raise NanoForgeError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}"
+                                 f"{self._len_note} (the prompt plus at least one generated token must fit)")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:  # the OpenAI server's rule, for every caller
+            raise NanoForgeError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is more than "
+                                 f"max_model_len {self.max_model_len}{self._len_note}; lower max_tokens to at most "
+                                 f"{self.max_model_len - len(prompt_ids)}")
 
     def abort(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
@@ -335,7 +404,7 @@ class Engine:
         self.scheduler.detach(seq)
         seq.status, seq.finish_reason = Status.FINISHED, "prefilled"
         self.seqs.pop(seq.seq_id, None)
-        if self.runner.pool[0][0].device.type != "cuda":
+        if self.runner.device.type != "cuda":
             return None
         event = torch.cuda.Event()
         event.record()

@@ -8,17 +8,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
-from ..kernels.context import allocate_pool, make_context
+from .. import defaults
 from ..codegen.pysource import compile_function
 from ..errors import NanoForgeError
+from ..kernels.context import allocate_pool, make_context
 from ..models.checkpoint import Checkpoint
-from ..parallel.shard_spec import world_size
+from ..models.weights import load_params
 from ..plan import Plan
+from ..typed_json import from_json, to_json
 from .scheduler import ScheduledBatch
-from .weights import load_params
 
 log = logging.getLogger("nanoforge.runner")
 
@@ -40,40 +42,60 @@ def flat_batch(batch: ScheduledBatch, sample_items: list[int], device_tokens: bo
     return tokens, seqs, [ends[i] for i in sample_items]
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a model runner needs besides the plan and the checkpoint: the Engine makes it from
+    its EngineConfig, and a sharded plan's driver sends it to every worker rank as JSON."""
+
+    device: str = "cpu"
+    num_blocks: int | None = None  # KV blocks; None: what the card's memory leaves (CUDA)
+    max_model_len: int = defaults.MAX_MODEL_LEN
+    max_num_seqs: int = defaults.MAX_NUM_SEQS
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
+    gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION
+    enforce_eager: bool = False  # never replay CUDA graphs
+    progress: bool = True  # weight-loading progress bar
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunnerConfig":
+        return from_json(cls, data, "runner config")
+
+
 def positions_of(seqs: list[tuple[int, int, list[int]]]) -> list[int]:
     return [p for q, c, _ in seqs for p in range(c - q, c)]
 
 
 class ModelRunner:
-    def __init__(self, plan: Plan, ckpt: Checkpoint, num_blocks: int | None, device: str = "cpu", progress: bool = True,
-                 max_model_len: int = 4096, max_num_seqs: int = 256, enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048, rank: int = 0):
-        if device == "cuda" and not torch.cuda.is_available():
+    def __init__(self, plan: Plan, ckpt: Checkpoint, cfg: RunnerConfig, rank: int = 0):
+        if cfg.device == "cuda" and not torch.cuda.is_available():
             raise NanoForgeError("--device cuda: no CUDA device is visible")
-        self.world = world_size(plan.module.meta)
+        self.world = plan.parallel.world
         if self.world > 1 and not self.one_rank_of_many:  # one rank alone would compute garbage, silently
-            raise NanoForgeError(f"the plan is sharded over {self.world} ranks ({plan.module.meta['parallel']}); "
+            raise NanoForgeError(f"the plan is sharded over {self.world} ranks ({plan.parallel.describe()}); "
                                  "ModelRunner runs a world of one (Engine runs such plans with DistributedRunner)")
-        self.device, self.rank = torch.device(device), rank
+        self.cfg, self.device, self.rank = cfg, torch.device(cfg.device), rank
         self.comm = None  # this rank's collectives, set by _agree_blocks on a sharded plan
-        self.contract = plan.module.meta["kv_contract"]
-        self.block_size = self.contract["block_size"]
-        self.params = load_params(plan.module, ckpt, self.device, progress=progress, rank=rank)
+        self.contract = plan.kv_contract
+        self.block_size = self.contract.block_size
+        self.params = load_params(plan.module, ckpt, self.device, progress=cfg.progress, rank=rank)
         self.forward = compile_function(plan.module, "forward")
-        if num_blocks is None:
-            num_blocks = self._blocks_that_fit(plan, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+        num_blocks = cfg.num_blocks if cfg.num_blocks is not None else self._blocks_that_fit(plan)
         self.num_blocks = self._agree_blocks(num_blocks)
         self.pool = allocate_pool(self.contract, max(self.num_blocks, 1), self.device)
-        self.warmup_s = self._warmup(max_num_batched_tokens, max_num_seqs) if self.device.type == "cuda" else 0.0
+        self.warmup_s = self._warmup(cfg.max_num_batched_tokens, cfg.max_num_seqs) if self.device.type == "cuda" \
+            else 0.0
         self.batches = Counter()  # "graph" or the reason a batch ran eagerly
         self.graphs = None
-        self.no_graph_reason = self._graph_plan_reason(plan, enforce_eager)
+        self.no_graph_reason = self._graph_plan_reason(plan, cfg.enforce_eager)
         if self.no_graph_reason is None:
             from .cuda_graphs import DecodeGraphs
 
-            sizes = [s for s in plan.module.meta["cuda_graphs"]["sizes"] if s <= max_num_seqs] or [1]
+            sizes = [s for s in plan.cuda_graphs.sizes if s <= cfg.max_num_seqs] or [1]
             self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
-                                       max_model_len, self.device, self.comm)
+                                       cfg.max_model_len, self.device, self.comm)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
 
@@ -107,16 +129,19 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def _blocks_that_fit(self, plan: Plan, utilization: float, max_tokens: int, max_seqs: int) -> int:
-        """KV blocks in what `utilization` of the card leaves once weights are loaded, minus the
-        plan's activation peak for the largest step, the logits and a reserve for CUDA graphs."""
+    def _blocks_that_fit(self, plan: Plan) -> int:
+        """KV blocks in what gpu_memory_utilization of the card leaves once weights are loaded,
+        minus the plan's activation peak for the largest step, the logits and a reserve for CUDA graphs."""
+        if self.device.type != "cuda":
+            raise NanoForgeError("a CPU runner needs num_blocks (Engine sizes the CPU pool)")
         free, total = torch.cuda.mem_get_info(self.device)
-        mem = plan.module.meta["memory"]
+        cfg, mem = self.cfg, plan.memory
         # the plan's live-value peak, doubled for kernel temporaries and allocator rounding
-        activations = 2 * mem["activation_bytes_per_token"] * max_tokens + 8 * max_seqs * int(plan.module.meta["vocab_size"])
+        activations = 2 * mem.activation_bytes_per_token * cfg.max_num_batched_tokens + \
+            8 * cfg.max_num_seqs * plan.model.vocab_size
         reserve = 1 << 30  # CUDA graph pool, library workspaces
-        budget = int(total * utilization) - (total - free) - activations - reserve
-        block_bytes = mem["kv_bytes_per_token"] * self.block_size
+        budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations - reserve
+        block_bytes = mem.kv_bytes_per_token * self.block_size
         log.info("KV cache: %.2f GiB for %d blocks", max(budget, 0) / 2**30, max(budget, 0) // block_bytes)
         return max(budget, 0) // block_bytes
 
@@ -125,8 +150,8 @@ class ModelRunner:
             return "not on a CUDA device"
         if enforce_eager:
             return "enforce_eager is set"
-        info = plan.module.meta.get("cuda_graphs") or {"sizes": [], "reason": "the plan has no CUDA-graph pass"}
-        return info["reason"] if not info["sizes"] else None
+        info = plan.cuda_graphs
+        return (info.reason or "the plan planned no graph sizes") if not info.sizes else None
 
     def execute(self, batch: ScheduledBatch,
                 device_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:

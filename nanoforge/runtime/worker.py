@@ -1,12 +1,13 @@
 """One worker rank of a sharded plan, started by DistributedRunner's launcher with everything on
 its command line: `python -m nanoforge.runtime.worker PLAN_DIR CHECKPOINT --rank R --world N
---host H --port P ...` (a subprocess), or `main(argv)` in a Ray actor. It loads its slices, joins
+--host H --port P --config JSON` (a subprocess; JSON is its RunnerConfig), or `main(argv)` in a Ray actor. It loads its slices, joins
 the other ranks and runs the steps the driver broadcasts until the stop header. A subprocess
 (`--driver-pid`) exits by itself when the driver goes away (its stdin pipe closes, or its parent
 changes), so a killed driver leaves no worker behind; Ray kills the actors of a dead driver."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -48,9 +49,7 @@ def _open_source(arg: str, device: str):
 
     if not arg.startswith("random:"):
         return open_checkpoint(arg)
-    import json
-
-    from ..tools.random_checkpoint import RandomCheckpoint
+    from ..models.random_checkpoint import RandomCheckpoint
 
     spec = json.loads(Path(arg[len("random:"):]).read_text())
     return RandomCheckpoint(spec["config"], spec["name"], spec["dtype"], spec["seed"],
@@ -69,13 +68,7 @@ def main(argv: list[str] | None = None, errors: list[str] | None = None,
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="the driver's TCPStore address (default %(default)s)")
     p.add_argument("--port", type=int, required=True, help="the driver's TCPStore port")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--num-blocks", type=int, default=-1, help="-1: what fits in this rank's memory")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--config", required=True, help="this rank's RunnerConfig as JSON (device, num_blocks, ...)")
     p.add_argument("--driver-pid", type=int, help="a subprocess of this driver: leave when it goes away "
                    "(or closes stdin)")
     a = p.parse_args(argv)
@@ -88,18 +81,18 @@ def main(argv: list[str] | None = None, errors: list[str] | None = None,
         import torch.distributed as dist
 
         from ..plan import read_plan
-        from .distributed_runner import STEP_TIMEOUT, RankRunner
+        from .model_runner import RunnerConfig
+        from .rank_runner import STEP_TIMEOUT, RankRunner
 
-        if a.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(a.device))
-        plan, ckpt = read_plan(a.plan), _open_source(a.checkpoint, a.device)
+        cfg = RunnerConfig.from_json(json.loads(a.config))
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(cfg.device))
+        plan, ckpt = read_plan(a.plan), _open_source(a.checkpoint, cfg.device)
         if loaded is not None:
             loaded()
         store = dist.TCPStore(a.host, a.port, a.world, is_master=False,
                               timeout=max(STEP_TIMEOUT, datetime.timedelta(seconds=60)))
-        runner = RankRunner(plan, ckpt, None if a.num_blocks < 0 else a.num_blocks, a.device, False, a.max_model_len,
-                            a.max_num_seqs, a.enforce_eager, a.gpu_memory_utilization, a.max_num_batched_tokens,
-                            a.rank, store)
+        runner = RankRunner(plan, ckpt, cfg, a.rank, store)
         runner.serve()
         runner.leave()
         return 0

@@ -44,7 +44,8 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="nanoforge-engine", daemon=True)
         self.running = False
         self.started_at = time.time()
-        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "errors": 0, "kv_migrations": 0,
+        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "errors": 0,
+                         "kv_migrations": 0,
                          "kv_migration_bytes": 0, "kv_migration_seconds": 0.0, "kv_migration_fallbacks": 0,
                          "kv_served_bytes": 0, "kv_park_expired": 0}
         self.kv_park_timeout = kv_park_timeout
@@ -88,9 +89,9 @@ class EngineLoop:
             if p is None:
                 raise NanoForgeError(f"no parked KV for request {request_id!r} here (never prefilled here, already "
                                      f"released, or expired after {self.kv_park_timeout:g}s)")
-            ids = p.seq.block_table[first_block:self.engine.blocks.blocks_needed(p.num_tokens)]
+            ids = self.engine.kv_block_ids(p.seq, first_block, p.num_tokens)
             if with_data:
-                bufs = gather_blocks(self.engine.runner.pool, ids, p.ready)
+                bufs = gather_blocks(self.engine.kv_pool(), ids, p.ready)
             else:  # the puller copies out of our pool itself: the writes must be done
                 bufs = []
                 if p.ready is not None:
@@ -98,19 +99,11 @@ class EngineLoop:
             state = generator_state(p.seq.generator)
         nbytes = sum(b.nbytes for b in bufs)
         self.counters["kv_served_bytes"] += nbytes
-        return {"num_tokens": p.num_tokens, "block_size": self.engine.blocks.block_size, "first_block": first_block,
+        return {"num_tokens": p.num_tokens, "block_size": self.engine.block_size, "first_block": first_block,
                 "block_ids": ids, "nbytes": nbytes, "generator_state": state}, bufs
 
     def stats(self) -> dict[str, Any]:
-        eng = self.engine
-        total = len(eng.blocks.blocks)
-        free = eng.blocks.num_free
-        return {"num_running": len(eng.scheduler.running), "num_waiting": len(eng.scheduler.waiting),
-                "kv_blocks_total": total, "kv_blocks_free": free, "kv_usage": 1 - free / max(total, 1),
-                "prefix_cache_queries": eng.blocks.queries, "prefix_cache_hits": eng.blocks.hits,
-                "prompt_tokens": eng.metrics.prompt_tokens, "generated_tokens": eng.metrics.generated_tokens,
-                "steps": eng.metrics.steps, "preemptions": eng.scheduler.num_preemptions,
-                "uptime_s": time.time() - self.started_at, "kv_parked": len(self.parked),
+        return {**self.engine.stats(), "uptime_s": time.time() - self.started_at, "kv_parked": len(self.parked),
                 "kv_migrating": len(self.migrating), **self.counters}
 
     # -- the engine thread -----------------------------------------------------------------
@@ -151,13 +144,13 @@ class EngineLoop:
         self.counters["requests"] += 1
         rid, pd = req.request_id, req.pd or {}
         if rid in self.live or rid in self.parked or rid in self.migrating:
-            return self._error(req, f"request id {rid!r} is already running")
+            return self._reject(req, f"request id {rid!r} is already running")
         try:
             if pd.get("phase") == "decode":
                 return self._add_migrated(req, pd)
             seq = self.engine.add_request(list(req.prompt_ids), req.sampling_params())
         except (NanoForgeError, TypeError, ValueError) as e:
-            return self._error(req, str(e))
+            return self._reject(req, str(e))
         self.live[rid] = seq
         self.sent[rid] = 0
         if pd.get("phase") == "prefill":
@@ -174,7 +167,7 @@ class EngineLoop:
         if first is not None and self.migrate is not None:
             try:
                 self.migrate({**job, "first_block": first,
-                              "block_ids": seq.block_table[first:self.engine.blocks.blocks_needed(n_kv)]})
+                              "block_ids": self.engine.kv_block_ids(seq, first, n_kv)})
                 self.migrating[rid] = seq
                 return None
             except Exception as e:  # noqa: BLE001 - the request still runs, recomputed
@@ -230,8 +223,9 @@ class EngineLoop:
             log.warning("request %s: parked KV not pulled within %gs; freed", rid, self.kv_park_timeout)
         self.counters["kv_park_expired"] += len(gone)
 
-    def _error(self, req: GenerateRequest, why: str) -> TokenDelta:
-        self.counters["errors"] += 1
+    def _reject(self, req: GenerateRequest, why: str) -> TokenDelta:
+        """A request refused at admission (its ids, length or parameters): the client's fault, not an error."""
+        self.counters["rejected"] += 1
         return TokenDelta(req.request_id, finish_reason="error", num_prompt_tokens=len(req.prompt_ids), error=why)
 
     def _abort(self, request_id: str) -> TokenDelta | None:
@@ -263,7 +257,7 @@ class EngineLoop:
             if seq.finish_reason is not None:
                 del self.live[rid], self.sent[rid]
                 self.prefill_only.discard(rid)
-                self.engine.seqs.pop(seq.seq_id, None)
+                self.engine.forget(seq)
                 self.counters["finished"] += 1
         if deltas:
             self.on_deltas(deltas)
@@ -280,7 +274,7 @@ class EngineLoop:
         num_tokens = min(seq.num_computed, seq.num_tokens - 1)
         with self.parked_lock:
             self.parked[rid] = Parked(seq, time.monotonic() + self.kv_park_timeout, ready, num_tokens)
-        return {"num_tokens": num_tokens, "block_size": self.engine.blocks.block_size}
+        return {"num_tokens": num_tokens, "block_size": self.engine.block_size}
 
     def _fail_all(self, why: str) -> None:
         deltas = []
@@ -289,6 +283,7 @@ class EngineLoop:
             if rid not in self.migrating:
                 self.engine.abort(seq.seq_id)
             deltas.append(TokenDelta(rid, finish_reason="error", num_prompt_tokens=seq.num_prompt, error=why))
+        self.counters["errors"] += len(deltas)
         self.live.clear()
         self.sent.clear()
         if deltas:

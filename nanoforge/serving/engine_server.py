@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 
 from ..errors import NanoForgeError
+from ..kv_contract import KVContract
 from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
@@ -80,18 +81,19 @@ def parse_pd(pd: Any) -> dict[str, Any] | None:
 
 
 class EngineServer:
-    def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: dict[str, Any], role: str = "both",
+    def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: KVContract, role: str = "both",
                  info: dict[str, Any] | None = None, *, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
                  registry: str | None = None, advertise_addr: str | None = None):
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
-        if kv_transport not in TRANSPORTS or (kv_transport == "ipc" and pool_device(engine.runner.pool).type != "cuda"):
+        if kv_transport not in TRANSPORTS or (kv_transport == "ipc" and pool_device(engine.kv_pool()).type != "cuda"):
             raise NanoForgeError(f"--kv-transport {kv_transport!r}: choose one of {', '.join(TRANSPORTS)} (ipc needs "
                                  "a KV pool on CUDA)")
         if kv_park_timeout <= 0:
             raise NanoForgeError(f"--kv-park-timeout must be > 0 seconds; got {kv_park_timeout}")
         self.addr, self.stopping = addr, False
-        self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract,
+        self.kv_contract = kv_contract
+        self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract.to_json(),
                      "pid": os.getpid(), "instance": uuid.uuid4().hex, "role": role, "host": socket.gethostname(),
                      "protocol_version": PROTOCOL_VERSION, **(info or {})}
         self.publisher = self._publisher(registry, advertise_addr or addr) if registry else None
@@ -127,8 +129,7 @@ class EngineServer:
     def _migrate(self, job: dict[str, Any]) -> None:  # engine thread: the worker starts with the first pull
         if self.migrator is None:
             eng = self.loop.engine
-            self.migrator = MigrationWorker(eng.runner.pool, self.info["kv_contract"], self.loop.migrated,
-                                            self.kv_transport)
+            self.migrator = MigrationWorker(eng.kv_pool(), self.kv_contract, self.loop.migrated, self.kv_transport)
         self.migrator.submit(job)
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:  # engine thread
@@ -246,9 +247,9 @@ class EngineServer:
 
     def _ipc(self) -> dict[str, Any] | None:
         """The pool's CUDA IPC handles, exported once, for a decode engine on this host to map."""
-        if self.ipc is None and pool_device(self.loop.engine.runner.pool).type == "cuda":
+        if self.ipc is None and pool_device(self.loop.engine.kv_pool()).type == "cuda":
             try:
-                self.ipc = export_ipc(self.loop.engine.runner.pool)
+                self.ipc = export_ipc(self.loop.engine.kv_pool())
             except Exception as e:  # decode engines pull over TCP instead (or say why not, with ipc forced)
                 log.warning("cannot export the KV pool for CUDA IPC: %s", e)
         return self.ipc
@@ -287,11 +288,11 @@ def serve_engine(model: str | Path, addr: str, *, model_name: str | None = None,
     from ..llm import LLM
 
     llm = LLM(model, device=device, progress=False, **engine_opts)
-    fingerprint = json.dumps(llm.plan.checkpoint.get("fingerprint"), sort_keys=True).encode()
+    fingerprint = json.dumps(llm.plan.checkpoint.fingerprint, sort_keys=True).encode()
     info = {"checkpoint_path": str(llm.checkpoint.path), "max_num_seqs": llm.engine.cfg.max_num_seqs,
-            "block_size": llm.engine.blocks.block_size,
+            "block_size": llm.engine.block_size,
             "model_fingerprint": hashlib.blake2b(fingerprint, digest_size=8).hexdigest()}
-    server = EngineServer(llm.engine, addr, model_name or Path(model).name, llm.plan.module.meta["kv_contract"],
+    server = EngineServer(llm.engine, addr, model_name or Path(model).name, llm.plan.kv_contract,
                           role, info, kv_park_timeout=kv_park_timeout, kv_transport=kv_transport, registry=registry,
                           advertise_addr=advertise_addr)
     if threading.current_thread() is threading.main_thread():
@@ -356,7 +357,7 @@ def spawn_engine_server(model: str | Path, addr: str | None = None, timeout: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import add_engine_server_flags
+    from .engine_flags import add_engine_server_flags
 
     p = argparse.ArgumentParser(prog="python -m nanoforge.serving.engine_server", description=__doc__.split("\n")[0])
     p.add_argument("model", help="plan dir or checkpoint")

@@ -26,12 +26,12 @@ from typing import Any, Callable, Protocol
 import zmq
 
 from ..errors import NanoForgeError
-from ..passes.plan_memory import kv_contract_mismatches
+from ..kv_contract import KVContract
 from ..runtime.kv_transfer import Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks
+from .engine_flags import KV_TRANSPORTS as TRANSPORTS
 from .wire import PROTOCOL_VERSION, pack, unpack
 
 log = logging.getLogger("nanoforge.serving")
-TRANSPORTS = ("auto", "tcp", "ipc")
 SLOWEST_BYTES_PER_S = 5e8  # a pull may take timeout + its bytes at this rate before it is given up
 
 
@@ -101,7 +101,7 @@ class MigrationWorker:
     {request_id, source, source_request_id, num_tokens, first_block, block_ids} or, to only let
     the source free the KV, {..., release_only: True}."""
 
-    def __init__(self, pool: Pool, kv_contract: dict[str, Any], report: Callable[[dict[str, Any]], None],
+    def __init__(self, pool: Pool, kv_contract: KVContract, report: Callable[[dict[str, Any]], None],
                  transport: str = "auto", timeout: float = 5.0):
         if transport not in TRANSPORTS:
             raise NanoForgeError(f"--kv-transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
@@ -238,7 +238,8 @@ class MigrationWorker:
         try:
             if msg["type"] == "error":
                 raise NanoForgeError(f"prefill engine at {peer.addr} refused hello: {msg.get('error')}")
-            diff = kv_contract_mismatches(msg["kv_contract"], self.contract)
+            diff = KVContract.from_json(msg.get("kv_contract"), f"hello from {peer.addr}: kv_contract").mismatches(
+                self.contract)
             if diff:
                 raise NanoForgeError(f"prefill engine at {peer.addr} has an incompatible KV cache layout: "
                                      + "; ".join(diff))

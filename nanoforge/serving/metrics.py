@@ -92,7 +92,9 @@ class ServerMetrics:
                    [f"{m}_prefix_cache_hit_rate{{{model}}} {_num(rate)}"])
             counters = {"prefix_cache_queries": "Prefix-cache lookups.", "prefix_cache_hits": "Prefix-cache hits.",
                         "preemptions": "Sequences preempted for lack of KV blocks.", "steps": "Engine steps.",
-                        "aborted": "Requests aborted in the engine.", "errors": "Requests failed in the engine."}
+                        "aborted": "Requests aborted in the engine.",
+                        "rejected": "Requests the engine refused as invalid (the client's fault: answered HTTP 400).",
+                        "errors": "Requests failed in the engine (a failed step, a lost KV pull), not refused ones."}
             for key, help_ in counters.items():
                 if key in stats:
                     metric(f"engine_{key}", "counter", help_, [f"{m}_engine_{key}_total{{{model}}} {_num(stats[key])}"])

@@ -85,12 +85,14 @@ class Fanout:
 
 class SSEResponse(StreamingResponse):
     """Server-sent events that stop, and run on_close, as soon as the client disconnects — also
-    while waiting for the engine, when nothing is being sent (Starlette would only notice on send)."""
+    while waiting for the engine, when nothing is being sent (Starlette would only notice on send);
+    on_disconnect runs too when the client went away before the last event."""
 
-    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]):
+    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None],
+                 on_disconnect: Callable[[], None] = lambda: None):
         super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache",
                                                                         "x-accel-buffering": "no"})
-        self.body_gen, self.on_close = body, on_close
+        self.body_gen, self.on_close, self.on_disconnect = body, on_close, on_disconnect
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         async def pump() -> None:
@@ -109,8 +111,11 @@ class SSEResponse(StreamingResponse):
             watch.cancel()
             task.cancel()
             self.on_close()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("SSE stream failed", exc_info=task.exception())
+        error = task.exception() if task.done() and not task.cancelled() else None
+        if not task.done() or task.cancelled() or isinstance(error, OSError):  # OSError: a send to a closed socket
+            self.on_disconnect()
+        elif error is not None:
+            log.error("SSE stream failed", exc_info=error)
 
 
 def sse(obj: Any) -> str:
@@ -179,7 +184,6 @@ class OpenAIServer:
                     params["seed"] += j  # n samples of one seeded request differ, and repeat
                 gens.append(GenerateRequest(f"{rid}-{k}", list(ids), params))
                 streams.append(ChoiceStream(k, self.tok, params.get("stop", []), req.parse_tools))
-        self.metrics.prompt_tokens += sum(len(p) for p in req.prompts)
         return Fanout(self.client, gens), streams
 
     def _step(self, fan: Fanout, streams: list[ChoiceStream], i: int, d: TokenDelta, clock: dict) -> Update | None:
@@ -221,22 +225,40 @@ class OpenAIServer:
                 for i, d in first:
                     if d.finish_reason in ("error", "abort") and not d.token_ids and not streams[i].num_tokens:
                         streams[i].push(d)
-                        raise _error_status(streams[i])
+                        raise self._failed(req, streams[i])
                 handed_over = True
-                return SSEResponse(self._stream(fan, streams, req, base, chat, first, clock), fan.close)
+                self._served(req)
+                return SSEResponse(self._stream(fan, streams, req, base, chat, first, clock), fan.close,
+                                   on_disconnect=self._client_gone)
             acc = await _race(self._collect(fan, streams, clock), request.receive)
         except ClientGone:
-            self.metrics.aborted_by_client += 1
+            self._served(req)  # the engine worked on the prompt until the client left
+            self._client_gone()
             return Response(status_code=499)
         finally:
             if not handed_over:
                 fan.close()
-        self.metrics.e2e.observe(time.perf_counter() - clock["t0"])
         for cs in streams:
             if cs.finish_reason in ("error", "abort"):
-                raise _error_status(cs)
+                raise self._failed(req, cs)
+        self._served(req)
+        self.metrics.e2e.observe(time.perf_counter() - clock["t0"])
         choices = [self._final_choice(cs, up, req, chat) for cs, up in zip(streams, acc)]
         return JSONResponse({**base, "choices": choices, "usage": self._usage(req, streams)})
+
+    def _served(self, req: ParsedRequest) -> None:
+        self.metrics.prompt_tokens += sum(len(p) for p in req.prompts)
+
+    def _client_gone(self) -> None:
+        self.metrics.aborted_by_client += 1
+
+    def _failed(self, req: ParsedRequest, cs: ChoiceStream) -> APIError:
+        """The error a failed choice fails its request with; a request refused as the client's
+        fault (400) served nothing, so its prompt tokens are not counted."""
+        err = _error_status(cs)
+        if err.status != 400:
+            self._served(req)
+        return err
 
     async def _first_deltas(self, fan: Fanout, n: int) -> list[tuple[int, TokenDelta]]:
         """Wait for every choice's first delta so that a request the engine refuses gets a proper

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ..errors import NanoForgeError
+from ..kv_contract import KVContract
 from .protocol import GenerateRequest, TokenDelta
 from .routing import EngineLoad, make_strategy
 from .zmq_client import ZmqEngineClient
@@ -25,7 +26,7 @@ ROLES = ("both", "prefill", "decode")
 # engine stats that add up over engines
 SUM_KEYS = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "prefix_cache_queries",
             "prefix_cache_hits", "prompt_tokens", "generated_tokens", "steps", "preemptions", "requests", "finished",
-            "aborted", "errors", "kv_migrations", "kv_migration_bytes", "kv_migration_seconds",
+            "aborted", "rejected", "errors", "kv_migrations", "kv_migration_bytes", "kv_migration_seconds",
             "kv_migration_fallbacks", "kv_parked", "kv_served_bytes", "kv_park_expired")
 PER_ENGINE_KEYS = ("kv_usage", "num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total", "kv_parked",
                    "kv_migrations", "kv_migration_bytes")
@@ -105,10 +106,9 @@ class Router:
     def _incompatible(self, addr: str, hello: dict[str, Any]) -> str | None:
         if self.ref is None:
             return None
-        from ..passes.plan_memory import kv_contract_mismatches
-
         ref_addr, ref = self.ref
-        diff = kv_contract_mismatches(ref["kv_contract"], hello["kv_contract"])
+        diff = KVContract.from_json(ref["kv_contract"], f"engine at {ref_addr}: kv_contract").mismatches(
+            KVContract.from_json(hello["kv_contract"], f"engine at {addr}: kv_contract"))
         if diff:
             return (f"engine at {addr} is incompatible with the engine at {ref_addr}: their KV cache layouts differ "
                     f"({'; '.join(diff)}; listed as {ref_addr} vs {addr})")

@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from ..errors import NanoForgeError
+from ..kv_contract import KVContract
 from .protocol import GenerateRequest, TokenDelta
 from .wire import PROTOCOL_VERSION, pack, unpack
 
@@ -33,7 +34,7 @@ class ZmqEngineClient:
         self.addr, self.request_timeout = addr, request_timeout
         self.dead_after, self.ping_every = dead_after, ping_every  # seconds of silence: fail streams / ping
         self.model_name, self.max_model_len = "", 0
-        self.kv_contract: dict[str, Any] | None = None
+        self.kv_contract: KVContract | None = None
         self.info: dict[str, Any] = {}  # the hello reply
         self.tokenizer: Any = None  # loaded by connect(load_tokenizer=True)
         self.ctx = zmq.asyncio.Context()
@@ -52,7 +53,7 @@ class ZmqEngineClient:
 
     @classmethod
     async def connect(cls, addr: str, timeout: float = 10.0, load_tokenizer: bool = False,
-                      expect_kv_contract: dict | None = None, **kw: Any) -> "ZmqEngineClient":
+                      expect_kv_contract: KVContract | None = None, **kw: Any) -> "ZmqEngineClient":
         """Connect and handshake; a wrong address, no engine answering within `timeout`, or (with
         `expect_kv_contract`) an engine whose KV layout differs from the caller's raises."""
         self = cls(addr, **kw)
@@ -78,11 +79,13 @@ class ZmqEngineClient:
                                  f"{PROTOCOL_VERSION}; upgrade one side")
         self.info = hello
         self.model_name, self.max_model_len = hello["model_name"], hello["max_model_len"]
-        self.kv_contract = hello["kv_contract"]
+        try:
+            self.kv_contract = KVContract.from_json(hello.get("kv_contract"), f"engine at {addr}: kv_contract")
+        except NanoForgeError:
+            self.close()
+            raise
         if expect_kv_contract is not None:
-            from ..passes.plan_memory import kv_contract_mismatches
-
-            diff = kv_contract_mismatches(expect_kv_contract, self.kv_contract)
+            diff = expect_kv_contract.mismatches(self.kv_contract)
             if diff:
                 self.close()
                 raise NanoForgeError(f"engine at {addr} has an incompatible KV cache layout: {'; '.join(diff)}")

@@ -2,12 +2,17 @@
 
 N sequences with input and output lengths uniform in their ranges (seeded), random token ids,
 ignore_eos; output tokens / wall time, warm-up outside the timed region. The baseline, HF
-transformers `generate` (batched, KV cache on), runs on the same prompts in the same process.
+transformers `generate` (batched, KV cache on), runs on the same prompts in the same process, in
+the same dtype. `--model` is a preset (random weights), a checkpoint or a plan dir (run with the
+checkpoint it was compiled from); `--dtype auto` is f32 on CPU (bf16 matmuls are many times slower
+there) and, on CUDA, bf16 for a preset and the checkpoint's own dtype otherwise; a plan runs in the
+dtype it was compiled for.
 """
 from __future__ import annotations
 
 import datetime as dt
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..errors import NanoForgeError
 from ..ir.graph import DTYPE_BYTES
 
@@ -94,7 +99,14 @@ def run_hf(config: dict | str, prompts: list[list[int]], outs: list[int], batch_
         cfg = tf.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     else:
-        model = tf.AutoModelForCausalLM.from_pretrained(config, dtype=torch_dtype)
+        where = {"pretrained_model_name_or_path": str(config)}
+        if Path(config).is_file():  # a .gguf: transformers' own GGUF loader (dequantizes)
+            where = {"pretrained_model_name_or_path": str(Path(config).parent), "gguf_file": Path(config).name}
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(**where, dtype=torch_dtype)
+        except (OSError, ValueError, ImportError) as e:
+            raise NanoForgeError(f"HF baseline: transformers cannot load {config} ({e}); --hf-num-prompts 0 "
+                                 "skips the baseline") from e
     model = model.to(device).eval()
     model.generation_config.eos_token_id = None
     order = sorted(range(len(prompts)), key=lambda i: outs[i])
@@ -113,33 +125,46 @@ def run_hf(config: dict | str, prompts: list[list[int]], outs: list[int], batch_
     elapsed = time.perf_counter() - start
     useful = sum(outs)
     return {"time_s": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed, "batch_size": batch_size,
-            "num_prompts": len(prompts)}
+            "num_prompts": len(prompts), "dtype": dtype}
 
 
 def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_num_prompts: int, hf_batch_size: int,
                   results_dir: Path) -> dict[str, Any]:
+    from ..compiler import resolve_dtype
     from ..models.checkpoint import open_checkpoint
     from ..models.presets import PRESETS
-    from .random_checkpoint import RandomCheckpoint
+    from ..models.random_checkpoint import RandomCheckpoint
+    from ..plan import read_plan
     from .roofline import measure_ceilings, simulate_ceiling
 
     device = engine_opts.get("device") or "cpu"
     dtype = engine_opts.get("dtype", "auto")
     if model in PRESETS:
-        dtype = "bf16" if dtype == "auto" else dtype
-        engine_opts = {**engine_opts, "dtype": dtype}
+        dtype = ("f32" if device == "cpu" else "bf16") if dtype == "auto" else dtype
         source: Any = RandomCheckpoint(PRESETS[model], model, dtype, device=device)
         config, hf_source = source.config, PRESETS[model]
-    elif Path(model).exists() and not (Path(model) / "plan.json").exists():
+    elif (Path(model) / "plan.json").is_file():  # run as LLM(plan_dir) does: with its checkpoint
+        plan = read_plan(model)
+        if dtype not in ("auto", plan.dtype):
+            raise NanoForgeError(f"--dtype {dtype}: plan {model} was compiled for {plan.dtype}; leave --dtype out, "
+                                 f"or recompile it with --dtype {dtype}")
+        source, config, hf_source, dtype = model, plan.config, plan.checkpoint.path, plan.dtype
+        device = engine_opts.get("device") or plan.target.device  # a plan runs on its own device
+    elif Path(model).exists():
         source = model
         config = open_checkpoint(model, config_only=True).config
         hf_source = model
-        dtype = "bf16" if dtype == "auto" else dtype
+        dtype = ("f32" if device == "cpu" else resolve_dtype("auto", config)) if dtype == "auto" else dtype
     else:
-        raise NanoForgeError(f"--model {model!r}: not a checkpoint path nor a preset ({', '.join(PRESETS)})")
+        raise NanoForgeError(f"--model {model!r}: not a preset ({', '.join(PRESETS)}), checkpoint or plan dir")
+    engine_opts = {**engine_opts, "dtype": dtype}
+    if hf_num_prompts and str(hf_source).lower().endswith(".gguf") and importlib.util.find_spec("accelerate") is None:
+        raise NanoForgeError(f"HF baseline: transformers loads a GGUF ({Path(hf_source).name}) only with `accelerate` "
+                             "installed: pip install accelerate, or pass --hf-num-prompts 0 to skip the baseline")
     prompts, outs = workload.make(int(config["vocab_size"]))
     result: dict[str, Any] = {
-        "benchmark": "offline", "model": model, "workload": asdict(workload), "engine_options": engine_opts,
+        "benchmark": "offline", "model": model, "dtype": dtype, "workload": asdict(workload),
+        "engine_options": engine_opts,
         "machine": machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs),
     }
@@ -149,7 +174,7 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     result["ceilings"] = ceilings
     result["roofline"] = simulate_ceiling(
         [len(p) for p in prompts], outs, mem["param_bytes"], mem["kv_bytes_per_token"],
-        2 * mem["param_bytes"] / DTYPE_BYTES[llm.plan.module.meta["dtype"]], ceilings["copy_bytes_per_s"], ceilings["matmul_flop_per_s"],
+        2 * mem["param_bytes"] / DTYPE_BYTES[llm.plan.dtype], ceilings["copy_bytes_per_s"], ceilings["matmul_flop_per_s"],
         engine_opts.get("max_num_seqs", 256))
     result["fraction_of_ceiling"] = result["nanoforge"]["output_tok_s"] / result["roofline"]["output_tok_s"]
     del llm, source

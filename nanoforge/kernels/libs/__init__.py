@@ -14,6 +14,8 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
+from ...facts import Target
+
 
 @dataclass(frozen=True)
 class Lib:
@@ -51,10 +53,6 @@ def import_library(lib: Lib):
                           f"NanoForge needs {lib.wheel}=={lib.version}") from exc
 
 
-def _sm(cap: str) -> int | None:
-    return int(cap[2:]) if cap.startswith("sm") and cap[2:].isdigit() else None
-
-
 @functools.lru_cache(maxsize=None)
 def import_error(adapter: str) -> str | None:
     """None if the adapter module imports, else why not (cached: probes run once per node)."""
@@ -65,11 +63,11 @@ def import_error(adapter: str) -> str | None:
     return None
 
 
-def probe(lib: Lib, target: dict) -> str | None:
+def probe(lib: Lib, target: Target) -> str | None:
     """None if `lib` can run on `target`, else the reason: cheap checks first, the import last."""
-    if target.get("device") != "cuda":
+    if target.device != "cuda":
         return f"{lib.module} needs a CUDA target (compile with --device cuda)"
-    sm = _sm(str(target.get("capability", "")))
+    sm = target.sm or None
     want = "/".join(f"sm{a}" for a in lib.archs) if lib.archs else f"sm{lib.min_sm}+"
     if sm is None:
         return f"{lib.module} needs {want}; no GPU was visible at compile time to check the target"

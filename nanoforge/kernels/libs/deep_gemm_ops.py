@@ -1,6 +1,7 @@
 """DeepGEMM (module deep_gemm from tokenspeed-deepgemm==2.5.0.post20260424) adapters: `linear`
 for the provider table (bf16_gemm_nt), and an m-grouped contiguous MoE expert path
-(m_grouped_bf16_gemm_nt_contiguous) with a benchmark against triton/moe.py's shapes.
+(m_grouped_bf16_gemm_nt_contiguous); its benchmark against triton/moe.py's shapes is
+bench/kernels/libs.py's bench_deep_gemm_grouped.
 
 DeepGEMM JIT-compiles each kernel config with nvcc on first use (~3.5 s; cached on disk): the first
 call of a new shape must run outside CUDA-graph capture (the runtime's warm-up does that). After
@@ -20,7 +21,7 @@ deep_gemm = import_library(DEEP_GEMM)
 if (_err := version_error(DEEP_GEMM, getattr(deep_gemm, "__version__", None))) is not None:
     raise _err
 
-__all__ = ["linear", "gemm_ok", "grouped_experts", "moe", "bench_deep_gemm_grouped"]
+__all__ = ["linear", "gemm_ok", "grouped_experts", "moe"]
 
 
 def gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -112,49 +113,3 @@ def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k,
     return grouped_experts(x, weights, ids, w_gate, w_up, w_down, num_experts=num_experts,
                            renormalize=norm_topk_prob, norm_eps=1e-20 if scoring == "sigmoid" else 0.0,
                            scale=routed_scaling_factor)
-
-
-def bench_deep_gemm_grouped(T: int, E: int, top_k: int, H: int, I: int, *, layers: int = 4, seed: int = 0) -> dict:
-    """On triton moe.bench_moe's problem (same _bench_problem: `layers` random bf16 layers and their
-    routing), graph-replayed median ms per layer of
-      ms          the two grouped GEMMs alone (gate_up as one [E, 2I, H] GEMM, then down) on the
-                  routing's contiguous layout built once outside the timing: compare with triton's
-                  experts_graph_ms minus its align/reduce, or read as DeepGEMM's GEMM floor
-      experts_ms  grouped_experts end to end (align, gather, GEMMs, silu*mul, combine): compare with
-                  triton's experts_graph_ms
-    tflops = 6*T*top_k*H*I over ms (padding rows not counted)."""
-    from triton.testing import do_bench_cudagraph
-
-    from ..triton.moe import _bench_problem
-
-    x, _, ls = _bench_problem(T, E, top_k, H, I, layers, seed)
-    runs = []
-    for l in ls:
-        rows, m_idx, _ = contiguous_layout(l["route"][1], E)
-        a = x.index_select(0, torch.where(rows >= 0, rows // top_k, 0))
-        runs.append(dict(a=a, m_idx=m_idx, w13=torch.cat([l["w_gate"], l["w_up"]], dim=1).contiguous(),
-                         h=torch.randn(a.shape[0], I, dtype=x.dtype, device=x.device), **l))
-
-    def gemms():
-        for r in runs:
-            _grouped(r["a"], r["w13"], r["m_idx"])
-            _grouped(r["h"], r["w_down"], r["m_idx"])
-
-    def experts():
-        for r in runs:
-            grouped_experts(x, *r["route"], r["w_gate"], r["w_up"], r["w_down"], num_experts=E, renormalize=True,
-                            w13=r["w13"])
-
-    gemms()  # JIT compile + warm up outside the capture
-    experts()
-    torch.cuda.synchronize()
-    flops = 6.0 * T * top_k * H * I
-    out = dict(T=T, E=E, top_k=top_k, H=H, I=I, rows=int(runs[0]["a"].shape[0]),
-               align=deep_gemm.get_mk_alignment_for_contiguous_layout())
-    out["ms"] = do_bench_cudagraph(gemms, return_mode="median") / layers
-    out["tflops"] = flops / out["ms"] * 1e-9
-    try:
-        out["experts_ms"] = do_bench_cudagraph(experts, return_mode="median") / layers
-    except Exception as exc:  # noqa: BLE001 - the GEMM floor above is the main number
-        out["experts_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    return out

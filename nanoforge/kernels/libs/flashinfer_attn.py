@@ -1,5 +1,6 @@
 """FlashInfer (flashinfer-python==0.7.2.post1) adapters: RMSNorm for the provider table, and paged
-GQA decode over our KV pool for tests and the Triton comparison (bench_flashinfer_decode).
+GQA decode over our KV pool for tests and the Triton comparison (bench_flashinfer_decode in
+bench/kernels/libs.py).
 
 Why decode attention is not a provider op here: BatchDecodeWithPagedKVCacheWrapper.plan() copies
 the page table to the host and schedules there (a host sync, meant once per step for all layers),
@@ -28,8 +29,7 @@ if (_err := version_error(FLASHINFER, getattr(flashinfer, "__version__", None)))
     raise _err
 import flashinfer.norm  # noqa: E402
 
-__all__ = ["rms_norm", "add_rms_norm", "add_rms_norm_", "PagedDecode", "paged_decode", "csr_pages",
-           "bench_flashinfer_decode"]
+__all__ = ["rms_norm", "add_rms_norm", "add_rms_norm_", "PagedDecode", "paged_decode", "csr_pages"]
 
 _NATIVE = (torch.bfloat16, torch.float16)
 
@@ -142,50 +142,3 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     dec = PagedDecode(q.device, use_tensor_cores=use_tensor_cores)
     dec.plan(block_tables, context_lens, k_cache.shape[1], H, k_cache.shape[2], D, q.dtype, k_cache.dtype, scale)
     return dec.run(q, k_cache, v_cache)
-
-
-def bench_flashinfer_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
-                            block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, graph: bool = True,
-                            time_eager: bool = True, use_tensor_cores: bool = False, seed: int = 0) -> dict:
-    """FlashInfer's decode on the inputs triton/attention_bench.py's bench_paged_decode builds (same sizes,
-    RNG calls, shuffled pages, byte count, do_bench median with L2 flushed, CUDA-graph replays when
-    graph=True; the plan is made once, outside the timing). Returns the same keys plus `backend`."""
-    import triton
-    from triton.testing import do_bench
-
-    dev = torch.device("cuda")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    nbps = triton.cdiv(ctx_len, block_size)
-    nb = batch * nbps + 1
-    k_cache = torch.randn(nb, block_size, kv_heads, head_dim, dtype=dtype, device=dev)
-    v_cache = torch.randn(nb, block_size, kv_heads, head_dim, dtype=dtype, device=dev)
-    kv_bytes = 2 * batch * ctx_len * kv_heads * head_dim * k_cache.element_size()
-    perm = torch.randperm(nb - 1, generator=g)[: batch * nbps] + 1
-    block_tables = perm.view(batch, nbps).to(torch.int32).to(dev)
-    context_lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, heads, head_dim, dtype=dtype, device=dev)
-    out = torch.empty_like(q)
-    scale = head_dim ** -0.5
-    dec = PagedDecode(dev, use_tensor_cores=use_tensor_cores, graph_batch=batch if graph else None,
-                      max_pages=batch * nbps)
-    dec.plan(block_tables, context_lens, block_size, heads, kv_heads, head_dim, dtype, dtype, scale)
-
-    def fn():
-        dec.run(q, k_cache, v_cache, out=out)
-
-    fn()  # JIT compile + warm up
-    torch.cuda.synchronize()
-    ms_eager = None
-    if time_eager or not graph:
-        ms_eager = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    ms = ms_eager
-    if graph:
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            fn()
-        ms = do_bench(gr.replay, warmup=25, rep=100, return_mode="median")
-    return {"device": torch.cuda.get_device_name(dev), "batch": batch, "ctx_len": ctx_len, "heads": heads,
-            "kv_heads": kv_heads, "head_dim": head_dim, "mla_rank": 0, "block_size": block_size,
-            "dtype": str(dtype), "num_splits": None, "graph": graph, "ms": ms, "ms_eager": ms_eager,
-            "kv_bytes": kv_bytes, "tb_s": kv_bytes / (ms * 1e-3) / 1e12,
-            "backend": f"flashinfer {flashinfer.__version__} fa2{' tensor-core' if use_tensor_cores else ''}"}

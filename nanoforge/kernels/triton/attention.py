@@ -47,8 +47,8 @@ CUDA-graph safe: no host reads of tensor values; grids depend on shapes, B, max_
 max_context_len only; partial buffers come from torch.empty.
 
 Performance (designed for, and measured on one H100 80GB HBM3, triton 3.6.0, torch 2.11, whose
-device-to-device copy reaches 2.95 TB/s; `attention_bench.bench_paged_decode`, CUDA-graph replays, do_bench
-median with L2 flushed, random data in shuffled pages):
+device-to-device copy reaches 2.95 TB/s; bench/kernels/attention.py's `bench_paged_decode`, CUDA-graph
+replays, do_bench median with L2 flushed, random data in shuffled pages):
   * target: decode at 4k context, batch >= 32, Qwen3-0.6B attention (16 q / 8 kv heads, head_dim
     128, bf16 KV, block 16) >= 2.5 TB/s of K+V read.
   * measured, that shape at 4k: batch 1 0.83 TB/s (20 us, latency bound), 8 2.04, 16 ~2.44,

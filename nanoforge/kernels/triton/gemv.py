@@ -24,8 +24,8 @@ when the predecessor also triggers early: in GEMV -> GEMV chains it lifts Qwen3-
 from 2.62 / 2.74 to 2.82 / 2.87 TB/s; after a norm kernel that does not trigger it measured nothing;
 with the tl.dot body, CTAs idling in the wait held SM slots and lost up to 40%.
 
-Measured (H100 80GB HBM3, triton 3.6, torch 2.11 + cuBLAS; `bench_skinny`: CUDA-graph chains over
-512 MiB of rotating weights, TB/s of W + x + y), triton vs torch.matmul:
+Measured (H100 80GB HBM3, triton 3.6, torch 2.11 + cuBLAS; `bench_skinny` of bench/kernels/gemv.py:
+CUDA-graph chains over 512 MiB of rotating weights, TB/s of W + x + y), triton vs torch.matmul:
   M = 1   8B qkv 2.74 vs 2.46, o 2.62 vs 2.02, gate_up 3.07 vs 2.81, down 2.86 vs 2.54, lm_head 3.17 vs
           2.86 (one layer 132 vs 149 us); 0.6B o 1.24 vs 0.74, down 1.49 vs 0.81 (launch-bound, ~3 us).
   M = 16  8B qkv 2.49 vs 2.41, o 2.30 vs 2.01, gate_up 2.87 vs 2.77, down 2.67 vs 2.50, lm_head 3.03
@@ -181,71 +181,6 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
         PDL=pdl, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# benchmark (GPU)
-
-SHAPES = {  # name: (N, K) of the decode projections (q/k/v and gate/up fused)
-    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (24576, 4096), "8b.down": (4096, 12288),
-    "8b.lm_head": (151936, 4096),
-    "0.6b.qkv": (4096, 1024), "0.6b.o": (1024, 2048), "0.6b.gate_up": (6144, 1024), "0.6b.down": (1024, 3072),
-    "0.6b.lm_head": (151936, 1024),
-}
-
-
-def bench_skinny(M: int, N: int, K: int, dtype=torch.bfloat16, rep: int = 50) -> dict:
-    """Per-call time of skinny_matmul and of torch.matmul(x, w.t()) on the same inputs as a decode
-    step sees them: back-to-back calls in a CUDA graph (triton.testing.do_bench_cudagraph), each on
-    another copy of W, >= 512 MiB of copies in the rotation so that W always comes from HBM, never
-    from the 50 MB L2 (no flush kernel needed). TB/s counts W + x + y once. `pdl_*`: the same chain
-    with USE_PDL on (each call overlaps the previous one's tail). `copy_TB/s`: a 512 MiB device copy
-    (read + write), the yardstick."""
-    from triton.testing import do_bench_cudagraph
-
-    global USE_PDL
-    dev = torch.device("cuda")
-    es = torch.tensor([], dtype=dtype).element_size()
-    copies = max(2, triton.cdiv(512 << 20, N * K * es))
-    gen = torch.Generator(device=dev).manual_seed(0)
-    ws = [torch.randn(N, K, generator=gen, device=dev, dtype=torch.float32).to(dtype) for _ in range(copies)]
-    x = torch.randn(M, K, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-    outs = [torch.empty(M, N, device=dev, dtype=dtype) for _ in range(copies)]
-    nbytes = (N * K + M * K + M * N) * es
-
-    def per_call(fn):
-        chain = lambda: [fn(w, o) for w, o in zip(ws, outs)]  # noqa: E731
-        return do_bench_cudagraph(chain, rep=rep, return_mode="median") / copies
-
-    ms = per_call(lambda w, o: skinny_matmul(x, w, o))
-    ref_ms = per_call(lambda w, o: torch.matmul(x, w.t(), out=o))
-    saved, USE_PDL = USE_PDL, True
-    try:
-        pdl_ms = per_call(lambda w, o: skinny_matmul(x, w, o))
-    finally:
-        USE_PDL = saved
-    ws.clear(), outs.clear()  # free the rotation before the copy yardstick
-    src = torch.empty(256 << 20, dtype=torch.uint16, device=dev)
-    dst = torch.empty_like(src)
-    copy_ms = do_bench_cudagraph(lambda: dst.copy_(src), rep=rep, return_mode="median")
-    return {"M": M, "N": N, "K": K, "dtype": str(dtype).replace("torch.", ""),
-            "device": torch.cuda.get_device_name(dev), "config": tuple(_config(M, N, K)),
-            "ms": ms, "TB/s": nbytes / ms / 1e9, "torch_ms": ref_ms, "torch_TB/s": nbytes / ref_ms / 1e9,
-            "pdl_ms": pdl_ms, "pdl_TB/s": nbytes / pdl_ms / 1e9, "copy_TB/s": 2 * src.nbytes / copy_ms / 1e9}
-
-
-def bench_all(ms_list=(1, 8, 16)) -> list[dict]:
-    """bench_skinny at every shape of SHAPES for each M; prints one line per case."""
-    rows = []
-    for name, (n, k) in SHAPES.items():
-        for m in ms_list:
-            r = bench_skinny(m, n, k)
-            r["shape"] = name
-            rows.append(r)
-            print(f"{name:12s} M={m:2d} {r['config']}: triton {r['ms'] * 1e3:6.1f} us {r['TB/s']:.2f} TB/s | "
-                  f"torch {r['torch_ms'] * 1e3:6.1f} us {r['torch_TB/s']:.2f} | pdl {r['pdl_TB/s']:.2f} | "
-                  f"copy {r['copy_TB/s']:.2f}", flush=True)
-    return rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **_) -> torch.Tensor:

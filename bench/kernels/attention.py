@@ -1,6 +1,9 @@
-"""GPU benchmarks and config sweeps of the paged attention kernels (triton/attention.py):
+"""GPU benchmarks and config sweeps of the paged attention kernels (nanoforge/kernels/triton/attention.py):
 kept apart from the kernels so the provider module stays about the kernels themselves. The
-sweeps set attention.py's override knobs and restore them."""
+sweeps set attention.py's override knobs and restore them.
+
+    python -m bench.kernels.attention      # from the repo root: _tune_decode, rows to $OUT/tune.json
+"""
 from __future__ import annotations
 
 import os
@@ -8,8 +11,9 @@ import os
 import torch
 import triton
 
-from . import attention as A
-from .attention import _num_splits, _pow2, paged_attention
+from nanoforge.kernels.triton import attention as A
+from nanoforge.kernels.triton.attention import _num_splits, _pow2, paged_attention
+
 
 def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
                        block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, mla_rank: int = 0,
@@ -95,7 +99,7 @@ def bench_paged_prefill(seqs: int, q_len: int, prefix: int = 0, heads: int = 16,
 
 
 def _tune_decode(out_json: str | None = None) -> list[dict]:
-    """Sweep decode configs and split counts on the current GPU (python -m ...attention_bench)."""
+    """Sweep decode configs and split counts on the current GPU (python -m bench.kernels.attention)."""
     rows = []
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)

@@ -10,11 +10,11 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import NanoForgeError
-from ..ir.graph import Module, Param
-from ..models.checkpoint import TensorInfo
-from .comm import SimulatedComm, SimulatedHub
-from .shard_spec import rank_in_group, world_size
+from ..ir.graph import Module
+from ..models.tensor_info import TensorInfo
+from ..parallel.comm import SimulatedComm, SimulatedHub
+from ..facts import layout_of
+from ..parallel.shard_spec import cat_rows
 
 
 class DictCheckpoint:
@@ -37,21 +37,6 @@ class DictCheckpoint:
             yield i, self.data[k] if sl is None else self.data[k][sl]
 
 
-def cat_rows(module: Module, p: Param) -> list[int]:
-    """Rows of each key of a "cat" param (this rank's rows, if sharded): the split after its linear."""
-    for fn in module.functions.values():
-        users = fn.users()
-        for n in fn.nodes:
-            if n.op == "linear" and n.params.get("weight") == p.name:
-                for u in users.get(id(n.out), []):
-                    if u.op == "split" and len(u.attrs["sizes"]) == len(p.keys):
-                        return list(u.attrs["sizes"])
-    rows = int(p.type.shape[0])
-    if rows % len(p.keys):
-        raise NanoForgeError(f"${p.name}: cannot tell the rows of each of its {len(p.keys)} keys")
-    return [rows // len(p.keys)] * len(p.keys)
-
-
 def key_tensors(module: Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint an unsharded module's params would come from, key by key."""
     out: dict[str, torch.Tensor] = {}
@@ -70,17 +55,18 @@ def run_ranks(module: Module, weights: dict[str, torch.Tensor] | Any, fn_name: s
               seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Every rank's {value name: tensor} for one forward over numeric_check's 2-prompt batch;
     `weights`: whole tensors by checkpoint key, or a checkpoint (each rank reads its slices)."""
-    from ..passes.numeric_check import run_recorded
-    from ..runtime.weights import load_params
+    from ..models.weights import load_params
+    from .recorded import run_recorded
 
-    world = world_size(module.meta)
+    layout = layout_of(module)
+    world = layout.world
     ckpt = DictCheckpoint(weights) if isinstance(weights, dict) else weights
     hub = SimulatedHub(world)
     results: list[dict[str, torch.Tensor] | None] = [None] * world
 
     def work(rank: int) -> None:
         params = load_params(module, ckpt, progress=False, rank=rank)
-        results[rank] = run_recorded(module, fn_name, params, seed, comm=SimulatedComm(hub, rank, module.meta))
+        results[rank] = run_recorded(module, fn_name, params, seed, comm=SimulatedComm(hub, rank, layout))
 
     _on_threads(world, hub, work)
     return results  # type: ignore[return-value]
@@ -93,14 +79,14 @@ def run_ranks_dp(module: Module, weights: dict[str, torch.Tensor] | Any, prompts
     from ..kernels.context import allocate_pool, make_context
     from ..codegen.pysource import compile_function
     from ..passes.plan_memory import kv_contract
-    from ..runtime.weights import load_params
+    from ..models.weights import load_params
 
-    world = world_size(module.meta)
-    dp = module.meta.get("parallel", {}).get("attention_dp", 1)
+    layout = layout_of(module)
+    world, dp = layout.world, layout.attention_dp
     ckpt = DictCheckpoint(weights) if isinstance(weights, dict) else weights
     hub, forward = SimulatedHub(world), compile_function(module, "forward")
     outs: list[torch.Tensor | None] = [None] * world
-    mine = lambda r: [i for i in range(len(prompts)) if i % dp == rank_in_group(module.meta, "dp", r)[0]]  # noqa
+    mine = lambda r: [i for i in range(len(prompts)) if i % dp == layout.rank_in_group("dp", r)[0]]  # noqa
 
     def work(rank: int) -> None:
         params = load_params(module, ckpt, progress=False, rank=rank)
@@ -109,7 +95,7 @@ def run_ranks_dp(module: Module, weights: dict[str, torch.Tensor] | Any, prompts
         pool = allocate_pool(kv_contract(module, 4, "f32"), max(sum(blocks), 1))
         starts = [sum(blocks[:i]) for i in range(len(batch))]
         seqs = [(len(p), len(p), list(range(s, s + b))) for p, s, b in zip(batch, starts, blocks)]
-        ctx = make_context(pool, 4, seqs, comm=SimulatedComm(hub, rank, module.meta))
+        ctx = make_context(pool, 4, seqs, comm=SimulatedComm(hub, rank, layout))
         long = dict(dtype=torch.long)
         tokens = torch.tensor([t for p in batch for t in p], **long)
         positions = torch.tensor([i for p in batch for i in range(len(p))], **long)
@@ -120,7 +106,7 @@ def run_ranks_dp(module: Module, weights: dict[str, torch.Tensor] | Any, prompts
     _on_threads(world, hub, work)
     logits = torch.empty(len(prompts), outs[0].shape[-1])
     for rank in range(world):
-        if rank_in_group(module.meta, "tp", rank)[0] == 0:  # one rank of each DP replica reports
+        if layout.rank_in_group("tp", rank)[0] == 0:  # one rank of each DP replica reports
             for row, i in enumerate(mine(rank)):
                 logits[i] = outs[rank][row]
     return logits

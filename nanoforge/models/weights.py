@@ -11,8 +11,9 @@ import torch
 from ..kernels.context import TORCH_DTYPES
 from ..errors import NanoForgeError
 from ..ir.graph import Module, Param
-from ..models.checkpoint import Checkpoint
-from ..parallel.shard_spec import ShardSpec, key_slices, local_key_shape, parse_spec, rank_in_group
+from .checkpoint import Checkpoint
+from ..facts import layout_of
+from ..parallel.shard_spec import ShardSpec, key_slices, local_key_shape, parse_spec
 
 
 def _spec(module: Module, p: Param) -> tuple[ShardSpec | None, int]:
@@ -21,7 +22,7 @@ def _spec(module: Module, p: Param) -> tuple[ShardSpec | None, int]:
         return None, 1
     try:
         spec = parse_spec(p.shard)
-        return spec, rank_in_group(module.meta, spec.group, 0)[1]
+        return spec, layout_of(module).rank_in_group(spec.group, 0)[1]
     except ValueError as e:
         raise NanoForgeError(f"${p.name}: {e}") from None
 
@@ -77,7 +78,7 @@ def load_params(module: Module, ckpt: Checkpoint, device: str | torch.device = "
     parts: dict[str, list[torch.Tensor | None]] = {}
     for p in module.params.values():
         spec, _ = _spec(module, p)
-        index, world = rank_in_group(module.meta, spec.group, rank) if spec else (0, 1)
+        index, world = layout_of(module).rank_in_group(spec.group, rank) if spec else (0, 1)
         slots = []
         for i, key in enumerate(p.keys):
             sl = key_slices(p, spec, i, ckpt.tensors[key].shape, index, world) if spec else None

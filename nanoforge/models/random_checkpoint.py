@@ -11,8 +11,8 @@ import torch
 from tqdm import tqdm
 
 from ..kernels.context import TORCH_DTYPES
-from ..models import trace_model
-from ..models.checkpoint import TensorInfo
+from . import trace_model
+from .checkpoint import TensorInfo
 
 
 class RandomCheckpoint:

@@ -3,62 +3,16 @@ the reference kernels and compare every value that survives the pass (fusions ke
 of what they replace). The first value that diverges is reported by its HF module path."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..kernels.context import TORCH_DTYPES, allocate_pool, make_context
-from ..codegen.pysource import compile_function
 from ..errors import NanoForgeError
+from ..facts import layout_of
 from ..ir.graph import Function, Module
 from ..ir.printer import format_node
-from ..parallel.shard_spec import parallel_of, world_size
-from .plan_memory import kv_contract
+from .recorded import random_params, run_recorded
+from .simulate import key_tensors, run_ranks
 
-SEQ_LENS = (5, 3)  # two prompts: enough for causal masks and per-sequence bookkeeping
 RTOL = 1e-4
-
-
-def random_params(module: Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Well-scaled random weights: 1-D params near 1 (norm gains), matrices ~ 1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in module.params.items():
-        shape = tuple(int(d) for d in p.type.shape)
-        t = torch.randn(shape, generator=g)
-        t = 1 + 0.1 * t if len(shape) == 1 else t / shape[-1] ** 0.5
-        out[name] = t.to(TORCH_DTYPES.get(p.type.dtype, torch.float32))
-    return out
-
-
-def run_recorded(module: Module, fn_name: str, params: dict[str, torch.Tensor], seed: int = 0,
-                 comm: Any = None) -> dict[str, torch.Tensor]:
-    """Value name -> tensor for every node output of one forward over a fresh 2-prompt batch
-    (`comm`: this rank's collectives, when the module is one rank of a sharded plan)."""
-    fn: Function = module.functions[fn_name]
-    contract = kv_contract(module, block_size=4, kv_dtype="f32")
-    blocks_per_seq = [(n + 3) // 4 for n in SEQ_LENS]
-    pool = allocate_pool(contract, sum(blocks_per_seq))
-    seqs, first = [], 0
-    for n, nb in zip(SEQ_LENS, blocks_per_seq):
-        seqs.append((n, n, list(range(first, first + nb))))
-        first += nb
-    ctx = make_context(pool, 4, seqs, comm=comm)
-    g = torch.Generator().manual_seed(seed)
-    vocab = module.meta.get("vocab_size", 2)
-    tokens = torch.randint(0, vocab, (sum(SEQ_LENS),), generator=g)
-    positions = torch.cat([torch.arange(n) for n in SEQ_LENS])
-    rows = torch.tensor([sum(SEQ_LENS[: i + 1]) - 1 for i in range(len(SEQ_LENS))])
-    values: dict[str, torch.Tensor] = {}
-
-    def record(i: int, outs: tuple) -> None:
-        for v, t in zip(fn.nodes[i].outputs, outs):
-            values[v.name] = t.detach().float()
-
-    run = compile_function(module, fn_name, record=True)
-    with torch.no_grad():
-        run(params, ctx, tokens, positions, rows, record)
-    return values
 
 
 def carry_params(params: dict[str, torch.Tensor], before: Module, after: Module) -> dict[str, torch.Tensor]:
@@ -106,11 +60,9 @@ def check_sharding_preserves(pass_name: str, before: Module, after: Module) -> N
     HF module. A value of the unsharded shape is either whole on every rank or a partial sum (the
     ranks' pieces sum to it); values of other shapes are per-rank pieces, skipped. Then every rank's
     function outputs must match."""
-    from ..parallel.simulate import key_tensors, run_ranks
-
     params = random_params(before)
     tensors = key_tensors(before, params)
-    world = world_size(after.meta)
+    world = layout_of(after).world
     for fn_name, fn, ref in _with_reference(before, after, params):
         ranks = run_ranks(after, tensors, fn_name)
         for node, v in _values(fn):
@@ -128,7 +80,7 @@ def check_sharding_preserves(pass_name: str, before: Module, after: Module) -> N
 
 
 def check_pass_preserves(pass_name: str, before: Module, after: Module) -> None:
-    if parallel_of(before.meta) != parallel_of(after.meta):
+    if layout_of(before) != layout_of(after):
         return check_sharding_preserves(pass_name, before, after)
     params = random_params(before)
     params_after = carry_params(params, before, after)
@@ -139,3 +91,9 @@ def check_pass_preserves(pass_name: str, before: Module, after: Module) -> None:
                 continue
             if not (err := _rel_err(got[v.name], ref[v.name])) <= RTOL:
                 raise _divergence(pass_name, fn_name, node, v, err)
+
+
+def after_pass(pass_name: str, before: Module, after: Module) -> str:
+    """The pass manager's after_pass hook for --verify-each-pass (the compiler installs it)."""
+    check_pass_preserves(pass_name, before, after)
+    return "numerics ok"

@@ -1,0 +1,174 @@
+"""Typed facts about a module: what tracing and the passes found out, for the layers after them.
+
+A fact is a dataclass with a `KEY`; `write(module, fact)` stores it in the module's meta as plain
+JSON (so it prints with the IR, round-trips through the parser and lands in plan.json) and
+`read(module, Fact)` gives it back typed and checked. This is the one way facts travel from the
+pass that finds them to the plan, the runtime and `inspect`: nobody else indexes `module.meta`.
+The KV contract, the biggest fact, has its own module (kv_contract.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from .errors import NanoForgeError
+from .ir.graph import Module
+from .typed_json import from_json, to_json
+
+
+class Fact(Protocol):
+    KEY: ClassVar[str]
+
+
+F = TypeVar("F")
+
+
+def write(module: Module, fact: Any) -> None:
+    module.meta[type(fact).KEY] = fact.to_json() if hasattr(fact, "to_json") else to_json(fact)
+
+
+def read(module: Module, cls: type[F]) -> F | None:
+    """The fact, or None when no pass wrote it; a malformed one fails naming its field."""
+    key = cls.KEY  # type: ignore[attr-defined]
+    data = module.meta.get(key)
+    if data is None:
+        return None
+    return cls.from_json(data, key) if hasattr(cls, "from_json") else from_json(cls, data, key)
+
+
+def require(module: Module, cls: type[F]) -> F:
+    fact = read(module, cls)
+    if fact is None:
+        raise NanoForgeError(f"the module has no {cls.KEY} (written by "  # type: ignore[attr-defined]
+                             f"{getattr(cls, 'WRITER', 'a pass that did not run')})")
+    return fact
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What tracing read from the HF config."""
+
+    KEY: ClassVar[str] = "model"
+    WRITER: ClassVar[str] = "models.trace_model"
+    architecture: str
+    dtype: str  # the activations' and weights' dtype (f32 | bf16 | f16)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    max_position_embeddings: int
+    model_type: str = ""
+    mtp_layers: int = 0  # multi-token-prediction layers the checkpoint ships (not traced yet)
+    trace_ms: float = 0.0
+
+
+GROUPS = ("tp", "ep", "dp")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How ranks are laid out: rank = dp_index * tp + tp_index; the EP group spans consecutive
+    ranks (attention-DP x FFN-EP plans have tp = 1 and ffn_ep = attention_dp)."""
+
+    KEY: ClassVar[str] = "parallel"
+    tp: int = 1
+    attention_dp: int = 1
+    ffn_ep: int = 1
+
+    @property
+    def world(self) -> int:
+        return max(self.tp * self.attention_dp, self.ffn_ep)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def rank_in_group(self, group: str, rank: int) -> tuple[int, int]:
+        """(index of `rank` inside its `group`, size of that group)."""
+        if group == "tp":
+            return rank % self.tp, self.tp
+        if group == "ep":
+            return rank % self.ffn_ep, self.ffn_ep
+        if group == "dp":
+            return (rank // self.tp) % self.attention_dp, self.attention_dp
+        raise ValueError(f"unknown parallel group {group!r}; groups: {', '.join(GROUPS)}")
+
+    def group_members(self, group: str, rank: int) -> list[int]:
+        """The global ranks of `rank`'s group, in group order."""
+        index, size = self.rank_in_group(group, rank)
+        stride = self.tp if group == "dp" else 1
+        base = rank - index * stride
+        return [base + i * stride for i in range(size)]
+
+    def describe(self) -> str:
+        return " x ".join(f"{k}={v}" for k, v in (("tp", self.tp), ("attention_dp", self.attention_dp),
+                                                   ("ffn_ep", self.ffn_ep)) if v > 1) or "one rank"
+
+
+def layout_of(module: Module) -> ParallelLayout:
+    """The module's layout; a module no sharding pass touched runs on one rank."""
+    return read(module, ParallelLayout) or ParallelLayout()
+
+
+@dataclass(frozen=True)
+class Target:
+    """The machine a plan is compiled for; providers are chosen from it."""
+
+    KEY: ClassVar[str] = "target"
+    device: str = "cpu"  # cpu | cuda
+    torch: str = ""
+    machine: str = ""
+    capability: str = ""  # "sm90" on an H100; empty off CUDA
+
+    @property
+    def sm(self) -> int:
+        """SM version as major * 10 + minor (90 for sm90), 0 when unknown."""
+        digits = self.capability.removeprefix("sm")
+        return int(digits) if digits.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class ProviderNotes:
+    """Per op, why each better-ranked provider was passed over (select_kernels)."""
+
+    KEY: ClassVar[str] = "provider_fallbacks"
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GraphBlockers:
+    """Reasons, found by passes before plan_cuda_graphs, that decode cannot run in CUDA graphs."""
+
+    KEY: ClassVar[str] = "graph_blockers"
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeepEPPlan:
+    """Which DeepEP mode serves which batch sizes (plan_deep_ep)."""
+
+    KEY: ClassVar[str] = "deep_ep"
+    WRITER: ClassVar[str] = "plan_deep_ep"
+    low_latency_max_tokens: int
+    max_num_seqs: int
+    modes: str
+
+
+@dataclass(frozen=True)
+class CudaGraphPlan:
+    """Decode batch sizes to capture, or why none (plan_cuda_graphs)."""
+
+    KEY: ClassVar[str] = "cuda_graphs"
+    WRITER: ClassVar[str] = "plan_cuda_graphs"
+    sizes: tuple[int, ...] = ()
+    reason: str | None = "the plan has no CUDA-graph pass"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the engine sizes its memory from (plan_memory); bytes."""
+
+    KEY: ClassVar[str] = "memory"
+    WRITER: ClassVar[str] = "plan_memory"
+    param_bytes: int
+    kv_bytes_per_token: int
+    activation_bytes_per_token: int
+    max_num_batched_tokens: int

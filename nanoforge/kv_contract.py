@@ -1,0 +1,91 @@
+"""The KV contract: what the paged KV pool holds, block by block and layer by layer.
+
+Written by the plan_memory pass, it is all the runtime needs to allocate the pool, all two
+engines must agree on before KV blocks move between them (PD migration, the router's check at
+connect), and what `inspect` shows. One token's entry in layer L is one row in each of the
+layer's pool tensors, of the shapes listed; a block holds `block_size` tokens.
+
+Room for what comes next, empty today: per-token scales beside quantized values (FP8 KV:
+`scale_shapes` and `scale_dtype`) and fixed-size per-sequence state (GDN layers' conv window and
+recurrent state: `state`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Any, ClassVar
+
+from .ir.graph import DTYPE_BYTES
+from .typed_json import from_json, to_json
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    layer: int  # the attention node's `layer` attr: the pool index
+    kind: str  # gqa: K and V per KV head; mla: the compressed latent with the rope key
+    shapes: tuple[tuple[int, ...], ...]  # one token's entry in each pool tensor of the layer
+    source: str = ""  # the HF module, for messages
+    scale_shapes: tuple[tuple[int, ...], ...] = ()  # one token's scales beside each tensor (quantized KV)
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    """A fixed-size state per sequence rather than per token (recurrent layers)."""
+
+    layer: int
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class KVContract:
+    KEY: ClassVar[str] = "kv_contract"
+    WRITER: ClassVar[str] = "plan_memory"
+    block_size: int
+    dtype: str  # of the pool's values
+    layers: tuple[KVLayer, ...]
+    scale_dtype: str | None = None  # of the scales, when the values are quantized
+    state: tuple[SequenceState, ...] = ()
+
+    def bytes_per_token(self) -> int:
+        value, scale = DTYPE_BYTES[self.dtype], DTYPE_BYTES[self.scale_dtype] if self.scale_dtype else 0
+        return sum(value * prod(s) for layer in self.layers for s in layer.shapes) + \
+            sum(scale * prod(s) for layer in self.layers for s in layer.scale_shapes)
+
+    def state_bytes_per_sequence(self) -> int:
+        return sum(DTYPE_BYTES[st.dtype] * prod(s) for st in self.state for s in st.shapes)
+
+    def mismatches(self, other: "KVContract") -> list[str]:
+        """Why blocks written under this contract cannot be read under `other` (empty: they can),
+        one line per difference, the first differing layer only."""
+        out = [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in ("block_size", "dtype", "scale_dtype")
+               if getattr(self, k) != getattr(other, k)]
+        if len(self.layers) != len(other.layers):
+            out.append(f"attention layers: {len(self.layers)} vs {len(other.layers)}")
+        for x, y in zip(self.layers, other.layers):
+            if (x.kind, x.shapes, x.scale_shapes) != (y.kind, y.shapes, y.scale_shapes):
+                out.append(f"layer {x.layer}: {x.kind} {_shapes(x)} vs {y.kind} {_shapes(y)}")
+                break
+        if [(s.kind, s.shapes, s.dtype) for s in self.state] != [(s.kind, s.shapes, s.dtype) for s in other.state]:
+            out.append(f"per-sequence state: {len(self.state)} vs {len(other.state)} entries, or their shapes differ")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        data = to_json(self)
+        for key in ("scale_dtype", "state"):  # absent when unused: the same JSON as before they existed
+            if not data[key]:
+                del data[key]
+        for layer in data["layers"]:
+            if not layer["scale_shapes"]:
+                del layer["scale_shapes"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "kv_contract") -> "KVContract":
+        return from_json(cls, data, where)
+
+
+def _shapes(layer: KVLayer) -> list:
+    out = [list(s) for s in layer.shapes]
+    return out + [f"scales {list(s)}" for s in layer.scale_shapes] if layer.scale_shapes else out

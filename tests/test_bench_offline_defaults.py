@@ -1,0 +1,76 @@
+"""`nanoforge bench offline` on CPU: `--dtype auto` means f32 (CPU's fast dtype; bf16 is many
+times slower there) for presets and checkpoints alike, and the HF baseline runs in that same dtype;
+`--model` takes a plan dir (run with its checkpoint, in the plan's dtype) as its help says."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanoforge.cli import main
+
+TINY = ["--num-prompts", "2", "--min-input", "4", "--max-input", "8", "--min-output", "2", "--max-output", "4"]
+
+
+def bench(tmp_path, model: str, *extra: str) -> dict:
+    res = tmp_path / "res"
+    assert main(["bench", "offline", "--model", model, *TINY, "--results-dir", str(res), *extra]) == 0
+    (path,) = res.glob("offline-*.json")
+    r = json.loads(path.read_text())
+    path.unlink()
+    return r
+
+
+def test_preset_on_cpu_defaults_to_f32(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the random-weight checkpoint cache goes under ./.cache
+    r = bench(tmp_path, "qwen3-tiny", "--hf-num-prompts", "0")
+    assert r["engine_options"]["dtype"] == "f32" and r["dtype"] == "f32"
+    assert r["nanoforge"]["output_tokens"] == r["requested_output_tokens"]
+
+
+def test_bf16_checkpoint_on_cpu_defaults_to_f32_for_both_engines(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = bench(tmp_path, str(tiny_ckpt("llama", dtype=torch.bfloat16)), "--hf-num-prompts", "1")
+    assert r["engine_options"]["dtype"] == "f32" and r["dtype"] == "f32" and r["hf"]["dtype"] == "f32"
+    r = bench(tmp_path, str(tiny_ckpt("llama", dtype=torch.bfloat16)), "--hf-num-prompts", "0", "--dtype", "bf16")
+    assert r["dtype"] == "bf16"  # asked for: kept
+
+
+def test_plan_dir_runs_with_its_checkpoint(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tiny_ckpt("llama")
+    plan = tmp_path / "plan"
+    assert main(["compile", str(ckpt), "-o", str(plan), "--dtype", "f32", "-q"]) == 0
+    r = bench(tmp_path, str(plan), "--hf-num-prompts", "1")
+    assert r["dtype"] == "f32" and r["model"] == str(plan)
+    assert r["nanoforge"]["output_tokens"] == r["requested_output_tokens"]
+    assert r["hf"]["num_prompts"] == 1 and r["hf"]["output_tokens"] > 0 and r["hf"]["dtype"] == "f32"
+    capsys.readouterr()
+    # a --dtype the plan was not compiled for: one clear line, not a silent other dtype
+    argv = ["bench", "offline", "--model", str(plan), *TINY, "--dtype", "bf16", "--hf-num-prompts", "0",
+            "--results-dir", str(tmp_path / "res")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "plan" in err and "f32" in err and "bf16" in err
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    argv = ["bench", "offline", "--model", str(tmp_path / "nope"), *TINY, "--results-dir", str(tmp_path / "res")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "plan" in err
+
+
+def test_gguf_hf_baseline_without_accelerate_fails_before_the_run(tmp_path, capsys):
+    import importlib.util
+
+    from test_gguf_truncated import _write
+
+    if importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed: transformers can load the GGUF")
+    g = _write(tmp_path / "m.gguf")
+    argv = ["bench", "offline", "--model", str(g), *TINY, "--results-dir", str(tmp_path / "res")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "m.gguf" in err and "accelerate" in err and "--hf-num-prompts 0" in err
