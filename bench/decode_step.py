@@ -23,7 +23,7 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bo
                 mixed_chunk: int = 0) -> dict:
     eng = llm.engine
     g = torch.Generator().manual_seed(batch)
-    vocab = int(llm.plan.module.meta["vocab_size"])
+    vocab = llm.plan.model.vocab_size
     seqs = [eng.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
                             SamplingParams(temperature=0, max_tokens=steps + 100, ignore_eos=True))
             for _ in range(batch)]
@@ -117,14 +117,14 @@ def main() -> None:
     llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch) + (1 if a.mixed_chunk else 0),
               max_model_len=max(a.context, a.mixed_chunk) + 128,
               max_num_batched_tokens=8192, max_prefill_chunk=8192)
-    meta = llm.plan.module.meta
-    embed = 2 * int(meta["vocab_size"]) * int(meta["hidden_size"])
+    info, mem = llm.plan.model, llm.plan.memory
+    embed = 2 * info.vocab_size * info.hidden_size
     tied = PRESETS[a.model].get("tie_word_embeddings", False)
-    weight_bytes = meta["memory"]["param_bytes"] - (0 if tied else embed)  # the embedding table is not read
+    weight_bytes = mem.param_bytes - (0 if tied else embed)  # the embedding table is not read
     rows = []
     for b in a.batch:
         r = decode_step(llm, b, a.context, profile=a.profile, mixed_chunk=a.mixed_chunk)
-        kv = b * r["context"] * meta["memory"]["kv_bytes_per_token"]
+        kv = b * r["context"] * mem.kv_bytes_per_token
         floor = (weight_bytes + kv) / bw
         r.update(batch=b, bytes_moved=weight_bytes + kv, floor_s=floor, fraction_of_floor=floor / r["step_s"],
                  fraction_of_floor_graph_only=(floor / r["graph_replay_s"]) if r["graph_replay_s"] else None)
@@ -138,7 +138,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "decode_step", "model": a.model, "machine": machine_info("cuda"), "ceilings": ceilings,
-              "cuda_graphs": llm.engine.runner.graphs and llm.engine.runner.graphs.sizes, "rows": rows}
+              "cuda_graphs": llm.engine.runner_info()["cuda_graphs"], "rows": rows}
     (out / f"decode_step-{a.model}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=1))
 
 

@@ -19,6 +19,7 @@ prefix-cache hits). Every layout must produce the greedy tokens of tp=1 for its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,7 +83,6 @@ def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: 
     import torch
 
     from nanoforge import LLM, SamplingParams
-    from nanoforge.parallel.shard_spec import parallel_of, world_size
     from nanoforge.models.random_checkpoint import RandomCheckpoint
 
     cfg = {**MODELS[model], "num_hidden_layers": layers, **(SMOKE[model] if smoke else {})}
@@ -98,7 +98,7 @@ def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: 
     per_replica = -(-max(batches) // opts.get("attention_dp", 1))  # max_num_seqs is each DP replica's
     llm = LLM(ckpt, device=device, progress=False, max_num_seqs=per_replica, max_model_len=prompt_len + out_len + 16,
               **opts)
-    res = {"layout": layout, "start_s": time.perf_counter() - start, "parallel": parallel_of(llm.plan.module.meta),
+    res = {"layout": layout, "start_s": time.perf_counter() - start, "parallel": dataclasses.asdict(llm.plan.parallel),
            "providers": sorted({f"{n.op}={n.provider}" for _, n in llm.plan.module.nodes()
                                 if n.op in ("moe", "grouped_experts", "moe_dispatch", "attention", "linear")})}
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
@@ -115,7 +115,7 @@ def child(model: str, layout: str, layers: int, batches: list[int], prompt_len: 
             times[n] = time.perf_counter() - t0
         tok_s = b * (out_len - 1) / (times[out_len] - times[1])
         res["runs"].append({"batch": b, "prefill_s": times[1], "total_s": times[out_len],
-                            "decode_tok_s": tok_s, "decode_tok_s_per_gpu": tok_s / world_size(llm.plan.module.meta),
+                            "decode_tok_s": tok_s, "decode_tok_s_per_gpu": tok_s / llm.plan.parallel.world,
                             "ms_per_step": 1e3 * (times[out_len] - times[1]) / (out_len - 1)})
         print(json.dumps(res["runs"][-1]), file=sys.stderr, flush=True)
     res["batches"] = dict(llm.metrics()["batches"])

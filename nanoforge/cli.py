@@ -289,7 +289,8 @@ def cmd_route(a: argparse.Namespace) -> int:
     make_strategy(a.strategy)  # an unknown name fails before any connection
 
     async def main() -> None:
-        router = await Router.connect(a.prefill, a.decode, a.engine, a.registry, a.strategy, a.served_model_name)
+        router = await Router.connect(a.prefill, a.decode, a.engine, registry_url=a.registry, strategy=a.strategy,
+                                      model_name=a.served_model_name)
         try:
             app = build_app(router, router.tokenizer, router.model_name, a.api_key)
             await uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).serve()
@@ -395,15 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     o = bsub.add_parser("offline", help="the reference offline throughput workload (docs/performance.md)")
-    o.add_argument("--model", default="qwen3-0.6b", help="preset (random weights), checkpoint or plan")
+    o.add_argument("--model", default="qwen3-0.6b",
+                   help="preset (random weights), checkpoint, or plan dir (run with the checkpoint it was compiled from)")
     o.add_argument("--num-prompts", type=int, default=256)
     o.add_argument("--min-input", type=int, default=100)
     o.add_argument("--max-input", type=int, default=1024)
     o.add_argument("--min-output", type=int, default=100)
     o.add_argument("--max-output", type=int, default=1024)
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    o.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
+    o.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cpu; a plan runs on its own "
+                   "device")
+    o.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
+                   help="auto: f32 on CPU (its fast dtype); on CUDA bf16 for a preset, else the checkpoint's; a plan "
+                        "keeps its own")
     o.add_argument("--max-num-seqs", type=int, default=defaults.MAX_NUM_SEQS)
     o.add_argument("--max-num-batched-tokens", type=int, default=4096)
     o.add_argument("--hf-num-prompts", type=int, default=None,

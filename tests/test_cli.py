@@ -151,3 +151,61 @@ def test_console_script_exit_status(tmp_path):
     r = subprocess.run([exe, "compile", str(tmp_path), "-o", str(tmp_path / "p")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "config.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def llama_plan(tiny_ckpt, tmp_path_factory):
+    plan = tmp_path_factory.mktemp("plans") / "llama"
+    assert main(["compile", str(tiny_ckpt("llama")), "-o", str(plan), "-q"]) == 0
+    return plan
+
+
+@pytest.mark.parametrize("field, value, needles", [
+    ("checkpoint", "nope", ["plan.json.checkpoint: expected an object, got a string"]),
+    ("target", None, ["plan.json.target: expected an object, got null"]),
+    ("model", 12345, ["plan.json.model: expected an object, got a number"]),
+    ("checkpoint.path", 7, ["plan.json.checkpoint.path: expected a string, got a number"]),
+    ("ir", "module\nmeta kv_contract = {\"block_size\": \"16\"}\n", ["kv_contract.block_size: expected an integer"]),
+])
+def test_wrong_typed_plan_field_is_named(llama_plan, tmp_path, capsys, field, value, needles):
+    """A hand-edited plan.json: every command that reads it names the field, without a traceback."""
+    plan = tmp_path / "plan"
+    shutil.copytree(llama_plan, plan)
+    data = json.loads((plan / "plan.json").read_text())
+    where, *rest = field.split(".")
+    if rest:
+        data[where][rest[0]] = value
+    elif field == "ir":  # a fact inside the IR: its text keeps every line but this one fact
+        lines = [x for x in data["ir"].splitlines() if not x.startswith("meta kv_contract")]
+        data["ir"] = "\n".join(lines[:1] + value.splitlines()[1:] + lines[1:])
+    else:
+        data[where] = value
+    (plan / "plan.json").write_text(json.dumps(data))
+    fails_with(capsys, ["inspect", str(plan)], *needles)
+    fails_with(capsys, ["generate", str(plan), "--prompt", "hi"], *needles)
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(llama_plan):
+    """`nanoforge inspect PLAN --nodes | head -5`: no BrokenPipeError traceback, exit status 0."""
+    r = subprocess.run(f"'{sys.executable}' -m nanoforge.cli inspect '{llama_plan}' --nodes | head -5",
+                       shell=True, capture_output=True, text=True, executable="/bin/bash",
+                       env={**__import__("os").environ, "PYTHONUNBUFFERED": "0"})
+    assert len(r.stdout.splitlines()) == 5
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    r = subprocess.run(f"set -o pipefail; '{sys.executable}' -m nanoforge.cli inspect '{llama_plan}' --nodes | head -1",
+                       shell=True, capture_output=True, text=True, executable="/bin/bash")
+    assert r.returncode == 0, r.stderr
+
+
+def test_generate_max_tokens_beyond_the_context_is_refused_at_once(llama_plan, capsys):
+    """The server's 400 rule, on the command line: no silent cap, no minutes of work first."""
+    start = time.perf_counter()
+    fails_with(capsys, ["generate", str(llama_plan), "--prompt", "hi", "--max-tokens", "100000", "--json"],
+               "max_tokens (100000)", "max_model_len", "lower max_tokens to at most")
+    assert time.perf_counter() - start < 60
+
+
+def test_plan_dir_has_the_permissions_of_its_subdirs(llama_plan):
+    """mkdtemp made the plan dir 0700 while ir/ and generated/ were 0755: readable by the same people now."""
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(llama_plan) == mode(llama_plan / "ir") == mode(llama_plan / "generated")

@@ -141,3 +141,33 @@ def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path):
     assert "kernels.context" in edges["runtime.model_runner"]  # a module-level relative import
     assert any(t.startswith("ir") for t in edges["plan"])
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _is_triton_jit(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """A Triton kernel takes its pointers, strides and sizes positionally: the language has no other way."""
+    return any("jit" in ast.unparse(d) for d in fn.decorator_list)
+
+
+def _positional_params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = fn.args.posonlyargs + fn.args.args
+    return len([a for a in args if a.arg not in ("self", "cls")])
+
+
+def test_no_function_takes_more_than_seven_positional_parameters():
+    """Settings travel as dataclasses (RunnerConfig, EngineConfig, pass Options), not as long
+    argument lists whose order a caller must remember."""
+    long = [f"{f.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({_positional_params(node)})"
+            for f in sorted(ROOT.rglob("*.py")) for node in ast.walk(ast.parse(f.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _positional_params(node) > 7
+            and not _is_triton_jit(node)]
+    assert not long, "functions with more than 7 positional parameters:\n" + "\n".join(long)
+
+
+def test_plan_facts_are_read_through_their_types():
+    """Facts travel in module.meta as JSON; only facts.py indexes it (the IR's parser and printer
+    copy it whole): everyone else reads typed facts (facts.read, Plan.kv_contract, ...)."""
+    allowed = {"facts.py", "ir/parser.py", "ir/printer.py"}
+    hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in sorted(ROOT.rglob("*.py"))
+            if str(f.relative_to(ROOT)) not in allowed
+            for i, line in enumerate(f.read_text().splitlines(), 1) if "meta[" in line or "meta.get(" in line]
+    assert not hits, "module.meta indexed outside facts.py:\n" + "\n".join(hits)

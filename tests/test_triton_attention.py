@@ -90,8 +90,8 @@ def run_gqa(spec, *, heads, kv_heads, head_dim, block_size, dtype, seed, tol, sk
     v = rand(gen, T, kv_heads * head_dim, dtype=dtype)
     attrs = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     scale = head_dim ** -0.5
-    out = A.attention(q, k, v, ctx, "gqa", 0, scale, **attrs)
-    ref = torch_ref.attention(q, k, v, ctx_ref, "gqa", 0, scale, **attrs)
+    out = A.attention(q, k, v, ctx=ctx, kind="gqa", layer=0, scale=scale, **attrs)
+    ref = torch_ref.attention(q, k, v, ctx=ctx_ref, kind="gqa", layer=0, scale=scale, **attrs)
     for a, b in zip(pool[0], pool_ref[0]):  # the stores are exact copies
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
     check_close(out, ref, tol)
@@ -110,8 +110,9 @@ def run_mla(spec, *, heads, nope, rope_d, vd, r, block_size, dtype, seed, tol):
     kv_b_proj = rand(gen, heads * (nope + vd), r, dtype=dtype) * r ** -0.5
     attrs = dict(heads=heads, qk_nope_head_dim=nope, qk_rope_head_dim=rope_d, v_head_dim=vd, kv_lora_rank=r)
     scale = (nope + rope_d) ** -0.5
-    out = A.attention(q, latent, k_rope, ctx, "mla", 0, scale, kv_b_proj=kv_b_proj, **attrs)
-    ref = torch_ref.attention(q, latent, k_rope, ctx_ref, "mla", 0, scale, kv_b_proj=kv_b_proj, **attrs)
+    out = A.attention(q, latent, k_rope, ctx=ctx, kind="mla", layer=0, scale=scale, kv_b_proj=kv_b_proj, **attrs)
+    ref = torch_ref.attention(q, latent, k_rope, ctx=ctx_ref, kind="mla", layer=0, scale=scale, kv_b_proj=kv_b_proj,
+                              **attrs)
     assert torch.equal(pool[0][0].nan_to_num(7.0), pool_ref[0][0].nan_to_num(7.0))
     check_close(out, ref, tol)
 
@@ -260,7 +261,8 @@ def test_paged_attention_cuda_graph_replay(batch):
     scale = D ** -0.5
 
     def step():
-        A.paged_attention(q, k_cache, v_cache, qs, ctx_lens, bt, scale, 1, max_ctx, out=out)
+        A.paged_attention(q, k_cache, v_cache, qs, ctx_lens, bt, scale=scale, max_query_len=1, max_context_len=max_ctx,
+                          out=out)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

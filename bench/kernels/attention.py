@@ -46,8 +46,8 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     scale = head_dim ** -0.5
 
     def fn():
-        paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale, 1, ctx_len,
-                        out=out, num_splits=num_splits)
+        paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale=scale, max_query_len=1,
+                        max_context_len=ctx_len, out=out, num_splits=num_splits)
 
     fn()
     torch.cuda.synchronize()
@@ -87,8 +87,8 @@ def bench_paged_prefill(seqs: int, q_len: int, prefix: int = 0, heads: int = 16,
     out = torch.empty_like(q)
 
     def fn():
-        paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, head_dim ** -0.5,
-                        q_len, ctx_len, out=out)
+        paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale=head_dim ** -0.5,
+                        max_query_len=q_len, max_context_len=ctx_len, out=out)
 
     fn()
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -81,7 +81,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, h
     return torch.cat([keep, r], dim=-1).reshape(x.shape)
 
 
-def rope(q, k, positions, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim, style, theta, scaling=None, **_):
+def rope(q, k, positions, *, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim, style, theta, scaling=None, **_):
     inv_freq, attn_factor = rope_frequencies(rotary_dim, theta, scaling)
     freqs = positions.float()[:, None] * inv_freq.to(q.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -120,7 +120,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, sca
     return torch.einsum("kgql,lkd->qkgd", probs, v).reshape(n, h, -1)
 
 
-def attention(q, k, v, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **a):
+def attention(q, k, v, *, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **a):
     """Write this step's K/V into the paged pool, then causal attention per sequence."""
     out = []
     width = a["heads"] * (a["head_dim"] if kind == "gqa" else a["v_head_dim"])
@@ -167,7 +167,7 @@ def select_experts(x, router, score_bias, *, num_experts, top_k, scoring, n_grou
     return scores.gather(1, ids), ids
 
 
-def _route(x, router, score_bias, num_experts, top_k, scoring, norm_topk_prob=False, n_group=1,
+def _route(x, router, score_bias, *, num_experts, top_k, scoring, norm_topk_prob=False, n_group=1,
            topk_group=1, routed_scaling_factor=1.0, **_):
     """(weights f32[T, k], expert ids [T, k]) for each token."""
     weights, ids = select_experts(x, router, score_bias, num_experts=num_experts, top_k=top_k, scoring=scoring,

@@ -20,7 +20,7 @@ log = logging.getLogger("nanoforge.graphs")
 
 
 class DecodeGraphs:
-    def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int],
+    def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int], *,
                  max_model_len: int, device: torch.device, comm: Any = None):
         self.sizes, self.comm = sorted(sizes), comm
         self.block_size = block_size

@@ -188,10 +188,10 @@ class Engine:
     def runner_info(self) -> dict:
         """Start-up facts of the model runner: the decode graph sizes captured and the warm-up time."""
         graphs = getattr(self.runner, "graphs", None)
-        return {"cuda_graph_sizes": list(graphs.sizes) if graphs is not None else [],
+        return {"warmup_s": getattr(self.runner, "warmup_s", 0.0),
                 "no_graph_reason": getattr(self.runner, "no_graph_reason", None),
-                "warmup_s": getattr(self.runner, "warmup_s", 0.0),
-                "capture_s": getattr(graphs, "capture_s", None)}
+                "cuda_graphs": None if graphs is None else {"sizes": list(graphs.sizes), "capture_s": graphs.capture_s,
+                                                            "capture_mib": graphs.capture_bytes / 2**20}}
 
     def forget(self, seq: Sequence) -> None:
         """Drop a finished sequence from the engine's table (its caller keeps the object)."""

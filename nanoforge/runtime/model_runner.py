@@ -95,7 +95,7 @@ class ModelRunner:
 
             sizes = [s for s in plan.cuda_graphs.sizes if s <= cfg.max_num_seqs] or [1]
             self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
-                                       cfg.max_model_len, self.device, self.comm)
+                                       max_model_len=cfg.max_model_len, device=self.device, comm=self.comm)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
 

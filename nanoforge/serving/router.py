@@ -58,7 +58,7 @@ class Router:
 
     @classmethod
     async def connect(cls, prefill: list[str] = (), decode: list[str] = (), engines: list[str] = (),  # type: ignore[assignment]
-                      registry_url: str | None = None, strategy: str = "round-robin", model_name: str | None = None,
+                      *, registry_url: str | None = None, strategy: str = "round-robin", model_name: str | None = None,
                       timeout: float = 10.0, wait_for_engines: float = 10.0) -> "Router":
         """Connect to every listed engine (and the registry's), or raise naming what is wrong."""
         self = cls(strategy, model_name, timeout)

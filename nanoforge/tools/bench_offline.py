@@ -77,13 +77,10 @@ def run_nanoforge(model, prompts: list[list[int]], outs: list[int], engine_opts:
     elapsed = time.perf_counter() - start
     generated = sum(len(r.token_ids) for r in results)
     assert generated == sum(outs), "ignore_eos run produced fewer tokens than asked"
-    graphs = llm.engine.runner.graphs
+    info = llm.engine.runner_info()
     out = {"time_s": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
            "total_tok_s": (generated + sum(map(len, prompts))) / elapsed, "startup_s": startup,
-           "engine": llm.metrics(),
-           "warmup_s": llm.engine.runner.warmup_s,
-           "cuda_graphs": None if graphs is None else {"sizes": graphs.sizes, "capture_s": graphs.capture_s,
-                                                       "capture_mib": graphs.capture_bytes / 2**20}}
+           "engine": llm.metrics(), "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"]}
     return out, llm
 
 
@@ -170,12 +167,12 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     }
     ceilings = measure_ceilings(device)  # before the engine takes the card's memory
     result["nanoforge"], llm = run_nanoforge(source, prompts, outs, engine_opts)
-    mem = llm.plan.module.meta["memory"]
+    mem = llm.plan.memory
     result["ceilings"] = ceilings
     result["roofline"] = simulate_ceiling(
-        [len(p) for p in prompts], outs, mem["param_bytes"], mem["kv_bytes_per_token"],
-        2 * mem["param_bytes"] / DTYPE_BYTES[llm.plan.dtype], ceilings["copy_bytes_per_s"], ceilings["matmul_flop_per_s"],
-        engine_opts.get("max_num_seqs", 256))
+        [len(p) for p in prompts], outs, weight_bytes=mem.param_bytes, kv_bytes_per_token=mem.kv_bytes_per_token,
+        flops_per_token=2 * mem.param_bytes / DTYPE_BYTES[llm.plan.dtype], bandwidth=ceilings["copy_bytes_per_s"],
+        flops=ceilings["matmul_flop_per_s"], max_num_seqs=llm.engine.cfg.max_num_seqs)
     result["fraction_of_ceiling"] = result["nanoforge"]["output_tok_s"] / result["roofline"]["output_tok_s"]
     del llm, source
     gc.collect()

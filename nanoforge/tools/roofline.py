@@ -46,7 +46,7 @@ def measure_ceilings(device: str = "cuda") -> dict[str, float]:
             "matmul_dtype": str(dtype).replace("torch.", "")}
 
 
-def simulate_ceiling(input_lens: list[int], output_lens: list[int], weight_bytes: int, kv_bytes_per_token: int,
+def simulate_ceiling(input_lens: list[int], output_lens: list[int], *, weight_bytes: int, kv_bytes_per_token: int,
                      flops_per_token: float, bandwidth: float, flops: float, max_num_seqs: int) -> dict[str, float]:
     """Output tok/s of an ideal engine: prefill at the matmul ceiling, decode at the bandwidth one."""
     prefill_s = sum(input_lens) * flops_per_token / flops

@@ -120,7 +120,7 @@ class PagedDecode:
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace(device), "NHD", use_tensor_cores=use_tensor_cores, backend="fa2", **kw)
 
-    def plan(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, heads: int,
+    def plan(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, *, heads: int,
              kv_heads: int, head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, scale: float) -> None:
         indptr, indices, last = csr_pages(block_tables, context_lens, block_size)
         self.wrapper.plan(indptr, indices, last, heads, kv_heads, head_dim, block_size,
@@ -140,5 +140,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     B, H, D = q.shape
     assert context_lens.shape[0] == B and k_cache.shape[-1] == D == v_cache.shape[-1], "decode shapes"
     dec = PagedDecode(q.device, use_tensor_cores=use_tensor_cores)
-    dec.plan(block_tables, context_lens, k_cache.shape[1], H, k_cache.shape[2], D, q.dtype, k_cache.dtype, scale)
+    dec.plan(block_tables, context_lens, k_cache.shape[1], heads=H, kv_heads=k_cache.shape[2], head_dim=D,
+             q_dtype=q.dtype, kv_dtype=k_cache.dtype, scale=scale)
     return dec.run(q, k_cache, v_cache)

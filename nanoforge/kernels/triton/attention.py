@@ -405,9 +405,9 @@ def _prefill_cfg(dk1: int, dk2: int, dv_block: int, max_query_len: int) -> tuple
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    query_start: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                    query_start: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, *,
                     scale: float, max_query_len: int, max_context_len: int,
-                    out: torch.Tensor | None = None, *, num_splits: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
@@ -475,7 +475,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # provider entry
 # ---------------------------------------------------------------------------------------------
-def attention(q, k, v, ctx, kind, layer, scale, kv_b_proj=None, **a):
+def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
     """Same signature and semantics as torch_ref.attention: store this step's K/V into the paged
     pool, then causal attention per sequence. q [T, H*Dk], k/v 2-D; returns [T, H*Dv]."""
     T = q.shape[0]
@@ -484,7 +484,8 @@ def attention(q, k, v, ctx, kind, layer, scale, kv_b_proj=None, **a):
         k_cache, v_cache = ctx.kv[layer]
         store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping)
         o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
-                            ctx.block_tables, scale, ctx.max_query_len, ctx.max_context_len)
+                            ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
+                            max_context_len=ctx.max_context_len)
         return o.view(T, h * d)
     # mla, absorbed: the pool holds [latent | k_rope]; attend in latent space with KVH = 1
     h, nope, rope_d, vd = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
@@ -496,6 +497,7 @@ def attention(q, k, v, ctx, kind, layer, scale, kv_b_proj=None, **a):
     q_lat = torch.bmm(qh[..., :nope].transpose(0, 1), w[:, :nope, :].to(q.dtype))  # [h, T, r]
     q_full = torch.cat([q_lat.transpose(0, 1), qh[..., nope:]], dim=-1)  # [T, h, r + rope]
     o_lat = paged_attention(q_full, cache[:, :, None, :], cache[:, :, None, :r], ctx.query_start,
-                            ctx.context_lens, ctx.block_tables, scale, ctx.max_query_len, ctx.max_context_len)
+                            ctx.context_lens, ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
+                            max_context_len=ctx.max_context_len)
     o = torch.bmm(o_lat.transpose(0, 1), w[:, nope:, :].transpose(1, 2).to(q.dtype))  # [h, T, vd]
     return o.transpose(0, 1).reshape(T, h * vd)

@@ -346,8 +346,8 @@ def _head_rows(nh: int, d: int, n_tok: int, device) -> tuple[int, bool]:
     return br, nh % br == 0
 
 
-def _qk(q, k, positions, q_norm, k_norm, eps, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim,
-        style, theta, scaling):
+def _qk(q, k, positions, q_norm, k_norm, eps, *, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim,
+        style, theta, scaling=None, **_):
     if style not in ("neox", "interleaved"):
         raise ValueError(f"rope: unknown style {style!r}")
     rot = int(rotary_dim)
@@ -381,13 +381,11 @@ def _qk(q, k, positions, q_norm, k_norm, eps, heads, kv_heads, q_head_dim, k_hea
     return qo.reshape(q.shape), ko.reshape(k.shape)
 
 
-def rope(q, k, positions, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim, style, theta, scaling=None, **_):
-    return _qk(q, k, positions, None, None, 0.0, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim,
-               style, theta, scaling)
+def rope(q, k, positions, *, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim, style, theta, scaling=None, **_):
+    return _qk(q, k, positions, None, None, 0.0, heads=heads, kv_heads=kv_heads, q_head_dim=q_head_dim,
+               k_head_dim=k_head_dim, rotary_dim=rotary_dim, style=style, theta=theta, scaling=scaling)
 
 
 def qk_norm_rope(q, k, positions, q_norm, k_norm, eps, **attrs):
     """Per-head RMSNorm of q and k, then rope, in one launch."""
-    a = attrs
-    return _qk(q, k, positions, q_norm, k_norm, eps, a["heads"], a["kv_heads"], a["q_head_dim"],
-               a["k_head_dim"], a["rotary_dim"], a["style"], a["theta"], a.get("scaling"))
+    return _qk(q, k, positions, q_norm, k_norm, eps, **attrs)
