@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import defaults
 from .errors import NanoForgeError
+from .serving.engine_flags import add_engine_flags, add_engine_server_flags, engine_options
 
 
 def _kv_pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -134,8 +135,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not a.prompt:
         raise NanoForgeError("give at least one --prompt")
     # `with LLM` starts a sharded plan's ranks, and stops them
-    with LLM(a.model, checkpoint=a.checkpoint, dtype=a.dtype, progress=not a.json, device=a.device,
-             gpu_memory_utilization=a.gpu_memory_utilization, **_layout(a), **_launch(a)) as llm:
+    with LLM(a.model, checkpoint=a.checkpoint, progress=not a.json, **engine_options(a), **_layout(a),
+             **_launch(a)) as llm:
         sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                             max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
         bar = sys.stderr.isatty() and not a.json  # tokens generated, on a terminal
@@ -230,8 +231,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serving.inprocess import InProcessClient
     from .serving.openai_api import build_app
 
-    opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len)) if v is not None}
-    with LLM(a.model, device=a.device, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
+    with LLM(a.model, **engine_options(a), **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
         name = a.served_model_name or Path(a.model).name
         client = InProcessClient(llm.engine, name)
         # uvicorn re-raises a SIGTERM once it has shut down; as SystemExit it unwinds through here,
@@ -250,14 +250,13 @@ def _serve_engine(a: argparse.Namespace) -> int:
     from .serving.engine_server import serve_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    opts = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len),
-                              ("num_blocks", a.num_blocks)) if v is not None}
-    opts.update(_layout(a), **_launch(a))
+    opts = {**engine_options(a), **_layout(a), **_launch(a)}
+    device = opts.pop("device", None)
     if a.role != "both" and _world_of(a) > 1:
         raise NanoForgeError(f"--role {a.role}: moving KV between engines of a sharded plan is not built yet "
                              "(each rank holds a part of it); serve it with --role both")
     serve_engine(a.model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name, role=a.role,
-                 device=a.device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
+                 device=device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
                  registry=a.registry, advertise_addr=a.advertise_addr, **opts)
     return 0
 
@@ -353,11 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt: token_ids, text")
     g.add_argument("--checkpoint", help="weights location, if the plan's recorded path moved")
-    g.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
-    g.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
-                   "unless told")
-    g.add_argument("--gpu-memory-utilization", type=float, default=defaults.GPU_MEMORY_UTILIZATION,
-                   help="share of the GPU this engine may use (default %(default)s)")
+    add_engine_flags(g)
     add_layout_flags(g)
     g.set_defaults(run=cmd_generate)
 
@@ -367,16 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--served-model-name", help="the model name clients send (default: the path's last part)")
-    s.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
-                   "unless told")
-    s.add_argument("--max-num-seqs", type=int, help="most sequences stepped together")
-    s.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
+    add_engine_flags(s)
     s.add_argument("--addr", help="run an engine server at this ZMQ address (tcp://HOST:PORT) instead of HTTP; "
                    "a prefill or decode role implies one (default tcp://127.0.0.1:5555)")
-    s.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
     add_layout_flags(s)
-    from .serving.engine_flags import add_engine_server_flags
-
     add_engine_server_flags(s)
     s.set_defaults(run=cmd_serve)
 

@@ -38,8 +38,8 @@ def read(module: Module, cls: type[F]) -> F | None:
 def require(module: Module, cls: type[F]) -> F:
     fact = read(module, cls)
     if fact is None:
-        raise NanoForgeError(f"the module has no {cls.KEY} (written by "  # type: ignore[attr-defined]
-                             f"{getattr(cls, 'WRITER', 'a pass that did not run')})")
+        raise NanoForgeError(f"the module has no {cls.KEY} fact: the pass that writes it "  # type: ignore[attr-defined]
+                             "did not run")
     return fact
 
 
@@ -47,8 +47,7 @@ def require(module: Module, cls: type[F]) -> F:
 class ModelInfo:
     """What tracing read from the HF config."""
 
-    KEY: ClassVar[str] = "model"
-    WRITER: ClassVar[str] = "models.trace_model"
+    KEY: ClassVar[str] = "model"  # written by models.trace_model
     architecture: str
     dtype: str  # the activations' and weights' dtype (f32 | bf16 | f16)
     vocab_size: int
@@ -145,8 +144,7 @@ class GraphBlockers:
 class DeepEPPlan:
     """Which DeepEP mode serves which batch sizes (plan_deep_ep)."""
 
-    KEY: ClassVar[str] = "deep_ep"
-    WRITER: ClassVar[str] = "plan_deep_ep"
+    KEY: ClassVar[str] = "deep_ep"  # written by plan_deep_ep
     low_latency_max_tokens: int
     max_num_seqs: int
     modes: str
@@ -156,19 +154,17 @@ class DeepEPPlan:
 class CudaGraphPlan:
     """Decode batch sizes to capture, or why none (plan_cuda_graphs)."""
 
-    KEY: ClassVar[str] = "cuda_graphs"
-    WRITER: ClassVar[str] = "plan_cuda_graphs"
+    KEY: ClassVar[str] = "cuda_graphs"  # written by plan_cuda_graphs
     sizes: tuple[int, ...] = ()
     reason: str | None = "the plan has no CUDA-graph pass"
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What the engine sizes its memory from (plan_memory); bytes."""
+    """What the engine sizes its memory from (plan_memory)."""
 
-    KEY: ClassVar[str] = "memory"
-    WRITER: ClassVar[str] = "plan_memory"
-    param_bytes: int
-    kv_bytes_per_token: int
-    activation_bytes_per_token: int
-    max_num_batched_tokens: int
+    KEY: ClassVar[str] = "memory"  # written by plan_memory
+    param_bytes: int  # this rank's weights
+    kv_bytes_per_token: int  # KVContract.bytes_per_token()
+    activation_bytes_per_token: int  # the peak of values alive at once, per token of a step
+    max_num_batched_tokens: int  # the step the peak was planned for

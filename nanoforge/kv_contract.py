@@ -40,8 +40,7 @@ class SequenceState:
 
 @dataclass(frozen=True)
 class KVContract:
-    KEY: ClassVar[str] = "kv_contract"
-    WRITER: ClassVar[str] = "plan_memory"
+    KEY: ClassVar[str] = "kv_contract"  # written by plan_memory
     block_size: int
     dtype: str  # of the pool's values
     layers: tuple[KVLayer, ...]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 from tqdm import tqdm
 
@@ -15,6 +15,9 @@ from .plan import Plan, machine_mismatches, read_plan
 from .runtime.engine import Engine, EngineConfig
 from .runtime.sampling_params import SamplingParams
 from .runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

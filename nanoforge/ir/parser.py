@@ -15,8 +15,8 @@ from .printer import expand_keys
 _NAME = r"[A-Za-z0-9_.\-]+"
 _TYPE = re.compile(r"(\w+)\[([^\]]*)\]")
 _PARAM = re.compile(rf"param \$({_NAME}): (\S+) <- (?:(stack|cat)\((.*)\)|([^ ]+(?:, [^ ]+)*))(?: shard=(\S+))?(?: quant=(\S+))?$")
-_FUNC = re.compile(rf"func (\w+)\((.*)\) \{{$")
-_VALUE_DECL = re.compile(rf"%(\w+): (\w+\[[^\]]*\])")
+_FUNC = re.compile(r"func (\w+)\((.*)\) \{$")
+_VALUE_DECL = re.compile(r"%(\w+): (\w+\[[^\]]*\])")
 _CALL = re.compile(r"(\w+)\(([^()]*)\)")
 
 

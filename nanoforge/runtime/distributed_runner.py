@@ -30,7 +30,7 @@ from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .launchers import make_launcher
 from .model_runner import RunnerConfig, flat_batch
-from .rank_runner import (OP_STEP, OP_STOP, START_TIMEOUT_S, STEP_TIMEOUT, RankRunner, _pack, _replica_counts)
+from .rank_runner import (OP_STEP, OP_STOP, START_TIMEOUT_S, STEP_TIMEOUT, RankRunner, pack_step, replica_counts)
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("nanoforge.distributed")
@@ -124,7 +124,7 @@ class DistributedRunner(RankRunner):
         if len(parts) != self.dp or (flag and self.dp > 1):
             raise NanoForgeError(f"a step of {self.dp} attention-DP replicas needs each replica's items "
                                  "(ScheduledBatch.replicas) and no overlapped decode")
-        sizes, body = _pack(parts)
+        sizes, body = pack_step(parts)
         self.steps += 1
         try:
             dist.broadcast(torch.tensor([OP_STEP, int(flag), self.steps, self.dp, *sizes], dtype=torch.long), 0,
@@ -132,7 +132,7 @@ class DistributedRunner(RankRunner):
             dist.broadcast(torch.tensor(body, dtype=torch.long), 0, group=self.control)
             if flag:
                 dist.broadcast(device_tokens.to(torch.long).contiguous(), 0)
-            logits = self.run_step(*parts[0], device_tokens, _replica_counts(sizes, self.dp))
+            logits = self.run_step(*parts[0], device_tokens, replica_counts(sizes, self.dp))
             if self.dp > 1:
                 rows = [len(p[2]) for p in parts]
                 gathered = self._gather_logits(logits, rows)

@@ -85,10 +85,10 @@ class RankRunner(ModelRunner):
             op, flag, _, dp, *sizes = header.tolist()
             if op == OP_STOP:
                 return
-            counts = _replica_counts(sizes, dp)
-            body = torch.empty(sum(_body_len(c, flag) for c in counts), dtype=torch.long)
+            counts = replica_counts(sizes, dp)
+            body = torch.empty(sum(body_len(c, flag) for c in counts), dtype=torch.long)
             dist.broadcast(body, 0, group=self.control)
-            tokens, seqs, rows = _unpack(body, counts, flag, self.replica)
+            tokens, seqs, rows = unpack_step(body, counts, flag, self.replica)
             device_tokens = None
             if flag:
                 device_tokens = torch.empty(counts[self.replica][1], dtype=torch.long, device=self.device)
@@ -133,17 +133,17 @@ class RankRunner(ModelRunner):
         return parts
 
 
-def _replica_counts(sizes: list[int], dp: int) -> list[list[int]]:
+def replica_counts(sizes: list[int], dp: int) -> list[list[int]]:
     """The header's (T, B, K, R) of each DP replica."""
     return [sizes[4 * d:4 * d + 4] for d in range(dp)]
 
 
-def _body_len(c: list[int], flag: int) -> int:
+def body_len(c: list[int], flag: int) -> int:
     t, b, k, r = c
     return (0 if flag else t) + 3 * b + k + r
 
 
-def _pack(parts: list[tuple[list[int], list[tuple[int, int, list[int]]], list[int]]]) -> tuple[list[int], list[int]]:
+def pack_step(parts: list[tuple[list[int], list[tuple[int, int, list[int]]], list[int]]]) -> tuple[list[int], list[int]]:
     """(header sizes, body) of each replica's (tokens, seqs, rows)."""
     sizes, body = [], []
     for tokens, seqs, rows in parts:
@@ -158,50 +158,11 @@ def _pack(parts: list[tuple[list[int], list[tuple[int, int, list[int]]], list[in
     return sizes, body
 
 
-def _unpack(body: torch.Tensor, counts: list[list[int]], flag: int, replica: int):
+def unpack_step(body: torch.Tensor, counts: list[list[int]], flag: int, replica: int):
     """This replica's (tokens, seqs, rows) out of a step's body."""
-    start = sum(_body_len(c, flag) for c in counts[:replica])
+    start = sum(body_len(c, flag) for c in counts[:replica])
     t, b, k, r = counts[replica]
-    xs = body[start:start + _body_len(counts[replica], flag)].tolist()
-    tokens, xs = ([], xs) if flag else (xs[:t], xs[t:])
-    q_lens, ctx_lens, widths, xs = xs[:b], xs[b:2 * b], xs[2 * b:3 * b], xs[3 * b:]
-    seqs, at = [], 0
-    for q, c, w in zip(q_lens, ctx_lens, widths):
-        seqs.append((q, c, xs[at:at + w]))
-        at += w
-    return tokens, seqs, xs[k:k + r]
-
-
-def _replica_counts(sizes: list[int], dp: int) -> list[list[int]]:
-    """The header's (T, B, K, R) of each DP replica."""
-    return [sizes[4 * d:4 * d + 4] for d in range(dp)]
-
-
-def _body_len(c: list[int], flag: int) -> int:
-    t, b, k, r = c
-    return (0 if flag else t) + 3 * b + k + r
-
-
-def _pack(parts: list[tuple[list[int], list[tuple[int, int, list[int]]], list[int]]]) -> tuple[list[int], list[int]]:
-    """(header sizes, body) of each replica's (tokens, seqs, rows)."""
-    sizes, body = [], []
-    for tokens, seqs, rows in parts:
-        blocks = [b for _, _, table in seqs for b in table]
-        sizes += [sum(q for q, _, _ in seqs), len(seqs), len(blocks), len(rows)]
-        body += tokens
-        body += [q for q, _, _ in seqs]
-        body += [c for _, c, _ in seqs]
-        body += [len(t) for _, _, t in seqs]
-        body += blocks
-        body += rows
-    return sizes, body
-
-
-def _unpack(body: torch.Tensor, counts: list[list[int]], flag: int, replica: int):
-    """This replica's (tokens, seqs, rows) out of a step's body."""
-    start = sum(_body_len(c, flag) for c in counts[:replica])
-    t, b, k, r = counts[replica]
-    xs = body[start:start + _body_len(counts[replica], flag)].tolist()
+    xs = body[start:start + body_len(counts[replica], flag)].tolist()
     tokens, xs = ([], xs) if flag else (xs[:t], xs[t:])
     q_lens, ctx_lens, widths, xs = xs[:b], xs[b:2 * b], xs[2 * b:3 * b], xs[3 * b:]
     seqs, at = [], 0

@@ -1,9 +1,11 @@
-"""The flags of an engine server (`nanoforge serve --addr`, `python -m nanoforge.serving.engine_server`):
-its PD role and registry. Kept apart from engine_server.py so the CLI can offer them without
-importing ZMQ."""
+"""The flags that build an engine (`nanoforge generate` / `serve`, `python -m
+nanoforge.serving.engine_server`) and those of an engine server (its PD role and registry). Kept
+apart from engine_server.py so the CLI can offer them without importing ZMQ or torch."""
 from __future__ import annotations
 
 import argparse
+
+from .. import defaults
 
 KV_TRANSPORTS = ("auto", "tcp", "ipc")
 
@@ -18,3 +20,30 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
                    help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto")
     p.add_argument("--registry", help="redis://host:port[/db]: heartbeat this engine's record there for routers")
     p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
+
+
+ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
+                "num_blocks", "enforce_eager")
+
+
+def engine_options(a: argparse.Namespace) -> dict:
+    """The engine flags the user gave (LLM keyword arguments); the others keep LLM's defaults."""
+    return {k: v for k in ENGINE_FLAGS if (v := getattr(a, k, None)) not in (None, False)}
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """What `generate` and `serve` share: how the engine is built (vLLM's names)."""
+    p.add_argument("--dtype", choices=["auto", "f32", "bf16", "f16"], help="a checkpoint compiled on the fly: "
+                   "the activations' dtype (default auto: the checkpoint's); a plan keeps its own")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
+                   "unless told")
+    p.add_argument("--max-num-seqs", type=int, metavar="N", help=f"most sequences stepped together (default "
+                   f"{defaults.MAX_NUM_SEQS})")
+    p.add_argument("--max-model-len", type=int, metavar="N", help="prompt + output limit (default: the model's, "
+                   "cut to what the KV cache holds)")
+    p.add_argument("--max-num-batched-tokens", type=int, metavar="N", help=f"tokens per step (default "
+                   f"{defaults.MAX_NUM_BATCHED_TOKENS})")
+    p.add_argument("--gpu-memory-utilization", type=float, metavar="F", help=f"share of the GPU the engine may "
+                   f"hold (default {defaults.GPU_MEMORY_UTILIZATION})")
+    p.add_argument("--num-blocks", type=int, metavar="N", help="KV blocks (default: sized from memory; 1 GiB on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")

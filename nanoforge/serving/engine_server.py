@@ -357,24 +357,23 @@ def spawn_engine_server(model: str | Path, addr: str | None = None, timeout: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine_flags import add_engine_server_flags
+    from .engine_flags import add_engine_flags, add_engine_server_flags, engine_options
 
     p = argparse.ArgumentParser(prog="python -m nanoforge.serving.engine_server", description=__doc__.split("\n")[0])
     p.add_argument("model", help="plan dir or checkpoint")
     p.add_argument("--addr", default="tcp://127.0.0.1:5555", help="ZMQ address to bind (default %(default)s)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
+    add_engine_flags(p)
     p.add_argument("--block-size", type=int, default=None, help="KV block size when compiling a checkpoint")
     add_engine_server_flags(p)
     p.add_argument("--model-name", default=None, help="name in hello (default: the model path's last part)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    opts = {k: v for k, v in {"max_num_seqs": a.max_num_seqs, "max_model_len": a.max_model_len,
-                              "num_blocks": a.num_blocks, "block_size": a.block_size}.items() if v is not None}
+    opts = engine_options(a)
+    device = opts.pop("device", None)
+    if a.block_size is not None:
+        opts["block_size"] = a.block_size
     try:
-        serve_engine(a.model, a.addr, model_name=a.model_name, role=a.role, device=a.device,
+        serve_engine(a.model, a.addr, model_name=a.model_name, role=a.role, device=device,
                      kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport, registry=a.registry,
                      advertise_addr=a.advertise_addr, **opts)
     except NanoForgeError as e:

@@ -28,7 +28,6 @@ routing outcome.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
