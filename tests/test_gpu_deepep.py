@@ -7,7 +7,7 @@ combine must equal torch_ref.moe(x, router, the full expert weights) on each ran
 bf16 tolerance, in normal mode and in low-latency mode (which also switches to normal mode and back
 on one buffer). Then it times dispatch and combine per call on DeepSeek-V3's routing shape (hidden
 7168, top-8 of 256 experts; DeepEP publishes 77/114 us low-latency at 128 tokens EP8, 153/158 GB/s
-normal mode, on H800: /work/shared/docs/performance.md) and writes the figures as JSON to $OUT.
+normal mode, on H800, by its authors) and writes the figures as JSON to $OUT.
 
 Each mode runs in its own pair of processes with a deadline, so a hang (NVSHMEM) is reported, never
 waited on. Low-latency mode needs NVSHMEM; where it cannot initialise (no IB, say) the test is an

@@ -2,7 +2,7 @@
 
 Each module imports its library at import time and raises ImportError naming the installed and
 the required version when the build is not the one checked on the GPU machines
-(/work/shared/docs/gpu.md): newer builds need newer torch/NCCL symbols and fail in odd places.
+(docs/gpu.md): newer builds need newer torch/NCCL symbols and fail in odd places.
 
 This package itself imports no library: `probe` only looks the library up and imports the adapter
 on demand, so provider selection never crashes (and stays cheap) where a library is absent.
