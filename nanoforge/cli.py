@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    o = bsub.add_parser("offline", help="the reference offline throughput workload (docs/performance.md)")
+    o = bsub.add_parser("offline", help="the reference offline throughput workload (256 prompts, lengths U[100, 1024]), "
+                          "against HF generate and a roofline")
     o.add_argument("--model", default="qwen3-0.6b",
                    help="preset (random weights), checkpoint, or plan dir (run with the checkpoint it was compiled from)")
     o.add_argument("--num-prompts", type=int, default=256)

@@ -7,15 +7,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .. import defaults
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_prefill_chunk: int = 512  # a longer prompt is split over several steps
+    max_num_seqs: int = defaults.MAX_NUM_SEQS
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
+    max_prefill_chunk: int = defaults.MAX_PREFILL_CHUNK  # a longer prompt is split over several steps
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Tools around the engine: random-weight checkpoints and benchmarks."""
+"""Tools around the engine: the offline and serving benchmarks and the roofline they are measured against."""

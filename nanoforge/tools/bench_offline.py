@@ -1,4 +1,4 @@
-"""`nanoforge bench offline`: the reference offline workload of docs/performance.md.
+"""`nanoforge bench offline`: the reference offline workload (the one peer engines publish figures for).
 
 N sequences with input and output lengths uniform in their ranges (seeded), random token ids,
 ignore_eos; output tokens / wall time, warm-up outside the timed region. The baseline, HF
