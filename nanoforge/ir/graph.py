@@ -79,12 +79,16 @@ class Function:
     outputs: list[Value] = field(default_factory=list)
 
     def users(self) -> dict[int, list[Node]]:
-        """id(value) -> nodes reading it (function outputs are not counted)."""
+        """id(value) -> nodes reading it (a value the function returns has a reader `users` does
+        not list: rewrites that remove or fold a value ask `returns` too)."""
         use: dict[int, list[Node]] = {}
         for node in self.nodes:
             for v in node.inputs:
                 use.setdefault(id(v), []).append(node)
         return use
+
+    def returns(self, v: Value) -> bool:
+        return any(o is v for o in self.outputs)
 
     def producers(self) -> dict[int, Node]:
         return {id(v): n for n in self.nodes for v in n.outputs}

@@ -40,7 +40,7 @@ def _fuse_silu_mul(fn: Function) -> int:
     for mul in [n for n in fn.nodes if n.op == "mul"]:
         for gate_side, other in ((0, 1), (1, 0)):
             silu = prod.get(id(mul.inputs[gate_side]))
-            if silu is not None and silu.op == "silu" and len(users[id(silu.out)]) == 1:
+            if silu is not None and silu.op == "silu" and len(users[id(silu.out)]) == 1 and not fn.returns(silu.out):
                 fused = Node("silu_mul", [silu.inputs[0], mul.inputs[other]], {}, {}, [mul.out], mul.source)
                 _replace(fn, fused, mul, [silu], prod)
                 count += 1
@@ -52,9 +52,10 @@ def _fuse_qk_norm_rope(fn: Function) -> int:
     count, prod, users = 0, fn.producers(), fn.users()
     for rope in [n for n in fn.nodes if n.op == "rope"]:
         norms = [prod.get(id(v)) for v in rope.inputs[:2]]
-        if not all(n is not None and n.op == "rms_norm" and "group" in n.attrs
-                   and len(users[id(n.out)]) == 1 for n in norms):
-            continue
+        if not all(n is not None and n.op == "rms_norm" and n.attrs.get("group") == rope.attrs[dim]
+                   and len(users[id(n.out)]) == 1 and not fn.returns(n.out)
+                   for n, dim in zip(norms, ("q_head_dim", "k_head_dim"))):
+            continue  # qk_norm_rope normalises whole heads, of values nothing else reads
         qn, kn = norms
         if qn.attrs["eps"] != kn.attrs["eps"]:
             continue

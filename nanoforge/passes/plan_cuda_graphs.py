@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .. import defaults
 from ..codegen.providers import graph_unsafe_reason
+from ..errors import NanoForgeError
 from ..facts import CudaGraphPlan, GraphBlockers, ModelInfo, Target, read, require, write
 from ..ir.graph import Module
 from .manager import Pass
@@ -31,6 +32,8 @@ class Options:
 
 
 def plan_cuda_graphs(module: Module, opts: Options) -> int:
+    if opts.max_num_seqs < 1:
+        raise NanoForgeError(f"--max-num-seqs {opts.max_num_seqs}: must be at least 1")
     target = read(module, Target) or Target()
     blockers = read(module, GraphBlockers)
     reason = None

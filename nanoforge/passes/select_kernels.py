@@ -31,9 +31,10 @@ def _check_ep_trios(fn: Function) -> None:
             continue
         if node.op == "moe_combine" or d.provider not in PUBLIC_EP_LAYOUT:
             p = node.provider if d.provider in PUBLIC_EP_LAYOUT else d.provider
+            ops = [op for op in ("moe_dispatch", "grouped_experts", "moe_combine") if op in BY_NAME[p].ops]
             raise NanoForgeError(f"{node.op} runs on {node.provider} but its moe_dispatch on {d.provider} "
-                                 f"@{node.source}: force the EP ops together (--provider moe_dispatch={p} "
-                                 f"--provider grouped_experts={p} --provider moe_combine={p})")
+                                 f"@{node.source}: force the EP ops together ("
+                                 + " ".join(f"--provider {op}={p}" for op in ops) + ")")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def _shard_function(module: Module, fn: Function, tp: int, specs: dict[str, tupl
                 partial.add(id(node.out))
             else:
                 gather.append(node)
-        elif node.op == "add" and all(id(v) in partial and len(users[id(v)]) == 1 for v in node.inputs):
+        elif node.op == "add" and all(id(v) in partial and len(users[id(v)]) == 1 and not fn.returns(v)
+                                      for v in node.inputs):
             partial.add(id(node.out))  # routed + shared experts: one all_reduce of the sum
         elif node.op == "attention":
             q, k = (demand[id(v)][0][1] for v in node.inputs[:2]) if node.attrs["kind"] == "gqa" else (tp, 1)

@@ -113,8 +113,6 @@ def test_a_budget_needs_the_model_fact():
         apply("plan_cuda_graphs", DENSE.replace(MODEL, ""), Options())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG (input check): max_num_seqs 0 is neither "
-                   "rejected nor harmless: candidate_sizes(0) == [0], so the plan captures a graph of batch 0")
 def test_max_num_seqs_0_plans_no_empty_graph():
     try:
         plan = _plan(DENSE, Options(max_num_seqs=0))

@@ -445,9 +445,6 @@ def test_the_sizes_that_divide_shard_cleanly():
     assert "heads=2, kv_heads=1" in run_fn("shard_tp", _attention(6, 3), Options(tp=3))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: a partial sum that the function also returns is folded into the "
-                   "add's single all_reduce (Function.users() does not count function outputs), so the "
-                   "function returns this rank's share %0 instead of the whole value")
 def test_a_returned_partial_sum_is_all_reduced():
     text = MOE_AND_SHARED.replace("return %5", "return %5, %0")
     out = run_fn("shard_tp", text, Options(tp=2))
