@@ -185,3 +185,12 @@ def test_make_context_matches_per_sequence_bookkeeping():
     assert ctx.block_tables.tolist() == [b + [0] * (width - len(b)) for _, _, b in seqs]
     assert ctx.context_lens.tolist() == [c for _, c, _ in seqs]
     assert (ctx.max_query_len, ctx.max_context_len) == (max(q for q, _, _ in seqs), max(c for _, c, _ in seqs))
+
+
+def test_generate_progress_counts_tokens(tiny_ckpt, capsys):
+    """One long generation moves the bar: it counts generated tokens, not finished requests."""
+    llm = make_llm(tiny_ckpt, "llama")
+    llm.generate([[1, 2, 3], [4, 5]], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (40, 8)],
+                 use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "48/48" in err and "tok" in err and "2/2 requests" in err
