@@ -23,6 +23,9 @@ def _kv_pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+QUANT_NAMES = {"fp8_e4m3": "block-FP8 weights", "scale": "their f32 scales", "dequant": "FP8 tensors widened at load"}
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -32,6 +35,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     opts = CompileOptions(dtype=a.dtype, device=a.device, pipeline=a.pipeline, disable_passes=a.disable_pass,
                           dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
+                          quantize=a.quantize,
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                           providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
                           attention_dp=a.attention_dp, ffn_ep=a.ffn_ep, max_num_seqs=a.max_num_seqs,
@@ -68,6 +72,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     t = plan.target
     print(f"target       {t.device}{' ' + t.capability if t.capability else ''} (torch {t.torch}, {t.machine})")
     print(f"params       {len(m.params)} tensors, {_mib(m.param_bytes())}")
+    quant = Counter(p.quant for p in m.params.values() if p.quant)
+    if quant:
+        print("quantized    " + ", ".join(f"{QUANT_NAMES.get(k.split(':')[0], k)} {k.split(':')[-1]} x{n}"
+                                          for k, n in quant.items()))
     print("passes       " + ", ".join(f"{p['name']}({'skipped' if p.get('skipped') else p['changes']})"
                                       for p in plan.passes))
     for fn in m.functions.values():
@@ -307,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="checkpoint (HF dir or .gguf) -> plan dir")
     c.add_argument("checkpoint")
     c.add_argument("-o", "--output", required=True, help="plan directory to write")
-    c.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"])
+    c.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
+                   help="activations (and weights not stored in FP8); auto: the checkpoint's torch_dtype. An explicit "
+                        "dtype on a block-FP8 checkpoint widens its weights at load unless --quantize fp8")
+    c.add_argument("--quantize", default="auto", choices=["auto", "none", "fp8"],
+                   help="weights: auto = as the checkpoint ships them; none = widen FP8 ones at load; fp8 = "
+                        "block-quantize (128x128, e4m3) at load")
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--pipeline", default="default")
     c.add_argument("--dump-dir", help="write NN_<pass>.ir after every pass, plus index.txt")
@@ -384,10 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    o = bsub.add_parser("offline", help="the reference offline throughput workload (256 prompts, lengths U[100, 1024]), "
-                          "against HF generate and a roofline")
+    o = bsub.add_parser("offline", help="the reference offline throughput workload (256 prompts, lengths "
+                        "U[100, 1024]), against HF generate and a roofline")
     o.add_argument("--model", default="qwen3-0.6b",
-                   help="preset (random weights), checkpoint, or plan dir (run with the checkpoint it was compiled from)")
+                   help="preset (random weights), checkpoint, or plan dir (run with the checkpoint it was compiled "
+                        "from)")
     o.add_argument("--num-prompts", type=int, default=256)
     o.add_argument("--min-input", type=int, default=100)
     o.add_argument("--max-input", type=int, default=1024)

@@ -9,19 +9,21 @@ from typing import Any, Callable
 
 from . import defaults
 from .errors import NanoForgeError
-from .facts import Target, layout_of
+from .facts import Target
 from .ir.graph import Module
 from .models import DTYPES, trace_model
 from .models.checkpoint import Checkpoint, open_checkpoint
+from .models.quant import weight_quant_of
 from .models.weights import check_bindings
 from .passes import (PASSES, PIPELINES, PassContext, PassManager, fuse_elementwise, plan_cuda_graphs, plan_deep_ep,
-                     plan_memory, select_kernels, shard_ep, shard_tp)
+                     plan_memory, quantize_weights, select_kernels, shard_ep, shard_tp)
 from .plan import CheckpointRef, Plan
 
 
 @dataclass
 class CompileOptions:
     dtype: str = "auto"  # f32 | bf16 | f16 | auto (the checkpoint's torch_dtype; bf16 if unknown)
+    quantize: str = "auto"  # auto: as shipped (an explicit dtype widens FP8); none; fp8 (passes/quantize_weights)
     device: str = "cpu"
     pipeline: str = "default"
     disable_passes: list[str] = field(default_factory=list)
@@ -57,9 +59,16 @@ def target_of(device: str) -> Target:
     return Target(device, torch.__version__.split("+")[0], platform.machine(), capability)
 
 
-def pass_options(opts: CompileOptions, target: Target) -> dict[str, Any]:
-    """Each pass's options from the compile options (passes not named keep their defaults)."""
-    return {"shard_tp": shard_tp.Options(opts.tp),
+def pass_options(opts: CompileOptions, target: Target, config: dict[str, Any]) -> dict[str, Any]:
+    """Each pass's options from the compile options and the checkpoint's config (passes not named
+    keep their defaults)."""
+    shipped = weight_quant_of(config)
+    mode = opts.quantize
+    if shipped and mode == "auto" and opts.dtype != "auto":
+        mode = "none"  # an explicit --dtype on an FP8 checkpoint: dequantize at load (GPUs without FP8)
+    quant = quantize_weights.Options("fp8" if shipped else "none", mode, *((shipped.block, shipped.keep) if shipped
+                                                                            else ()))
+    return {"quantize_weights": quant, "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),
             "select_kernels": select_kernels.Options(target, dict(opts.providers)),
@@ -78,10 +87,12 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
                        ckpt: Checkpoint | None = None) -> Plan:
     t0 = time.perf_counter()
     ckpt = ckpt or open_checkpoint(path, config_only=opts.config_only)
+    weight_quant_of(ckpt.config)  # an unsupported quantization fails here, naming its method
     t_open = time.perf_counter()
     dtype = resolve_dtype(opts.dtype, ckpt.config)
     module = trace_model(ckpt.config, dtype)
-    unused = [] if opts.config_only else check_bindings(module, ckpt)
+    if not opts.config_only:  # each tensor by name while params are still one per key (before fusions)
+        check_bindings(module, ckpt, storage=False)
     t_trace = time.perf_counter()
     if opts.pipeline not in PIPELINES:
         raise NanoForgeError(f"unknown pipeline {opts.pipeline!r}; pipelines: {', '.join(PIPELINES)}")
@@ -89,13 +100,13 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
         if n > 1 and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
             raise NanoForgeError(f"{flag} {n} needs the {name} pass, which this compile does not run")
     target = target_of(opts.device)
-    ctx = PassContext(options=pass_options(opts, target), disabled=set(opts.disable_passes),
+    ctx = PassContext(options=pass_options(opts, target, ckpt.config), disabled=set(opts.disable_passes),
                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,
                       after_pass=_numeric_check if opts.verify_each_pass else None, log=log)
     pm = PassManager(PASSES, PIPELINES[opts.pipeline], ctx)
     module = pm.run(module)
-    if layout_of(module).sharded and not opts.config_only:
-        check_bindings(module, ckpt)  # each rank's slices: the global shapes, and every split divides
+    # every param against its tensors as the passes left it: shapes, each rank's slices, FP8 scales
+    unused = [] if opts.config_only else check_bindings(module, ckpt)
     t_end = time.perf_counter()
     stats = {"open_ms": round((t_open - t0) * 1000, 1), "trace_ms": round((t_trace - t_open) * 1000, 1),
              "passes_ms": round((t_end - t_trace) * 1000, 1), "total_ms": round((t_end - t0) * 1000, 1),

@@ -9,18 +9,34 @@ from ..errors import NanoForgeError
 from ..facts import layout_of
 from ..ir.graph import Function, Module
 from ..ir.printer import format_node
+from ..kernels import fp8
 from .recorded import random_params, run_recorded
 from .simulate import key_tensors, run_ranks
 
 RTOL = 1e-4
 
 
+def quantize_like(params: dict[str, torch.Tensor], before: Module, after: Module) -> dict[str, torch.Tensor]:
+    """Weights a pass turned into block FP8 (quantize_weights), quantized as the loader would, with
+    their scales; `params` (the before side) gets their dequantized values, so both graphs compute
+    with the same numbers and the check sees only what the pass did besides rounding."""
+    out = {}
+    for name, p in after.params.items():
+        if p.type.dtype == "fp8_e4m3" and name in params and before.params[name].type.dtype != "fp8_e4m3":
+            block = tuple(int(x) for x in p.quant.split(":")[1].split("x"))
+            out[name], out[f"{name}_scale_inv"] = fp8.quantize(params[name], block)
+            params[name] = fp8.dequantize(out[name], out[f"{name}_scale_inv"], block, params[name].dtype)
+    return out
+
+
 def carry_params(params: dict[str, torch.Tensor], before: Module, after: Module) -> dict[str, torch.Tensor]:
     """The before-pass weights as the after-pass module names them: a param a pass created
     with layout "cat" is the concatenation of the single-key params that held its keys."""
     by_key = {p.keys[0]: params[n] for n, p in before.params.items() if p.layout == "single"}
-    out = {}
+    out = quantize_like(params, before, after)
     for name, p in after.params.items():
+        if name in out:
+            continue
         if name in params:
             out[name] = params[name]
         elif p.layout == "cat" and all(k in by_key for k in p.keys):

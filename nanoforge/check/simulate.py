@@ -17,6 +17,9 @@ from ..facts import layout_of
 from ..parallel.shard_spec import cat_rows
 
 
+ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
 class DictCheckpoint:
     """The checkpoint interface over tensors held in memory, {key: tensor}."""
 
@@ -24,7 +27,8 @@ class DictCheckpoint:
 
     def __init__(self, data: dict[str, torch.Tensor]):
         self.path, self.data = Path("<memory>"), data
-        self.tensors = {k: TensorInfo(k, tuple(t.shape), "F32", "memory") for k, t in data.items()}
+        self.tensors = {k: TensorInfo(k, tuple(t.shape), ST_DTYPES.get(t.dtype, "F32"), "memory")
+                        for k, t in data.items()}
 
     def read(self, keys: list[str], dtype: torch.dtype | None = None,
              progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

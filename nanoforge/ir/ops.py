@@ -53,9 +53,30 @@ def _embed(i: Types, p, a) -> Types:
     return [TensorType(w.dtype, (i[0].shape[0], w.shape[1]))]
 
 
+FP8 = "fp8_e4m3"
+
+
+def _fp8_scales(op: str, p: dict[str, TensorType], a: dict[str, Any], slots: tuple[str, ...]) -> None:
+    """A weight stored in FP8 blocks comes with its f32 scales (slot `<slot>_scale_inv`, one per
+    fp8_block rows x columns, partial edge blocks included); a high-precision weight with none."""
+    for slot in slots:
+        w, s = p[slot], p.get(f"{slot}_scale_inv")
+        if w.dtype != FP8:
+            _check(s is None, f"{op}: {slot}_scale_inv given for a {w.dtype} {slot}")
+            continue
+        block = a.get("fp8_block")
+        _check(isinstance(block, list) and len(block) == 2, f"{op}: an fp8 {slot} needs attr fp8_block=[rows, cols]")
+        _check(s is not None, f"{op}: fp8 {slot} {w} without {slot}_scale_inv")
+        *lead, rows, cols = (int(d) for d in w.shape)
+        want = (*lead, -(-rows // block[0]), -(-cols // block[1]))
+        _check(s.dtype == "f32" and tuple(int(d) for d in s.shape) == want,
+               f"{op}: {slot}_scale_inv {s} vs f32{list(want)} for {w} in {block[0]}x{block[1]} blocks")
+
+
 def _linear(i: Types, p, a) -> Types:
     x, w = i[0], p["weight"]
     _check(len(w.shape) == 2 and _last(x) == int(w.shape[1]), f"linear: input {x} vs weight {w}")
+    _fp8_scales("linear", p, a, ("weight",))
     if "bias" in p:
         _check(p["bias"].shape == (w.shape[0],), f"linear: bias {p['bias']} vs weight {w}")
     return [TensorType(x.dtype, (*x.shape[:-1], w.shape[0]))]
@@ -125,6 +146,7 @@ def _moe(i: Types, p, a) -> Types:
     _check(p["w_down"].shape == (e, h, inter), f"moe: w_down {p['w_down']}")
     _check(0 < a["top_k"] <= e, f"moe: top_k {a['top_k']} of {e} experts")
     _check(a["scoring"] in ("softmax", "sigmoid"), f"moe: unknown scoring {a['scoring']!r}")
+    _fp8_scales("moe", p, a, EXPERT_SLOTS)
     return [x]
 
 
@@ -148,6 +170,8 @@ def _all_gather(i: Types, p, a) -> Types:
     return [TensorType(x.dtype, tuple(shape))]
 
 
+EXPERT_SLOTS = ("w_gate", "w_up", "w_down")
+SCALE_SLOTS = tuple(f"{s}_scale_inv" for s in EXPERT_SLOTS)
 ROPE_ATTRS = ("heads", "kv_heads", "q_head_dim", "k_head_dim", "rotary_dim", "style", "theta")
 
 OPS: dict[str, OpDef] = {
@@ -156,7 +180,8 @@ OPS: dict[str, OpDef] = {
         OpDef("embed", ("tokens",), ("weight",), infer=_embed, needs_ctx=True,
               doc="row lookup of token embeddings; with vocab_parallel=GROUP the weight holds this rank's "
                   "contiguous share of the vocab and other ids give zeros (then an all_reduce)"),
-        OpDef("linear", ("x",), ("weight",), ("bias",), infer=_linear, doc="x @ weight.T (+ bias)"),
+        OpDef("linear", ("x",), ("weight",), ("bias", "weight_scale_inv"), infer=_linear,
+              doc="x @ weight.T (+ bias); an fp8 weight brings its block scales (attr fp8_block)"),
         OpDef("add", ("a", "b"), infer=_same, doc="elementwise sum (residual connection)"),
         OpDef("mul", ("a", "b"), infer=_same, doc="elementwise product"),
         OpDef("silu", ("x",), infer=lambda i, p, a: [i[0]], doc="x * sigmoid(x)"),
@@ -173,7 +198,7 @@ OPS: dict[str, OpDef] = {
               infer=_attention, needs_ctx=True,
               doc="causal attention over the paged KV cache (writes this step's K/V first); GQA or MLA"),
         OpDef("split", ("x",), attrs=("sizes",), infer=_split, doc="split the last dim into pieces"),
-        OpDef("moe", ("x",), ("router", "w_gate", "w_up", "w_down"), ("score_bias",),
+        OpDef("moe", ("x",), ("router", "w_gate", "w_up", "w_down"), ("score_bias",) + SCALE_SLOTS,
               attrs=("num_experts", "top_k", "scoring"), infer=_moe,
               doc="router, top-k, SwiGLU experts, weighted sum (shared experts are separate nodes)"),
         OpDef("lm_head", ("x", "rows"), ("weight",), infer=_lm_head, doc="logits (f32) of the selected rows"),
@@ -219,6 +244,7 @@ def _grouped_experts(i: Types, p, a) -> Types:
     _check(p["w_gate"].shape == (local, inter, h) and p["w_up"].shape == (local, inter, h),
            f"grouped_experts: gate/up {p['w_gate']}")
     _check(p["w_down"].shape == (local, h, inter), f"grouped_experts: w_down {p['w_down']}")
+    _fp8_scales("grouped_experts", p, a, EXPERT_SLOTS)
     return [x]
 
 
@@ -231,7 +257,8 @@ OPS.update({op.name: op for op in [
     OpDef("moe_dispatch", ("x",), ("router",), ("score_bias",), attrs=ROUTING_ATTRS, infer=_moe_dispatch,
           needs_ctx=True, doc="route this rank's tokens and send each to the EP ranks owning one of its experts "
                               "(all-to-all); also returns the exchange plan moe_combine reverses"),
-    OpDef("grouped_experts", ("x", "weights", "ids"), ("w_gate", "w_up", "w_down"), attrs=("num_experts", "group"),
+    OpDef("grouped_experts", ("x", "weights", "ids"), ("w_gate", "w_up", "w_down"), SCALE_SLOTS,
+          attrs=("num_experts", "group"),
           infer=_grouped_experts, needs_ctx=True,
           doc="the weighted SwiGLU of this rank's experts (ids outside them contribute nothing)"),
     OpDef("moe_combine", ("y", "plan"), attrs=("group",), infer=_moe_combine, needs_ctx=True,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NanoForgeError
+from . import fp8
 from .context import BatchContext
 from .rope_math import rope_frequencies
 
@@ -33,8 +34,18 @@ def local_token_ids(tokens, rows: int, ctx, group: str):
     return torch.where(keep, ids, torch.zeros_like(ids)), keep
 
 
-def linear(x, weight, bias=None, **_):
+def linear(x, weight, bias=None, weight_scale_inv=None, fp8_block=None, **_):
+    if weight_scale_inv is not None:  # block FP8: widened on the fly, the reference of every FP8 GEMM
+        weight = fp8.dequantize(weight, weight_scale_inv, fp8_block, x.dtype)
     return F.linear(x, weight, bias)
+
+
+def expert_weights(x, w_gate, w_up, w_down, attrs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' weights in x's dtype: block-FP8 ones (with `<slot>_scale_inv` in attrs) widened."""
+    if attrs.get("w_gate_scale_inv") is None:
+        return w_gate, w_up, w_down
+    return tuple(fp8.dequantize(w, attrs[f"{name}_scale_inv"], attrs["fp8_block"], x.dtype)  # type: ignore
+                 for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)))
 
 
 def add(a, b, **_):
@@ -179,7 +190,7 @@ def _route(x, router, score_bias, *, num_experts, top_k, scoring, norm_topk_prob
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, **attrs):
     weights, ids = _route(x, router, score_bias, **attrs)
-    return _experts(x, weights, ids, w_gate, w_up, w_down)
+    return _experts(x, weights, ids, *expert_weights(x, w_gate, w_up, w_down, attrs))
 
 
 def _experts(x, weights, ids, w_gate, w_up, w_down, first: int = 0):
@@ -268,8 +279,9 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
     return x_in, w_in, ids_in, plan
 
 
-def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **_):
-    return _experts(x, weights, ids, w_gate, w_up, w_down, first=_ep_position(ctx, group)[0] * w_gate.shape[0])
+def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **attrs):
+    return _experts(x, weights, ids, *expert_weights(x, w_gate, w_up, w_down, attrs),
+                    first=_ep_position(ctx, group)[0] * w_gate.shape[0])
 
 
 def moe_combine(y, plan, *, ctx=None, group="ep"):

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from ..errors import NanoForgeError
 from ..facts import ParallelLayout, layout_of, write
 from ..ir.graph import Function, Module, Node, TensorType, Value
+from ..ir.ops import EXPERT_SLOTS as OP_EXPERT_SLOTS, SCALE_SLOTS
 from .manager import Pass
 
-EXPERT_SLOTS = ("w_gate", "w_up", "w_down")
+EXPERT_SLOTS = OP_EXPERT_SLOTS + SCALE_SLOTS  # an fp8 expert's block scales split with it
 
 
 def _check(module: Module, dp: int, ep: int, moes: list[tuple[Function, Node]]) -> None:
@@ -40,10 +41,11 @@ def _rewrite(fn: Function, node: Node, ep: int) -> list[Node]:
     yg = new(x.type.dtype, ("Tg", h))
     routing = {"router": node.params["router"], **({"score_bias": node.params["score_bias"]}
                                                    if "score_bias" in node.params else {})}
-    experts = {s: node.params[s] for s in EXPERT_SLOTS}
+    experts = {s: node.params[s] for s in EXPERT_SLOTS if s in node.params}
+    fp8 = {"fp8_block": node.attrs["fp8_block"]} if "fp8_block" in node.attrs else {}
     return [Node("moe_dispatch", [x], routing, {**node.attrs, "group": "ep"}, [xg, wg, ids, plan], node.source),
-            Node("grouped_experts", [xg, wg, ids], experts, {"num_experts": node.attrs["num_experts"], "group": "ep"},
-                 [yg], node.source),
+            Node("grouped_experts", [xg, wg, ids], experts,
+                 {"num_experts": node.attrs["num_experts"], "group": "ep", **fp8}, [yg], node.source),
             Node("moe_combine", [yg, plan], {}, {"group": "ep"}, [node.out], node.source)]
 
 
@@ -65,7 +67,7 @@ def run(module: Module, opts: Options) -> int:
     for fn, node in moes:
         i = fn.nodes.index(node)
         fn.nodes[i:i + 1] = _rewrite(fn, node, ep)
-        for slot in EXPERT_SLOTS:
+        for slot in [s for s in EXPERT_SLOTS if s in node.params]:
             p = module.params[node.params[slot]]
             if p.name not in sharded:
                 sharded.add(p.name)

@@ -173,6 +173,9 @@ def shard_tp(module: Module, opts: Options) -> int:
         raise NanoForgeError(f"--tp {tp!r}: expected a positive integer")
     if tp == 1:
         return 0
+    if quantized := [p.name for p in module.params.values() if p.quant]:
+        raise NanoForgeError(f"--tp {tp} with block-FP8 weights (${quantized[0]}, ...) is not built yet: use "
+                             "--attention-dp/--ffn-ep, or one rank")
     if (layout := layout_of(module)).sharded:
         raise NanoForgeError(f"--tp {tp}: the module is already sharded ({layout.describe()})")
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}

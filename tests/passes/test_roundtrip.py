@@ -19,13 +19,14 @@ from . import (
     test_plan_cuda_graphs,
     test_plan_deep_ep,
     test_plan_memory,
+    test_quantize_weights,
     test_select_kernels,
     test_shard_ep,
     test_shard_tp,
     test_verify,
 )
 
-EXAMPLES = [case for m in (test_verify, test_shard_tp, test_shard_ep, test_fuse_elementwise, test_fuse_projections,
+EXAMPLES = [case for m in (test_verify, test_quantize_weights, test_shard_tp, test_shard_ep, test_fuse_elementwise, test_fuse_projections,
                            test_select_kernels, test_plan_deep_ep, test_plan_cuda_graphs, test_plan_memory)
             for case in m.ROUNDTRIP]
 

@@ -144,10 +144,11 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", low_latenc
     return recv_x, recv_w, ids_in, Exchange("normal", tokens, handle)
 
 
-def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **_):
+def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **fp8_scales):
     """Rows of the normal layout: the weighted SwiGLU over this rank's experts (Triton on CUDA). The
     low-latency layout x [L, M, H]: one batched SwiGLU per local expert, unweighted (combine weights);
     rows past each expert's count hold garbage that low_latency_combine never reads."""
+    w_gate, w_up, w_down = torch_ref.expert_weights(x, w_gate, w_up, w_down, fp8_scales)  # FP8: widened for now
     if x.dim() == 3:
         h = F.silu(torch.bmm(x, w_gate.transpose(1, 2))) * torch.bmm(x, w_up.transpose(1, 2))
         return torch.bmm(h, w_down.transpose(1, 2))

@@ -31,9 +31,13 @@ def gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.stride(0) == k and k % 64 == 0 and n % 8 == 0 and x.numel() > 0)
 
 
-def linear(x, weight, bias=None, **_):
+def linear(x, weight, bias=None, weight_scale_inv=None, fp8_block=None, **_):
     """torch_ref.linear (F.linear) via deep_gemm.bf16_gemm_nt(a [M, K], b [N, K], d [M, N]); the bias
     is added after the GEMM (DeepGEMM's C operand is a full fp32 [M, N] tensor, not a row)."""
+    if weight_scale_inv is not None:  # block FP8: the reference until fp8_gemm_nt is wired here
+        from .. import torch_ref
+
+        return torch_ref.linear(x, weight, bias, weight_scale_inv, fp8_block)
     if not gemm_ok(x, weight):
         return F.linear(x, weight, bias)
     n, k = weight.shape

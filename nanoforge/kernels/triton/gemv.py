@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import torch_ref
+
 MAX_M = 16
 SMALL_M = 2  # M above this takes the tl.dot body
 
@@ -183,10 +185,13 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **_) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **fp8_scales) -> torch.Tensor:
     """Provider entry with torch_ref.linear's signature: the skinny kernel for a decode-sized batch
     (1..MAX_M rows) of a bias-free half-precision projection, cuBLAS for everything else. A CUDA
-    graph is captured per batch size, so each captured size takes one path for good."""
+    graph is captured per batch size, so each captured size takes one path for good. A block-FP8
+    weight is widened per call (the reference's math) until the FP8 GEMM takes it."""
+    if fp8_scales.get("weight_scale_inv") is not None:
+        return torch_ref.linear(x, weight, bias, **fp8_scales)
     if (bias is None and x.dim() == 2 and 0 < x.shape[0] <= MAX_M and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and weight.is_contiguous()
             and x.stride(-1) == 1):

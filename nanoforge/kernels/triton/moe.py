@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch_ref import _ep_position, select_experts
+from ..torch_ref import _ep_position, expert_weights, select_experts
 
 __all__ = ["moe", "grouped_experts", "select_experts", "fused_experts", "moe_align", "pick_config"]
 
@@ -334,8 +334,9 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
 
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k, scoring,
-        norm_topk_prob=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, **_):
-    """Same contract as torch_ref.moe; CUDA-graph safe."""
+        norm_topk_prob=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, **fp8_scales):
+    """Same contract as torch_ref.moe; CUDA-graph safe (block-FP8 experts widened per call for now)."""
+    w_gate, w_up, w_down = expert_weights(x, w_gate, w_up, w_down, fp8_scales)
     weights, ids = select_experts(x, router, score_bias, num_experts=num_experts, top_k=top_k, scoring=scoring,
                                   n_group=n_group, topk_group=topk_group)
     return fused_experts(x, weights, ids, w_gate, w_up, w_down, num_experts=num_experts,
@@ -343,10 +344,12 @@ def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k,
                          scale=routed_scaling_factor)
 
 
-def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", align_single_max=256, **_):
+def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", align_single_max=256,
+                    **fp8_scales):
     """torch_ref.grouped_experts' contract: the experts of this EP rank (L = len(w_gate), global
     ids first .. first+L-1) over the rows moe_dispatch brought here, already routed and weighted;
     a row's slots naming other ranks' experts are skipped by the align step."""
+    w_gate, w_up, w_down = expert_weights(x, w_gate, w_up, w_down, fp8_scales)
     first = _ep_position(ctx, group)[0] * w_gate.shape[0]
     local = ids - first
     local = torch.where((local >= 0) & (local < w_gate.shape[0]), local, w_gate.shape[0])
