@@ -2,6 +2,7 @@
 # On a GPU machine, from the repo root: install carried wheels (.whl/), run the GPU tests and the
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
 #   bench/gpu_check.sh [tests] [attention] [decode] [mixed] [offline] [elementwise] [moe] [sampling] [libs] [compare]
+#                      [fp8_gemm]  (block-FP8 GEMM: Triton W8A8 vs bf16 cuBLAS vs DeepGEMM, DeepSeek-V3 shapes)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
@@ -54,6 +55,7 @@ for s in $STAGES; do
     elementwise) run elementwise python3 -c "import json; from bench.kernels.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('bench.kernels.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
     sampling) run sampling python3 -c "import json; from bench.kernels.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
+    fp8_gemm) run fp8_gemm python3 -m bench.kernels.fp8_gemm --out "$OUT" ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
