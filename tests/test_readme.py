@@ -44,3 +44,13 @@ def test_every_flag_is_in_the_readme(command, parser):
     flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     missing = [f for f in flags if f not in README]
     assert not missing, f"nanoforge {command}: flags the README does not mention: {missing}"
+
+
+def test_bench_commands_shown_are_valid():
+    """The CPU-sized bench commands once asked for --max-output 64 under the default --min-output 100."""
+    text = README.replace("\\\n", " ")
+    lines = [x.split("#")[0].split() for x in text.splitlines() if x.startswith("nanoforge bench offline --model")]
+    assert lines
+    for argv in lines:
+        a = build_parser().parse_args(argv[1:])
+        assert 1 <= a.min_input <= a.max_input and 1 <= a.min_output <= a.max_output, " ".join(argv)

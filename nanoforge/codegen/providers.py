@@ -42,6 +42,10 @@ def _triton_probe(target: Target) -> str | None:
     return None
 
 
+def _cpu_probe(target: Target) -> str | None:
+    return None if target.device == "cpu" else "runs on the CPU target only"
+
+
 def _lib_probe(name: str) -> Callable[[Target], str | None]:
     """Probe of a third-party kernel library (kernels/libs): cheap target checks, then a
     lookup, then the adapter's import with its version check; never raises."""
@@ -62,6 +66,10 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     # EP dispatch/combine as all-gather + reduce-scatter: fixed shapes, no host sync (CUDA graphs)
     Provider("allgather", "nanoforge.kernels.ep_allgather", frozenset({"moe_dispatch", "moe_combine"}),
              _always),
+    # attention over the whole flat batch in a few SDPA calls (torch_ref loops over sequences in Python);
+    # host-synced like torch's, which does not matter where there are no graphs
+    Provider("cpu", "nanoforge.kernels.cpu", frozenset({"attention"}), _cpu_probe,
+             graph_unsafe=frozenset({"attention"})),
     Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
     # Library adapters rank after torch, which runs everything: they never change a default and run

@@ -1,5 +1,5 @@
 """select_kernels: a provider for every node (`provider=` in the node's line), the first usable one
-in rank order (triton, allgather, torch, then the library adapters), and two facts:
+in rank order (triton, allgather, cpu, torch, then the library adapters), and two facts:
 
     meta target = {...}              the Target the plan is for (Options.target)
     meta provider_fallbacks = {...}  per op, why the providers that could not run it were passed over
@@ -129,7 +129,7 @@ def test_forced_provider_wins_over_rank():
 
 
 @pytest.mark.parametrize("text, force, message", [
-    pytest.param(DENSE, {"linear": "cuda"}, "--provider linear=cuda: unknown provider; known: triton, allgather, torch, "
+    pytest.param(DENSE, {"linear": "cuda"}, "--provider linear=cuda: unknown provider; known: triton, allgather, cpu, torch, "
                  "flashinfer, deep_gemm, deep_ep", id="unknown"),
     pytest.param(DENSE, {"linear": "triton"}, "--provider linear=triton: needs a CUDA target (compile with --device "
                  "cuda)", id="cannot-run-here"),

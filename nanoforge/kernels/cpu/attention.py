@@ -1,0 +1,163 @@
+"""Paged attention for the CPU target without a Python loop over sequences.
+
+torch_ref.attention attends one sequence at a time: a decode step of 32 sequences runs ~100 tiny
+calls per layer stack, and a small model's step is then mostly host work. Here the step's sequences
+are grouped by shape once (the plan is cached on the step's BatchContext and shared by every layer),
+each group's context is gathered from the pool as one padded [n, max_ctx] batch and attended with one
+scaled_dot_product_attention call (CPU flash kernel, native GQA) under a mask that is causal within
+each sequence and hides padding. Groups are bucketed by powers of two of q_len and ctx_len (decode
+rows never pad to a prefill's query length), and each call's gathered K/V and mask stay under
+CALL_BUDGET bytes, so a 2k prefill chunk beside 63 decode rows stays cheap.
+
+MLA runs in the absorbed form (as the Triton provider does): queries are projected into the latent
+space with kv_b_proj's key half and attend to the pool's [latent | k_rope] entries as one shared kv
+head; the output is mapped back with its value half. This is torch_ref's expansion up to float
+reassociation, without re-expanding the whole context at every decode step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..context import BatchContext
+
+CALL_BUDGET = 128 << 20  # bytes of gathered K/V, mask and padded q/out per SDPA call
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Sequences attended together: n sequences padded to max_q queries and max_ctx keys."""
+    rows: torch.Tensor  # i64[n, max_q]: flat-batch row of each query (padding repeats a real row)
+    keep: torch.Tensor  # bool[n, max_q]: real (not padding) queries
+    slots: torch.Tensor  # i64[n, max_ctx]: pool slot of each key (padding repeats a real one)
+    mask: torch.Tensor | None  # bool[n, 1, max_q, max_ctx]: key visible to query (None: see causal)
+    causal: bool  # with no mask: whole prompts of one length (is_causal), else every key is visible
+    whole: bool = False  # the group is the whole batch, one decode row per sequence, in order
+
+
+@dataclass(frozen=True)
+class _Plan:
+    groups: list[_Group]
+    store_slots: torch.Tensor  # i64[S]: pool slots of the new K/V rows that are stored
+    store_rows: torch.Tensor | None  # i64[S]: their rows in the flat batch (None: every row, in order)
+
+
+def _buckets(q_lens: np.ndarray, ctx_lens: np.ndarray, live: np.ndarray) -> list[np.ndarray]:
+    """Sequence ids grouped by (ceil log2 q_len, ceil log2 ctx_len): padding stays under 2x per axis."""
+    key = np.ceil(np.log2(q_lens[live])).astype(np.int64) * 64 + np.ceil(np.log2(ctx_lens[live])).astype(np.int64)
+    return [live[key == k] for k in np.unique(key)]
+
+
+def _group(ids: np.ndarray, starts: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray, tables: np.ndarray,
+           block_size: int, device: torch.device) -> _Group:
+    ql, cl = q_lens[ids, None], ctx_lens[ids, None]
+    qi, kj = np.arange(int(ql.max())), np.arange(int(cl.max()))
+    rows = starts[ids, None] + np.minimum(qi, ql - 1)
+    pos = np.minimum(kj, cl - 1)  # padding reads a real slot of the sequence: finite, and masked out
+    slots = tables[ids[:, None], pos // block_size].astype(np.int64) * block_size + pos % block_size
+    qpos = cl - ql + qi  # position of each query; a padding query (qi >= q_len) sees the whole context
+    mask = (kj <= qpos[..., None]) & (kj < cl[..., None])
+    put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    causal = len(qi) > 1 and bool((ql == len(qi)).all() and (cl == len(qi)).all())
+    plain = causal or bool(mask.all())  # SDPA needs no mask (and skips the masked half when causal)
+    return _Group(put(rows), put(qi < ql), put(slots), None if plain else put(mask[:, None]), causal)
+
+
+def _plan(ctx: BatchContext) -> _Plan:
+    """Per-step bookkeeping shared by every attention layer (cached on the context)."""
+    plan = getattr(ctx, "_cpu_attention_plan", None)
+    if plan is not None:
+        return plan
+    starts = ctx.query_start.cpu().numpy().astype(np.int64)
+    q_lens, ctx_lens = np.diff(starts), ctx.context_lens.cpu().numpy().astype(np.int64)
+    tables, dev = ctx.block_tables.cpu().numpy(), ctx.slot_mapping.device
+    live = np.flatnonzero(q_lens > 0)
+    groups = [_group(ids, starts, q_lens, ctx_lens, tables, ctx.block_size, dev)
+              for ids in _buckets(q_lens, ctx_lens, live)]
+    if len(groups) == 1 and len(live) == len(q_lens) and (q_lens == 1).all():
+        groups = [replace(groups[0], whole=True)]  # plain decode: no gather of q, no scatter of the output
+    keep = ctx.slot_mapping >= 0
+    every = bool(keep.all())
+    store_rows = None if every else keep.nonzero().flatten()
+    plan = _Plan(groups, ctx.slot_mapping if every else ctx.slot_mapping[keep], store_rows)
+    ctx._cpu_attention_plan = plan  # type: ignore[attr-defined]
+    return plan
+
+
+def _store(cache: torch.Tensor, plan: _Plan, values: torch.Tensor) -> None:
+    """torch_ref._store as one index_copy_: the stored bits are the same."""
+    if plan.store_rows is not None:
+        values = values.index_select(0, plan.store_rows)
+    flat, values = cache.view(-1, *cache.shape[2:]), values.to(cache.dtype)
+    if cache.is_floating_point() and cache.element_size() == 1:  # no fp8 index_copy_ on CPU: copy the bytes
+        flat, values = flat.view(torch.uint8), values.view(torch.uint8)
+    flat.index_copy_(0, plan.store_slots, values)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, d] at idx [n, m] -> [n, heads, m, d] (index_select: far cheaper than x[idx])."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:]).transpose(1, 2)
+
+
+def _sdpa(q: torch.Tensor, g: _Group, part: slice, k_pool: torch.Tensor, v_pool: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """One padded call: q [T, h, d], pools [slots, kvh, d*] (v_pool None: values are the keys)
+    -> [n, h, max_q, dv]."""
+    rows, slots = g.rows[part], g.slots[part]
+    qs = q[part].unsqueeze(2) if g.whole else _take(q, rows)
+    keys = _take(k_pool, slots).to(q.dtype)
+    values = keys if v_pool is None else _take(v_pool, slots).to(q.dtype)
+    mask = None if g.mask is None else g.mask[part]
+    return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=g.causal, scale=scale,
+                                          enable_gqa=True)
+
+
+def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _Plan,
+            scale: float) -> torch.Tensor:
+    """Causal attention of every query row q [T, h, d] over its sequence's context -> [T, h, dv]."""
+    dv = (k_pool if v_pool is None else v_pool).shape[-1]
+    row_bytes = q.element_size() * (k_pool[0].numel() + (0 if v_pool is None else v_pool[0].numel()))
+    whole = len(plan.groups) == 1 and plan.groups[0].whole  # the output needs no scatter
+    out = None
+    for g in plan.groups:
+        n, max_q = g.rows.shape
+        per_seq = g.slots.shape[1] * (row_bytes + 5 * max_q) + max_q * q[0].numel() * 2 * q.element_size()
+        step = max(1, CALL_BUDGET // per_seq)
+        for lo in range(0, n, step):
+            o = _sdpa(q, g, slice(lo, lo + step), k_pool, v_pool, scale).transpose(1, 2)  # [n', max_q, h, dv]
+            if whole and step >= n:
+                return o.reshape(q.shape[0], q.shape[1], dv)
+            out = q.new_zeros(q.shape[0], q.shape[1], dv) if out is None else out
+            rows, keep = g.rows[lo: lo + step], g.keep[lo: lo + step]
+            if max_q == 1:
+                out.index_copy_(0, rows[:, 0], o[:, 0])
+            else:
+                out.index_copy_(0, rows[keep], o[keep])
+    return q.new_zeros(q.shape[0], q.shape[1], dv) if out is None else out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BatchContext, kind: str, layer: int,
+              scale: float, kv_b_proj: torch.Tensor | None = None, **a) -> torch.Tensor:
+    """torch_ref.attention's contract: store this step's K/V into the paged pool at ctx.slot_mapping,
+    then causal attention of each sequence's queries; q [T, heads * dk] -> [T, heads * dv]."""
+    plan, t, h = _plan(ctx), q.shape[0], a["heads"]
+    if kind == "gqa":
+        kvh, d = a["kv_heads"], a["head_dim"]
+        k_cache, v_cache = ctx.kv[layer]
+        _store(k_cache, plan, k.reshape(t, kvh, d))
+        _store(v_cache, plan, v.reshape(t, kvh, d))
+        o = _attend(q.reshape(t, h, d), k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d), plan, scale)
+        return o.reshape(t, h * d)
+    nope, rope_d, vd = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
+    (cache,) = ctx.kv[layer]
+    r = k.shape[-1]
+    _store(cache, plan, torch.cat([k, v], dim=-1))
+    w = kv_b_proj.to(q.dtype).view(h, nope + vd, r)
+    qh = q.reshape(t, h, nope + rope_d)
+    q_lat = torch.einsum("thn,hnr->thr", qh[..., :nope], w[:, :nope])
+    # values are the whole entries (SDPA's flash kernel wants dv == dk); their k_rope part is dropped
+    o = _attend(torch.cat([q_lat, qh[..., nope:]], dim=-1), cache.view(-1, 1, cache.shape[-1]), None, plan, scale)
+    return torch.einsum("thr,hvr->thv", o[..., :r], w[:, nope:]).reshape(t, h * vd)
