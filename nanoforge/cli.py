@@ -35,7 +35,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     opts = CompileOptions(dtype=a.dtype, device=a.device, pipeline=a.pipeline, disable_passes=a.disable_pass,
                           dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
-                          quantize=a.quantize,
+                          quantize=a.quantize, fp8_activations=a.fp8_activations,
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                           providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
                           attention_dp=a.attention_dp, ffn_ep=a.ffn_ep, max_num_seqs=a.max_num_seqs,
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
                    help="activations (and weights not stored in FP8); auto: the checkpoint's torch_dtype. An explicit "
                         "dtype on a block-FP8 checkpoint widens its weights at load unless --quantize fp8")
+    c.add_argument("--fp8-activations", default="auto", choices=["auto", "dynamic", "none"],
+                   help="FP8 linears' inputs: dynamic = quantized per token and 128 columns (W8A8, as the FP8 "
+                        "GEMMs run), none = weight-only; auto: dynamic on CUDA, none on CPU")
     c.add_argument("--quantize", default="auto", choices=["auto", "none", "fp8"],
                    help="weights: auto = as the checkpoint ships them; none = widen FP8 ones at load; fp8 = "
                         "block-quantize (128x128, e4m3) at load")

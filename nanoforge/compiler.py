@@ -24,6 +24,7 @@ from .plan import CheckpointRef, Plan
 class CompileOptions:
     dtype: str = "auto"  # f32 | bf16 | f16 | auto (the checkpoint's torch_dtype; bf16 if unknown)
     quantize: str = "auto"  # auto: as shipped (an explicit dtype widens FP8); none; fp8 (passes/quantize_weights)
+    fp8_activations: str = "auto"  # FP8 linears' inputs: dynamic (per token x 128) | none | auto (dynamic on CUDA)
     device: str = "cpu"
     pipeline: str = "default"
     disable_passes: list[str] = field(default_factory=list)
@@ -66,8 +67,11 @@ def pass_options(opts: CompileOptions, target: Target, config: dict[str, Any]) -
     mode = opts.quantize
     if shipped and mode == "auto" and opts.dtype != "auto":
         mode = "none"  # an explicit --dtype on an FP8 checkpoint: dequantize at load (GPUs without FP8)
+    if opts.fp8_activations not in ("auto", "dynamic", "none"):
+        raise NanoForgeError(f"--fp8-activations {opts.fp8_activations!r}: choose auto, dynamic or none")
+    act = opts.fp8_activations == "dynamic" or (opts.fp8_activations == "auto" and target.device == "cuda")
     quant = quantize_weights.Options("fp8" if shipped else "none", mode, *((shipped.block, shipped.keep) if shipped
-                                                                            else ()))
+                                                                            else ()), act_quant=128 if act else 0)
     return {"quantize_weights": quant, "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),

@@ -66,7 +66,7 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
-                 quantize: str = "auto",
+                 quantize: str = "auto", fp8_activations: str = "auto",
                  block_size: int = defaults.BLOCK_SIZE, device: str | None = None, progress: bool = True, tp: int | None = None,
                  attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
                  **engine_options: Any):
@@ -78,7 +78,8 @@ class LLM:
         (`launcher="ray"`, `ray_address=...`); `close()` (or `with LLM(...)`) stops them."""
         cfg = EngineConfig(**engine_options)
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
-        opts = CompileOptions(dtype=dtype, quantize=quantize, device=device or "cpu", block_size=block_size,
+        opts = CompileOptions(dtype=dtype, quantize=quantize, fp8_activations=fp8_activations, device=device or "cpu",
+                              block_size=block_size,
                               max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
                               **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)

@@ -171,3 +171,25 @@ def test_missing_or_mis_shaped_scales_name_the_tensor(fp8_ckpt, tmp_path, capsys
 def test_tp_with_fp8_weights_is_refused_not_wrong(fp8_ckpt):
     with pytest.raises(NanoForgeError, match="--tp 2 with block-FP8 weights .* is not built yet"):
         LLM(fp8_ckpt("deepseek_v3"), tp=2, progress=False)
+
+
+def test_w8a8_plans_quantize_activations_as_the_fp8_gemm_does(fp8_ckpt):
+    """--fp8-activations dynamic (the default on CUDA): FP8 linears carry act_quant=128 and the
+    torch provider runs the same W8A8 math as triton/fp8_gemm.py's reference; logits stay within
+    e4m3 rounding of the weight-only path."""
+    from nanoforge.kernels import fp8, torch_ref
+
+    ckpt = fp8_ckpt("deepseek_v3")
+    w8a8, w8 = LLM(ckpt, fp8_activations="dynamic", progress=False), LLM(ckpt, progress=False)
+    linears = [n for _, n in w8a8.plan.module.nodes() if n.op == "linear" and "weight_scale_inv" in n.params]
+    assert linears and all(n.attrs["act_quant"] == 128 for n in linears)
+    assert not any("act_quant" in n.attrs for _, n in w8.plan.module.nodes())
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(7, 300, generator=g), torch.randn(200, 300, generator=g) / 17
+    q, s = fp8.quantize(w, (128, 128))
+    xq, xs = fp8.quantize_activations(x)
+    want = fp8.dequantize(xq, xs, (1, 128)) @ fp8.dequantize(q, s, (128, 128)).T
+    torch.testing.assert_close(torch_ref.linear(x, q, None, s, [128, 128], act_quant=128), want)
+    prompts = random_prompts(1000, [9, 21], seed=9)
+    a, b = w8a8.last_logits(prompts), w8.last_logits(prompts)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98 and not torch.equal(a, b)

@@ -1,13 +1,19 @@
 """Block FP8 in plain torch: one f32 scale per `block` rows x columns of a weight's last two dims
 (partial edge blocks included), values in e4m3. `dequantize` is the reference every FP8 kernel
 is checked against and what the loader uses to widen an FP8 checkpoint; `quantize` is what
-`compile --quantize fp8` does to a high-precision checkpoint at load."""
+`compile --quantize fp8` does to a high-precision checkpoint at load. `quantize_activations` is
+the per-token, per-128-column activation quantization of the W8A8 GEMMs (DeepGEMM's format), and
+`w8a8_linear` their math in torch: the reference of triton/fp8_gemm.py and what the torch provider
+runs for a linear whose plan asks for quantized activations (attr act_quant)."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+SCALE_EPS = 1e-10  # an all-zero group gets this amax, not a division by zero
 
 
 def _expand(s: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
@@ -34,3 +40,31 @@ def quantize(w: torch.Tensor, block: tuple[int, int] | list[int]) -> tuple[torch
     scale_inv = amax / FP8_MAX
     q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(*lead, nr * b0, nc * b1)
     return q[..., :rows, :cols].to(FP8).contiguous(), scale_inv
+
+
+def quantize_activations(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [..., K] e4m3, x_scale [..., ceil(K/group)] f32): per token, per 1 x group slice of
+    K, scale = max(amax, SCALE_EPS) / 448 and x_fp8 = e4m3(clamp(x / scale, +-448)), IEEE f32 division,
+    round to nearest even. The last group of a K that `group` does not divide covers the tail only."""
+    *lead, k = x.shape
+    m, g = math.prod(lead), -(-k // group)
+    xf = x.reshape(m, k).to(torch.float32)
+    if g * group != k:
+        xf = torch.nn.functional.pad(xf, (0, g * group - k))
+    v = xf.view(m, g, group)
+    amax = v.abs().amax(dim=-1).clamp(min=SCALE_EPS)
+    # tensor / tensor: torch's CUDA `tensor / python float` multiplies by the rounded reciprocal
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    q = (v / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(m, g * group)[:, :k]
+    return q.reshape(*lead, k).contiguous(), scale.reshape(*lead, g)
+
+
+def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None, group: int = 128) -> torch.Tensor:
+    """x quantized per token and `group` columns, both operands dequantized to f32, f32 matmul (+ bias)."""
+    *lead, k = x.shape
+    xq, xs = quantize_activations(x.reshape(-1, k), group)
+    y = dequantize(xq, xs, (1, group)) @ dequantize(w, w_scale_inv, (group, group)).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])

@@ -34,8 +34,10 @@ def local_token_ids(tokens, rows: int, ctx, group: str):
     return torch.where(keep, ids, torch.zeros_like(ids)), keep
 
 
-def linear(x, weight, bias=None, weight_scale_inv=None, fp8_block=None, **_):
-    if weight_scale_inv is not None:  # block FP8: widened on the fly, the reference of every FP8 GEMM
+def linear(x, weight, bias=None, weight_scale_inv=None, fp8_block=None, act_quant=0, **_):
+    if weight_scale_inv is not None and act_quant:  # W8A8, as the FP8 GEMMs compute it
+        return fp8.w8a8_linear(x, weight, weight_scale_inv, bias, group=act_quant)
+    if weight_scale_inv is not None:  # block FP8 weights only: widened on the fly
         weight = fp8.dequantize(weight, weight_scale_inv, fp8_block, x.dtype)
     return F.linear(x, weight, bias)
 

@@ -8,6 +8,10 @@ user asks for it (`compile --quantize`).
   checkpoint plain, mode fp8      linear / moe weight -> fp8_e4m3 + scales, block-quantized at load
   checkpoint plain, mode auto     nothing
 
+With `act_quant` (a group size; the compiler sets 128 for CUDA targets, as DeepSeek's dynamic
+activation scheme does) an FP8 linear also quantizes its input per token and 128 columns (attr
+act_quant): the W8A8 math the FP8 GEMMs run, which the torch provider then runs too.
+
 `Param.quant` says which: `fp8_e4m3:128x128` (stored or quantized at load: the loader tells by
 the checkpoint tensor's dtype), `scale:128x128` (its scales), `dequant:128x128` (an fp8 tensor
 widened at load). Embeddings, the LM head, norms and routers stay as they are, and so do the
@@ -30,6 +34,7 @@ class Options:
     mode: str = "auto"  # auto: as shipped; none: dequantize at load; fp8: block-quantize at load (--quantize)
     block: tuple[int, int] = (128, 128)
     keep: tuple[str, ...] = ()  # module name fragments left alone (modules_to_not_convert)
+    act_quant: int = 0  # FP8 linears quantize their input per token and this many columns (0: weight-only)
 
 
 def _slots(node: Node) -> tuple[str, ...]:
@@ -42,7 +47,7 @@ def _slots(node: Node) -> tuple[str, ...]:
     return ()
 
 
-def _to_fp8(module: Module, node: Node, slot: str, p: Param, block: tuple[int, int]) -> None:
+def _to_fp8(module: Module, node: Node, slot: str, p: Param, block: tuple[int, int], act_quant: int) -> None:
     tag = f"{block[0]}x{block[1]}"
     scale_name = f"{p.name}_scale_inv"
     if p.quant is None:
@@ -53,6 +58,8 @@ def _to_fp8(module: Module, node: Node, slot: str, p: Param, block: tuple[int, i
         p.type, p.quant = TensorType(FP8, p.type.shape), f"{FP8}:{tag}"
     node.params[f"{slot}_scale_inv"] = scale_name
     node.attrs["fp8_block"] = list(block)
+    if act_quant and node.op == "linear":
+        node.attrs["act_quant"] = act_quant
 
 
 def quantize_weights(module: Module, opts: Options) -> int:
@@ -70,7 +77,7 @@ def quantize_weights(module: Module, opts: Options) -> int:
             if any(k in p.name for k in opts.keep):
                 continue
             if wanted and node.op != "attention":  # attention reads kv_b_proj in its own dtype
-                _to_fp8(module, node, slot, p, opts.block)
+                _to_fp8(module, node, slot, p, opts.block, opts.act_quant)
             elif shipped:
                 p.quant = f"dequant:{tag}"
             else:

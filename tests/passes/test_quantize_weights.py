@@ -108,3 +108,10 @@ def test_modules_to_not_convert_stay_as_shipped():
 def test_bad_mode_is_named():
     with pytest.raises(NanoForgeError, match="--quantize 'int4': choose one of auto, none, fp8"):
         apply("quantize_weights", DENSE, Options("none", "int4"))
+
+
+def test_act_quant_marks_fp8_linears_w8a8_and_not_experts():
+    out = run("quantize_weights", DENSE, Options("fp8", "auto", act_quant=128))
+    assert "{fp8_block=[128, 128], act_quant=128}  @mlp.up_proj" in out
+    assert "act_quant" not in run("quantize_weights", MOE, Options("fp8", "auto", act_quant=128))
+    assert "act_quant" not in run("quantize_weights", DENSE, Options("fp8", "none", act_quant=128))  # widened

@@ -60,13 +60,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import FP8, FP8_MAX, dequantize
+from .. import fp8
+from ..fp8 import FP8, SCALE_EPS
 
 __all__ = ["Cfg", "block_fp8_linear", "block_fp8_linear_ref", "fp8_gemm", "quantize_activations",
            "quantize_activations_ref"]
 
 GROUP = 128  # K group of the activation scales = the weight block (both sides of one tl.dot)
-SCALE_EPS = 1e-10  # amax floor: an all-zero group gets a tiny, finite scale (its values quantize to 0)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -74,22 +74,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # ---------------------------------------------------------------------------------------------------
 # activation quantization
 
-def quantize_activations_ref(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_fp8 [..., K] e4m3, x_scale [..., ceil(K/group)] f32): per token, per 1 x group slice of
-    K, scale = max(amax, SCALE_EPS) / 448 and x_fp8 = e4m3(clamp(x / scale, +-448)), IEEE f32 division,
-    round to nearest even. The last group of a K that `group` does not divide covers the tail only."""
-    *lead, k = x.shape
-    m = math.prod(lead)
-    g = triton.cdiv(k, group)
-    xf = x.reshape(m, k).to(torch.float32)
-    if g * group != k:
-        xf = torch.nn.functional.pad(xf, (0, g * group - k))
-    v = xf.view(m, g, group)
-    amax = v.abs().amax(dim=-1).clamp(min=SCALE_EPS)
-    # tensor / tensor: torch's CUDA `tensor / python float` multiplies by the rounded reciprocal
-    scale = amax / torch.full_like(amax, FP8_MAX)
-    q = (v / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(m, g * group)[:, :k]
-    return q.reshape(*lead, k).contiguous(), scale.reshape(*lead, g)
+quantize_activations_ref = fp8.quantize_activations  # the torch reference of _quant_kernel
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -351,13 +336,5 @@ def block_fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor
 
 def block_fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor,
                          bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """block_fp8_linear's math in torch: quantize_activations_ref(x), both operands dequantized to
-    f32, f32 matmul, + bias, cast to out_dtype (default x.dtype)."""
-    out_dtype = out_dtype or x.dtype
-    *lead, k = x.shape
-    xq, xs = quantize_activations_ref(x.reshape(-1, k))
-    xd = dequantize(xq, xs, (1, GROUP), torch.float32)
-    y = xd @ dequantize(w, w_scale_inv, (GROUP, GROUP), torch.float32).T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype).view(*lead, w.shape[0])
+    """block_fp8_linear's math in torch (fp8.w8a8_linear)."""
+    return fp8.w8a8_linear(x, w, w_scale_inv, bias, out_dtype, GROUP)

@@ -189,11 +189,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """Provider entry with torch_ref.linear's signature: the skinny kernel for a decode-sized batch
     (1..MAX_M rows) of a bias-free half-precision projection, cuBLAS for everything else. A CUDA
     graph is captured per batch size, so each captured size takes one path for good. A block-FP8
-    weight runs fp8_gemm.block_fp8_linear on CUDA (W8A8: about 2.6% from the weight-only reference
-    per linear, the rounding of the activations to e4m3)."""
+    weight with attr act_quant runs fp8_gemm.block_fp8_linear on CUDA (W8A8: about 2.6% from the
+    weight-only math per linear, the rounding of the activations to e4m3; torch_ref runs the same
+    W8A8 math for such a node)."""
     s = fp8_scales.get("weight_scale_inv")
-    if s is not None:  # block FP8: the W8A8 GEMM (activations quantized per token and 128 columns)
-        if x.is_cuda and weight.dtype == torch.float8_e4m3fn and tuple(fp8_scales.get("fp8_block") or ()) == (128, 128):
+    if s is not None:  # block FP8: the W8A8 GEMM where the plan quantizes activations, else widened
+        if (x.is_cuda and fp8_scales.get("act_quant") == 128 and weight.dtype == torch.float8_e4m3fn
+                and tuple(fp8_scales.get("fp8_block") or ()) == (128, 128)):
             from .fp8_gemm import block_fp8_linear
 
             return block_fp8_linear(x, weight, s, bias)
