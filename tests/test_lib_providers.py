@@ -364,6 +364,21 @@ def test_gpu_deep_gemm_linear(M_, N, K, bias):
 
 
 @gpu
+@pytest.mark.parametrize("M_,N,K", [(1, 576, 7168), (7, 1536, 1024), (300, 256, 512), (0, 576, 256)])
+def test_gpu_deep_gemm_fp8_linear(M_, N, K):
+    """A W8A8 linear (act_quant=128) on fp8_gemm_nt equals fp8.w8a8_linear, the reference."""
+    from nanoforge.kernels import fp8
+
+    M = _adapter("deep_gemm_ops", (90,))
+    x, w = _rand(M_, K, seed=M_ + 1), _rand(N, K, scale=K ** -0.5, seed=N)
+    q, s = fp8.quantize(w.float(), (128, 128))
+    want = fp8.w8a8_linear(x, q, s)
+    _close(M.linear(x, q, None, s, [128, 128], act_quant=128), want)
+    if M_:
+        _replays_like_eager(lambda: M.linear(x, q, None, s, [128, 128], act_quant=128), x)
+
+
+@gpu
 @pytest.mark.parametrize("T", [1, 37, 600])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_gpu_deep_gemm_moe(T, scoring):
