@@ -24,6 +24,7 @@ class Provider:
     ops: frozenset[str]
     probe: Callable[[Target], str | None]  # target -> None if usable, else why not
     graph_unsafe: frozenset[str] = frozenset()  # ops whose kernels sync with the host (no CUDA graph)
+    first_for: Callable[[str, dict], bool] | None = None  # (op, node attrs) -> rank this provider first there
 
 
 def _always(target: Target) -> str | None:
@@ -79,8 +80,10 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     # "moe" once its GPU tests pass and it beats Triton).
     Provider("flashinfer", "nanoforge.kernels.libs.flashinfer_attn", frozenset({"rms_norm", "add_rms_norm"}),
              _lib_probe("flashinfer")),
+    # first for the W8A8 FP8 linears (H100: 0.75-1.9x bf16 cuBLAS, the Triton W8A8 GEMM 0.08-0.99x;
+    # bench/results/fp8/), which its adapter sends to fp8_gemm_nt or, off its checked shapes, to Triton
     Provider("deep_gemm", "nanoforge.kernels.libs.deep_gemm_ops", frozenset({"linear"}),
-             _lib_probe("deep_gemm")),
+             _lib_probe("deep_gemm"), first_for=lambda op, attrs: op == "linear" and attrs.get("act_quant") == 128),
     # forced as a trio (select_kernels); graph-safe in low-latency mode, which every captured batch
     # uses (plan_deep_ep: max_num_seqs <= the cap; with the cap 0 it records why there are no graphs)
     Provider("deep_ep", "nanoforge.kernels.libs.deep_ep_ops",
@@ -89,9 +92,12 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
 BY_NAME = {p.name: p for p in PROVIDERS}
 
 
-def candidates(op: str, target: Target) -> list[tuple[str, str | None]]:
-    """Every provider of `op` in rank order, with None (usable) or the reason it is not."""
-    return [(p.name, p.probe(target)) for p in PROVIDERS if op in p.ops]
+def candidates(op: str, target: Target, attrs: dict | None = None) -> list[tuple[str, str | None]]:
+    """Every provider of `op` in rank order (those that rank themselves first for a node's `attrs`
+    ahead), with None (usable) or the reason it is not."""
+    ranked = [p for p in PROVIDERS if op in p.ops]
+    ranked.sort(key=lambda p: not (p.first_for is not None and attrs is not None and p.first_for(op, attrs)))
+    return [(p.name, p.probe(target)) for p in ranked]
 
 
 def graph_unsafe_reason(op: str, provider: str) -> str | None:

@@ -51,7 +51,7 @@ def select_kernels(module: Module, opts: Options) -> int:
     notes: dict[str, list[str]] = {}
     changes = 0
     for _, node in module.nodes():
-        ranked = candidates(node.op, target)
+        ranked = candidates(node.op, target, node.attrs)
         if node.op in force:
             why = dict(ranked).get(force[node.op], f"{force[node.op]} does not implement {node.op}")
             if why:

@@ -152,3 +152,32 @@ def test_the_ep_trio_advice_compiles():
     advice = dict(flag.split("=") for flag in str(e.value).split("(", 1)[1].rstrip(")").split("--provider ")[1:])
     advice = {op: provider.strip() for op, provider in advice.items()}
     apply("select_kernels", EP, Options(force=advice))
+
+
+def test_deep_gemm_ranks_first_for_w8a8_fp8_linears_where_it_runs(fake_triton, monkeypatch):
+    """A linear over block-FP8 weights with quantized activations (act_quant=128) goes to deep_gemm
+    when it can run there; every other linear keeps the usual order (triton first)."""
+    import dataclasses
+
+    from nanoforge.codegen import providers
+
+    usable = [dataclasses.replace(p, probe=lambda t: None) if p.name == "deep_gemm" else p for p in providers.PROVIDERS]
+    monkeypatch.setattr(providers, "PROVIDERS", usable)
+    text = """
+        module
+        param $w.weight: fp8_e4m3[8,8] <- w.weight quant=fp8_e4m3:128x128
+        param $w.weight_scale_inv: f32[1,1] <- w.weight_scale_inv quant=scale:128x128
+        param $v.weight: f32[8,8] <- v.weight
+
+        func forward(%x: f32[T,8]) {
+          %0: f32[T,8] = linear(%x, weight=$w.weight, weight_scale_inv=$w.weight_scale_inv) {fp8_block=[128, 128], act_quant=128}  @w
+          %1: f32[T,8] = linear(%0, weight=$v.weight)  @v
+          return %1
+        }
+    """
+    out = run_fn("select_kernels", text, Options(target=Target("cuda", capability="sm90")))
+    assert "{fp8_block=[128, 128], act_quant=128} provider=deep_gemm  @w" in out
+    assert "linear(%0, weight=$v.weight) provider=triton  @v" in out
+    weight_only = text.replace(", act_quant=128", "")
+    sm90 = Options(target=Target("cuda", capability="sm90"))
+    assert "provider=triton  @w" in run_fn("select_kernels", weight_only, sm90)
