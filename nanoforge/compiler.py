@@ -13,7 +13,7 @@ from .facts import Target
 from .ir.graph import Module
 from .models import DTYPES, trace_model
 from .models.checkpoint import Checkpoint, open_checkpoint
-from .models.quant import weight_quant_of
+from .models.quant import WeightQuant, weight_quant_of
 from .models.weights import check_bindings
 from .passes import (PASSES, PIPELINES, PassContext, PassManager, fuse_elementwise, plan_cuda_graphs, plan_deep_ep,
                      plan_memory, quantize_weights, select_kernels, shard_ep, shard_tp)
@@ -60,10 +60,9 @@ def target_of(device: str) -> Target:
     return Target(device, torch.__version__.split("+")[0], platform.machine(), capability)
 
 
-def pass_options(opts: CompileOptions, target: Target, config: dict[str, Any]) -> dict[str, Any]:
-    """Each pass's options from the compile options and the checkpoint's config (passes not named
-    keep their defaults)."""
-    shipped = weight_quant_of(config)
+def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | None) -> dict[str, Any]:
+    """Each pass's options from the compile options and the checkpoint's quantization (passes not
+    named keep their defaults)."""
     mode = opts.quantize
     if shipped and mode == "auto" and opts.dtype != "auto":
         mode = "none"  # an explicit --dtype on an FP8 checkpoint: dequantize at load (GPUs without FP8)
@@ -91,7 +90,7 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
                        ckpt: Checkpoint | None = None) -> Plan:
     t0 = time.perf_counter()
     ckpt = ckpt or open_checkpoint(path, config_only=opts.config_only)
-    weight_quant_of(ckpt.config)  # an unsupported quantization fails here, naming its method
+    shipped = weight_quant_of(ckpt.config)  # an unsupported quantization fails here, naming its method
     t_open = time.perf_counter()
     dtype = resolve_dtype(opts.dtype, ckpt.config)
     module = trace_model(ckpt.config, dtype)
@@ -104,7 +103,7 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
         if n > 1 and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
             raise NanoForgeError(f"{flag} {n} needs the {name} pass, which this compile does not run")
     target = target_of(opts.device)
-    ctx = PassContext(options=pass_options(opts, target, ckpt.config), disabled=set(opts.disable_passes),
+    ctx = PassContext(options=pass_options(opts, target, shipped), disabled=set(opts.disable_passes),
                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,
                       after_pass=_numeric_check if opts.verify_each_pass else None, log=log)
     pm = PassManager(PASSES, PIPELINES[opts.pipeline], ctx)

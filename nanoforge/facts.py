@@ -8,18 +8,14 @@ The KV contract, the biggest fact, has its own module (kv_contract.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import NanoForgeError
 from .ir.graph import Module
 from .typed_json import from_json, to_json
 
 
-class Fact(Protocol):
-    KEY: ClassVar[str]
-
-
-F = TypeVar("F")
+F = TypeVar("F")  # a fact class: a dataclass with a KEY (to_json / from_json of its own, if it has them)
 
 
 def write(module: Module, fact: Any) -> None:

@@ -52,9 +52,6 @@ class KVContract:
         return sum(value * prod(s) for layer in self.layers for s in layer.shapes) + \
             sum(scale * prod(s) for layer in self.layers for s in layer.scale_shapes)
 
-    def state_bytes_per_sequence(self) -> int:
-        return sum(DTYPE_BYTES[st.dtype] * prod(s) for st in self.state for s in st.shapes)
-
     def mismatches(self, other: "KVContract") -> list[str]:
         """Why blocks written under this contract cannot be read under `other` (empty: they can),
         one line per difference, the first differing layer only."""

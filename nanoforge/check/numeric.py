@@ -10,6 +10,7 @@ from ..facts import layout_of
 from ..ir.graph import Function, Module
 from ..ir.printer import format_node
 from ..kernels import fp8
+from ..models.weights import quant_of
 from .recorded import random_params, run_recorded
 from .simulate import key_tensors, run_ranks
 
@@ -23,7 +24,7 @@ def quantize_like(params: dict[str, torch.Tensor], before: Module, after: Module
     out = {}
     for name, p in after.params.items():
         if p.type.dtype == "fp8_e4m3" and name in params and before.params[name].type.dtype != "fp8_e4m3":
-            block = tuple(int(x) for x in p.quant.split(":")[1].split("x"))
+            block = quant_of(p)[1]
             out[name], out[f"{name}_scale_inv"] = fp8.quantize(params[name], block)
             params[name] = fp8.dequantize(out[name], out[f"{name}_scale_inv"], block, params[name].dtype)
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..errors import NanoForgeError
 from ..ir.graph import Module, Node, Param, TensorType
 from ..ir.ops import EXPERT_SLOTS, FP8
+from ..models.quant import scale_shape
 from .manager import Pass
 
 MODES = ("auto", "none", "fp8")
@@ -51,9 +52,7 @@ def _to_fp8(module: Module, node: Node, slot: str, p: Param, block: tuple[int, i
     tag = f"{block[0]}x{block[1]}"
     scale_name = f"{p.name}_scale_inv"
     if p.quant is None:
-        *lead, rows, cols = (int(d) for d in p.type.shape)
-        module.params[scale_name] = Param(scale_name, TensorType("f32", (*lead, -(-rows // block[0]),
-                                                                        -(-cols // block[1]))),
+        module.params[scale_name] = Param(scale_name, TensorType("f32", scale_shape(p.type.shape, block)),
                                           [f"{k}_scale_inv" for k in p.keys], p.layout, quant=f"scale:{tag}")
         p.type, p.quant = TensorType(FP8, p.type.shape), f"{FP8}:{tag}"
     node.params[f"{slot}_scale_inv"] = scale_name

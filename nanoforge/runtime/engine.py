@@ -159,11 +159,6 @@ class Engine:
     def block_size(self) -> int:
         return self.blocks.block_size
 
-    @property
-    def num_kv_blocks(self) -> int:
-        """KV blocks in the pool (of each attention-DP replica)."""
-        return len(self.blocks.blocks)
-
     def kv_pool(self) -> list[tuple[torch.Tensor, ...]]:
         """The paged KV pool tensors, per attention layer (laid out as the plan's KV contract says)."""
         return self.runner.pool
