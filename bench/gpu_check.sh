@@ -3,6 +3,10 @@
 # benchmarks, write everything under $OUT (default bench/results/gpu-<date>) and print a summary.
 #   bench/gpu_check.sh [tests] [attention] [decode] [mixed] [offline] [elementwise] [moe] [sampling] [libs] [compare]
 #                      [fp8_gemm]  (block-FP8 GEMM: Triton W8A8 vs bf16 cuBLAS vs DeepGEMM, DeepSeek-V3 shapes)
+#                      [mla]  (MLA decode, DeepSeek-V3 absorbed shapes: FlashMLA vs Triton -> $OUT/mla_decode-*.json)
+#                      [deepseek_layers]  (DeepSeek-V3 layers at real size, FP8 vs bf16: decode floor, prefill TFLOP/s)
+#                      [fp8_moe]  (DeepSeek-V3's block-FP8 experts: DeepGEMM FP8 grouped vs Triton bf16, T 1..4096;
+#                                  ~45 GB of GPU memory -> $OUT/fp8_moe.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
@@ -56,6 +60,29 @@ for s in $STAGES; do
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('bench.kernels.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
     sampling) run sampling python3 -c "import json; from bench.kernels.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
     fp8_gemm) run fp8_gemm python3 -m bench.kernels.fp8_gemm --out "$OUT" ;;
+    mla) run mla python3 -m bench.kernels.mla_decode --out "$OUT" ;;
+    deepseek_layers) run deepseek_layers python3 bench/deepseek_layers.py --out "$OUT" ;;
+    fp8_moe) run fp8_moe python3 - "$OUT" <<'PY'
+import json, sys
+from bench.kernels.libs import bench_deep_gemm_fp8_grouped
+
+try:
+    rows = bench_deep_gemm_fp8_grouped()
+except ImportError as exc:  # deep_gemm absent or not the pinned build
+    rows = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+for r in rows:
+    if "T" not in r:
+        print(f"fp8_moe skipped: {r['error']}")
+        continue
+    line = f"fp8 moe T {r['T']:5d} ({r['layout']}, {r['active_experts']} experts):"
+    for k in ("deep_gemm", "deep_gemm_w13", "triton_bf16"):
+        line += (f" {k} {r[k + '_ms'] * 1e3:.1f} us {r[k + '_tflops']:.1f} TF/s {r[k + '_gbps']:.0f} GB/s |"
+                 if k + "_ms" in r else f" {k} failed: {r.get(k + '_error', '?')[:80]} |")
+    print(line + f" rel_diff {r.get('rel_diff', float('nan')):.3f}", flush=True)
+with open(f"{sys.argv[1]}/fp8_moe.json", "w") as fh:
+    json.dump(rows, fh, indent=1)
+PY
+    ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
@@ -129,3 +156,5 @@ grep -hE "floor|prefill tok/s" "$OUT/decode_step.log" "$OUT/mixed_step.log" 2>/d
 grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null
 grep -hE "passed|failed|error" "$OUT/libs.log" 2>/dev/null | tail -2
 grep -hE "^(decode ctx|moe T|[a-z_]+ skipped:)" "$OUT/compare.log" 2>/dev/null
+grep -hE "^fp8 moe T|^fp8_moe skipped" "$OUT/fp8_moe.log" 2>/dev/null
+grep -hE "^heads .* ctx .* batch" "$OUT/mla.log" 2>/dev/null

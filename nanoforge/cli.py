@@ -85,7 +85,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             providers = Counter(n.provider or "-" for n in fn.nodes if n.op == op)
             print(f"  {op:<14} {count:>5}  provider " + ", ".join(f"{p} x{c}" for p, c in providers.items()))
     for op, why in plan.provider_notes.items():
-        print(f"  fallback {op}: " + "; ".join(why))
+        print(f"  providers {op}: " + "; ".join(why))
     if a.nodes:
         for fn in m.functions.values():
             for n in fn.nodes:
@@ -186,8 +186,16 @@ def add_layout_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_offline(a: argparse.Namespace) -> int:
-    from .tools.bench_offline import OfflineWorkload, bench_offline
+    from .tools.bench_offline import OfflineWorkload, bench_cpu_suite, bench_offline
 
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)  # both engines: they share the process
+    if a.suite == "cpu":
+        s = bench_cpu_suite(Path(a.results_dir), a.repeats or 3, a.max_num_batched_tokens)
+        print(f"wrote {s['path']}")
+        return 0
     w = OfflineWorkload(a.num_prompts, a.min_input, a.max_input, a.min_output, a.max_output, a.seed)
     if not (1 <= w.min_input <= w.max_input and 1 <= w.min_output <= w.max_output and w.num_prompts >= 1):
         raise NanoForgeError("bench offline: need 1 <= --min-input <= --max-input, 1 <= --min-output <= "
@@ -199,7 +207,7 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
             "max_model_len": a.max_input + a.max_output + 1, "gpu_memory_utilization": a.gpu_memory_utilization}
     if a.enforce_eager:
         opts["enforce_eager"] = True
-    r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir))
+    r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir), a.repeats or 1)
     nf = r["nanoforge"]
     print(f"nanoforge  {nf['output_tok_s']:10.1f} output tok/s  {nf['total_tok_s']:10.1f} total tok/s  "
           f"{nf['time_s']:8.2f} s  ({nf['output_tokens']} tokens, {nf['engine']['preemptions']} preemptions)")
@@ -331,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify-each-pass", action="store_true",
                    help="check numerically (tiny random inputs) that every pass preserves the function")
     c.add_argument("--config-only", action="store_true", help="dry run from config.json alone (plan not runnable)")
-    c.add_argument("--block-size", type=int, default=defaults.BLOCK_SIZE, help="tokens per KV block (default "
-                   "%(default)s)")
+    c.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 64 where "
+                   f"flash_mla runs MLA decode, else {defaults.BLOCK_SIZE})")
     c.add_argument("--max-num-batched-tokens", type=int, default=defaults.MAX_NUM_BATCHED_TOKENS,
                    help="tokens per step the plan's memory is planned for (default %(default)s)")
     c.add_argument("--provider", action="append", default=[], metavar="OP=NAME", help="force a kernel provider")
@@ -424,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     o.add_argument("--gpu-memory-utilization", type=float, default=defaults.GPU_MEMORY_UTILIZATION,
                    help="share of the GPU the engine may use (default %(default)s)")
+    o.add_argument("--repeats", type=int, default=None, help="time each engine this many times (on the CPU "
+                   "alternately) and report the median runs (default 1; 3 with --suite)")
+    o.add_argument("--threads", type=int, default=None, help="torch's intra-op threads for both engines (default: "
+                   "torch's, one per core)")
+    o.add_argument("--suite", choices=["cpu"], help="cpu: the CPU comparison with HF generate (f32): uniform 32 x 64 "
+                   "tokens on llama-tiny and smollm2-135m, ragged 16..256 on smollm2-135m; ignores the "
+                   "workload flags")
     o.add_argument("--results-dir", default="bench/results")
     o.set_defaults(run=cmd_bench_offline)
     v = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (Poisson arrivals, "

@@ -31,7 +31,7 @@ class CompileOptions:
     dump_dir: str | None = None
     verify_each_pass: bool = False
     config_only: bool = False
-    block_size: int = defaults.BLOCK_SIZE
+    block_size: int | None = None  # None: 64 where FlashMLA runs MLA decode, else defaults.BLOCK_SIZE
     max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
     max_num_seqs: int = defaults.MAX_NUM_SEQS  # largest decode batch a CUDA graph is planned for
     deep_ep_max_tokens: int = defaults.DEEP_EP_MAX_TOKENS  # DeepEP low-latency cap per rank (plan_deep_ep; 0 = off)
@@ -74,7 +74,7 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
     return {"quantize_weights": quant, "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),
-            "select_kernels": select_kernels.Options(target, dict(opts.providers)),
+            "select_kernels": select_kernels.Options(target, dict(opts.providers), opts.block_size),
             "plan_deep_ep": plan_deep_ep.Options(opts.max_num_seqs, opts.deep_ep_max_tokens),
             "plan_cuda_graphs": plan_cuda_graphs.Options(opts.cuda_graphs, opts.max_num_seqs),
             "plan_memory": plan_memory.Options(opts.block_size, opts.max_num_batched_tokens)}

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 from tqdm import tqdm
 
-from . import defaults
 from .compiler import CompileOptions, compile_checkpoint
 from .errors import NanoForgeError
 from .models.checkpoint import Checkpoint, fingerprint_mismatches, open_checkpoint
@@ -67,7 +66,7 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
                  quantize: str = "auto", fp8_activations: str = "auto",
-                 block_size: int = defaults.BLOCK_SIZE, device: str | None = None, progress: bool = True, tp: int | None = None,
+                 block_size: int | None = None, device: str | None = None, progress: bool = True, tp: int | None = None,
                  attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
                  **engine_options: Any):
         """`model`: a plan dir (runs on the plan's device and ranks) or a checkpoint (compiled in

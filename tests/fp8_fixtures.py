@@ -31,7 +31,9 @@ QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dyna
 
 def fp8_config(name: str):
     """DeepSeek-V3-shaped (dims across 128-blocks) or Kimi-K2-shaped (its routing constants: one
-    group, top-1 group, routed_scaling_factor 2.827, experts scaled down from 384)."""
+    group, top-1 group, routed_scaling_factor 2.827, experts scaled down from 384); deepseek_v3_flash
+    has the shapes DeepGEMM and FlashMLA take (bf16, latent 512, rope 64, dims in 128s) and routes
+    every token to every expert, so its bf16 runs on different kernels stay comparable."""
     import transformers as tf
 
     common = dict(vocab_size=1000, hidden_size=160, intermediate_size=288, moe_intermediate_size=144,
@@ -47,6 +49,12 @@ def fp8_config(name: str):
                                        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 128, "mscale": 1.0,
                                        "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}, **common)
+    if name == "deepseek_v3_flash":  # the kernels' own shapes: latent 512 + rope 64, GEMM dims in 128s, bf16
+        flash = {**common, **dict(hidden_size=256, intermediate_size=384, moe_intermediate_size=256, q_lora_rank=256,
+                                  kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)}
+        # every token takes every expert: no routing choice for another kernel's rounding to flip
+        return tf.DeepseekV3Config(n_routed_experts=4, num_experts_per_tok=4, n_group=1, topk_group=1,
+                                   max_position_embeddings=512, routed_scaling_factor=2.5, **flash)
     if name == "kimi_k2":
         return tf.DeepseekV3Config(n_routed_experts=12, num_experts_per_tok=4, n_group=1, topk_group=1,
                                    routed_scaling_factor=2.827, max_position_embeddings=2048, rope_parameters={
@@ -118,6 +126,8 @@ def make_fp8_checkpoint(name: str, out_dir: Path, seed: int = 0) -> Path:
     plain.rename(dequantized_dir(out_dir))
     cfg = json.loads((out_dir / "config.json").read_text())
     cfg["quantization_config"] = QUANT_CONFIG
+    if name == "deepseek_v3_flash":
+        cfg.update({k: "bfloat16" for k in ("torch_dtype", "dtype") if k in cfg} or {"torch_dtype": "bfloat16"})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
 

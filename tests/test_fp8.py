@@ -198,3 +198,30 @@ def test_w8a8_plans_quantize_activations_as_the_fp8_gemm_does(fp8_ckpt):
     prompts = random_prompts(1000, [9, 21], seed=9)
     a, b = w8a8.last_logits(prompts), w8.last_logits(prompts)
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98 and not torch.equal(a, b)
+
+
+def test_w8a8_experts_reference_math():
+    """torch_ref's W8A8 expert (act_quant): x and silu(g) * u each rounded to e4m3 per token and 128
+    columns with scale amax / 448, the block-FP8 weights widened; written out here from the format."""
+    import torch.nn.functional as F
+
+    from nanoforge.kernels import fp8, torch_ref
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 200, generator=g), [torch.randn(*s, generator=g) * 0.1 for s in ((1, 72, 200),) * 2 + ((1, 200, 72),)]
+    q = [fp8.quantize(t, (128, 128)) for t in w]
+
+    def qdq(t):  # per token, per 128 columns (the last group is the 72-column tail)
+        out = torch.empty_like(t)
+        for c in range(0, t.shape[1], 128):
+            blk = t[:, c:c + 128]
+            s = blk.abs().amax(1, keepdim=True) / 448
+            out[:, c:c + 128] = (blk / s).to(torch.float8_e4m3fn).float() * s
+        return out
+
+    wide = [fp8.dequantize(v, s, (128, 128))[0] for v, s in q]
+    want = F.linear(qdq(F.silu(F.linear(qdq(x), wide[0])) * F.linear(qdq(x), wide[1])), wide[2])
+    attrs = {f"{k}_scale_inv": s for k, (_, s) in zip(("w_gate", "w_up", "w_down"), q)}
+    got = torch_ref.grouped_experts(x, torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long), *(v for v, _ in q),
+                                    fp8_block=[128, 128], act_quant=128, **attrs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

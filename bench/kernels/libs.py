@@ -1,10 +1,14 @@
 """GPU benchmarks of the third-party library adapters (nanoforge/kernels/libs) against the Triton
 kernels' benchmarks: bench_flashinfer_decode (vs bench/kernels/attention.py's bench_paged_decode)
 and bench_deep_gemm_grouped (vs bench/kernels/moe.py's bench_moe); bench/gpu_check.sh stage
-`compare` runs both. The adapters are imported inside the functions, so this module imports
-without the libraries (calling a function without its library raises the adapter's ImportError).
+`compare` runs both. bench_deep_gemm_fp8_grouped: DeepSeek-V3's block-FP8 routed experts on
+DeepGEMM's FP8 grouped GEMMs vs the Triton bf16 fused experts (stage `fp8_moe`). The adapters are
+imported inside the functions, so this module imports without the libraries (calling a function
+without its library raises the adapter's ImportError).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -64,7 +68,7 @@ def bench_deep_gemm_grouped(T: int, E: int, top_k: int, H: int, I: int, *, layer
       ms          the two grouped GEMMs alone (gate_up as one [E, 2I, H] GEMM, then down) on the
                   routing's contiguous layout built once outside the timing: compare with triton's
                   experts_graph_ms minus its align/reduce, or read as DeepGEMM's GEMM floor
-      experts_ms  grouped_experts end to end (align, gather, GEMMs, silu*mul, combine): compare with
+      experts_ms  fused_experts end to end (align, gather, GEMMs, silu*mul, combine): compare with
                   triton's experts_graph_ms
     tflops = 6*T*top_k*H*I over ms (padding rows not counted)."""
     from triton.testing import do_bench_cudagraph
@@ -87,8 +91,8 @@ def bench_deep_gemm_grouped(T: int, E: int, top_k: int, H: int, I: int, *, layer
 
     def experts():
         for r in runs:
-            M.grouped_experts(x, *r["route"], r["w_gate"], r["w_up"], r["w_down"], num_experts=E,
-                              renormalize=True, w13=r["w13"])
+            M.fused_experts(x, *r["route"], r["w_gate"], r["w_up"], r["w_down"], num_experts=E,
+                            renormalize=True, w13=r["w13"])
 
     gemms()  # JIT compile + warm up outside the capture
     experts()
@@ -103,3 +107,79 @@ def bench_deep_gemm_grouped(T: int, E: int, top_k: int, H: int, I: int, *, layer
     except Exception as exc:  # noqa: BLE001 - the GEMM floor above is the main number
         out["experts_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return out
+
+
+def bench_deep_gemm_fp8_grouped(Ts: int | Sequence[int] = (1, 64, 128, 4096), E: int = 256, top_k: int = 8,
+                                H: int = 7168, I: int = 2048, *, seed: int = 0) -> list[dict]:
+    """DeepSeek-V3's routed experts (defaults: 256 x gate/up [2048, 7168] + down [7168, 2048] in e4m3 with
+    f32 128x128 scales: 11 GB) per T of Ts, on given routing (softmax top-k of a random router,
+    renormalized), CUDA-graph-replayed median ms of one layer (its weights are far beyond L2: each
+    replay streams them from HBM):
+      deep_gemm      deep_gemm_ops.fused_experts, the provider's FP8 path: W8A8, masked layout up to
+                     MASKED_MAX_T rows, contiguous above, gate and up as two GEMMs (as the ops get them)
+      deep_gemm_w13  the same with gate+up as one GEMM over cat([w_gate, w_up], 1) (+7.5 GB): what a
+                     loader-fused gate_up would give
+      triton_bf16    the Triton provider's fused_experts on the same weights widened to bf16 once,
+                     outside the timing (22 GB). The Triton provider's own FP8 path widens every expert
+                     per call through f32 temporaries (~45 GB at this size): not a usable baseline here.
+    tflops = 6*T*top_k*H*I / ms (padding not counted); gbps = bytes of the experts the routing touches
+    (e4m3 + scales, or bf16) / ms. rel_diff = ||deep_gemm - triton_bf16|| / ||triton_bf16||: W8A8 vs
+    widened weights, a few percent. Weights are built once for all Ts: 41 GB on the GPU."""
+    from triton.testing import do_bench_cudagraph
+
+    from nanoforge.kernels import fp8
+    from nanoforge.kernels.libs import deep_gemm_ops as M
+    from nanoforge.kernels.torch_ref import _route
+    from nanoforge.kernels.triton.moe import fused_experts as triton_experts
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def stack(n, k):  # e4m3 [E, n, k], its scales, and the same widened to bf16, one expert at a time
+        q = torch.empty(E, n, k, dtype=torch.float8_e4m3fn, device=dev)
+        s = torch.empty(E, -(-n // 128), -(-k // 128), device=dev)
+        wide = torch.empty(E, n, k, dtype=torch.bfloat16, device=dev)
+        for e in range(E):
+            q[e], s[e] = fp8.quantize(torch.randn(n, k, device=dev, generator=g) * k ** -0.5, (128, 128))
+            wide[e] = fp8.dequantize(q[e], s[e], (128, 128), torch.bfloat16)
+        return q, s, wide
+
+    (gq, gs, gw), (uq, us, uw), (dq, ds, dw) = stack(I, H), stack(I, H), stack(H, I)
+    w13 = torch.cat([gq.view(torch.uint8), uq.view(torch.uint8)], dim=1).view(gq.dtype)  # fp8 cat via bytes
+    s13 = torch.cat([gs, us], dim=1)
+    router = torch.randn(E, H, device=dev, dtype=torch.bfloat16, generator=g) * H ** -0.5
+    attrs = dict(num_experts=E, top_k=top_k, scoring="softmax", norm_topk_prob=True)
+    rows = []
+    for T in [Ts] if isinstance(Ts, int) else Ts:
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g)
+        weights, ids = _route(x, router, None, **attrs)
+        active = int((torch.bincount(ids.reshape(-1), minlength=E) > 0).sum())  # host sync: setup only
+        fp8_bytes = active * (3 * H * I + 4 * (gs[0].numel() + us[0].numel() + ds[0].numel()))
+        runs = {
+            "deep_gemm": (lambda: M.fused_experts(x, weights, ids, gq, uq, dq, num_experts=E, scales=(gs, us, ds)),
+                          fp8_bytes),
+            "deep_gemm_w13": (lambda: M.fused_experts(x, weights, ids, gq, uq, dq, num_experts=E,
+                                                      scales=(gs, us, ds), w13=w13, w13_scale_inv=s13), fp8_bytes),
+            "triton_bf16": (lambda: triton_experts(x, weights, ids, gw, uw, dw, num_experts=E), active * 6 * H * I),
+        }
+        flops = 6.0 * T * top_k * H * I
+        row = dict(device=torch.cuda.get_device_name(dev), T=T, E=E, top_k=top_k, H=H, I=I, active_experts=active,
+                   layout="masked" if T <= M.MASKED_MAX_T else "contiguous", masked_max_t=M.MASKED_MAX_T)
+        outs = {}
+        for name, (fn, nbytes) in runs.items():
+            try:
+                outs[name] = fn().float()  # JIT compile + warm up outside the capture
+                torch.cuda.synchronize()
+                ms = row[f"{name}_ms"] = do_bench_cudagraph(fn, return_mode="median")
+                row[f"{name}_tflops"], row[f"{name}_gbps"] = flops / ms * 1e-9, nbytes / ms * 1e-6
+            except Exception as exc:  # noqa: BLE001 - a comparison: say why a variant is missing
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if "deep_gemm" in outs and "triton_bf16" in outs:
+            ref = outs["triton_bf16"]
+            row["rel_diff"] = ((outs["deep_gemm"] - ref).norm() / ref.norm()).item()
+        if "deep_gemm_ms" in row and "triton_bf16_ms" in row:
+            row["speedup_vs_triton_bf16"] = row["triton_bf16_ms"] / row["deep_gemm_ms"]
+        rows.append(row)
+        del outs
+        torch.cuda.empty_cache()
+    return rows

@@ -25,6 +25,8 @@ class Provider:
     probe: Callable[[Target], str | None]  # target -> None if usable, else why not
     graph_unsafe: frozenset[str] = frozenset()  # ops whose kernels sync with the host (no CUDA graph)
     first_for: Callable[[str, dict], bool] | None = None  # (op, node attrs) -> rank this provider first there
+    block_sizes: dict[str, tuple[int, ...]] | None = None  # op -> the KV block sizes its kernel takes
+    first_note: str = ""  # why it ranks first where first_for says so (shown by `nanoforge inspect`)
 
 
 def _always(target: Target) -> str | None:
@@ -59,6 +61,17 @@ def _lib_probe(name: str) -> Callable[[Target], str | None]:
     return probe
 
 
+FLASH_MLA_MIN_HEADS = 64  # H100, bench/kernels/mla_decode.py: 128 heads 2.6-3.5x Triton at batch >= 32 (0.75x at
+# batch 1), 16 heads (DeepSeek-V3 at TP8) 0.47-0.97x: FlashMLA ranks first from this many heads per rank
+
+
+def _flash_mla_first(attrs: dict) -> bool:
+    """An MLA layer FlashMLA's dense decode takes (latent 512 + rope 64: DeepSeek-V3, Kimi-K2, GLM-5;
+    bf16) and runs faster than the Triton kernel (enough heads)."""
+    return (attrs.get("kind") == "mla" and attrs.get("kv_lora_rank") == 512 and attrs.get("qk_rope_head_dim") == 64
+            and attrs.get("out_dtype") == "bf16" and attrs.get("heads", 0) >= FLASH_MLA_MIN_HEADS)
+
+
 TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe",
                         "grouped_experts", "linear"})  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
 
@@ -73,17 +86,25 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              graph_unsafe=frozenset({"attention"})),
     Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
-    # Library adapters rank after torch, which runs everything: they never change a default and run
-    # only where forced (--provider rms_norm=flashinfer, --provider linear=deep_gemm). Not registered:
-    # FlashInfer decode attention (plans on the host per step, decode rows only), FlashMLA decode
-    # (decode only), DeepGEMM's grouped MoE (libs/deep_gemm_ops.moe has the full contract; register
-    # "moe" once its GPU tests pass and it beats Triton).
+    # Library adapters rank after torch, which runs everything: they run where forced (--provider
+    # rms_norm=flashinfer, --provider moe=deep_gemm) or where their first_for ranks them first for a node.
+    # Not registered: FlashInfer decode attention (plans on the host per step, decode rows only).
     Provider("flashinfer", "nanoforge.kernels.libs.flashinfer_attn", frozenset({"rms_norm", "add_rms_norm"}),
              _lib_probe("flashinfer")),
     # first for the W8A8 FP8 linears (H100: 0.75-1.9x bf16 cuBLAS, the Triton W8A8 GEMM 0.08-0.99x;
-    # bench/results/fp8/), which its adapter sends to fp8_gemm_nt or, off its checked shapes, to Triton
-    Provider("deep_gemm", "nanoforge.kernels.libs.deep_gemm_ops", frozenset({"linear"}),
-             _lib_probe("deep_gemm"), first_for=lambda op, attrs: op == "linear" and attrs.get("act_quant") == 128),
+    # bench/results/fp8/), which its adapter sends to fp8_gemm_nt or, off its checked shapes, to Triton;
+    # and for W8A8 block-FP8 MoE experts (moe / grouped_experts, act_quant=128): m-grouped FP8 GEMMs
+    # (masked layout for decode, contiguous above; graph safe), off SM90 or its shapes Triton's experts
+    Provider("deep_gemm", "nanoforge.kernels.libs.deep_gemm_ops", frozenset({"linear", "moe", "grouped_experts"}),
+             _lib_probe("deep_gemm"), first_for=lambda op, attrs: attrs.get("act_quant") == 128,
+             first_note="W8A8 block-FP8 GEMMs (fp8_gemm_nt, m-grouped FP8 experts; bench/results/fp8/)"),
+    # first for MLA attention: absorbed decode on FlashMLA's dense SM90 kernel (64-token pages, so
+    # plan_memory picks block 64 for its plans), prefill and mixed steps on the Triton kernel
+    Provider("flash_mla", "nanoforge.kernels.libs.flash_mla_decode", frozenset({"attention"}), _lib_probe("flash_mla"),
+             first_for=lambda op, attrs: op == "attention" and _flash_mla_first(attrs),
+             block_sizes={"attention": (64,)},
+             first_note=f"MLA decode with >= {FLASH_MLA_MIN_HEADS} heads on FlashMLA's dense SM90 kernel "
+                        "(2.6-3.5x Triton's at batch >= 32 on an H100: bench/kernels/mla_decode.py)"),
     # forced as a trio (select_kernels); graph-safe in low-latency mode, which every captured batch
     # uses (plan_deep_ep: max_num_seqs <= the cap; with the cap 0 it records why there are no graphs)
     Provider("deep_ep", "nanoforge.kernels.libs.deep_ep_ops",
@@ -93,8 +114,8 @@ BY_NAME = {p.name: p for p in PROVIDERS}
 
 
 def candidates(op: str, target: Target, attrs: dict | None = None) -> list[tuple[str, str | None]]:
-    """Every provider of `op` in rank order (those that rank themselves first for a node's `attrs`
-    ahead), with None (usable) or the reason it is not."""
+    """Every provider of `op` in rank order (those that rank themselves first for a node's `attrs`,
+    plus its output dtype as "out_dtype", ahead), with None (usable) or the reason it is not."""
     ranked = [p for p in PROVIDERS if op in p.ops]
     ranked.sort(key=lambda p: not (p.first_for is not None and attrs is not None and p.first_for(op, attrs)))
     return [(p.name, p.probe(target)) for p in ranked]

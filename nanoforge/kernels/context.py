@@ -42,6 +42,7 @@ class BatchContext:
     _seqs: list[SeqSlice] | None = field(default=None, repr=False)
     comm: Any = None  # collectives of this rank (parallel/comm.py); None = a world of one
     ep_tokens: int | None = None  # most tokens any rank of the EP group has this step (None: ask the group)
+    scratch: dict = field(default_factory=dict, repr=False)  # per-step kernel state shared by layers (a schedule)
 
     @property
     def seqs(self) -> list[SeqSlice]:

@@ -59,6 +59,13 @@ def quantize_activations(x: torch.Tensor, group: int = 128) -> tuple[torch.Tenso
     return q.reshape(*lead, k).contiguous(), scale.reshape(*lead, g)
 
 
+def fake_quantize_activations(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """x as the W8A8 GEMMs see it (quantized per token and `group` columns, widened back), in x's dtype:
+    how the widened-weight expert kernels take part in the plan's W8A8 math (attr act_quant)."""
+    q, s = quantize_activations(x, group)
+    return dequantize(q, s, (1, group)).to(x.dtype)
+
+
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, group: int = 128) -> torch.Tensor:
     """x quantized per token and `group` columns, both operands dequantized to f32, f32 matmul (+ bias)."""

@@ -192,20 +192,27 @@ def _route(x, router, score_bias, *, num_experts, top_k, scoring, norm_topk_prob
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, **attrs):
     weights, ids = _route(x, router, score_bias, **attrs)
-    return _experts(x, weights, ids, *expert_weights(x, w_gate, w_up, w_down, attrs))
+    return _experts(x, weights, ids, *expert_weights(x, w_gate, w_up, w_down, attrs), act_quant=_act_quant(attrs))
 
 
-def _experts(x, weights, ids, w_gate, w_up, w_down, first: int = 0):
+def _act_quant(attrs: dict) -> int:
+    """The group of a W8A8 FP8 expert layer's activation quantization (0: weight-only or not FP8)."""
+    return attrs.get("act_quant", 0) if attrs.get("w_gate_scale_inv") is not None else 0
+
+
+def _experts(x, weights, ids, w_gate, w_up, w_down, *, first: int = 0, act_quant: int = 0):
     """Sum over each token's chosen experts of weight * SwiGLU; the params hold experts
-    first .. first + len(w_gate) - 1 (ids outside them contribute nothing)."""
+    first .. first + len(w_gate) - 1 (ids outside them contribute nothing). With act_quant, the
+    W8A8 experts' math: x and silu(g) * u quantized per token and act_quant columns before their GEMMs."""
     weights = weights.to(x.dtype)
     out = torch.zeros_like(x)
+    aq = (lambda t: fp8.fake_quantize_activations(t, act_quant)) if act_quant else (lambda t: t)
     for e in ids.unique().tolist():
         if not first <= e < first + w_gate.shape[0]:
             continue
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        h, i = x[tok], e - first
-        y = F.linear(F.silu(F.linear(h, w_gate[i])) * F.linear(h, w_up[i]), w_down[i])
+        h, i = aq(x[tok]), e - first
+        y = F.linear(aq(F.silu(F.linear(h, w_gate[i])) * F.linear(h, w_up[i])), w_down[i])
         out.index_add_(0, tok, y * weights[tok, slot, None])
     return out
 
@@ -283,7 +290,7 @@ def moe_dispatch(x, router, score_bias=None, *, ctx=None, group="ep", **attrs):
 
 def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", **attrs):
     return _experts(x, weights, ids, *expert_weights(x, w_gate, w_up, w_down, attrs),
-                    first=_ep_position(ctx, group)[0] * w_gate.shape[0])
+                    first=_ep_position(ctx, group)[0] * w_gate.shape[0], act_quant=_act_quant(attrs))
 
 
 def moe_combine(y, plan, *, ctx=None, group="ep"):

@@ -174,29 +174,36 @@ def load_params(module: Module, ckpt: Checkpoint, device: str | torch.device = "
         for p, i, is_scale in wanted[req]:
             (scales if is_scale else parts)[p.name][i] = _placed(p, tensor, device, is_scale or p.name in scales)
             if all(t is not None for t in parts[p.name] + scales.get(p.name, [])):
-                _finish(p, _combine(p, parts.pop(p.name)), _combine(p, scales.pop(p.name, None)), out)
+                _finish(p, parts.pop(p.name), _combine(p, scales.pop(p.name, None)), out)
     if parts:
         raise NanoForgeError(f"checkpoint {ckpt.path} did not yield the tensors of ${next(iter(parts))}")
     return out
 
 
-def _placed(p: Param, tensor: torch.Tensor, device: str | torch.device, raw: bool) -> torch.Tensor:
-    """On the device in the param's dtype; kept as read for a widening, in f32 for a quantization."""
+def _placed(p: Param, tensor: torch.Tensor, device: str | torch.device, raw: bool):
+    """On the device in the param's dtype; kept as read for a widening, in f32 for a quantization
+    (one expert of a stack quantized as it arrives, as (values, scales): blocks never cross experts,
+    and stacking first would hold the whole layer's experts in f32, tens of GB at DeepSeek-V3's size)."""
     if raw:
         return tensor.to(device=device)
     if p.type.dtype == "fp8_e4m3" and tensor.dtype != fp8.FP8:
-        return tensor.to(device=device, dtype=torch.float32)
+        wide = tensor.to(device=device, dtype=torch.float32)
+        return fp8.quantize(wide, quant_of(p)[1]) if p.layout == "stack" else wide
     return tensor.to(device=device, dtype=TORCH_DTYPES[p.type.dtype])
 
 
-def _combine(p: Param, ts: list[torch.Tensor] | None) -> torch.Tensor | None:
+def _combine(p: Param, ts: list | None) -> torch.Tensor | None:
     if ts is None:
         return None
     return ts[0] if p.layout == "single" else (torch.stack(ts) if p.layout == "stack" else torch.cat(ts))
 
 
-def _finish(p: Param, t: torch.Tensor, scale: torch.Tensor | None, out: dict) -> None:
+def _finish(p: Param, parts: list, scale: torch.Tensor | None, out: dict) -> None:
     kind, block = quant_of(p)
+    if isinstance(parts[0], tuple):  # experts quantized one by one (_placed)
+        out[p.name], out[f"{p.name}_scale_inv"] = (torch.stack(list(ts)) for ts in zip(*parts))
+        return
+    t = _combine(p, parts)
     if scale is not None:  # an F8 tensor widened to the param's dtype
         t = fp8.dequantize(t, scale, block, TORCH_DTYPES[p.type.dtype])
     elif kind == "fp8" and t.dtype != fp8.FP8:  # a high-precision tensor quantized here, with its scales

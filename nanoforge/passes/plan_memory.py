@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import defaults
+from ..codegen.providers import BY_NAME
 from ..errors import NanoForgeError
 from ..facts import MemoryPlan, ModelInfo, require, write
 from ..ir.graph import DTYPE_BYTES, Function, Module
@@ -50,14 +51,32 @@ def peak_activation_bytes(fn: Function) -> int:
 
 @dataclass(frozen=True)
 class Options:
-    block_size: int = defaults.BLOCK_SIZE  # tokens per KV block
+    block_size: int | None = None  # tokens per KV block; None = what the chosen kernels take, else 16
     max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS  # the largest step, for the activation peak
 
 
+def block_size_for(module: Module, asked: int | None) -> int:
+    """`asked`, else the one block size every node's provider takes (FlashMLA's dense decode reads
+    64-token pages), else defaults.BLOCK_SIZE. select_kernels already passed over providers that
+    cannot take an explicit size."""
+    if asked is not None:
+        if asked < 1:
+            raise NanoForgeError(f"--block-size {asked}: must be at least 1")
+        return asked
+    allowed: set[int] | None = None
+    for _, n in module.nodes():
+        sizes = (BY_NAME[n.provider].block_sizes or {}).get(n.op) if n.provider in BY_NAME else None
+        if sizes:
+            allowed = set(sizes) if allowed is None else allowed & set(sizes)
+    if allowed is None:
+        return defaults.BLOCK_SIZE
+    if not allowed:
+        raise NanoForgeError("the plan's kernels need different KV block sizes; force one provider per op")
+    return min(allowed)
+
+
 def plan_memory(module: Module, opts: Options) -> int:
-    if opts.block_size < 1:
-        raise NanoForgeError(f"--block-size {opts.block_size}: must be at least 1")
-    contract = kv_contract(module, opts.block_size)
+    contract = kv_contract(module, block_size_for(module, opts.block_size))
     write(module, contract)
     write(module, MemoryPlan(module.param_bytes(), contract.bytes_per_token(),
                              max(peak_activation_bytes(f) for f in module.functions.values()),

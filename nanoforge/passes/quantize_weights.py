@@ -9,8 +9,9 @@ user asks for it (`compile --quantize`).
   checkpoint plain, mode auto     nothing
 
 With `act_quant` (a group size; the compiler sets 128 for CUDA targets, as DeepSeek's dynamic
-activation scheme does) an FP8 linear also quantizes its input per token and 128 columns (attr
-act_quant): the W8A8 math the FP8 GEMMs run, which the torch provider then runs too.
+activation scheme does) an FP8 linear or expert layer also quantizes its inputs per token and 128
+columns (attr act_quant; experts: x and silu(g) * u): the W8A8 math the FP8 GEMMs run, which the
+torch and Triton providers then run too.
 
 `Param.quant` says which: `fp8_e4m3:128x128` (stored or quantized at load: the loader tells by
 the checkpoint tensor's dtype), `scale:128x128` (its scales), `dequant:128x128` (an fp8 tensor
@@ -57,7 +58,7 @@ def _to_fp8(module: Module, node: Node, slot: str, p: Param, block: tuple[int, i
         p.type, p.quant = TensorType(FP8, p.type.shape), f"{FP8}:{tag}"
     node.params[f"{slot}_scale_inv"] = scale_name
     node.attrs["fp8_block"] = list(block)
-    if act_quant and node.op == "linear":
+    if act_quant:
         node.attrs["act_quant"] = act_quant
 
 

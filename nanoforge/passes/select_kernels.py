@@ -41,6 +41,15 @@ def _check_ep_trios(fn: Function) -> None:
 class Options:
     target: Target = field(default_factory=Target)  # the machine the plan is for
     force: dict[str, str] = field(default_factory=dict)  # op -> provider (--provider OP=NAME)
+    block_size: int | None = None  # the KV block size asked for (--block-size); None = what the kernels need
+
+
+def _block_size_reason(provider: str, op: str, block_size: int | None) -> str | None:
+    """Why `provider` cannot run `op` over KV blocks of the size asked for, or None."""
+    sizes = (BY_NAME[provider].block_sizes or {}).get(op)
+    if block_size is None or not sizes or block_size in sizes:
+        return None
+    return f"{provider} needs --block-size {' or '.join(map(str, sizes))} for {op}; the plan asks for {block_size}"
 
 
 def select_kernels(module: Module, opts: Options) -> int:
@@ -51,7 +60,9 @@ def select_kernels(module: Module, opts: Options) -> int:
     notes: dict[str, list[str]] = {}
     changes = 0
     for _, node in module.nodes():
-        ranked = candidates(node.op, target, node.attrs)
+        attrs = {**node.attrs, "out_dtype": node.outputs[0].type.dtype}
+        ranked = [(n, why or _block_size_reason(n, node.op, opts.block_size))
+                  for n, why in candidates(node.op, target, attrs)]
         if node.op in force:
             why = dict(ranked).get(force[node.op], f"{force[node.op]} does not implement {node.op}")
             if why:
@@ -62,7 +73,10 @@ def select_kernels(module: Module, opts: Options) -> int:
             if not usable:
                 raise NanoForgeError(f"no provider can run {node.op} on {target.device} @ {node.source}")
             choice = usable[0]
+            first = BY_NAME[choice]
+            why_first = [f"{choice}: {first.first_note}"] if first.first_for and first.first_for(node.op, attrs) else []
             notes.setdefault(node.op, [f"{n}: {why}" for n, why in ranked if why is not None])
+            notes[node.op] += [w for w in why_first if w not in notes[node.op]]
         if node.provider != choice:
             node.provider = choice
             changes += 1

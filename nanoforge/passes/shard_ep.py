@@ -42,7 +42,7 @@ def _rewrite(fn: Function, node: Node, ep: int) -> list[Node]:
     routing = {"router": node.params["router"], **({"score_bias": node.params["score_bias"]}
                                                    if "score_bias" in node.params else {})}
     experts = {s: node.params[s] for s in EXPERT_SLOTS if s in node.params}
-    fp8 = {"fp8_block": node.attrs["fp8_block"]} if "fp8_block" in node.attrs else {}
+    fp8 = {k: node.attrs[k] for k in ("fp8_block", "act_quant") if k in node.attrs}
     return [Node("moe_dispatch", [x], routing, {**node.attrs, "group": "ep"}, [xg, wg, ids, plan], node.source),
             Node("grouped_experts", [xg, wg, ids], experts,
                  {"num_experts": node.attrs["num_experts"], "group": "ep", **fp8}, [yg], node.source),

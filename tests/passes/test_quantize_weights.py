@@ -110,8 +110,9 @@ def test_bad_mode_is_named():
         apply("quantize_weights", DENSE, Options("none", "int4"))
 
 
-def test_act_quant_marks_fp8_linears_w8a8_and_not_experts():
+def test_act_quant_marks_fp8_linears_and_experts_w8a8():
     out = run("quantize_weights", DENSE, Options("fp8", "auto", act_quant=128))
     assert "{fp8_block=[128, 128], act_quant=128}  @mlp.up_proj" in out
-    assert "act_quant" not in run("quantize_weights", MOE, Options("fp8", "auto", act_quant=128))
+    assert "act_quant=128" in run("quantize_weights", MOE, Options("fp8", "auto", act_quant=128))
+    assert "act_quant" not in run("quantize_weights", MOE, Options("fp8", "auto"))
     assert "act_quant" not in run("quantize_weights", DENSE, Options("fp8", "none", act_quant=128))  # widened

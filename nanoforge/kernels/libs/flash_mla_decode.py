@@ -10,7 +10,12 @@ Scheduling: flash_mla_with_kvcache fills an empty FlashMLASchedMeta on its first
 kernel over cache_seqlens (no host sync) and reuses it on later calls. The split plan depends on
 the lengths, so a meta is valid for one step: share one across the layers of a step (`new_schedule`),
 never across steps. Inside a CUDA graph the metadata kernel is captured and reruns on replay.
-Not a provider: the op contract (torch_ref.attention) also covers prefill and the KV store.
+Provider `flash_mla` (op attention): a decode-only step (every sequence one query row, as in every
+captured decode graph) of an MLA layer with a bf16 pool of 64-token blocks runs the latent attention
+here; anything else (prefill or mixed steps, GQA, other pool dtypes or block sizes) runs the Triton
+provider's kernel. The KV store and the W_uk / W_uv absorption are the Triton provider's
+(triton/attention.py mla_attention), so both paths share one pool layout and one set of numerics
+around the kernel. plan_memory gives a plan with flash_mla 64-token blocks (Provider.block_sizes).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ if not flash_mla.has_legacy():
     raise ImportError("flash_mla was built without its legacy kernels (FLASH_MLA_BUILD_LEGACY=0): "
                       "dense MLA decode on SM90 needs them")
 
-__all__ = ["PAGE_SIZE", "new_schedule", "mla_decode"]
+__all__ = ["PAGE_SIZE", "new_schedule", "mla_decode", "takes", "attention"]
 
 PAGE_SIZE = 64
 V_DIM = 512
@@ -78,3 +83,30 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     if squeeze:
         out = out.squeeze(1)
     return (out, lse) if return_lse else out
+
+
+def takes(ctx, kind: str, layer: int, k: torch.Tensor, rope_dim: int) -> bool:
+    """Whether this step of an attention node runs on FlashMLA (else on the Triton kernel)."""
+    if kind != "mla" or ctx.max_query_len != 1 or ctx.block_size != PAGE_SIZE:
+        return False
+    cache = ctx.kv[layer][0]
+    return cache.dtype in (torch.bfloat16, torch.float16) and k.shape[-1] == V_DIM and cache.shape[-1] == V_DIM + rope_dim == 576
+
+
+def _latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float) -> torch.Tensor:
+    """The step's schedule is made by the first layer's call and reused by the others; one per
+    capture state, so the warm-up forward before a graph capture never hands the graph its meta."""
+    key = ("flash_mla", q_full.is_cuda and torch.cuda.is_current_stream_capturing())
+    sched = ctx.scratch.get(key)
+    if sched is None:
+        sched = ctx.scratch[key] = new_schedule()
+    return mla_decode(q_full.to(cache.dtype), cache, ctx.block_tables, ctx.context_lens, scale, sched=sched)
+
+
+def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
+    """torch_ref.attention's contract: FlashMLA for decode-only MLA steps, the Triton provider otherwise."""
+    from ..triton.attention import attention as triton_attention, mla_attention
+
+    if not takes(ctx, kind, layer, k, a.get("qk_rope_head_dim", 0)):
+        return triton_attention(q, k, v, ctx=ctx, kind=kind, layer=layer, scale=scale, kv_b_proj=kv_b_proj, **a)
+    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_latent)

@@ -487,7 +487,21 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
                             max_context_len=ctx.max_context_len)
         return o.view(T, h * d)
-    # mla, absorbed: the pool holds [latent | k_rope]; attend in latent space with KVH = 1
+    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent)
+
+
+def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float) -> torch.Tensor:
+    """Absorbed MLA over the pool with this module's kernel: KVH = 1, V = the latent columns."""
+    return paged_attention(q_full, cache[:, :, None, :], cache[:, :, None, :r], ctx.query_start, ctx.context_lens,
+                           ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
+                           max_context_len=ctx.max_context_len)
+
+
+def mla_attention(q, k, v, ctx, *, layer: int, scale: float, kv_b_proj, a: dict, attend) -> torch.Tensor:
+    """MLA in absorbed form: store [latent | k_rope] into the pool, fold W_uk into the queries, attend
+    in latent space with `attend(q_full [T, h, r + rope], cache, r, ctx, scale) -> [T, h, r]`, then
+    apply W_uv. Shared by the providers whose MLA differs only in that kernel (Triton, FlashMLA)."""
+    T = q.shape[0]
     h, nope, rope_d, vd = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
     (cache,) = ctx.kv[layer]
     r = k.shape[-1]
@@ -496,8 +510,6 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
     qh = q.reshape(T, h, nope + rope_d)
     q_lat = torch.bmm(qh[..., :nope].transpose(0, 1), w[:, :nope, :].to(q.dtype))  # [h, T, r]
     q_full = torch.cat([q_lat.transpose(0, 1), qh[..., nope:]], dim=-1)  # [T, h, r + rope]
-    o_lat = paged_attention(q_full, cache[:, :, None, :], cache[:, :, None, :r], ctx.query_start,
-                            ctx.context_lens, ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                            max_context_len=ctx.max_context_len)
+    o_lat = attend(q_full, cache, r, ctx, scale)
     o = torch.bmm(o_lat.transpose(0, 1), w[:, nope:, :].transpose(1, 2).to(q.dtype))  # [h, T, vd]
     return o.transpose(0, 1).reshape(T, h * vd)

@@ -77,6 +77,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 quantize_activations_ref = fp8.quantize_activations  # the torch reference of _quant_kernel
 
 
+@triton.jit
+def _round_to_e4m3(q):
+    """q (f32, |q| <= 448) rounded to the nearest e4m3 value, ties to even, still in f32: the cast to
+    e4m3 is then exact. Casting directly, Triton may go through f16 on the way, and that double
+    rounding differs from torch's single one in the last bit of ~1e-3 of the values: enough to move
+    a tiny model's greedy tokens. ulp = 2^(exponent - 3), subnormals (below 2^-6) share 2^-9; the
+    1.5 * 2^23 add / subtract rounds q / ulp (|.| < 16) to an integer, ties to even."""
+    e = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3
+    ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    r = ((q * inv + 12582912.0) - 12582912.0) * ulp
+    return tl.where(r == 0.0, q * 0.0, r)  # keep the sign of a zero, as torch's cast does
+
+
 @triton.jit(do_not_specialize=["M"])
 def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                   GROUP_K: tl.constexpr, GROUPS: tl.constexpr, EPS: tl.constexpr):
@@ -91,7 +105,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
     # round like the torch reference
     scale = tl.math.div_rn(tl.maximum(amax, EPS), tl.full([GROUPS], 448.0, tl.float32))
     q = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], [GROUPS, GROUP_K]))
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + gi, scale, mask=gi * GROUP_K < K)
 

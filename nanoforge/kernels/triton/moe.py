@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch_ref import _ep_position, expert_weights, select_experts
+from ..fp8 import fake_quantize_activations
+from ..torch_ref import _act_quant, _ep_position, expert_weights, select_experts
 
 __all__ = ["moe", "grouped_experts", "select_experts", "fused_experts", "moe_align", "pick_config"]
 
@@ -294,10 +295,14 @@ def _fit(bn_bk, n, k, bm, elem_bytes, b_tiles):
 
 
 def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=None, align_single_max=256,
-                  renormalize=False, norm_eps=0.0, scale=1.0, skips=False):
+                  renormalize=False, norm_eps=0.0, scale=1.0, skips=False, act_quant=0):
     """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k], x [T, H], with
     w = weights (/ (weights.sum(-1) + norm_eps) if renormalize) * scale, rounded to x.dtype.
-    `skips`: some ids are num_experts (not this rank's); those pairs add nothing."""
+    `skips`: some ids are num_experts (not this rank's); those pairs add nothing. `act_quant`: x and
+    the SwiGLU output are quantized per token and that many columns and widened back (the W8A8 math
+    of FP8 experts, on widened weights)."""
+    if act_quant:
+        x = fake_quantize_activations(x, act_quant)
     T, H = x.shape
     top_k = ids.shape[1]
     E, I = num_experts, w_gate.shape[1]
@@ -323,6 +328,8 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
         BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0, PREC=prec,
         num_warps=warps, num_stages=stages)
 
+    if act_quant:
+        h = fake_quantize_activations(h, act_quant)
     y = (torch.zeros if skips else torch.empty)(n, H, dtype=x.dtype, device=x.device)  # skipped rows stay 0
     bn, bk, warps, stages = _fit(cfg["dn"], H, I, BM, x.element_size(), 1)
     _down_kernel[(num_pid_m * triton.cdiv(H, bn),)](
@@ -335,13 +342,14 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k, scoring,
         norm_topk_prob=False, n_group=1, topk_group=1, routed_scaling_factor=1.0, **fp8_scales):
-    """Same contract as torch_ref.moe; CUDA-graph safe (block-FP8 experts widened per call for now)."""
+    """Same contract as torch_ref.moe; CUDA-graph safe (block-FP8 experts widened per call: the fallback
+    where DeepGEMM's FP8 grouped GEMMs do not run)."""
     w_gate, w_up, w_down = expert_weights(x, w_gate, w_up, w_down, fp8_scales)
     weights, ids = select_experts(x, router, score_bias, num_experts=num_experts, top_k=top_k, scoring=scoring,
                                   n_group=n_group, topk_group=topk_group)
     return fused_experts(x, weights, ids, w_gate, w_up, w_down, num_experts=num_experts,
                          renormalize=norm_topk_prob, norm_eps=1e-20 if scoring == "sigmoid" else 0.0,
-                         scale=routed_scaling_factor)
+                         scale=routed_scaling_factor, act_quant=_act_quant(fp8_scales))
 
 
 def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="ep", align_single_max=256,
@@ -354,4 +362,4 @@ def grouped_experts(x, weights, ids, w_gate, w_up, w_down, *, ctx=None, group="e
     local = ids - first
     local = torch.where((local >= 0) & (local < w_gate.shape[0]), local, w_gate.shape[0])
     return fused_experts(x, weights, local, w_gate, w_up, w_down, num_experts=w_gate.shape[0], skips=True,
-                         align_single_max=align_single_max)
+                         align_single_max=align_single_max, act_quant=_act_quant(fp8_scales))
