@@ -92,7 +92,7 @@ PY
                 --batch 128 1024 --timeout 180 --out "$OUT" ;;
     ep8_qwen3) run ep8_qwen3 python3 bench/moe_parallel.py --model qwen3-30b-a3b --layers 8 --layouts tp1 ep8 ep8-deepep \
                  --batch 128 1024 --timeout 180 --out "$OUT" ;;
-    libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_providers.py ;;
+    libs) run libs python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_lib_*.py ;;
     compare) run compare python3 - "$OUT" <<'PY'
 import importlib, json, sys
 import torch

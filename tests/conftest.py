@@ -2,6 +2,11 @@
 import importlib.util
 import os
 
+import pytest
+
+# tests/lib_fixtures.py (the helpers of tests/test_lib_*.py) asserts as a test module does: rewrite it too
+pytest.register_assert_rewrite("lib_fixtures")
+
 # Without a GPU, Triton kernels run in its interpreter; this must be set before any kernel module
 # is imported (triton.jit picks the interpreter at decoration time). Without torch at all only the
 # tests that read the source (tests/test_layers.py) can run, so this file must not need it.

@@ -32,7 +32,7 @@ from nanoforge.facts import CudaGraphPlan, DeepEPPlan, ParallelLayout, Target, r
 from nanoforge.passes import plan_cuda_graphs, plan_deep_ep, select_kernels, shard_ep
 from test_cli import fails_with
 from test_ir import config_dict
-from test_lib_providers import _fake, isolated  # noqa: F401 - the fixture
+from lib_fixtures import _fake, isolated  # noqa: F401 - the fixture
 
 TRIO = {op: "deep_ep" for op in ("moe_dispatch", "grouped_experts", "moe_combine")}
 META = ParallelLayout(1, 2, 2)

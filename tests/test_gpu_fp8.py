@@ -12,7 +12,7 @@ kernels in bf16 differ as much). So each run is measured against the f32 CPU pat
 logprob shift of its top-5 tokens at every position whose context is still the reference's, and
 must stay within the shift of the CPU path itself run in bf16 (a noise level measured in the same
 test, not a constant); a wrong kernel moves logits by whole nats. The kernels' own accuracy is
-asserted op by op (tests/test_lib_providers.py, test_triton_*.py)."""
+asserted op by op (tests/test_lib_*.py, test_triton_*.py)."""
 from __future__ import annotations
 
 import pytest
