@@ -5,8 +5,8 @@ The model is DeepSeek-V3's config (bench/moe_parallel.py's DEEPSEEK_V3: hidden 7
 heads, 256 experts of 2048 top-8 + 1 shared, vocab 129280) cut to 1 dense layer + as many MoE
 layers as the card holds, with random weights made on the GPU. FP8 weights are random bf16
 block-quantized per tensor as DeepSeek ships them (e4m3 + one f32 scale per 128x128 block;
-`--fp8-load quantize` instead quantizes a bf16 checkpoint at load, whose loader holds a whole
-expert stack in f32 four times over: ~60 GB at these sizes). The FP8 model is freed before the
+`--fp8-load quantize` instead quantizes a bf16 checkpoint at load, one expert at a time, the same
+values). The FP8 model is freed before the
 bf16 one is made; fewer bf16 layers fit, so the two are compared per layer.
 
 How the layers are fitted to the card, the decode floor and the prefill FLOP counts:
@@ -378,10 +378,9 @@ def notes_of(doc: dict) -> list[str]:
              "non-absorbed kv_b_proj, dense MLP, router, shared expert, top-8 experts); attention's QK^T/PV "
              "FLOPs are reported apart."]
     if doc["config"]["fp8_load"] == "shipped":
-        notes.append("FP8 weights are made as DeepSeek ships them (each tensor quantized alone, on the GPU). "
-                     "quantize='fp8' on a bf16 checkpoint would do the same math but models/weights.py stacks a "
-                     "layer's 256 experts in f32 before fp8.quantize (4 f32 copies of the stack: ~60 GB a slot "
-                     "at these sizes), so the card would hold ~1 MoE layer that way (--fp8-load quantize).")
+        notes.append("FP8 weights are made as DeepSeek ships them (each tensor quantized alone, on the GPU); "
+                     "quantize='fp8' on a bf16 checkpoint gives the same tensors (models/weights.py quantizes "
+                     "each expert as it arrives; --fp8-load quantize).")
     for kind, m in doc["models"].items():
         if m.get("release", {}).get("released") is False:
             notes.append(f"{kind}: its memory did not all come back after it was freed (release: free bytes before "

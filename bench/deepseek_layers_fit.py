@@ -96,7 +96,7 @@ def memory_fit(plan2: Plan, probe: dict, avail: int, pool_tokens: int, max_b: in
                quantize_at_load: bool) -> tuple[int, bool, dict]:
     """fit_layers' terms from a plan of one dense + one MoE layer and its MoE op probe: the weights,
     the KV pool a layer, the load transient (the loader holds a stacked param's parts beside the
-    stack; quantizing at load, four f32 copies of it), a step's transients (the runner's activation
+    stack; quantizing at load, the fp8 parts beside the stack and one expert in f32), a step's transients (the runner's activation
     estimate for `tokens` a step and reserve, workspaces, the MoE op's own at `prefill` tokens) and
     the graph pool's (the MoE op's at `max_b`). A failed probe counts as all the memory (nothing
     fits), a skipped one as nothing."""
@@ -112,7 +112,7 @@ def memory_fit(plan2: Plan, probe: dict, avail: int, pool_tokens: int, max_b: in
              + p2["layers"][0]["expert_bytes"],
              "moe_layer_bytes": p2["layers"][1]["bytes"] + p2["layers"][1]["expert_bytes"]
              + probe.get("prepare_extra_bytes", 0),  # a provider's load-time copies (e.g. fused experts)
-             "load_extra_bytes": (16 * stack if quantize_at_load else stack) + GiB // 2,
+             "load_extra_bytes": (2 * stack if quantize_at_load else stack) + GiB // 2,
              "step_extra_bytes": 2 * act * tokens + 8 * max_b * vocab + GiB + prefill_tr + 3 * GiB // 2,
              "graph_extra_bytes": decode_tr + max_b * (act + 4 * vocab)}
     n, graphs = fit_layers(terms["avail_bytes"], terms["fixed_bytes"], terms["moe_layer_bytes"], kv_layer,
