@@ -207,7 +207,7 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
             "max_model_len": a.max_input + a.max_output + 1, "gpu_memory_utilization": a.gpu_memory_utilization}
     if a.enforce_eager:
         opts["enforce_eager"] = True
-    r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir), a.repeats or 1)
+    r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir), repeats=a.repeats or 1)
     nf = r["nanoforge"]
     print(f"nanoforge  {nf['output_tok_s']:10.1f} output tok/s  {nf['total_tok_s']:10.1f} total tok/s  "
           f"{nf['time_s']:8.2f} s  ({nf['output_tokens']} tokens, {nf['engine']['preemptions']} preemptions)")

@@ -74,3 +74,33 @@ def test_gguf_hf_baseline_without_accelerate_fails_before_the_run(tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "m.gguf" in err and "accelerate" in err and "--hf-num-prompts 0" in err
+
+
+def test_repeats_alternate_and_report_the_median(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = bench(tmp_path, "llama-tiny", "--repeats", "3", "--threads", str(torch.get_num_threads()), "--min-input",
+              "40", "--max-input", "48")
+    for engine in ("nanoforge", "hf"):
+        runs = r[engine]["runs"]
+        assert len(runs) == 3 and all(x["time_s"] > 0 and x["others_cores"] >= 0 for x in runs)
+        assert r[engine]["time_s"] == sorted(x["time_s"] for x in runs)[1]
+    assert r["ratio_nanoforge_over_hf"] == pytest.approx(r["nanoforge"]["output_tok_s"] / r["hf"]["output_tok_s"])
+    assert r["weights"].startswith("random") and r["machine"]["torch_threads"] >= 1
+    assert r["nanoforge"]["engine"]["prefix_cache_hit_tokens"] == 0  # a repeat recomputes its prompts
+
+
+def test_cpu_suite_writes_each_workload_and_a_summary(tmp_path, monkeypatch, capsys):
+    from nanoforge.tools import bench_offline as bo
+
+    monkeypatch.chdir(tmp_path)
+    tiny = bo.OfflineWorkload(2, 4, 8, 2, 3)
+    monkeypatch.setattr(bo, "CPU_SUITE", [("uniform-llama-tiny", "llama-tiny", tiny, 2),
+                                          ("ragged-qwen3-tiny", "qwen3-tiny", tiny, 1)])
+    res = tmp_path / "res"
+    assert main(["bench", "offline", "--suite", "cpu", "--repeats", "2", "--results-dir", str(res)]) == 0
+    (path,) = res.glob("offline-cpu-suite-*.json")
+    s = json.loads(path.read_text())
+    assert list(s["workloads"]) == ["uniform-llama-tiny", "ragged-qwen3-tiny"] and s["repeats"] == 2
+    for row in s["workloads"].values():
+        assert row["ratio"] > 0 and len(row["ratio_per_repeat"]) == 2 and (res / row["result"]).is_file()
+    assert "ragged-qwen3-tiny" in capsys.readouterr().out

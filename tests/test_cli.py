@@ -41,7 +41,8 @@ def test_compile_inspect_generate(tiny_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "s (trace" in out
     assert (plan / "plan.json").is_file() and (plan / "ir" / "forward.ir").is_file()
-    assert (plan / "generated" / "model.py").read_text().count("K.torch.") > 10
+    source = (plan / "generated" / "model.py").read_text()
+    assert source.count("K.torch.") + source.count("K.cpu.") > 10 and "K.cpu.attention(" in source
     assert (dumps / "index.txt").is_file() and len(list(dumps.glob("[0-9][0-9]_*.ir"))) == len(PIPELINES["default"]) + 1
     assert main(["inspect", str(plan)]) == 0
     out = capsys.readouterr().out

@@ -115,6 +115,19 @@ def test_fully_cached_prompt_of_exact_block_multiple(tiny_ckpt):
     assert_no_leak(llm)
 
 
+def test_reset_prefix_cache_forgets_every_prefix(tiny_ckpt):
+    """Benchmarks rerun their prompts: after a reset the same prompt is computed again, and the
+    same tokens come out."""
+    (prompt,) = random_prompts(tiny_config("qwen3").vocab_size, [40], seed=8)
+    llm = make_llm(tiny_ckpt, "qwen3")
+    first = llm.generate([prompt], GREEDY)[0]
+    llm.engine.reset_prefix_cache()
+    again = llm.generate([prompt], GREEDY)[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == first.token_ids
+    assert llm.generate([prompt], GREEDY)[0].num_cached_tokens == 32  # cached again from then on
+    assert_no_leak(llm)
+
+
 def test_decode_blocks_are_cached_too(tiny_ckpt):
     """A follow-up that extends prompt + answer reuses the blocks filled during decode."""
     vocab = tiny_config("qwen3").vocab_size

@@ -80,9 +80,12 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     # EP dispatch/combine as all-gather + reduce-scatter: fixed shapes, no host sync (CUDA graphs)
     Provider("allgather", "nanoforge.kernels.ep_allgather", frozenset({"moe_dispatch", "moe_combine"}),
              _always),
-    # attention over the whole flat batch in a few SDPA calls (torch_ref loops over sequences in Python);
-    # host-synced like torch's, which does not matter where there are no graphs
-    Provider("cpu", "nanoforge.kernels.cpu", frozenset({"attention"}), _cpu_probe,
+    # the CPU target's host-bound ops in fewer aten calls (kernels/cpu): attention over the whole flat
+    # batch in a few SDPA calls (torch_ref loops over sequences in Python; host-synced like torch's, which
+    # does not matter where there are no graphs), norms, rope with cos/sin built once per step, and f32
+    # linears on oneDNN with weights packed at load
+    Provider("cpu", "nanoforge.kernels.cpu", frozenset({"attention", "rms_norm", "add_rms_norm", "silu_mul", "rope",
+                                                        "qk_norm_rope", "linear", "lm_head"}), _cpu_probe,
              graph_unsafe=frozenset({"attention"})),
     Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),

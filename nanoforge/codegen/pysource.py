@@ -90,6 +90,16 @@ def module_source(module: Module) -> str:
     return header + "\n\n".join(function_source(fn) for fn in module.functions.values())
 
 
+def prepare_params(fn: Function, params: dict[str, Any]) -> None:
+    """Once at load: each provider module of `fn` that has a `prepare_params(fn, params)` may lay
+    out, in place, the params its kernels read (the cpu provider packs its GEMM weights)."""
+    kernels = kernel_namespace({n.provider or "torch" for n in fn.nodes})
+    for name in sorted(vars(kernels)):
+        hook = getattr(getattr(kernels, name), "prepare_params", None)
+        if hook is not None:
+            hook(fn, params)
+
+
 def compile_function(module: Module, name: str, record: bool = False) -> Callable:
     """Generate, compile and bind one function; call it as fn(P, ctx, *inputs[, R])."""
     fn = module.functions[name]

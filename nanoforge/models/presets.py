@@ -1,10 +1,15 @@
 """Real model configs (from their config.json) for benchmarks with random weights, where the
-checkpoint itself is too big to fetch or to carry to the GPU machines."""
+checkpoint itself is too big to fetch or to carry to the GPU machines (or, for the CPU benchmark,
+is not on the machine: the work does not depend on the weights' values)."""
 from __future__ import annotations
 
 _QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
           "rms_norm_eps": 1e-6, "rope_theta": 1000000, "head_dim": 128, "torch_dtype": "bfloat16",
           "bos_token_id": 151643, "eos_token_id": 151645}
+
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
+          "hidden_act": "silu", "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": None,
+          "eos_token_id": None}
 
 PRESETS: dict[str, dict] = {
     "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
@@ -17,4 +22,12 @@ PRESETS: dict[str, dict] = {
                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4096,
                    "max_position_embeddings": 4096, "tie_word_embeddings": True,
                    "bos_token_id": None, "eos_token_id": None},
+    # SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M), the CPU benchmark's real-sized model
+    "smollm2-135m": {**_LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True},
+    # the tests' tiny Llama (tests/hf_fixtures.py) at hidden 128: a step is mostly host overhead
+    "llama-tiny": {**_LLAMA, "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 3,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024,
+                   "max_position_embeddings": 1024, "rope_theta": 100000.0, "tie_word_embeddings": True},
 }

@@ -44,6 +44,11 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (a benchmark repeating its prompts must recompute them);
+        blocks in use keep their contents, freed ones are plain free blocks."""
+        self.cached.clear()
+
     def _take(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         b = self.blocks[block_id]

@@ -41,6 +41,10 @@ class DPBlocks:
     def queries(self) -> int:
         return sum(m.queries for m in self.managers)
 
+    def reset_prefix_cache(self) -> None:
+        for m in self.managers:
+            m.reset_prefix_cache()
+
     def blocks_needed(self, num_tokens: int) -> int:
         return self.managers[0].blocks_needed(num_tokens)
 

@@ -188,6 +188,10 @@ class Engine:
                 "cuda_graphs": None if graphs is None else {"sizes": list(graphs.sizes), "capture_s": graphs.capture_s,
                                                             "capture_mib": graphs.capture_bytes / 2**20}}
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache (benchmarks that rerun the same prompts)."""
+        self.blocks.reset_prefix_cache()
+
     def forget(self, seq: Sequence) -> None:
         """Drop a finished sequence from the engine's table (its caller keeps the object)."""
         self.seqs.pop(seq.seq_id, None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import defaults
-from ..codegen.pysource import compile_function
+from ..codegen.pysource import compile_function, prepare_params
 from ..errors import NanoForgeError
 from ..kernels.context import allocate_pool, make_context
 from ..models.checkpoint import Checkpoint
@@ -82,6 +82,7 @@ class ModelRunner:
         self.block_size = self.contract.block_size
         self.params = load_params(plan.module, ckpt, self.device, progress=cfg.progress, rank=rank)
         self.forward = compile_function(plan.module, "forward")
+        prepare_params(plan.module.functions["forward"], self.params)
         num_blocks = cfg.num_blocks if cfg.num_blocks is not None else self._blocks_that_fit(plan)
         self.num_blocks = self._agree_blocks(num_blocks)
         self.pool = allocate_pool(self.contract, max(self.num_blocks, 1), self.device)

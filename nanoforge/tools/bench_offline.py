@@ -47,7 +47,7 @@ class OfflineWorkload:
 
 def machine_info(device: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "nanoforge": __version__}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "nanoforge": __version__}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):
@@ -63,7 +63,35 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def run_nanoforge(model, prompts: list[list[int]], outs: list[int], engine_opts: dict) -> tuple[dict, Any]:
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have run (every core), from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def timed(fn) -> dict[str, Any]:
+    """Run fn once: wall time, plus the cores other processes kept busy meanwhile (a shared machine's
+    noise: figures from runs where others used a core are not comparable to quiet ones)."""
+    busy, mine = _busy_cpu_s(), time.process_time()
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    out: dict[str, Any] = {"time_s": elapsed}
+    if busy is not None and (after := _busy_cpu_s()) is not None:
+        out["others_cores"] = max(0.0, (after - busy) - (time.process_time() - mine)) / elapsed
+    return out
+
+
+def _median(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["time_s"])[len(runs) // 2]
+
+
+def load_nanoforge(model, prompts: list[list[int]], engine_opts: dict) -> tuple[Any, float]:
+    """The engine, warmed up on a short prompt; (llm, start-up seconds)."""
     from ..llm import LLM
     from ..runtime.sampling_params import SamplingParams
 
@@ -71,24 +99,25 @@ def run_nanoforge(model, prompts: list[list[int]], outs: list[int], engine_opts:
     llm = LLM(model, **engine_opts)
     startup = time.perf_counter() - t0
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    return llm, startup
+
+
+def time_nanoforge(llm, prompts: list[list[int]], outs: list[int], progress: bool = True) -> dict[str, Any]:
+    from ..runtime.sampling_params import SamplingParams
+
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outs]
-    start = time.perf_counter()
-    results = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    llm.engine.reset_prefix_cache()  # a repeat recomputes its prompts, as HF does
+    results: list = []
+    run = timed(lambda: results.extend(llm.generate(prompts, params, use_tqdm=progress)))
     generated = sum(len(r.token_ids) for r in results)
     assert generated == sum(outs), "ignore_eos run produced fewer tokens than asked"
-    info = llm.engine.runner_info()
-    out = {"time_s": elapsed, "output_tokens": generated, "output_tok_s": generated / elapsed,
-           "total_tok_s": (generated + sum(map(len, prompts))) / elapsed, "startup_s": startup,
-           "engine": llm.metrics(), "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"]}
-    return out, llm
+    return {**run, "output_tokens": generated, "output_tok_s": generated / run["time_s"],
+            "total_tok_s": (generated + sum(map(len, prompts))) / run["time_s"]}
 
 
-def run_hf(config: dict | str, prompts: list[list[int]], outs: list[int], batch_size: int, device: str,
-           dtype: str) -> dict[str, Any]:
-    """HF generate, greedy, KV cache on, left-padded batches of requests sorted by output length;
-    a batch runs to its longest output, so throughput counts only the tokens the workload asked for.
-    Random weights (from_config) for presets: the work does not depend on the values."""
+def load_hf(config: dict | str, device: str, dtype: str):
+    """HF transformers' model: random weights (from_config) for presets, the work does not depend
+    on the values; else the checkpoint (a GGUF through transformers' own loader, dequantized)."""
     import transformers as tf
 
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
@@ -106,27 +135,38 @@ def run_hf(config: dict | str, prompts: list[list[int]], outs: list[int], batch_
                                  "skips the baseline") from e
     model = model.to(device).eval()
     model.generation_config.eos_token_id = None
+    return model
+
+
+def time_hf(model, prompts: list[list[int]], outs: list[int], batch_size: int, device: str) -> dict[str, Any]:
+    """HF generate, greedy, KV cache on, left-padded batches of requests sorted by output length;
+    a batch runs to its longest output, so throughput counts only the tokens the workload asked for."""
     order = sorted(range(len(prompts)), key=lambda i: outs[i])
-    start = time.perf_counter()
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        n = max(outs[i] for i in idx)
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+
+    def run() -> None:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+            n = max(outs[i] for i in idx)
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    out = timed(run)
     useful = sum(outs)
-    return {"time_s": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed, "batch_size": batch_size,
-            "num_prompts": len(prompts), "dtype": dtype}
+    return {**out, "output_tokens": useful, "output_tok_s": useful / out["time_s"], "batch_size": batch_size,
+            "num_prompts": len(prompts)}
 
 
 def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_num_prompts: int, hf_batch_size: int,
-                  results_dir: Path) -> dict[str, Any]:
+                  results_dir: Path, *, repeats: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Time nanoforge and HF `repeats` times each on the same prompts and report the median runs
+    (every run is in the JSON). On the CPU both models stay loaded and the runs alternate, so a
+    neighbour's load shifting mid-benchmark hits both; on CUDA the engine's memory is freed first."""
     from ..compiler import resolve_dtype
     from ..models.checkpoint import open_checkpoint
     from ..models.presets import PRESETS
@@ -158,15 +198,29 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     if hf_num_prompts and str(hf_source).lower().endswith(".gguf") and importlib.util.find_spec("accelerate") is None:
         raise NanoForgeError(f"HF baseline: transformers loads a GGUF ({Path(hf_source).name}) only with `accelerate` "
                              "installed: pip install accelerate, or pass --hf-num-prompts 0 to skip the baseline")
+    if repeats < 1:
+        raise NanoForgeError(f"--repeats must be at least 1; got {repeats}")
     prompts, outs = workload.make(int(config["vocab_size"]))
     result: dict[str, Any] = {
         "benchmark": "offline", "model": model, "dtype": dtype, "workload": asdict(workload),
-        "engine_options": engine_opts,
+        "engine_options": engine_opts, "repeats": repeats,
         "machine": machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs),
     }
+    if model in PRESETS:
+        result["weights"] = "random (the preset's config; the work does not depend on the values)"
     ceilings = measure_ceilings(device)  # before the engine takes the card's memory
-    result["nanoforge"], llm = run_nanoforge(source, prompts, outs, engine_opts)
+    n_hf = min(hf_num_prompts, len(prompts))
+    llm, startup = load_nanoforge(source, prompts, engine_opts)
+    hf_model = load_hf(hf_source, device, dtype) if n_hf and device == "cpu" else None
+    nf_runs, hf_runs = [], []
+    for _ in range(repeats):
+        nf_runs.append(time_nanoforge(llm, prompts, outs, progress))
+        if hf_model is not None:
+            hf_runs.append(time_hf(hf_model, prompts[:n_hf], outs[:n_hf], hf_batch_size, device))
+    info = llm.engine.runner_info()
+    result["nanoforge"] = {**_median(nf_runs), "startup_s": startup, "engine": llm.metrics(),
+                           "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"], "runs": nf_runs}
     mem = llm.plan.memory
     result["ceilings"] = ceilings
     result["roofline"] = simulate_ceiling(
@@ -178,10 +232,18 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    if hf_num_prompts:
-        n = min(hf_num_prompts, len(prompts))
-        result["hf"] = run_hf(hf_source, prompts[:n], outs[:n], hf_batch_size, device, dtype)
+    if n_hf and hf_model is None:
+        hf_model = load_hf(hf_source, device, dtype)
+        hf_runs = [time_hf(hf_model, prompts[:n_hf], outs[:n_hf], hf_batch_size, device) for _ in range(repeats)]
+    if hf_runs:
+        result["hf"] = {**_median(hf_runs), "dtype": dtype, "runs": hf_runs}
         result["ratio_nanoforge_over_hf"] = result["nanoforge"]["output_tok_s"] / result["hf"]["output_tok_s"]
+        result["ratio_per_repeat"] = [  # back to back on the CPU, so a quiet repeat compares like with like
+            {"ratio": (h["time_s"] / h["output_tokens"]) / (n["time_s"] / n["output_tokens"]),
+             "others_cores": max(n.get("others_cores", 0.0), h.get("others_cores", 0.0))}
+            for n, h in zip(nf_runs, hf_runs)]
+    del hf_model
+    gc.collect()
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     label = model if model in PRESETS else Path(model).name
@@ -189,3 +251,45 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     path.write_text(json.dumps(result, indent=1))
     result["path"] = str(path)
     return result
+
+
+# issue 15 point 4: the CPU path against HF generate, f32, same run. (name, preset, workload, HF batch)
+CPU_SUITE: list[tuple[str, str, OfflineWorkload, int]] = [
+    ("uniform-llama-tiny", "llama-tiny", OfflineWorkload(32, 64, 64, 64, 64), 32),  # a step is host overhead
+    ("uniform-smollm2-135m", "smollm2-135m", OfflineWorkload(32, 64, 64, 64, 64), 32),
+    ("ragged-smollm2-135m", "smollm2-135m", OfflineWorkload(32, 16, 256, 64, 64), 16),  # HF: padded batches
+]
+
+
+QUIET_CORES = 0.25  # a repeat during which other processes kept more than this busy is noisy
+
+
+def bench_cpu_suite(results_dir: Path, repeats: int = 3, max_num_batched_tokens: int = 4096,
+                    log=print) -> dict[str, Any]:
+    """The three CPU workloads of CPU_SUITE, each written as its own offline JSON, plus a summary
+    (offline-cpu-suite-*.json). Each ratio is the median over the quiet repeats (others kept under
+    QUIET_CORES busy: two OpenMP threads slow down many-fold when a neighbour takes a core, and not
+    equally for both engines), or over all repeats, flagged noisy, when none was quiet."""
+    rows = {}
+    for name, preset, w, hf_batch in CPU_SUITE:
+        opts = {"device": "cpu", "dtype": "f32", "max_num_batched_tokens": max_num_batched_tokens,
+                "max_prefill_chunk": max_num_batched_tokens, "max_model_len": w.max_input + w.max_output + 1,
+                "progress": False}
+        r = bench_offline(preset, w, opts, w.num_prompts, hf_batch, results_dir, repeats=repeats, progress=False)
+        quiet = [x["ratio"] for x in r["ratio_per_repeat"] if x["others_cores"] < QUIET_CORES]
+        ratios = sorted(quiet or [x["ratio"] for x in r["ratio_per_repeat"]])
+        rows[name] = {"model": preset, "workload": asdict(w), "hf_batch_size": hf_batch,
+                      "nanoforge_output_tok_s": r["nanoforge"]["output_tok_s"],
+                      "hf_output_tok_s": r["hf"]["output_tok_s"], "ratio": ratios[len(ratios) // 2],
+                      "quiet_repeats": len(quiet), "ratio_per_repeat": r["ratio_per_repeat"],
+                      "result": Path(r["path"]).name}
+        log(f"{name:<22} nanoforge {rows[name]['nanoforge_output_tok_s']:9.1f}  HF {rows[name]['hf_output_tok_s']:9.1f}"
+            f" output tok/s (medians)  ratio {rows[name]['ratio']:5.2f} over {len(quiet) or len(ratios)} "
+            f"{'quiet' if quiet else 'NOISY'} repeats")
+    summary = {"benchmark": "offline-cpu-suite", "target_ratio": 3.0, "repeats": repeats,
+               "machine": machine_info("cpu"), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "weights": "random, with each preset's config (smollm2-135m: SmolLM2-135M's)", "workloads": rows}
+    path = results_dir / f"offline-cpu-suite-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(summary, indent=1))
+    summary["path"] = str(path)
+    return summary

@@ -49,9 +49,10 @@ EP = """
 ROUNDTRIP = [("select_kernels", DENSE, Options()), ("select_kernels", EP, Options())]
 
 
-def test_cpu_target_runs_everything_on_torch():
-    """The fallbacks list every provider that cannot run the op, lower-ranked ones (deep_gemm,
-    flashinfer) included, though the docstrings say 'better-ranked'."""
+def test_cpu_target_runs_norms_and_linears_on_the_cpu_provider():
+    """The cpu provider (ranked above torch) takes the CPU target's norms and linears. The fallbacks
+    list every provider that cannot run the op, lower-ranked ones (deep_gemm, flashinfer) included,
+    though the docstrings say 'better-ranked'."""
     assert run("select_kernels", DENSE, Options()) == ir("""
         module
         meta provider_fallbacks = {"notes": {"linear": ["triton: needs a CUDA target (compile with --device cuda)", "deep_gemm: deep_gemm needs a CUDA target (compile with --device cuda)"], "rms_norm": ["triton: needs a CUDA target (compile with --device cuda)", "flashinfer: flashinfer needs a CUDA target (compile with --device cuda)"]}}
@@ -60,8 +61,8 @@ def test_cpu_target_runs_everything_on_torch():
         param $w.weight: f32[8,8] <- w.weight
 
         func forward(%x: f32[T,8]) {
-          %0: f32[T,8] = rms_norm(%x, weight=$norm.weight) {eps=1e-06} provider=torch  @norm
-          %1: f32[T,8] = linear(%0, weight=$w.weight) provider=torch  @proj
+          %0: f32[T,8] = rms_norm(%x, weight=$norm.weight) {eps=1e-06} provider=cpu  @norm
+          %1: f32[T,8] = linear(%0, weight=$w.weight) provider=cpu  @proj
           return %1
         }
     """)
@@ -113,8 +114,10 @@ def test_cuda_sm75_target_falls_back_to_torch_saying_why(fake_triton):
     module, _ = apply("select_kernels", DENSE, Options(target=Target("cuda", capability="sm75")))
     assert {n.provider for n in module.functions["forward"].nodes} == {"torch"}
     assert read(module, ProviderNotes).notes == {
-        "linear": ["triton: needs sm80 or newer; the target is sm75", "deep_gemm: deep_gemm needs sm90/sm100; the target is sm75"],
-        "rms_norm": ["triton: needs sm80 or newer; the target is sm75", "flashinfer: flashinfer needs sm80+; the target is sm75"]}
+        "linear": ["triton: needs sm80 or newer; the target is sm75", "cpu: runs on the CPU target only",
+                   "deep_gemm: deep_gemm needs sm90/sm100; the target is sm75"],
+        "rms_norm": ["triton: needs sm80 or newer; the target is sm75", "cpu: runs on the CPU target only",
+                     "flashinfer: flashinfer needs sm80+; the target is sm75"]}
 
 
 def test_forced_provider_wins_over_rank():

@@ -3,11 +3,17 @@
 torch_ref.attention attends one sequence at a time: a decode step of 32 sequences runs ~100 tiny
 calls per layer stack, and a small model's step is then mostly host work. Here the step's sequences
 are grouped by shape once (the plan is cached on the step's BatchContext and shared by every layer),
-each group's context is gathered from the pool as one padded [n, max_ctx] batch and attended with one
+each group's context is gathered from the pool whole blocks at a time (one index per block, not per
+token: 16x fewer, contiguous rows), cut to the group's longest context, and attended with one
 scaled_dot_product_attention call (CPU flash kernel, native GQA) under a mask that is causal within
-each sequence and hides padding. Groups are bucketed by powers of two of q_len and ctx_len (decode
-rows never pad to a prefill's query length), and each call's gathered K/V and mask stay under
-CALL_BUDGET bytes, so a 2k prefill chunk beside 63 decode rows stays cheap.
+each sequence and hides padding; a uniform decode batch needs no mask, whole prompts of any lengths
+none either (is_causal). Padding keys (the tail of a last block, pad blocks) are zeroed in the
+gathered copy: a masked key must still be finite, as its zero weight multiplies its value. (Passing a
+kv head's query heads as the query rows of one task reads its keys once, not once per head, but the
+flash kernel then splits the work over two threads poorly: 2x slower at two threads on a tiny
+Llama's decode step, 10% faster at one.) Groups are bucketed by powers of two of q_len and ctx_len
+(decode rows never pad to a prefill's query length), and each call's gathered K/V and mask stay
+under CALL_BUDGET bytes, so a 2k prefill chunk beside 63 decode rows stays cheap.
 
 MLA runs in the absorbed form (as the Triton provider does): queries are projected into the latent
 space with kv_b_proj's key half and attend to the pool's [latent | k_rope] entries as one shared kv
@@ -32,9 +38,12 @@ class _Group:
     """Sequences attended together: n sequences padded to max_q queries and max_ctx keys."""
     rows: torch.Tensor  # i64[n, max_q]: flat-batch row of each query (padding repeats a real row)
     keep: torch.Tensor  # bool[n, max_q]: real (not padding) queries
-    slots: torch.Tensor  # i64[n, max_ctx]: pool slot of each key (padding repeats a real one)
+    blocks: torch.Tensor  # i64[n, nb]: pool blocks of each sequence's context (nb = the longest's)
+    keys: int  # max_ctx: the gathered blocks' first keys attended (the longest context)
+    pad: torch.Tensor | None  # i64[P]: keys of the first max_ctx past a sequence's context, as rows of the
+    #                           gathered [n * nb * block_size]
     mask: torch.Tensor | None  # bool[n, 1, max_q, max_ctx]: key visible to query (None: see causal)
-    causal: bool  # with no mask: whole prompts of one length (is_causal), else every key is visible
+    causal: bool  # with no mask: whole prompts (is_causal), else every key is visible
     whole: bool = False  # the group is the whole batch, one decode row per sequence, in order
 
 
@@ -54,16 +63,20 @@ def _buckets(q_lens: np.ndarray, ctx_lens: np.ndarray, live: np.ndarray) -> list
 def _group(ids: np.ndarray, starts: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray, tables: np.ndarray,
            block_size: int, device: torch.device) -> _Group:
     ql, cl = q_lens[ids, None], ctx_lens[ids, None]
+    nb = -(-int(cl.max()) // block_size)
     qi, kj = np.arange(int(ql.max())), np.arange(int(cl.max()))
     rows = starts[ids, None] + np.minimum(qi, ql - 1)
-    pos = np.minimum(kj, cl - 1)  # padding reads a real slot of the sequence: finite, and masked out
-    slots = tables[ids[:, None], pos // block_size].astype(np.int64) * block_size + pos % block_size
     qpos = cl - ql + qi  # position of each query; a padding query (qi >= q_len) sees the whole context
-    mask = (kj <= qpos[..., None]) & (kj < cl[..., None])
+    pad = kj >= cl  # keys past the context: a pad block (table padding) or the tail of the last block
+    mask = (kj <= qpos[..., None]) & ~pad[:, None, :]
+    pad_rows = (np.arange(len(ids))[:, None] * (nb * block_size) + kj)[pad]
     put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    causal = len(qi) > 1 and bool((ql == len(qi)).all() and (cl == len(qi)).all())
+    # is_causal aligns query i with key i: right for whole prompts (no cached prefix) of any lengths, as a
+    # real query i sees keys 0..i, all its own; padding queries see padding keys (zeroed), and are dropped
+    causal = len(qi) > 1 and bool((ql == cl).all())
     plain = causal or bool(mask.all())  # SDPA needs no mask (and skips the masked half when causal)
-    return _Group(put(rows), put(qi < ql), put(slots), None if plain else put(mask[:, None]), causal)
+    return _Group(put(rows), put(qi < ql), put(tables[ids, :nb].astype(np.int64)), len(kj),
+                  put(pad_rows) if len(pad_rows) else None, None if plain else put(mask[:, None]), causal)
 
 
 def _plan(ctx: BatchContext) -> _Plan:
@@ -102,29 +115,48 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:]).transpose(1, 2)
 
 
+def _context(pool: torch.Tensor, blocks: torch.Tensor, keys: int, pad: torch.Tensor | None,
+             dtype: torch.dtype) -> torch.Tensor:
+    """pool [num_blocks, block_size, kvh, d] at blocks [n, nb] -> its first `keys` keys [n, kvh, keys, d]
+    in dtype, padding keys zeroed (the gathered copy is ours to change). Keys past the longest context
+    are cut, not masked: a uniform decode batch then needs no mask at all."""
+    n, nb = blocks.shape
+    out = pool.index_select(0, blocks.reshape(-1)).view(n, nb * pool.shape[1], *pool.shape[2:]).to(dtype)
+    if pad is not None:  # index_fill_ of whole rows: a broadcast masked_fill_ costs more than the gather
+        out.view(n * nb * pool.shape[1], -1).index_fill_(0, pad, 0)
+    return out[:, :keys].transpose(1, 2)
+
+
 def _sdpa(q: torch.Tensor, g: _Group, part: slice, k_pool: torch.Tensor, v_pool: torch.Tensor | None,
           scale: float) -> torch.Tensor:
-    """One padded call: q [T, h, d], pools [slots, kvh, d*] (v_pool None: values are the keys)
-    -> [n, h, max_q, dv]."""
-    rows, slots = g.rows[part], g.slots[part]
-    qs = q[part].unsqueeze(2) if g.whole else _take(q, rows)
-    keys = _take(k_pool, slots).to(q.dtype)
-    values = keys if v_pool is None else _take(v_pool, slots).to(q.dtype)
+    """One padded call: q [T, h, d], pools [num_blocks, block_size, kvh, d*] (v_pool None: values
+    are the keys) -> [n, h, max_q, dv]."""
+    rows, blocks = g.rows[part], g.blocks[part]
+    pad = g.pad
+    if pad is not None and (part.start or part.stop < len(g.blocks)):  # the pad rows of this slice of the group
+        per = g.blocks.shape[1] * k_pool.shape[1]
+        lo, hi = part.start * per, min(part.stop, len(g.blocks)) * per
+        pad = pad[(pad >= lo) & (pad < hi)] - lo
+    keys = _context(k_pool, blocks, g.keys, pad, q.dtype)
+    values = keys if v_pool is None else _context(v_pool, blocks, g.keys, pad, q.dtype)
     mask = None if g.mask is None else g.mask[part]
+    qs = q[part].unsqueeze(2) if g.whole else _take(q, rows)
     return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=g.causal, scale=scale,
                                           enable_gqa=True)
 
 
 def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _Plan,
             scale: float) -> torch.Tensor:
-    """Causal attention of every query row q [T, h, d] over its sequence's context -> [T, h, dv]."""
+    """Causal attention of every query row q [T, h, d] over its sequence's context -> [T, h, dv];
+    pools [num_blocks, block_size, kvh, d*]."""
     dv = (k_pool if v_pool is None else v_pool).shape[-1]
-    row_bytes = q.element_size() * (k_pool[0].numel() + (0 if v_pool is None else v_pool[0].numel()))
+    row_bytes = q.element_size() * (k_pool[0, 0].numel() + (0 if v_pool is None else v_pool[0, 0].numel()))
     whole = len(plan.groups) == 1 and plan.groups[0].whole  # the output needs no scatter
     out = None
     for g in plan.groups:
         n, max_q = g.rows.shape
-        per_seq = g.slots.shape[1] * (row_bytes + 5 * max_q) + max_q * q[0].numel() * 2 * q.element_size()
+        per_seq = g.blocks.shape[1] * k_pool.shape[1] * (row_bytes + 5 * max_q) + max_q * q[0].numel() * 2 * \
+            q.element_size()
         step = max(1, CALL_BUDGET // per_seq)
         for lo in range(0, n, step):
             o = _sdpa(q, g, slice(lo, lo + step), k_pool, v_pool, scale).transpose(1, 2)  # [n', max_q, h, dv]
@@ -149,7 +181,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BatchCo
         k_cache, v_cache = ctx.kv[layer]
         _store(k_cache, plan, k.reshape(t, kvh, d))
         _store(v_cache, plan, v.reshape(t, kvh, d))
-        o = _attend(q.reshape(t, h, d), k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d), plan, scale)
+        o = _attend(q.reshape(t, h, d), k_cache, v_cache, plan, scale)
         return o.reshape(t, h * d)
     nope, rope_d, vd = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
     (cache,) = ctx.kv[layer]
@@ -159,5 +191,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BatchCo
     qh = q.reshape(t, h, nope + rope_d)
     q_lat = torch.einsum("thn,hnr->thr", qh[..., :nope], w[:, :nope])
     # values are the whole entries (SDPA's flash kernel wants dv == dk); their k_rope part is dropped
-    o = _attend(torch.cat([q_lat, qh[..., nope:]], dim=-1), cache.view(-1, 1, cache.shape[-1]), None, plan, scale)
+    o = _attend(torch.cat([q_lat, qh[..., nope:]], dim=-1), cache.view(*cache.shape[:2], 1, cache.shape[-1]), None,
+                plan, scale)
     return torch.einsum("thr,hvr->thv", o[..., :r], w[:, nope:]).reshape(t, h * vd)
