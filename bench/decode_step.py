@@ -19,6 +19,23 @@ from nanoforge.models.random_checkpoint import RandomCheckpoint
 from nanoforge.tools.roofline import measure_ceilings
 
 
+def graph_replay_time(eng, batch: int, steps: int) -> float | None:
+    """GPU seconds of one replay of the decode graph a batch of this size runs in (no host work)."""
+    graphs = getattr(eng.runner, "graphs", None)
+    size = next((s for s in (graphs.sizes if graphs else []) if s >= batch), None)
+    if size is None or size not in graphs.graphs:
+        return None
+    graph = graphs.graphs[size][0]
+    graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(steps):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1000 / steps
+
+
 def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bool = False,
                 mixed_chunk: int = 0) -> dict:
     eng = llm.engine
@@ -37,17 +54,8 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bo
         eng.step()
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / steps
-    replay_s = None
+    replay_s = graph_replay_time(eng, batch, steps)
     graphs = eng.runner.graphs
-    if graphs is not None and batch in graphs.graphs:
-        graph = graphs.graphs[batch][0]
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(steps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        replay_s = a.elapsed_time(b) / 1000 / steps
     if profile:  # where the host time of a step goes
         import cProfile
         import pstats

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 # fit_layers, random_param: not used here, read as dl.* by tests/test_bench_deepseek_layers.py
 from bench.deepseek_layers_fit import (GiB, decode_figures, fit_layers, head_time, memory_fit,  # noqa: E402, F401
                                        moe_op_probe, param_parts, prefill_figures, profile_kernels, random_param)
+from bench.decode_step import graph_replay_time  # noqa: E402
 from bench.moe_parallel import DEEPSEEK_V3  # noqa: E402
 from nanoforge.compiler import CompileOptions  # noqa: E402
 from nanoforge.facts import CudaGraphPlan, write  # noqa: E402
@@ -126,23 +127,6 @@ def providers_of(plan: Plan) -> dict[str, Any]:
     used = {op: dict(Counter(n.provider or "torch" for _, n in plan.module.nodes() if n.op == op)) for op in ops}
     return {"by_op": {k: v for k, v in used.items() if v},
             "fallbacks": {op: why for op, why in plan.provider_notes.items() if op in ops}}
-
-
-def graph_replay_time(eng: Engine, batch: int, steps: int) -> float | None:
-    """GPU seconds of one replay of the decode graph a batch of this size runs in (no host work)."""
-    graphs = getattr(eng.runner, "graphs", None)
-    size = next((s for s in (graphs.sizes if graphs else []) if s >= batch), None)
-    if size is None or size not in graphs.graphs:
-        return None
-    graph = graphs.graphs[size][0]
-    graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(steps):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / 1000 / steps
 
 
 def run_decode(eng: Engine, plan: Plan, a: argparse.Namespace, device: str, sync: Callable[[], None],
