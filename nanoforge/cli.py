@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from . import defaults
@@ -35,7 +36,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     opts = CompileOptions(dtype=a.dtype, device=a.device, pipeline=a.pipeline, disable_passes=a.disable_pass,
                           dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
-                          quantize=a.quantize, fp8_activations=a.fp8_activations,
+                          quantize=a.quantize, fp8_activations=a.fp8_activations, kv_dtype=a.kv_dtype,
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                           providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
                           attention_dp=a.attention_dp, ffn_ep=a.ffn_ep, max_num_seqs=a.max_num_seqs,
@@ -97,10 +98,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print("cuda graphs  " + (f"decode batch sizes {', '.join(map(str, graphs.sizes))}" if graphs.sizes
                              else f"none: {graphs.reason}"))
     print(f"memory       weights {_mib(mem.param_bytes)}, KV {mem.kv_bytes_per_token:,} B/token "
-          f"(block {kv.block_size}, {kv.dtype}, {len(kv.layers)} layers), activations "
+          f"(block {kv.block_size}, {_kv_dtype(kv, info.dtype)}, {len(kv.layers)} layers), activations "
           f"{mem.activation_bytes_per_token:,} B/token x {mem.max_num_batched_tokens} tokens "
           f"= {_mib(mem.activation_bytes_per_token * mem.max_num_batched_tokens)}")
     return 0
+
+
+def _kv_dtype(kv, model_dtype: str) -> str:
+    """The pool's dtype; for quantized KV also its scales and the tokens it fits vs the model's dtype."""
+    if not kv.scale_dtype:
+        return kv.dtype
+    from .kv_contract import KVContract
+
+    plain = KVContract(kv.block_size, model_dtype, tuple(replace(layer, scale_shapes=()) for layer in kv.layers))
+    per_gib = lambda c: 2**30 // max(c.bytes_per_token(), 1)  # noqa: E731
+    return (f"{kv.dtype} + {kv.scale_dtype} scales: {per_gib(kv):,} tokens per GiB, "
+            f"{per_gib(kv) / max(per_gib(plain), 1):.2f}x {model_dtype}'s {per_gib(plain):,}")
 
 
 def _print_parallel(plan) -> None:
@@ -332,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize", default="auto", choices=["auto", "none", "fp8"],
                    help="weights: auto = as the checkpoint ships them; none = widen FP8 ones at load; fp8 = "
                         "block-quantize (128x128, e4m3) at load")
+    c.add_argument("--kv-dtype", default="auto", metavar="auto|fp8",
+                   help="the paged KV cache: auto = the model's dtype; fp8 = e4m3 with a dynamic f32 scale per token "
+                        "and KV head (per token for MLA), about half the bytes per token")
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--pipeline", default="default")
     c.add_argument("--dump-dir", help="write NN_<pass>.ir after every pass, plus index.txt")

@@ -16,7 +16,7 @@ from .models.checkpoint import Checkpoint, open_checkpoint
 from .models.quant import WeightQuant, weight_quant_of
 from .models.weights import check_bindings
 from .passes import (PASSES, PIPELINES, PassContext, PassManager, fuse_elementwise, plan_cuda_graphs, plan_deep_ep,
-                     plan_memory, quantize_weights, select_kernels, shard_ep, shard_tp)
+                     plan_memory, quantize_kv, quantize_weights, select_kernels, shard_ep, shard_tp)
 from .plan import CheckpointRef, Plan
 
 
@@ -25,6 +25,7 @@ class CompileOptions:
     dtype: str = "auto"  # f32 | bf16 | f16 | auto (the checkpoint's torch_dtype; bf16 if unknown)
     quantize: str = "auto"  # auto: as shipped (an explicit dtype widens FP8); none; fp8 (passes/quantize_weights)
     fp8_activations: str = "auto"  # FP8 linears' inputs: dynamic (per token x 128) | none | auto (dynamic on CUDA)
+    kv_dtype: str = "auto"  # the paged KV cache: auto (the model's dtype) | fp8 (e4m3 + scales; passes/quantize_kv)
     device: str = "cpu"
     pipeline: str = "default"
     disable_passes: list[str] = field(default_factory=list)
@@ -71,7 +72,7 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
     act = opts.fp8_activations == "dynamic" or (opts.fp8_activations == "auto" and target.device == "cuda")
     quant = quantize_weights.Options("fp8" if shipped else "none", mode, *((shipped.block, shipped.keep) if shipped
                                                                             else ()), act_quant=128 if act else 0)
-    return {"quantize_weights": quant, "shard_tp": shard_tp.Options(opts.tp),
+    return {"quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target), "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),
             "select_kernels": select_kernels.Options(target, dict(opts.providers), opts.block_size),
@@ -99,9 +100,12 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
     t_trace = time.perf_counter()
     if opts.pipeline not in PIPELINES:
         raise NanoForgeError(f"unknown pipeline {opts.pipeline!r}; pipelines: {', '.join(PIPELINES)}")
-    for name, flag, n in (("shard_tp", "--tp", opts.tp), ("shard_ep", "--ffn-ep", max(opts.ffn_ep, opts.attention_dp))):
-        if n > 1 and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
-            raise NanoForgeError(f"{flag} {n} needs the {name} pass, which this compile does not run")
+    asks = [("shard_tp", f"--tp {opts.tp}", opts.tp > 1),
+            ("shard_ep", f"--ffn-ep {max(opts.ffn_ep, opts.attention_dp)}", max(opts.ffn_ep, opts.attention_dp) > 1),
+            ("quantize_kv", f"--kv-dtype {opts.kv_dtype}", quantize_kv.kv_dtype_of(opts.kv_dtype) is not None)]
+    for name, flag, asked in asks:
+        if asked and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
+            raise NanoForgeError(f"{flag} needs the {name} pass, which this compile does not run")
     target = target_of(opts.device)
     ctx = PassContext(options=pass_options(opts, target, shipped), disabled=set(opts.disable_passes),
                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None,

@@ -65,7 +65,7 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
-                 quantize: str = "auto", fp8_activations: str = "auto",
+                 quantize: str = "auto", fp8_activations: str = "auto", kv_dtype: str = "auto",
                  block_size: int | None = None, device: str | None = None, progress: bool = True, tp: int | None = None,
                  attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
                  **engine_options: Any):
@@ -78,6 +78,7 @@ class LLM:
         cfg = EngineConfig(**engine_options)
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, quantize=quantize, fp8_activations=fp8_activations, device=device or "cpu",
+                              kv_dtype=kv_dtype,
                               block_size=block_size,
                               max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
                               **{k: v for k, v in layout.items() if v is not None})

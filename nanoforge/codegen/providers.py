@@ -27,6 +27,13 @@ class Provider:
     first_for: Callable[[str, dict], bool] | None = None  # (op, node attrs) -> rank this provider first there
     block_sizes: dict[str, tuple[int, ...]] | None = None  # op -> the KV block sizes its kernel takes
     first_note: str = ""  # why it ranks first where first_for says so (shown by `nanoforge inspect`)
+    refuses: Callable[[str, dict], str | None] | None = None  # (op, node attrs) -> why it cannot run that node
+
+
+def _bf16_kv_only(why: str) -> Callable[[str, dict], str | None]:
+    """`refuses` of an attention kernel that reads KV in the model's dtype only (quantize_kv)."""
+    return lambda op, attrs: f"{why} (the plan keeps KV in {attrs['kv_dtype']})" \
+        if op == "attention" and attrs.get("kv_dtype") else None
 
 
 def _always(target: Target) -> str | None:
@@ -68,7 +75,7 @@ FLASH_MLA_MIN_HEADS = 64  # H100, bench/kernels/mla_decode.py: 128 heads 2.6-3.5
 def _flash_mla_first(attrs: dict) -> bool:
     """An MLA layer FlashMLA's dense decode takes (latent 512 + rope 64: DeepSeek-V3, Kimi-K2, GLM-5;
     bf16) and runs faster than the Triton kernel (enough heads)."""
-    return (attrs.get("kind") == "mla" and attrs.get("kv_lora_rank") == 512 and attrs.get("qk_rope_head_dim") == 64
+    return (attrs.get("kind") == "mla" and not attrs.get("kv_dtype") and attrs.get("kv_lora_rank") == 512 and attrs.get("qk_rope_head_dim") == 64
             and attrs.get("out_dtype") == "bf16" and attrs.get("heads", 0) >= FLASH_MLA_MIN_HEADS)
 
 
@@ -86,7 +93,8 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     # linears on oneDNN with weights packed at load
     Provider("cpu", "nanoforge.kernels.cpu", frozenset({"attention", "rms_norm", "add_rms_norm", "silu_mul", "rope",
                                                         "qk_norm_rope", "linear", "lm_head"}), _cpu_probe,
-             graph_unsafe=frozenset({"attention"})),
+             graph_unsafe=frozenset({"attention"}),
+             refuses=_bf16_kv_only("its SDPA attention reads unquantized KV; the torch reference dequantizes")),
     Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
              graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
     # Library adapters rank after torch, which runs everything: they run where forced (--provider
@@ -106,6 +114,7 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     Provider("flash_mla", "nanoforge.kernels.libs.flash_mla_decode", frozenset({"attention"}), _lib_probe("flash_mla"),
              first_for=lambda op, attrs: op == "attention" and _flash_mla_first(attrs),
              block_sizes={"attention": (64,)},
+             refuses=_bf16_kv_only("the pinned FlashMLA's dense decode reads bf16 latents only"),
              first_note=f"MLA decode with >= {FLASH_MLA_MIN_HEADS} heads on FlashMLA's dense SM90 kernel "
                         "(2.6-3.5x Triton's at batch >= 32 on an H100: bench/kernels/mla_decode.py)"),
     # forced as a trio (select_kernels); graph-safe in low-latency mode, which every captured batch
@@ -121,7 +130,8 @@ def candidates(op: str, target: Target, attrs: dict | None = None) -> list[tuple
     plus its output dtype as "out_dtype", ahead), with None (usable) or the reason it is not."""
     ranked = [p for p in PROVIDERS if op in p.ops]
     ranked.sort(key=lambda p: not (p.first_for is not None and attrs is not None and p.first_for(op, attrs)))
-    return [(p.name, p.probe(target)) for p in ranked]
+    return [(p.name, p.probe(target) or (p.refuses(op, attrs) if p.refuses and attrs is not None else None))
+            for p in ranked]
 
 
 def graph_unsafe_reason(op: str, provider: str) -> str | None:

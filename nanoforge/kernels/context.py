@@ -70,12 +70,17 @@ TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float
 def allocate_pool(contract: KVContract, num_blocks: int,
                   device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
     """The paged KV pool the contract describes: per layer, one tensor per entry shape,
-    [num_blocks, block_size, *shape]. Indexed by the attention node's `layer` attr."""
+    [num_blocks, block_size, *shape], then (quantized KV) one per scale shape in the scale dtype:
+    GQA (k, v) or (k, v, k_scale, v_scale), MLA (entry,) or (entry, scale). Indexed by the
+    attention node's `layer` attr."""
     dtype, bs = TORCH_DTYPES[contract.dtype], contract.block_size
+    scale_dtype = TORCH_DTYPES[contract.scale_dtype] if contract.scale_dtype else None
     pool: list[tuple[torch.Tensor, ...]] = []
     for i, layer in enumerate(contract.layers):
         assert layer.layer == i, "KV contract layers must be numbered 0..L-1"
-        pool.append(tuple(torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer.shapes))
+        values = [torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer.shapes]
+        scales = [torch.ones(num_blocks, bs, *shape, dtype=scale_dtype, device=device) for shape in layer.scale_shapes]
+        pool.append(tuple(values + scales))
     return pool
 
 

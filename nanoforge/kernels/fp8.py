@@ -75,3 +75,18 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor, bia
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 KV cache entries: x [T, H, D] -> (e4m3 [T, H, D], f32 scale [T, H]), one dynamic scale per
+    token and head (an MLA latent entry: H = 1), computed as quantize_activations does (scale =
+    max(amax, SCALE_EPS) / 448, IEEE division, round to nearest even), so the Triton KV store can be
+    bitwise equal to it. Needs no calibration: each entry is scaled by its own largest magnitude."""
+    t, h, d = x.shape
+    q, s = quantize_activations(x.reshape(t * h, d), group=max(d, 1))
+    return q.view(t, h, d), s.view(t, h)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """quantize_kv's inverse: q [..., H, D] e4m3 times scale [..., H], in `dtype`."""
+    return (q.to(torch.float32) * scale[..., None]).to(dtype)

@@ -113,10 +113,27 @@ def split(x, sizes, **_):
     return tuple(torch.split(x, sizes, dim=-1))
 
 
-def _store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    flat = cache.view(-1, *cache.shape[2:])
+def _store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """values [T, ...] into the pool rows `slots` (-1: skip); with `scale` (an FP8 pool's scales,
+    [NB, BS, H]) each [T, H, D] entry is quantized per token and head as it is stored."""
     keep = slots >= 0
-    flat[slots[keep]] = values[keep].to(cache.dtype)
+    flat = cache.view(-1, *cache.shape[2:])
+    if scale is None:
+        flat[slots[keep]] = values[keep].to(cache.dtype)
+        return
+    q, s = fp8.quantize_kv(values[keep].reshape(int(keep.sum()), scale.shape[-1], -1))
+    flat[slots[keep]] = q.view(-1, *cache.shape[2:])
+    scale.view(-1, scale.shape[-1])[slots[keep]] = s
+
+
+def _read(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Pool rows `slots` in `dtype`, dequantized when the pool holds FP8 with scales."""
+    rows = cache.view(-1, *cache.shape[2:])[slots]
+    if scale is None:
+        return rows.to(dtype)
+    heads = scale.shape[-1]
+    x = fp8.dequantize_kv(rows.reshape(len(slots), heads, -1), scale.view(-1, heads)[slots], dtype)
+    return x.view(rows.shape)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, scale: float) -> torch.Tensor:
@@ -139,22 +156,23 @@ def attention(q, k, v, *, ctx: BatchContext, kind, layer, scale, kv_b_proj=None,
     width = a["heads"] * (a["head_dim"] if kind == "gqa" else a["v_head_dim"])
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
-        k_cache, v_cache = ctx.kv[layer]
-        _store(k_cache, ctx.slot_mapping, k.view(-1, kvh, d))
-        _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d))
+        k_cache, v_cache, *scales = ctx.kv[layer]
+        k_scale, v_scale = scales or (None, None)
+        _store(k_cache, ctx.slot_mapping, k.view(-1, kvh, d), k_scale)
+        _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d), v_scale)
         for s in ctx.seqs:
             slots = ctx.context_slots(s)
-            ks = k_cache.view(-1, kvh, d)[slots].to(q.dtype)
-            vs = v_cache.view(-1, kvh, d)[slots].to(q.dtype)
+            ks, vs = _read(k_cache, slots, k_scale, q.dtype), _read(v_cache, slots, v_scale, q.dtype)
             qs = q[s.q_start: s.q_start + s.q_len].view(-1, h, d)
             out.append(_attend(qs, ks, vs, s.ctx_len, scale).reshape(s.q_len, h * d))
     else:  # mla: the pool holds the normalized latent and the roped shared key per token
         h, nope, rope_d, vd = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
-        (cache,) = ctx.kv[layer]
-        _store(cache, ctx.slot_mapping, torch.cat([k, v], dim=-1))
+        cache, *scales = ctx.kv[layer]
+        entry_scale = scales[0] if scales else None
+        _store(cache, ctx.slot_mapping, torch.cat([k, v], dim=-1), entry_scale)
         r = k.shape[-1]
         for s in ctx.seqs:
-            entry = cache.view(-1, cache.shape[-1])[ctx.context_slots(s)].to(q.dtype)
+            entry = _read(cache, ctx.context_slots(s), entry_scale, q.dtype)
             kv = F.linear(entry[:, :r], kv_b_proj).view(-1, h, nope + vd)
             k_rope = entry[:, None, r:].expand(-1, h, rope_d)
             ks = torch.cat([kv[..., :nope], k_rope], dim=-1)

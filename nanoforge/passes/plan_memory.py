@@ -10,13 +10,18 @@ from ..codegen.providers import BY_NAME
 from ..errors import NanoForgeError
 from ..facts import MemoryPlan, ModelInfo, require, write
 from ..ir.graph import DTYPE_BYTES, Function, Module
+from ..ir.ops import FP8
 from ..kv_contract import KVContract, KVLayer
 from .manager import Pass
+from .quantize_kv import kv_dtype_of_module
 
 
 def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) -> KVContract:
-    """Per attention layer, the shape of one token's entry in each pool tensor (values in the
-    model's dtype unless `kv_dtype` says otherwise)."""
+    """Per attention layer, the shape of one token's entry in each pool tensor, in `kv_dtype`, else
+    the dtype quantize_kv gave the attention nodes, else the model's. FP8 values get an f32 scale per
+    token and KV head (GQA: K and V each) or per token (MLA's one entry) beside them."""
+    dtype = kv_dtype or kv_dtype_of_module(module) or require(module, ModelInfo).dtype
+    scaled = dtype == FP8
     layers = []
     for _, n in module.nodes():
         if n.op != "attention":
@@ -24,11 +29,13 @@ def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) ->
         a = n.attrs
         if a["kind"] == "gqa":
             shapes = ((a["kv_heads"], a["head_dim"]), (a["kv_heads"], a["head_dim"]))
+            scales = ((a["kv_heads"],), (a["kv_heads"],))
         else:
             shapes = ((a["kv_lora_rank"] + a["qk_rope_head_dim"],),)
-        layers.append(KVLayer(a["layer"], a["kind"], shapes, n.source))
+            scales = ((1,),)
+        layers.append(KVLayer(a["layer"], a["kind"], shapes, n.source, scales if scaled else ()))
     layers.sort(key=lambda layer: layer.layer)
-    return KVContract(block_size, kv_dtype or require(module, ModelInfo).dtype, tuple(layers))
+    return KVContract(block_size, dtype, tuple(layers), "f32" if scaled else None)
 
 
 def peak_activation_bytes(fn: Function) -> int:

@@ -121,6 +121,10 @@ class Engine:
             raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
                                  "gpu_memory_utilization")
         self.max_model_len = self._fit_model_len(model_len, num_blocks * bs, explicit=cfg.max_model_len is not None)
+        kv = plan.kv_contract
+        self.kv_cache = {"dtype": kv.dtype + (f" + {kv.scale_dtype} scales" if kv.scale_dtype else ""),
+                         "blocks": num_blocks, "block_size": bs, "tokens": num_blocks * bs,
+                         "bytes_per_token": plan.memory.kv_bytes_per_token}  # what the pool holds (metrics)
         self._len_note = " (all the KV cache holds)" if self.max_model_len < model_len else ""
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_chunk)
         if (dp := plan.parallel.attention_dp) > 1:  # a scheduler and KV pool per DP replica, in lockstep
@@ -171,14 +175,15 @@ class Engine:
         """Load and cache counters, for /metrics and routers."""
         total, free = len(self.blocks.blocks), self.blocks.num_free
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "kv_blocks_total": total, "kv_blocks_free": free, "kv_usage": 1 - free / max(total, 1),
+                "kv_blocks_total": total, "kv_blocks_free": free, "kv_tokens_total": self.kv_cache["tokens"], "kv_usage": 1 - free / max(total, 1),
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "prompt_tokens": self.metrics.prompt_tokens, "generated_tokens": self.metrics.generated_tokens,
                 "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions}
 
     def metrics_summary(self) -> dict:
         """Step times, batch shapes and how each batch ran (CUDA graph, or why eager)."""
-        return self.metrics.summary(self.blocks, self.scheduler.num_preemptions, getattr(self.runner, "batches", None))
+        return {**self.metrics.summary(self.blocks, self.scheduler.num_preemptions, getattr(self.runner, "batches", None)),
+                "kv_cache": self.kv_cache}
 
     def runner_info(self) -> dict:
         """Start-up facts of the model runner: the decode graph sizes captured and the warm-up time."""

@@ -23,6 +23,11 @@ def pool_device(pool: Pool) -> torch.device:
     return pool[0][0].device
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """t as plain bytes where torch lacks indexed copies for its dtype (FP8 KV: index_copy_ of e4m3)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def block_nbytes(pool: Pool) -> int:
     """Bytes of one block over all layers and pool tensors."""
     return sum(t[0].numel() * t.element_size() for layer in pool for t in layer)
@@ -60,8 +65,8 @@ def scatter_blocks(pool: Pool, block_ids: list[int], buffers: list[Any]) -> int:
             if n != want:
                 raise NanoForgeError(f"KV data tensor of {n} bytes, expected {want} for {len(block_ids)} blocks "
                                      f"of shape {list(t.shape[1:])} {t.dtype}")
-            src = torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).view(len(block_ids), *t.shape[1:])
-            t.index_copy_(0, ids, src.to(t.device))
+            src = torch.frombuffer(buf, dtype=torch.uint8).view(_raw(t).dtype).view(len(block_ids), *t.shape[1:])
+            _raw(t).index_copy_(0, ids, src.to(t.device))
             total += n
     if pool_device(pool).type == "cuda":  # done before the engine thread may read the blocks
         torch.cuda.synchronize(pool_device(pool))
@@ -79,7 +84,7 @@ def copy_blocks(src: Pool, src_ids: list[int], dst: Pool, dst_ids: list[int]) ->
     total = 0
     for s_layer, d_layer in zip(src, dst, strict=True):
         for s, d in zip(s_layer, d_layer, strict=True):
-            d.index_copy_(0, d_ids, s.index_select(0, s_ids).to(d.device))
+            _raw(d).index_copy_(0, d_ids, _raw(s).index_select(0, s_ids).to(d.device))
             total += len(src_ids) * s[0].numel() * s.element_size()
     if pool_device(dst).type == "cuda":
         torch.cuda.synchronize(pool_device(dst))

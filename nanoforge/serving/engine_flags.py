@@ -22,7 +22,7 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
 
 
-ENGINE_FLAGS = ("dtype", "quantize", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
+ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
                 "num_blocks", "enforce_eager")
 
 
@@ -37,6 +37,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    "the activations' dtype (default auto: the checkpoint's); a plan keeps its own")
     p.add_argument("--quantize", choices=["auto", "none", "fp8"], help="a checkpoint compiled on the fly: its "
                    "weights as shipped (auto), widened (none) or block-quantized to FP8 at load (fp8)")
+    p.add_argument("--kv-dtype", help="a checkpoint compiled on the fly: the KV cache's dtype, auto (the model's) "
+                   "or fp8 (e4m3 with a scale per token and KV head); a plan keeps its own")
     p.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
                    "unless told")
     p.add_argument("--max-num-seqs", type=int, metavar="N", help=f"most sequences stepped together (default "

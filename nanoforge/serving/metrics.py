@@ -83,6 +83,7 @@ class ServerMetrics:
                       "num_requests_waiting": ("num_waiting", "Sequences queued for admission."),
                       "kv_cache_usage_ratio": ("kv_usage", "Share of KV blocks in use (0..1)."),
                       "kv_cache_blocks_total": ("kv_blocks_total", "KV blocks in the pool."),
+                      "kv_cache_tokens_total": ("kv_tokens_total", "Tokens the KV pool holds (blocks x block size)."),
                       "kv_cache_blocks_free": ("kv_blocks_free", "KV blocks free (prefix-cached ones included).")}
             for name, (key, help_) in gauges.items():
                 if key in stats:
