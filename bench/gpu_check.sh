@@ -7,6 +7,7 @@
 #                      [deepseek_layers]  (DeepSeek-V3 layers at real size, FP8 vs bf16: decode floor, prefill TFLOP/s)
 #                      [fp8_moe]  (DeepSeek-V3's block-FP8 experts: DeepGEMM FP8 grouped vs Triton bf16, T 1..4096;
 #                                  ~45 GB of GPU memory -> $OUT/fp8_moe.json)
+#                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
@@ -83,6 +84,30 @@ with open(f"{sys.argv[1]}/fp8_moe.json", "w") as fh:
     json.dump(rows, fh, indent=1)
 PY
     ;;
+    # issue 16, FP8 KV vs bf16 KV in the same run: paged decode attention at 4k, Qwen3-8B decode at 32k
+    # (batch 16; bf16 KV may not fit an 80 GB card: the row says so), the reference offline workload
+    kv_fp8_attention) run kv_fp8_attention python3 bench/attention.py --kv-dtype both --contexts 4096 \
+                        --batches 32 64 128 --out "$OUT" ;;
+    kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
+                     --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
+    kv_fp8_offline)
+      for kv in auto fp8; do
+        run "offline_kv_$kv" python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b --kv-dtype $kv \
+          --hf-num-prompts 0 --results-dir "$OUT/offline_kv_$kv"
+      done
+      run kv_fp8_offline python3 - "$OUT" <<'PY'
+import glob, json, sys
+runs = {kv: json.load(open(sorted(glob.glob(f"{sys.argv[1]}/offline_kv_{kv}/*.json"))[-1])) for kv in ("auto", "fp8")}
+row = {kv: {"output_tok_s": r["nanoforge"]["output_tok_s"], "roofline_output_tok_s": r["roofline"]["output_tok_s"],
+            "fraction_of_roofline": r["fraction_of_ceiling"], "kv_cache": r["nanoforge"]["engine"]["kv_cache"],
+            "preemptions": r["nanoforge"]["engine"]["preemptions"]} for kv, r in runs.items()}
+row["speedup_fp8_over_bf16"] = row["fp8"]["output_tok_s"] / row["auto"]["output_tok_s"]
+row["machine"] = runs["fp8"]["machine"]
+print(f"offline kv: bf16 {row['auto']['output_tok_s']:.0f} tok/s, fp8 {row['fp8']['output_tok_s']:.0f} tok/s "
+      f"-> {row['speedup_fp8_over_bf16']:.3f}x")
+json.dump(row, open(f"{sys.argv[1]}/kv_fp8_offline.json", "w"), indent=1)
+PY
+      ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
@@ -158,3 +183,6 @@ grep -hE "passed|failed|error" "$OUT/libs.log" 2>/dev/null | tail -2
 grep -hE "^(decode ctx|moe T|[a-z_]+ skipped:)" "$OUT/compare.log" 2>/dev/null
 grep -hE "^fp8 moe T|^fp8_moe skipped" "$OUT/fp8_moe.log" 2>/dev/null
 grep -hE "^heads .* ctx .* batch" "$OUT/mla.log" 2>/dev/null
+grep -hE "fp8|bf16|speedup" "$OUT/kv_fp8_attention.log" 2>/dev/null | tail -6
+grep -hE "floor|skipped" "$OUT/kv_fp8_decode.log" 2>/dev/null
+grep -hE "^offline kv" "$OUT/kv_fp8_offline.log" 2>/dev/null

@@ -217,7 +217,8 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
         a.hf_num_prompts = a.num_prompts
     opts = {"device": a.device, "dtype": a.dtype, "max_num_seqs": a.max_num_seqs,
             "max_num_batched_tokens": a.max_num_batched_tokens, "max_prefill_chunk": a.max_num_batched_tokens,
-            "max_model_len": a.max_input + a.max_output + 1, "gpu_memory_utilization": a.gpu_memory_utilization}
+            "max_model_len": a.max_input + a.max_output + 1, "gpu_memory_utilization": a.gpu_memory_utilization,
+            "kv_dtype": a.kv_dtype}
     if a.enforce_eager:
         opts["enforce_eager"] = True
     r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir), repeats=a.repeats or 1)
@@ -440,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
                    help="auto: f32 on CPU (its fast dtype); on CUDA bf16 for a preset, else the checkpoint's; a plan "
                         "keeps its own")
+    o.add_argument("--kv-dtype", default="auto", metavar="auto|fp8", help="the KV cache of a checkpoint or preset "
+                   "compiled on the fly (a plan keeps its own)")
     o.add_argument("--max-num-seqs", type=int, default=defaults.MAX_NUM_SEQS)
     o.add_argument("--max-num-batched-tokens", type=int, default=4096)
     o.add_argument("--hf-num-prompts", type=int, default=None,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 from tqdm import tqdm
 
 from .compiler import CompileOptions, compile_checkpoint
+from .passes.quantize_kv import kv_dtype_of
 from .errors import NanoForgeError
 from .models.checkpoint import Checkpoint, fingerprint_mismatches, open_checkpoint
 from .plan import Plan, machine_mismatches, read_plan
@@ -87,6 +88,9 @@ class LLM:
         if wrong := [f"{k}={v}" for k, v in layout.items() if v is not None and v != getattr(have, k)]:
             raise NanoForgeError(f"{model} is a plan for tp={have.tp}, attention_dp={have.attention_dp}, ffn_ep="
                                  f"{have.ffn_ep}, not {', '.join(wrong)}: recompile the checkpoint with those ranks")
+        if kv_dtype != "auto" and self.plan.kv_contract.dtype != kv_dtype_of(kv_dtype):
+            raise NanoForgeError(f"--kv-dtype {kv_dtype}: {model} is a plan with {self.plan.kv_contract.dtype} KV; "
+                                 f"recompile the checkpoint with --kv-dtype {kv_dtype}")
         cfg.device = self.plan.target.device
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(self.checkpoint)

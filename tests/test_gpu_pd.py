@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_tokens": 16}
 
 
-@pytest.mark.parametrize("transport", ["ipc", "tcp"])
-def test_pd_on_gpu_equals_one_engine(transport, tiny_ckpt, monkeypatch):
+@pytest.mark.parametrize("transport, kv_dtype", [("ipc", "auto"), ("tcp", "auto"), ("ipc", "fp8")])
+def test_pd_on_gpu_equals_one_engine(transport, kv_dtype, tiny_ckpt, monkeypatch):
     ckpt = tiny_ckpt("qwen3")
     two = torch.cuda.device_count() >= 2
     procs = {}
@@ -37,10 +37,10 @@ def test_pd_on_gpu_equals_one_engine(transport, tiny_ckpt, monkeypatch):
             if two:
                 m.setenv("CUDA_VISIBLE_DEVICES", devices)
             procs[role] = start_engine_server(ckpt, role=role, device="cuda", num_blocks=2048, max_num_seqs=32,
-                                              kv_transport=transport, model_name="tiny")
+                                              kv_transport=transport, model_name="tiny", kv_dtype=kv_dtype)
     try:
         prompts = random_prompts(tiny_config("qwen3").vocab_size, [900, 5, 640, 33, 1000, 257, 780, 64] * 2, seed=4)
-        ref = LLM(ckpt, device="cuda", progress=False, kv_cache_memory=256 << 20, max_num_seqs=32)
+        ref = LLM(ckpt, device="cuda", progress=False, kv_cache_memory=256 << 20, max_num_seqs=32, kv_dtype=kv_dtype)
         want = [o.token_ids for o in ref.generate(prompts, SamplingParams(**GREEDY))]
         del ref
         torch.cuda.empty_cache()
@@ -71,12 +71,12 @@ def test_pd_on_gpu_equals_one_engine(transport, tiny_ckpt, monkeypatch):
         assert f": {transport} transport" in log, log[-2000:]
         assert stats["kv_migrations"] == len(prompts) and stats["kv_migration_fallbacks"] == 0
         gbs = stats["kv_migration_bytes"] / max(stats["kv_migration_seconds"], 1e-9) / 1e9
-        result = {"transport": transport, "gpus": 2 if two else 1, "device": torch.cuda.get_device_name(0),
+        result = {"transport": transport, "kv_dtype": kv_dtype, "gpus": 2 if two else 1, "device": torch.cuda.get_device_name(0),
                   "migrations": stats["kv_migrations"], "bytes": stats["kv_migration_bytes"],
                   "seconds": stats["kv_migration_seconds"], "GB_per_s": gbs, "wall_s": wall}
         print(json.dumps(result))
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"pd_migration_{transport}.json").write_text(json.dumps(result, indent=1))
+            Path(os.environ["OUT"], f"pd_migration_{transport}{'_fp8' if kv_dtype == 'fp8' else ''}.json").write_text(json.dumps(result, indent=1))
 
         async def idle(addr):
             c = await ZmqEngineClient.connect(addr, timeout=10)

@@ -20,6 +20,7 @@ from nanoforge.kernels.context import make_context
 from nanoforge.models.presets import PRESETS
 from nanoforge.models.random_checkpoint import RandomCheckpoint
 from nanoforge.runtime.kv_transfer import gather_blocks, scatter_blocks
+from test_shard_tp import ckpt  # noqa: F401 - tiny checkpoints whose sizes divide by the ranks
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 LENGTHS = [3, 17, 5, 40, 9, 1, 24, 12, 33, 7, 16, 2]
@@ -178,3 +179,30 @@ def test_cli_compile_inspect_and_bad_flags(tiny_ckpt, tmp_path):
     assert not (tmp_path / "p2").exists()
     with pytest.raises(NanoForgeError, match="--kv-dtype fp8 needs the quantize_kv pass"):
         compile_checkpoint(ckpt, CompileOptions(kv_dtype="fp8", disable_passes=["quantize_kv"]))
+
+
+def test_sharded_plans_with_fp8_kv_match_unsharded(ckpt):  # noqa: F811
+    """TP (2 KV heads over 4 ranks: replicated in groups, each copy scaled alike) and attention-DP x
+    FFN-EP with FP8 KV, as simulated ranks with --verify-each-pass, give the unsharded FP8 logits."""
+    from nanoforge.check.recorded import run_recorded
+    from nanoforge.check.simulate import run_ranks, run_ranks_dp
+    from nanoforge.models.checkpoint import open_checkpoint
+    from nanoforge.models.weights import load_params
+    def module(path, **kw):
+        return compile_checkpoint(path, CompileOptions(dtype="f32", kv_dtype="fp8", verify_each_pass=True, **kw)).module
+
+    path = ckpt("qwen3")
+    ck = open_checkpoint(path)
+    ref = module(path)
+    want = run_recorded(ref, "forward", load_params(ref, ck, progress=False))[ref.functions["forward"].outputs[0].name]
+    tp4 = module(path, tp=4)
+    assert all(n.attrs["kv_dtype"] == "fp8_e4m3" and n.attrs["kv_heads"] == 1 for _, n in tp4.nodes() if n.op == "attention")
+    for values in run_ranks(tp4, ck):
+        torch.testing.assert_close(values[tp4.functions["forward"].outputs[0].name], want, rtol=1e-4,
+                                   atol=1e-4 * want.abs().max().item())
+    path = ckpt("deepseek_v3")
+    ck = open_checkpoint(path)
+    prompts = [[5, 9, 200, 7], [3], [11, 12, 13, 14, 15, 16, 17]]
+    want = run_ranks_dp(module(path), ck, prompts)
+    got = run_ranks_dp(module(path, attention_dp=2, ffn_ep=2), ck, prompts)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -12,6 +12,7 @@ from ..facts import ModelInfo, read
 from ..ir.graph import Function, Module
 from ..kernels.context import TORCH_DTYPES, allocate_pool, make_context
 from ..passes.plan_memory import kv_contract
+from ..passes.quantize_kv import kv_dtype_of_module
 
 SEQ_LENS = (5, 3)  # two prompts: enough for causal masks and per-sequence bookkeeping
 
@@ -29,11 +30,12 @@ def random_params(module: Module, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def run_recorded(module: Module, fn_name: str, params: dict[str, torch.Tensor], seed: int = 0,
-                 comm: Any = None) -> dict[str, torch.Tensor]:
+                 comm: Any = None, kv_dtype: str | None = None) -> dict[str, torch.Tensor]:
     """Value name -> tensor for every node output of one forward over a fresh 2-prompt batch
-    (`comm`: this rank's collectives, when the module is one rank of a sharded plan)."""
+    (`comm`: this rank's collectives, when the module is one rank of a sharded plan). The KV pool
+    is f32 unless `kv_dtype` or the module's attention (quantize_kv) asks for FP8."""
     fn: Function = module.functions[fn_name]
-    contract = kv_contract(module, block_size=4, kv_dtype="f32")
+    contract = kv_contract(module, block_size=4, kv_dtype=kv_dtype or kv_dtype_of_module(module) or "f32")
     blocks_per_seq = [(n + 3) // 4 for n in SEQ_LENS]
     pool = allocate_pool(contract, sum(blocks_per_seq))
     seqs, first = [], 0

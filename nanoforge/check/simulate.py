@@ -83,6 +83,7 @@ def run_ranks_dp(module: Module, weights: dict[str, torch.Tensor] | Any, prompts
     from ..kernels.context import allocate_pool, make_context
     from ..codegen.pysource import compile_function
     from ..passes.plan_memory import kv_contract
+    from ..passes.quantize_kv import kv_dtype_of_module
     from ..models.weights import load_params
 
     layout = layout_of(module)
@@ -96,7 +97,7 @@ def run_ranks_dp(module: Module, weights: dict[str, torch.Tensor] | Any, prompts
         params = load_params(module, ckpt, progress=False, rank=rank)
         batch = [prompts[i] for i in mine(rank)]
         blocks = [-(-len(p) // 4) for p in batch]
-        pool = allocate_pool(kv_contract(module, 4, "f32"), max(sum(blocks), 1))
+        pool = allocate_pool(kv_contract(module, 4, kv_dtype_of_module(module) or "f32"), max(sum(blocks), 1))
         starts = [sum(blocks[:i]) for i in range(len(batch))]
         seqs = [(len(p), len(p), list(range(s, s + b))) for p, s, b in zip(batch, starts, blocks)]
         ctx = make_context(pool, 4, seqs, comm=SimulatedComm(hub, rank, layout))
