@@ -107,6 +107,17 @@ class BlockManager:
             seq.last_block_hash = b.hash
             seq.num_hashed_blocks = i + 1
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the one holding position num_computed (grown for speculative drafts
+        that were rejected): never registered, they go back as plain free blocks."""
+        keep = self.blocks_needed(seq.num_computed + 1)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            b = self.blocks[block_id]
+            b.ref_count -= 1
+            assert b.ref_count == 0 and b.hash is None, f"trimmed block {block_id} is shared or cached"
+            self.free[block_id] = None
+
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; the tail is freed first, so it is evicted first."""
         for block_id in reversed(seq.block_table):

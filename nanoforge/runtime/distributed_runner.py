@@ -118,7 +118,8 @@ class DistributedRunner(RankRunner):
         flag = device_tokens is not None
         parts, at = [], 0
         for n in batch.replicas or [len(batch.items)]:
-            part = ScheduledBatch(batch.items[at:at + n])
+            part = ScheduledBatch(batch.items[at:at + n], drafts={i - at: d for i, d in batch.drafts.items()
+                                                                  if at <= i < at + n})
             parts.append(flat_batch(part, [i - at for i in sample_items if at <= i < at + n], flag))
             at += n
         if len(parts) != self.dp or (flag and self.dp > 1):

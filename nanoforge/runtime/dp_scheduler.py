@@ -63,6 +63,9 @@ class DPBlocks:
     def release(self, seq: Sequence) -> None:
         self._of(seq).release(seq)
 
+    def trim(self, seq: Sequence) -> None:
+        self._of(seq).trim(seq)
+
 
 class DPScheduler:
     def __init__(self, cfg: SchedulerConfig, num_blocks: int, block_size: int, prefix_caching: bool, dp: int):

@@ -19,6 +19,7 @@ from .sampler import SampleRequest, sample, sample_plain, sample_plain_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
+from .speculative import SpecConfig, Speculator
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("nanoforge.engine")
@@ -39,6 +40,8 @@ class EngineConfig:
     overlap_decode: bool = True  # launch decode step N+1 before the host has read step N's tokens
     launcher: str = "local"  # where a sharded plan's worker ranks run: local subprocesses, or ray actors
     ray_address: str | None = None  # launcher ray: the cluster to join (default $RAY_ADDRESS, else this node's)
+    speculative: str | None = None  # draft tokens to verify in each decode step: ngram (speculative.py)
+    num_speculative_tokens: int = 3  # drafts per sequence and step
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Engine:
                  progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         _check_config(cfg)
+        self.spec = Speculator(SpecConfig(cfg.speculative, cfg.num_speculative_tokens)) if cfg.speculative else None
         self.vocab_size = plan.model.vocab_size
         model_len = cfg.max_model_len or plan.model.max_position_embeddings
         bs = plan.kv_contract.block_size
@@ -178,12 +182,17 @@ class Engine:
                 "kv_blocks_total": total, "kv_blocks_free": free, "kv_tokens_total": self.kv_cache["tokens"], "kv_usage": 1 - free / max(total, 1),
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "prompt_tokens": self.metrics.prompt_tokens, "generated_tokens": self.metrics.generated_tokens,
-                "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions}
+                "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions,
+                **({} if self.spec is None else self.spec.stats.counters())}
 
     def metrics_summary(self) -> dict:
         """Step times, batch shapes and how each batch ran (CUDA graph, or why eager)."""
-        return {**self.metrics.summary(self.blocks, self.scheduler.num_preemptions, getattr(self.runner, "batches", None)),
-                "kv_cache": self.kv_cache}
+        out = {**self.metrics.summary(self.blocks, self.scheduler.num_preemptions, getattr(self.runner, "batches", None)),
+               "kv_cache": self.kv_cache}
+        if self.spec is not None:
+            out["speculative"] = {"method": self.spec.cfg.method, "num_tokens": self.spec.cfg.num_tokens,
+                                  **self.spec.stats.summary()}
+        return out
 
     def runner_info(self) -> dict:
         """Start-up facts of the model runner: the decode graph sizes captured and the warm-up time."""
@@ -259,14 +268,22 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
+        if self.spec is not None:
+            self.spec.propose(batch, self.blocks, self.cfg.max_num_batched_tokens - batch.num_tokens,
+                              self.max_model_len)
         if self._can_defer(batch):
             self._pending = self._launch(batch, None)
             return []
         logits, sample_items = self.runner.execute(batch)
+        verified, emitted = [], 0
+        if batch.drafts:
+            logits, sample_items, verified, emitted = self.spec.verify(  # type: ignore[union-attr]
+                batch, logits, sample_items, self.blocks, self._sample_request, self._append)
         commit = self.blocks.commit
-        for seq, n in batch.items:
-            seq.num_computed += n
-            commit(seq)
+        for i, (seq, n) in enumerate(batch.items):
+            if i not in batch.drafts:
+                seq.num_computed += n
+                commit(seq)
         out = [batch.items[i][0] for i in sample_items]
         tokens = None
         if all(seq.params.plain for seq in out):  # no SampleRequests, one kernel
@@ -277,11 +294,12 @@ class Engine:
             if self.keep_logits:
                 seq.logits = logits[row].cpu()
             self._append(seq, token, info)
-        self.metrics.generated_tokens += len(out)
+        self.metrics.generated_tokens += len(out) + emitted
+        out += verified
         self.metrics.steps += 1
         self.metrics.tokens_per_step.append(batch.num_tokens)
         self.metrics.step_times.append(time.perf_counter() - start)
-        decode_only = batch.num_tokens == len(batch.items)
+        decode_only = batch.num_tokens - sum(batch.drafts.values()) == len(batch.items)
         self.metrics.decode_flags.append(decode_only)
         if decode_only:
             self.metrics.decode_step_times.append(self.metrics.step_times[-1])
@@ -289,7 +307,7 @@ class Engine:
 
     # -- decode steps left in flight (see step) --------------------------------------------------
     def _can_defer(self, batch: ScheduledBatch) -> bool:
-        if not self.cfg.overlap_decode or self.keep_logits:
+        if not self.cfg.overlap_decode or self.keep_logits or self.spec is not None:  # drafts need host tokens
             return False
         for seq, n in batch.items:
             if n != 1 or seq.num_computed + 1 != len(seq.token_ids) or not seq.params.plain:

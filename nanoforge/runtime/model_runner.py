@@ -29,7 +29,8 @@ def flat_batch(batch: ScheduledBatch, sample_items: list[int], device_tokens: bo
                ) -> tuple[list[int], list[tuple[int, int, list[int]]], list[int]]:
     """(token ids, (q_len, ctx_len, blocks) per sequence, rows to sample) of a scheduled batch;
     its tokens are positions ctx_len - q_len .. ctx_len - 1 of each sequence. With device_tokens,
-    the token ids are on the device already and the list is empty."""
+    the token ids are on the device already and the list is empty. An item with d speculative
+    drafts (batch.drafts) returns its last d + 1 rows."""
     tokens: list[int] = []
     seqs, ends, end = [], [], -1
     for seq, n in batch.items:
@@ -39,7 +40,8 @@ def flat_batch(batch: ScheduledBatch, sample_items: list[int], device_tokens: bo
         seqs.append((n, start + n, seq.block_table))
         end += n
         ends.append(end)
-    return tokens, seqs, [ends[i] for i in sample_items]
+    drafts = batch.drafts
+    return tokens, seqs, [r for i in sample_items for r in range(ends[i] - drafts.get(i, 0), ends[i] + 1)]
 
 
 @dataclass(frozen=True)

@@ -101,23 +101,31 @@ def _sample_triton(logits: torch.Tensor, params: list[SamplingParams],
     return sample_tokens(logits, *cols)
 
 
+def processed_logits(row: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """One row as the draw sees it: penalties, banned ids, then (not greedy) temperature and the
+    top-k / top-p / min-p filters. Greedy takes its argmax, sampling its softmax."""
+    p = req.params
+    row = _penalize(row.clone(), req) if p.needs_history else row.clone()
+    if req.banned:
+        row[req.banned] = float("-inf")
+    return row if p.greedy else _filter(row / p.temperature, p)
+
+
+def logprob_info(row: torch.Tensor, token: int, k: int) -> dict:
+    """{'token': logprob of `token`, 'top': the k most likely (id, logprob)}, of the raw distribution."""
+    raw = torch.log_softmax(row.float(), dim=-1)
+    top = torch.topk(raw, k) if k else None
+    return {"token": float(raw[token]), "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}
+
+
 def _sample_torch(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[tuple[int, dict | None]]:
     out = []
     for row, req in zip(logits, reqs):
         p = req.params
-        raw_logprobs = torch.log_softmax(row, dim=-1) if p.logprobs is not None else None
-        row = _penalize(row.clone(), req) if p.needs_history else row.clone()
-        if req.banned:
-            row[req.banned] = float("-inf")
+        x = processed_logits(row, req)
         if p.greedy:
-            token = int(torch.argmax(row))
+            token = int(torch.argmax(x))
         else:
-            probs = torch.softmax(_filter(row / p.temperature, p), dim=-1)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
-        info = None
-        if raw_logprobs is not None:
-            top = torch.topk(raw_logprobs, p.logprobs) if p.logprobs else None
-            info = {"token": float(raw_logprobs[token]),
-                    "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}
-        out.append((token, info))
+            token = int(torch.multinomial(torch.softmax(x, dim=-1).cpu(), 1, generator=req.generator))
+        out.append((token, None if p.logprobs is None else logprob_info(row, token, p.logprobs)))
     return out

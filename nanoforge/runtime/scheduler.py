@@ -5,7 +5,7 @@ runs out, the newest running sequence is preempted (its blocks freed, recomputed
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import defaults
 from .block_manager import BlockManager
@@ -23,6 +23,7 @@ class SchedulerConfig:
 class ScheduledBatch:
     items: list[tuple[Sequence, int]]  # (sequence, tokens to compute this step)
     replicas: list[int] | None = None  # attention-DP: items of replica 0, 1, ... in turn (dp_scheduler.py)
+    drafts: dict[int, int] = field(default_factory=dict)  # item -> speculative drafts at its end (rows to return)
 
     @property
     def num_tokens(self) -> int:

@@ -22,7 +22,7 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
 
 
-ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
+ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "speculative", "num_speculative_tokens", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
                 "num_blocks", "enforce_eager")
 
 
@@ -51,3 +51,6 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    f"hold (default {defaults.GPU_MEMORY_UTILIZATION})")
     p.add_argument("--num-blocks", type=int, metavar="N", help="KV blocks (default: sized from memory; 1 GiB on CPU)")
     p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")
+    p.add_argument("--speculative", metavar="ngram", help="draft tokens each decode step verifies: ngram (prompt "
+                   "lookup: what followed the latest earlier occurrence of the last tokens)")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="drafts per sequence and step (default 3)")

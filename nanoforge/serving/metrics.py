@@ -108,6 +108,18 @@ class ServerMetrics:
             for key, help_ in pd.items():
                 if key in stats:
                     metric(key, "counter", help_, [f"{m}_{key}_total{{{model}}} {_num(stats[key])}"])
+            spec = {"spec_drafts_proposed": "Speculative draft tokens proposed.",
+                    "spec_drafts_accepted": "Speculative draft tokens the target accepted.",
+                    "spec_verify_rows": "Sequence-steps that verified drafts.",
+                    "spec_emitted_tokens": "Tokens those verify rows produced (accepted drafts + one each)."}
+            for key, help_ in spec.items():
+                if key in stats:
+                    metric(key, "counter", help_, [f"{m}_{key}_total{{{model}}} {_num(stats[key])}"])
+            for j, rate in enumerate(stats.get("spec_acceptance_rate_per_position") or []):
+                if j == 0:
+                    lines.extend([f"# HELP {m}_spec_acceptance_rate Share of drafts accepted, per draft position.",
+                                  f"# TYPE {m}_spec_acceptance_rate gauge"])
+                lines.append(f'{m}_spec_acceptance_rate{{{model},position="{j}"}} {_num(rate)}')
             if "kv_parked" in stats:
                 metric("kv_parked", "gauge", "Prefilled requests whose KV waits to be pulled.",
                        [f"{m}_kv_parked{{{model}}} {_num(stats['kv_parked'])}"])
