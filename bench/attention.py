@@ -1,7 +1,10 @@
 """Paged decode attention micro-benchmark: effective TB/s (K+V bytes read / time) over contexts and
-batch sizes, Qwen3-0.6B head shapes, bf16 KV, against the copy bandwidth measured in this run.
+batch sizes, Qwen3-0.6B head shapes, against the copy bandwidth measured in this run. --kv-dtype fp8
+reads e4m3 K/V plus f32 scales per (token, kv head) (bytes = values + scales); `both` times bf16 and
+fp8 at every (context, batch) in the same run and records the fp8 / bf16 speedup (bf16 ms / fp8 ms).
 
     python bench/attention.py --out bench/results
+    python bench/attention.py --kv-dtype both --contexts 4096 --batches 32 64 128 --out DIR
 """
 from __future__ import annotations
 
@@ -25,24 +28,37 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8", "both"], default="bf16")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
+    kv_dtypes = ["bf16", "fp8"] if a.kv_dtype == "both" else [a.kv_dtype]
     ceilings = measure_ceilings("cuda")
-    rows = []
+    rows, speedups = [], []
     for ctx in a.contexts:
         for b in a.batches:
-            if b * ctx * 8 * 128 * 2 * 2 > 24 << 30:  # keep the KV under 24 GiB
+            if b * ctx * 8 * 128 * 2 * 2 > 24 << 30:  # keep the KV under 24 GiB (at bf16)
                 continue
-            r = bench_paged_decode(b, ctx, block_size=a.block_size)
-            r.update(context=ctx, batch=b)
-            rows.append(r)
-            print(f"ctx {ctx:>6} batch {b:>4}: {r.get('tb_s', float('nan')):.2f} TB/s  ({r.get('ms', float('nan')):.3f} ms)")
-        torch.cuda.empty_cache()
+            by_kv = {}
+            for kv in kv_dtypes:
+                r = bench_paged_decode(b, ctx, block_size=a.block_size, kv_dtype=kv)
+                r.update(context=ctx, batch=b)
+                rows.append(r)
+                by_kv[kv] = r
+                torch.cuda.empty_cache()
+            line = " | ".join(f"{kv} {r['tb_s']:.2f} TB/s ({r['ms']:.3f} ms)" for kv, r in by_kv.items())
+            if len(by_kv) == 2:
+                sp = by_kv["bf16"]["ms"] / by_kv["fp8"]["ms"]
+                speedups.append({"context": ctx, "batch": b, "fp8_speedup": sp,
+                                 **{f"{kv}_{k}": r[k] for kv, r in by_kv.items() for k in ("ms", "tb_s")}})
+                line += f" | fp8/bf16 {sp:.2f}x"
+            print(f"ctx {ctx:>6} batch {b:>4}: {line}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"attention-decode-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
+    tag = "" if a.kv_dtype == "bf16" else f"-{a.kv_dtype}"
+    (out / f"attention-decode{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(
         {"benchmark": "paged_decode_attention", "machine": machine_info("cuda"), "ceilings": ceilings,
-         "heads": 16, "kv_heads": 8, "head_dim": 128, "block_size": a.block_size, "rows": rows}, indent=1))
+         "device": torch.cuda.get_device_name(), "kv_dtypes": kv_dtypes, "heads": 16, "kv_heads": 8,
+         "head_dim": 128, "block_size": a.block_size, "rows": rows, "speedups": speedups}, indent=1))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,16 @@ def test_graph_capture_reports_time_and_sizes(tiny_ckpt):
     graphs = llm.engine.runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 32, 48, 64]
     assert graphs.capture_s < 10
+
+
+def test_gpu_prompt_lookup_speculation_keeps_greedy_tokens(tiny_ckpt):
+    """--speculative ngram on the GPU: verify steps (several query rows per sequence) through the Triton
+    attention give decoding's tokens; plain decode steps still replay graphs."""
+    base = random_prompts(tiny_config("qwen3").vocab_size, [20, 7, 33, 12], seed=1)
+    prompts = [p * 3 + p[:4] for p in base]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    opts = dict(device="cuda", progress=False, max_num_seqs=16, kv_cache_memory=KV_BYTES)
+    want = [o.token_ids for o in LLM(tiny_ckpt("qwen3"), **opts).generate(prompts, sp)]
+    llm = LLM(tiny_ckpt("qwen3"), speculative="ngram", num_speculative_tokens=3, **opts)
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
+    assert llm.metrics()["speculative"]["drafts_accepted"] > 0

@@ -2,7 +2,7 @@
 kept apart from the kernels so the provider module stays about the kernels themselves. The
 sweeps set attention.py's override knobs and restore them.
 
-    python -m bench.kernels.attention      # from the repo root: _tune_decode, rows to $OUT/tune.json
+    python -m bench.kernels.attention [fp8]  # from the repo root: _tune_decode, rows to $OUT/tune[-fp8].json
 """
 from __future__ import annotations
 
@@ -18,25 +18,39 @@ from nanoforge.kernels.triton.attention import _num_splits, _pow2, paged_attenti
 def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
                        block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, mla_rank: int = 0,
                        num_splits: int | None = None, graph: bool = True, time_eager: bool = True,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, kv_dtype: str = "bf16") -> dict:
     """Time the decode path (q_len 1 per sequence, every sequence at ctx_len) with
     triton.testing.do_bench (median; it flushes L2 before each run) on random data in shuffled pages
     (batch 32 x 4k x 8 heads x 128 = 268 MB of K+V, far over the 50 MB L2). With graph=True (the
     engine's decode path) the call is captured in a CUDA graph and its replays are timed, so host
     launch overhead is excluded; ms_eager times the plain call too. Effective bandwidth = K+V bytes
     read / time. mla_rank=r > 0 benchmarks the MLA layout instead: kv_heads 1, one cache
-    [NB, BS, 1, head_dim] with V = its first r columns (read once)."""
+    [NB, BS, 1, head_dim] with V = its first r columns (read once). kv_dtype "fp8": e4m3 caches plus
+    f32 scales per (token, kv head) (MLA: one per token, K's and V's), random; bytes = values + scales
+    read. `dtype` is the queries' (and a "bf16" cache's) dtype."""
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed)
     nbps = triton.cdiv(ctx_len, block_size)
     nb = batch * nbps + 1
-    k_cache = torch.randn(nb, block_size, kv_heads, head_dim, dtype=dtype, device=dev)
+    if kv_dtype not in ("bf16", "fp8"):
+        raise ValueError(f"kv_dtype must be bf16 or fp8, got {kv_dtype!r}")
+    fp8 = kv_dtype == "fp8"
+
+    def cache() -> torch.Tensor:
+        x = torch.randn(nb, block_size, kv_heads, head_dim, dtype=dtype, device=dev)
+        return x.to(torch.float8_e4m3fn) if fp8 else x
+
+    def scales() -> torch.Tensor | None:  # an amax / 448 spread, as quantize_kv makes them
+        return torch.rand(nb, block_size, kv_heads, device=dev) * 0.02 + 0.002 if fp8 else None
+
+    k_cache, k_scale = cache(), scales()
+    per_pos = kv_heads * (head_dim * k_cache.element_size() + (4 if fp8 else 0))  # one position of K (or V)
     if mla_rank:
-        v_cache = k_cache[..., :mla_rank]
-        kv_bytes = batch * ctx_len * kv_heads * head_dim * k_cache.element_size()
+        v_cache, v_scale = k_cache[..., :mla_rank], k_scale
+        kv_bytes = batch * ctx_len * per_pos
     else:
-        v_cache = torch.randn(nb, block_size, kv_heads, head_dim, dtype=dtype, device=dev)
-        kv_bytes = 2 * batch * ctx_len * kv_heads * head_dim * k_cache.element_size()
+        v_cache, v_scale = cache(), scales()
+        kv_bytes = 2 * batch * ctx_len * per_pos
     perm = torch.randperm(nb - 1, generator=g)[: batch * nbps] + 1
     block_tables = perm.view(batch, nbps).to(torch.int32).to(dev)
     context_lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=dev)
@@ -47,7 +61,7 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
 
     def fn():
         paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale=scale, max_query_len=1,
-                        max_context_len=ctx_len, out=out, num_splits=num_splits)
+                        max_context_len=ctx_len, out=out, num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
 
     fn()
     torch.cuda.synchronize()
@@ -66,7 +80,7 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     splits = num_splits or _num_splits(batch, kv_heads * triton.cdiv(G, HB), ctx_len, dev)
     return {"device": torch.cuda.get_device_name(dev), "batch": batch, "ctx_len": ctx_len, "heads": heads,
             "kv_heads": kv_heads, "head_dim": head_dim, "mla_rank": mla_rank, "block_size": block_size,
-            "dtype": str(dtype), "num_splits": splits, "graph": graph, "ms": ms, "ms_eager": ms_eager,
+            "dtype": str(dtype), "kv_dtype": kv_dtype, "num_splits": splits, "graph": graph, "ms": ms, "ms_eager": ms_eager,
             "kv_bytes": kv_bytes, "tb_s": kv_bytes / (ms * 1e-3) / 1e12}
 
 
@@ -98,8 +112,8 @@ def bench_paged_prefill(seqs: int, q_len: int, prefix: int = 0, heads: int = 16,
             "head_dim": head_dim, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
 
 
-def _tune_decode(out_json: str | None = None) -> list[dict]:
-    """Sweep decode configs and split counts on the current GPU (python -m bench.kernels.attention)."""
+def _tune_decode(out_json: str | None = None, kv_dtype: str = "bf16") -> list[dict]:
+    """Sweep decode configs and split counts on the current GPU (python -m bench.kernels.attention [fp8])."""
     rows = []
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -107,7 +121,7 @@ def _tune_decode(out_json: str | None = None) -> list[dict]:
     print(f"copy ceiling: {2 * x.numel() / (ms * 1e-3) / 1e12:.2f} TB/s (read + write)")
     del x, y
     for batch in (1, 8, 32, 64, 256):
-        r = bench_paged_decode(batch, 4096)
+        r = bench_paged_decode(batch, 4096, kv_dtype=kv_dtype)
         rows.append({"cfg": "default", **r})
         print(f"default batch {batch:4d} S {r['num_splits']:2d}: graph {r['ms'] * 1e3:7.1f} us eager "
               f"{r['ms_eager'] * 1e3:7.1f} us {r['tb_s']:.2f} TB/s")
@@ -120,7 +134,7 @@ def _tune_decode(out_json: str | None = None) -> list[dict]:
             for S in (1, 2, 3, 4, 6, 8, 16, 32):
                 if S > 1 and batch * 8 * S > 8 * 132 * 2:
                     continue
-                r = bench_paged_decode(batch, 4096, num_splits=S, time_eager=False)
+                r = bench_paged_decode(batch, 4096, num_splits=S, time_eager=False, kv_dtype=kv_dtype)
                 rows.append({"cfg": list(cfg), **r})
                 if best is None or r["tb_s"] > best[1]:
                     best = (S, r["tb_s"])
@@ -133,7 +147,7 @@ def _tune_decode(out_json: str | None = None) -> list[dict]:
             rows.append({"cfg": "prefill", **r})
             print(f"prefill {args} heads {hk}: {r['ms'] * 1e3:8.1f} us {r['tflops']:.0f} TFLOP/s")
     for batch in (1, 32, 64):
-        r = bench_paged_decode(batch, 4096, 16, 1, 576, 64, mla_rank=512)
+        r = bench_paged_decode(batch, 4096, 16, 1, 576, 64, mla_rank=512, kv_dtype=kv_dtype)
         rows.append({"cfg": "mla", **r})
         print(f"mla batch {batch}: S {r['num_splits']} {r['ms'] * 1e3:7.1f} us {r['tb_s']:.2f} TB/s")
     if out_json:
@@ -186,4 +200,8 @@ def _tune_more(out_json: str | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _tune_decode(os.path.join(os.environ["OUT"], "tune.json") if os.environ.get("OUT") else None)
+    import sys
+
+    kv = sys.argv[1] if len(sys.argv) > 1 else "bf16"
+    name = "tune.json" if kv == "bf16" else f"tune-{kv}.json"
+    _tune_decode(os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None, kv)

@@ -60,8 +60,18 @@ replays, do_bench median with L2 flushed, random data in shuffled pages):
   * prefill (fresh 4096-token chunk, 32/8 heads hd 128): ~270 TFLOP/s causal; 4 x 2048 on a 2048
     prefix: ~310; 16 x 512: ~140; head_dim 80 (64 + 16 blocks): ~200-230.
 
-Not handled here: FP8 KV with scales (a cache of float8 dtype is read and upcast without scales),
-sliding windows, soft-capping, sinks.
+FP8 KV (--kv-dtype fp8): e4m3 pools plus one f32 scale per (token, kv head) ([NB, BS, KVH]; MLA:
+one per token over the whole [latent | k_rope] entry, shared by K and V), dynamic: store_kv
+quantizes each row by its own amax, bitwise as fp8.quantize_kv. The read path keeps the bf16 one's
+grids, tiles and tensor-core dots: K's scales multiply the score columns (folded with the softmax
+scale: one [BLOCK_N] vector), V's the probability columns before p is cast for the PV dot, so no
+[BLOCK_N, D] dequantize runs; padding scales are masked at load like the values. e4m3 tiles reach
+the 16-bit dots by moving bits, not through Triton's cast (slow on Hopper's conversion pipe): see
+attention_fp8.py. With f32 queries (CPU interpreter tests) tiles are cast to f32. Constexpr
+KV_SCALED / KV_BITS: the bf16 variants compile as before (same SASS, offline sm_90 build). Only the
+bytes halve (decode is memory bound); not yet measured on a GPU.
+
+Not handled here: sliding windows, soft-capping, sinks.
 """
 from __future__ import annotations
 
@@ -71,6 +81,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..fp8 import FP8, SCALE_EPS
+from .attention_fp8 import PV_WIDEN, _exp2i, _quant_rows, _widen
 
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
@@ -99,12 +112,13 @@ def _sm_count(device: torch.device) -> int:
 # store_kv
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                      s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
                      s_kcb, s_kco, s_kch, s_kcd, s_vcb, s_vco, s_vch, s_vcd,
+                     s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
                      KVH, DK, DV,
                      BS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, HAS_V: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, HAS_V: tl.constexpr, QUANT: tl.constexpr, EPS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -114,23 +128,32 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dk = tl.arange(0, BLOCK_DK)
     mk = (h[:, None] < KVH) & (dk[None, :] < DK)
-    x = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + dk[None, :] * s_kd, mask=mk)
+    x = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + dk[None, :] * s_kd, mask=mk, other=0.0)
+    if QUANT:
+        x, sc = _quant_rows(x.to(tl.float32), BLOCK_H, EPS)
+        tl.store(ks_ptr + blk * s_ksb + off * s_kso + h * s_ksh, sc, mask=h < KVH)
     tl.store(kc_ptr + blk * s_kcb + off * s_kco + h[:, None] * s_kch + dk[None, :] * s_kcd,
              x.to(kc_ptr.dtype.element_ty), mask=mk)
     if HAS_V:
         dv = tl.arange(0, BLOCK_DV)
         mv = (h[:, None] < KVH) & (dv[None, :] < DV)
-        y = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + dv[None, :] * s_vd, mask=mv)
+        y = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + dv[None, :] * s_vd, mask=mv, other=0.0)
+        if QUANT:
+            y, sc = _quant_rows(y.to(tl.float32), BLOCK_H, EPS)
+            tl.store(vs_ptr + blk * s_vsb + off * s_vso + h * s_vsh, sc, mask=h < KVH)
         tl.store(vc_ptr + blk * s_vcb + off * s_vco + h[:, None] * s_vch + dv[None, :] * s_vcd,
                  y.to(vc_ptr.dtype.element_ty), mask=mv)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor,
-             v: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+             v: torch.Tensor | None, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """Write k [T, KVH, Dk] (and v [T, KVH, Dv]) into the paged caches [NB, BS, KVH, D*] at
     slot_mapping[t] = block * block_size + offset; rows with slot -1 are skipped. Caches and inputs
     may be strided views (MLA: k_cache = cache[..., None, :r], v_cache = cache[..., None, r:]).
-    With v_cache None only k is written (e.g. the whole MLA entry [T, r + rope] into a 3-D cache)."""
+    With v_cache None only k is written (e.g. the whole MLA entry [T, r + rope] into a 3-D cache).
+    FP8 KV: with k_scale (and v_scale) [NB, BS, KVH] f32 each (token, head) row is quantized as
+    fp8.quantize_kv does, bitwise, and its scale written beside it."""
     if k_cache.dim() == 3:
         k_cache = k_cache.unsqueeze(2)
     if k.dim() == 2:
@@ -139,6 +162,11 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tenso
     if T == 0:
         return
     has_v = v_cache is not None
+    quant = k_scale is not None
+    if quant:
+        assert k_cache.dtype == FP8 and (not has_v or (v_cache.dtype == FP8 and v_scale is not None)), \
+            "scales come with e4m3 caches (and a v_scale with a v_cache)"
+        k_scale = k_scale.view(*k_cache.shape[:3])
     if has_v:
         if v_cache.dim() == 3:
             v_cache = v_cache.unsqueeze(2)
@@ -147,27 +175,33 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tenso
         DV = v.shape[-1]
     else:
         v_cache, v, DV = k_cache, k, DK
+    v_scale = v_scale.view(*v_cache.shape[:3]) if quant and has_v else k_scale
     BS = k_cache.shape[1]
     BLOCK_DK, BLOCK_DV = _pow2(DK), _pow2(DV)
     BLOCK_H = min(_pow2(KVH), max(1, 4096 // max(BLOCK_DK, BLOCK_DV)))
     grid = (T, triton.cdiv(KVH, BLOCK_H))
     _store_kv_kernel[grid](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else k_cache, slot_mapping,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        *(k_scale.stride() if quant else (0, 0, 0)), *(v_scale.stride() if quant else (0, 0, 0)),
         KVH, DK, DV, BS=BS, BLOCK_H=BLOCK_H, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, HAS_V=has_v,
-        num_warps=4)
+        QUANT=quant, EPS=SCALE_EPS, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
 # paged attention
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, qk_scale,
-             s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
+def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
+             s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb, s_vso,
              DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
              BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One KV tile (BLOCK_N positions from `start`) folded into the online softmax state."""
+             MASKED: tl.constexpr, V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr,
+             KV_BITS: tl.constexpr, PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr):
+    """One KV tile (BLOCK_N positions from `start`) folded into the online softmax state. KV_SCALED
+    (FP8 KV): K's per-token scales multiply the score columns, V's the probability columns (after l_i
+    took them unscaled). KV_BITS (16-bit queries): e4m3 tiles widened by _widen, K to f16 (q comes
+    rescaled into f16), V to PV_SHIFT's type; else they are cast to the query dtype (f32)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < ctx
     if MASKED:
@@ -187,6 +221,8 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, q
             k1 = tl.load(k_ptrs, mask=d1[:, None] < DK, other=0.0)
         else:
             k1 = tl.load(k_ptrs)
+    if KV_BITS:
+        k1 = _widen(k1, 7)
     s = tl.dot(q1, k1.to(q1.dtype), input_precision=DOT_PREC)
     if DK2 > 0:
         d2 = DK1 + tl.arange(0, DK2)
@@ -195,8 +231,17 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, q
                          mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
         else:
             k2 = tl.load(k_base + k_tok[None, :] + d2[:, None] * s_kd, mask=d2[:, None] < DK, other=0.0)
+        if KV_BITS:
+            k2 = _widen(k2, 7)
         s = tl.dot(q2, k2.to(q2.dtype), s, input_precision=DOT_PREC)
-    s = s * qk_scale
+    if KV_SCALED:  # padding scales may be garbage: masked to 0 (the -inf mask below drops those columns)
+        ks_ptrs = ks_base + page.to(tl.int64) * s_ksb + (offs_n % BS) * s_kso
+        if MASKED:
+            s = s * (tl.load(ks_ptrs, mask=kv_ok, other=0.0) * qk_scale)[None, :]
+        else:
+            s = s * (tl.load(ks_ptrs) * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
     if MASKED:
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -205,7 +250,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, q
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if V_FROM_K:
-        v = tl.trans(k1)
+        v = tl.trans(k1)  # (never with KV_BITS: k1 is widened for QK)
     else:
         v_tok = page.to(tl.int64) * s_vb + (offs_n % BS) * s_vo
         dv = tl.arange(0, BLOCK_DV)
@@ -220,21 +265,35 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, q
                 v = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0)
             else:
                 v = tl.load(v_ptrs)
+        if KV_BITS:
+            v = _widen(v, PV_SHIFT)
+    if KV_SCALED:  # V's scales (times PV_SCALE: undoes the widening's power of two) on the probabilities
+        vs_ptrs = vs_base + page.to(tl.int64) * s_vsb + (offs_n % BS) * s_vso
+        if MASKED:
+            vsc = tl.load(vs_ptrs, mask=kv_ok, other=0.0)
+        else:
+            vsc = tl.load(vs_ptrs)
+        p = p * (vsc * PV_SCALE)[None, :]
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc, input_precision=DOT_PREC)
+    if KV_BITS:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
         qk_scale, num_seqs, num_heads, num_splits,
         s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_ot, s_oh, s_od, s_bt,
+        s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
         G: tl.constexpr, HB: tl.constexpr, NHC: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr,
         DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
-        V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr):
+        V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     kvh = pid1 // NHC
@@ -281,6 +340,18 @@ def _paged_attn_kernel(
         q2 = tl.load(q_ptrs + d2[None, :] * s_qd, mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0)
     else:
         q2 = q1
+    if KV_BITS:  # K tiles come as e4m3 * 2^-8 in f16: q * 2^(8 - e) in f16 (e = exponent of max|q|, so
+        # |q| < 2^9 and the products stay near q / max|q| * k); 2^e goes into the softmax scale
+        qa = tl.max(tl.max(tl.abs(q1.to(tl.float32)), 1), 0)
+        if DK2 > 0:
+            qa = tl.maximum(qa, tl.max(tl.max(tl.abs(q2.to(tl.float32)), 1), 0))
+        e = tl.maximum(((qa.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -119)
+        q1 = (q1.to(tl.float32) * _exp2i(8 - e)).to(tl.float16)
+        if DK2 > 0:
+            q2 = (q2.to(tl.float32) * _exp2i(8 - e)).to(tl.float16)
+        else:
+            q2 = q1
+        qk_scale = qk_scale * _exp2i(e)
 
     if DECODE:  # this split's share of the sequence's own context, tile aligned
         n_tiles = tl.cdiv(ctx, BLOCK_N)
@@ -301,15 +372,21 @@ def _paged_attn_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * s_bt
     k_base = k_ptr + kvh.to(tl.int64) * s_kh
     v_base = v_ptr + kvh.to(tl.int64) * s_vh
+    ks_base = ks_ptr + kvh.to(tl.int64) * s_ksh
+    vs_base = vs_ptr + kvh.to(tl.int64) * s_vsh
     for start in range(lo, mid, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base,
-                                 qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, DK, DV, DK1, DK2,
-                                 BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC)
+        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
+                                 vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
+                                 s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC,
+                                 KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
     for start in range(mid, hi, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base,
-                                 qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, DK, DV, DK1, DK2,
-                                 BLOCK_DV, BS, BLOCK_N, True, V_FROM_K, DOT_PREC)
+        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
+                                 vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
+                                 s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, True, V_FROM_K, DOT_PREC,
+                                 KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
 
+    if KV_BITS:
+        l_i = l_i * L_SCALE  # acc carries p * v * L_SCALE
     dv = tl.arange(0, BLOCK_DV)
     if SPLIT:
         prow = ((b.to(tl.int64) * BQ + tok) * num_heads + head) * num_splits + split
@@ -381,7 +458,9 @@ def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool) ->
     """(BLOCK_N, num_warps, num_stages) for the decode grid."""
     if _DECODE_CFG_OVERRIDE is not None:
         return _DECODE_CFG_OVERRIDE
-    width = (dk1 + dk2 + (0 if v_from_k else dv_block)) * elem  # bytes per position per tile
+    # bytes per position per tile; an e4m3 tile is widened to 16 bits in registers, so it gets bf16's
+    # tiles (half the bytes per stage). FP8 unmeasured: bench.kernels.attention._tune_decode(kv_dtype="fp8")
+    width = (dk1 + dk2 + (0 if v_from_k else dv_block)) * max(elem, 2)
     if _INTERPRET:
         return 16, 4, 1
     if width <= 512:  # head_dim <= 128 at bf16: 128 positions (8 pages of 16), 64 KiB per stage
@@ -407,13 +486,16 @@ def _prefill_cfg(dk1: int, dk2: int, dv_block: int, max_query_len: int) -> tuple
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, *,
                     scale: float, max_query_len: int, max_context_len: int,
-                    out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, num_splits: int | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
     k_cache); rows query_start[b] .. query_start[b+1]-1 are positions context_lens[b] - q_len ..
     context_lens[b] - 1 of sequence b and attend to its positions 0 .. context_lens[b] - 1 (this
-    step's K/V already stored). `num_splits` forces the decode split count (tests, tuning)."""
+    step's K/V already stored). `num_splits` forces the decode split count (tests, tuning).
+    FP8 KV: e4m3 caches with k_scale / v_scale [NB, BS, KVH] f32, one per (token, kv head) (may be
+    the same tensor, MLA); without scales a float8 cache is read unscaled."""
     T, H, DK = q.shape
     NB, BS, KVH, DK_ = k_cache.shape
     assert DK_ == DK, f"q head dim {DK} != k_cache head dim {DK_}"
@@ -421,6 +503,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert H % KVH == 0, f"{H} query heads are not a multiple of {KVH} kv heads"
     DV = v_cache.shape[-1]
     B = context_lens.shape[0]
+    scaled = k_scale is not None
+    if scaled:
+        assert k_cache.dtype == v_cache.dtype == FP8, "k_scale / v_scale come with e4m3 caches"
+        assert v_scale is not None and k_scale.shape == v_scale.shape == (NB, BS, KVH), \
+            f"k_scale / v_scale must be [NB, BS, KVH] = {(NB, BS, KVH)}"
+    ks, vs = (k_scale, v_scale) if scaled else (k_cache, k_cache)  # unused pointers without scales
     if out is None:
         out = q.new_empty(T, H, DV)
     if T == 0 or B == 0 or max_query_len <= 0:
@@ -428,12 +516,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     G = H // KVH
     DK1, DK2 = _split_dk(DK)
     BLOCK_DV = max(16, _pow2(DV))
-    v_from_k = (_V_FROM_K and v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
-                and DV == DK1 and DK1 <= DK)
+    bits = scaled and q.dtype in (torch.bfloat16, torch.float16)  # widen e4m3 by bits (_widen)
+    v_from_k = (_V_FROM_K and not bits and v_cache.data_ptr() == k_cache.data_ptr()
+                and v_cache.stride() == k_cache.stride() and DV == DK1 and DK1 <= DK)
     dot_prec = "ieee" if q.dtype == torch.float32 else None
     qk_scale = float(scale) * 1.4426950408889634  # log2(e): softmax in base 2
-    common = dict(DK=DK, DV=DV, DK1=DK1, DK2=DK2, BLOCK_DV=BLOCK_DV, BS=BS, V_FROM_K=v_from_k, DOT_PREC=dot_prec)
-    strides = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0))
+    common = dict(DK=DK, DV=DV, DK1=DK1, DK2=DK2, BLOCK_DV=BLOCK_DV, BS=BS, V_FROM_K=v_from_k, DOT_PREC=dot_prec,
+                  KV_SCALED=scaled, KV_BITS=bits, PV_SHIFT=PV_WIDEN[0], PV_SCALE=PV_WIDEN[1] if bits else 1.0,
+                  L_SCALE=PV_WIDEN[2] if bits else 1.0)
+    strides = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
+               *(k_scale.stride() + v_scale.stride() if scaled else (0,) * 6))
 
     mixed = max_query_len > MAX_DECODE_Q
     BQ = 1 if mixed else _pow2(max_query_len)
@@ -450,7 +542,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         pacc = pm = pl = out
     _paged_attn_kernel[(B, KVH * NHC, S)](
-        q, k_cache, v_cache, out, pacc, pm, pl, query_start, context_lens, block_tables,
+        q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
         qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
         DECODE=True, SPLIT=split, DEC_Q=0, **common, num_warps=warps, num_stages=stages)
@@ -464,7 +556,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         NHCp = triton.cdiv(G, HBp)
         BQp = BLOCK_M // HBp
         _paged_attn_kernel[(T // BQp + B, KVH * NHCp, 1)](
-            q, k_cache, v_cache, out, out, out, out, query_start, context_lens, block_tables,
+            q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
             qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             DECODE=False, SPLIT=False, DEC_Q=1, **common,
@@ -477,39 +569,50 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
     """Same signature and semantics as torch_ref.attention: store this step's K/V into the paged
-    pool, then causal attention per sequence. q [T, H*Dk], k/v 2-D; returns [T, H*Dv]."""
+    pool, then causal attention per sequence. q [T, H*Dk], k/v 2-D; returns [T, H*Dv]. An FP8 pool
+    (e4m3 values + f32 scales per token and kv head) is quantized at store and scaled at read."""
     T = q.shape[0]
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
-        k_cache, v_cache = ctx.kv[layer]
-        store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping)
+        k_cache, v_cache, *scales = ctx.kv[layer]
+        ks, vs = scales or (None, None)
+        store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
         o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                            max_context_len=ctx.max_context_len)
+                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent)
 
 
-def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float) -> torch.Tensor:
-    """Absorbed MLA over the pool with this module's kernel: KVH = 1, V = the latent columns."""
+def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float,
+                  kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA over the pool with this module's kernel: KVH = 1, V = the latent columns (FP8:
+    both scaled by the entry's one kv_scale [NB, BS, 1])."""
     return paged_attention(q_full, cache[:, :, None, :], cache[:, :, None, :r], ctx.query_start, ctx.context_lens,
                            ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                           max_context_len=ctx.max_context_len)
+                           max_context_len=ctx.max_context_len, k_scale=kv_scale, v_scale=kv_scale)
 
 
 def mla_attention(q, k, v, ctx, *, layer: int, scale: float, kv_b_proj, a: dict, attend) -> torch.Tensor:
     """MLA in absorbed form: store [latent | k_rope] into the pool, fold W_uk into the queries, attend
     in latent space with `attend(q_full [T, h, r + rope], cache, r, ctx, scale) -> [T, h, r]`, then
-    apply W_uv. Shared by the providers whose MLA differs only in that kernel (Triton, FlashMLA)."""
+    apply W_uv. Shared by the providers whose MLA differs only in that kernel (Triton, FlashMLA).
+    An FP8 pool (cache, scale [NB, BS, 1]) stores the entry with one scale over [latent | k_rope] and
+    passes attend `kv_scale=` (only _paged_latent takes FP8 pools)."""
     T = q.shape[0]
     h, nope, rope_d, vd = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
-    (cache,) = ctx.kv[layer]
+    cache, *scales = ctx.kv[layer]
     r = k.shape[-1]
-    store_kv(cache[:, :, None, :r], cache[:, :, None, r:], k.reshape(T, 1, r), v.reshape(T, 1, -1), ctx.slot_mapping)
+    if scales:  # the amax must cover the whole entry: store it in one piece
+        store_kv(cache, None, torch.cat([k.reshape(T, r), v.reshape(T, -1)], dim=-1), None, ctx.slot_mapping,
+                 k_scale=scales[0])
+    else:
+        store_kv(cache[:, :, None, :r], cache[:, :, None, r:], k.reshape(T, 1, r), v.reshape(T, 1, -1),
+                 ctx.slot_mapping)
     w = kv_b_proj.view(h, nope + vd, r)
     qh = q.reshape(T, h, nope + rope_d)
     q_lat = torch.bmm(qh[..., :nope].transpose(0, 1), w[:, :nope, :].to(q.dtype))  # [h, T, r]
     q_full = torch.cat([q_lat.transpose(0, 1), qh[..., nope:]], dim=-1)  # [T, h, r + rope]
-    o_lat = attend(q_full, cache, r, ctx, scale)
+    o_lat = attend(q_full, cache, r, ctx, scale, kv_scale=scales[0]) if scales else attend(q_full, cache, r, ctx, scale)
     o = torch.bmm(o_lat.transpose(0, 1), w[:, nope:, :].transpose(1, 2).to(q.dtype))  # [h, T, vd]
     return o.transpose(0, 1).reshape(T, h * vd)
