@@ -56,13 +56,16 @@ def test_graph_capture_reports_time_and_sizes(tiny_ckpt):
 
 
 def test_gpu_prompt_lookup_speculation_keeps_greedy_tokens(tiny_ckpt):
-    """--speculative ngram on the GPU: verify steps (several query rows per sequence) through the Triton
-    attention give decoding's tokens; plain decode steps still replay graphs."""
+    """--speculative ngram on the GPU: verify steps (K + 1 query rows per sequence, replayed from verify
+    graphs, or eager) through the Triton attention give decoding's tokens."""
     base = random_prompts(tiny_config("qwen3").vocab_size, [20, 7, 33, 12], seed=1)
     prompts = [p * 3 + p[:4] for p in base]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     opts = dict(device="cuda", progress=False, max_num_seqs=16, kv_cache_memory=KV_BYTES)
     want = [o.token_ids for o in LLM(tiny_ckpt("qwen3"), **opts).generate(prompts, sp)]
-    llm = LLM(tiny_ckpt("qwen3"), speculative="ngram", num_speculative_tokens=3, **opts)
-    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
-    assert llm.metrics()["speculative"]["drafts_accepted"] > 0
+    for eager in (False, True):
+        llm = LLM(tiny_ckpt("qwen3"), speculative="ngram", num_speculative_tokens=3, enforce_eager=eager, **opts)
+        assert [o.token_ids for o in llm.generate(prompts, sp)] == want
+        assert llm.metrics()["speculative"]["drafts_accepted"] > 0
+        assert ("verify graph" in llm.metrics()["batches"]) != eager, llm.metrics()["batches"]
+        llm.engine.blocks.check_invariants([])

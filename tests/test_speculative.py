@@ -67,6 +67,9 @@ def test_greedy_equals_decoding_without_speculation(arch, tiny_ckpt):
         assert llm.metrics()["generated_tokens"] == 24 * len(prompts)
         llm.engine.blocks.check_invariants([])
         assert llm.engine.blocks.num_free == len(llm.engine.blocks.blocks)
+    llm.engine.spec.uniform = True  # as with verify graphs: every decode row gets K drafts, fillers included
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
+    llm.engine.blocks.check_invariants([])
 
 
 def test_preemption_chunking_prefix_cache_and_aborts_keep_outputs_and_blocks(tiny_ckpt):

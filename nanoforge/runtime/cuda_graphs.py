@@ -20,29 +20,33 @@ log = logging.getLogger("nanoforge.graphs")
 
 
 class DecodeGraphs:
+    """`q_per_seq` > 1: speculative verify steps, every sequence with its token and q_per_seq - 1
+    drafts (rows for all of them come back)."""
+
     def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int], *,
-                 max_model_len: int, device: torch.device, comm: Any = None):
-        self.sizes, self.comm = sorted(sizes), comm
+                 max_model_len: int, device: torch.device, comm: Any = None, q_per_seq: int = 1):
+        self.sizes, self.comm, self.q = sorted(sizes), comm, q_per_seq
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
-        n = self.sizes[-1]
+        n, q = self.sizes[-1], q_per_seq
         i64, i32 = dict(dtype=torch.long, device=device), dict(dtype=torch.int32, device=device)
-        self.tokens = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.slots = torch.full((n,), -1, **i64)
-        self.context_lens = torch.ones(n, **i32)
+        self.tokens = torch.zeros(n * q, **i64)
+        self.positions = torch.zeros(n * q, **i64)
+        self.slots = torch.full((n * q,), -1, **i64)
+        self.context_lens = torch.full((n,), q, **i32)
         self.block_tables = torch.zeros(n, self.max_blocks, **i32)
-        self.query_start = torch.arange(n + 1, **i32)
-        self.rows = torch.arange(n, **i64)
+        self.query_start = torch.arange(0, n * q + 1, q, **i32)
+        self.rows = torch.arange(n * q, **i64)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(device)[0]
         mempool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
-            ctx = BatchContext(pool, block_size, self.slots[:size], self.query_start[:size + 1],
-                               self.context_lens[:size], self.block_tables[:size], 1, max_model_len, comm=comm,
-                               ep_tokens=size)
-            args = (params, ctx, self.tokens[:size], self.positions[:size], self.rows[:size])
+            t = size * q
+            ctx = BatchContext(pool, block_size, self.slots[:t], self.query_start[:size + 1],
+                               self.context_lens[:size], self.block_tables[:size], q, max_model_len, comm=comm,
+                               ep_tokens=t)
+            args = (params, ctx, self.tokens[:t], self.positions[:t], self.rows[:t])
             with torch.inference_mode():
                 forward(*args)  # warm-up: compiles kernels, fills caches outside the capture
                 torch.cuda.synchronize(device)
@@ -53,13 +57,17 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         self.capture_s = time.perf_counter() - start
         self.capture_bytes = free_before - torch.cuda.mem_get_info(device)[0]
-        log.info("captured %d decode graphs (sizes %s) in %.2f s, %.1f MiB", len(self.sizes), self.sizes,
-                 self.capture_s, self.capture_bytes / 2**20)
+        log.info("captured %d %s graphs (sizes %s) in %.2f s, %.1f MiB", len(self.sizes),
+                 "decode" if q == 1 else f"verify ({q} tokens a sequence)", self.sizes, self.capture_s,
+                 self.capture_bytes / 2**20)
 
     def why_not(self, batch: ScheduledBatch) -> str | None:
         """None if the batch can replay a graph, else the reason it runs eagerly."""
-        if any(n != 1 or seq.num_computed + 1 != seq.num_tokens for seq, n in batch.items):
-            return "the batch has prefill tokens"
+        q = self.q
+        if q > 1 and any(batch.drafts.get(i) != q - 1 for i in range(len(batch.items))):
+            return f"not every sequence has {q - 1} drafts"
+        if any(n != q or seq.num_computed + q != seq.num_tokens for seq, n in batch.items):
+            return "the batch has prefill tokens" if not batch.drafts or q > 1 else "speculative verify rows"
         if len(batch.items) > self.sizes[-1]:
             return f"{len(batch.items)} sequences exceed the largest graph ({self.sizes[-1]})"
         return None
@@ -67,10 +75,10 @@ class DecodeGraphs:
     def run(self, batch: ScheduledBatch, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph of the next size up; `device_tokens` (one per sequence, on the
         device) replace the host token ids, for a step chained on the previous one's samples."""
-        b = len(batch.items)
+        b, q = len(batch.items), self.q
         pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
         tokens = None if device_tokens is not None else \
-            [seq.token_ids[p] for (seq, _), p in zip(batch.items, pos.tolist())]
+            [t for (seq, _), p in zip(batch.items, pos.tolist()) for t in seq.token_ids[p:p + q]]
         return self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens)
 
     def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
@@ -84,28 +92,29 @@ class DecodeGraphs:
 
     def _replay(self, pos: np.ndarray, tokens: list[int] | None, block_tables: list[list[int]],
                 device_tokens: torch.Tensor | None, pad_to: int = 0) -> torch.Tensor:
-        b = len(pos)
+        b, q = len(pos), self.q
         size = self.sizes[bisect.bisect_left(self.sizes, max(b, pad_to))]
         bs = self.block_size
         tables = block_table_array(block_tables, rows=size)
         width = tables.shape[1]
-        host_tokens = np.zeros(size, np.int64)
-        positions = np.zeros(size, np.int64)
-        slots = np.full(size, -1, np.int64)
-        lens = np.ones(size, np.int32)
+        host_tokens = np.zeros(size * q, np.int64)
+        positions = np.tile(np.arange(q, dtype=np.int64), size)  # padding sequences: positions 0..q-1
+        slots = np.full(size * q, -1, np.int64)
+        lens = np.full(size, q, np.int32)
         if tokens is not None:
-            host_tokens[:b] = tokens
-        positions[:b], lens[:b] = pos, pos + 1
-        slots[:b] = tables[np.arange(b), pos // bs].astype(np.int64) * bs + pos % bs
-        self.tokens[:size].copy_(torch.from_numpy(host_tokens), non_blocking=True)
+            host_tokens[:b * q] = tokens
+        rows = (pos[:, None] + np.arange(q)[None, :]).reshape(-1)  # each sequence's q positions
+        positions[:b * q], lens[:b] = rows, pos + q
+        slots[:b * q] = tables[np.repeat(np.arange(b), q), rows // bs].astype(np.int64) * bs + rows % bs
+        self.tokens[:size * q].copy_(torch.from_numpy(host_tokens), non_blocking=True)
         if device_tokens is not None:
             self.tokens[:b].copy_(device_tokens)
-        self.positions[:size].copy_(torch.from_numpy(positions), non_blocking=True)
-        self.slots[:size].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.positions[:size * q].copy_(torch.from_numpy(positions), non_blocking=True)
+        self.slots[:size * q].copy_(torch.from_numpy(slots), non_blocking=True)
         self.context_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
         self.block_tables[:size, :width].copy_(torch.from_numpy(tables), non_blocking=True)
         graph, out = self.graphs[size]
         for hook in getattr(self.comm, "replay_hooks", ()):  # e.g. DeepEP's switch to low-latency mode
             hook()
         graph.replay()
-        return out[:b]
+        return out[:b * q]

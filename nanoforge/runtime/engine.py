@@ -109,7 +109,8 @@ class Engine:
             num_blocks = defaults.CPU_KV_CACHE_BYTES // block_bytes
         check_launcher(cfg.launcher)
         runner_cfg = RunnerConfig(cfg.device, num_blocks, model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                  cfg.gpu_memory_utilization, cfg.enforce_eager, progress)
+                                  cfg.gpu_memory_utilization, cfg.enforce_eager, progress,
+                                  cfg.num_speculative_tokens if cfg.speculative else 0)
         if runner is not None:
             self.runner = runner
         elif plan.parallel.sharded:  # one process per rank, this one is rank 0
@@ -120,6 +121,8 @@ class Engine:
             if cfg.launcher != "local":
                 log.info("launcher %s ignored: the plan runs as one rank, in this process", cfg.launcher)
             self.runner = ModelRunner(plan, ckpt, runner_cfg)
+        if self.spec is not None:  # verify graphs take exactly K drafts a sequence
+            self.spec.uniform = getattr(self.runner, "verify_graphs", None) is not None
         num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
         if num_blocks < 1:
             raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "

@@ -57,6 +57,7 @@ class RunnerConfig:
     gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION
     enforce_eager: bool = False  # never replay CUDA graphs
     progress: bool = True  # weight-loading progress bar
+    verify_drafts: int = 0  # speculative decoding's K: also capture verify graphs (K + 1 tokens a sequence)
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -96,6 +97,7 @@ class ModelRunner:
             else 0.0
         self.batches = Counter()  # "graph" or the reason a batch ran eagerly
         self.graphs = None
+        self.verify_graphs = None  # DecodeGraphs of speculative verify steps
         self.no_graph_reason = self._graph_plan_reason(plan, cfg.enforce_eager)
         if self.no_graph_reason is None:
             from .cuda_graphs import DecodeGraphs
@@ -103,6 +105,11 @@ class ModelRunner:
             sizes = [s for s in plan.cuda_graphs.sizes if s <= cfg.max_num_seqs] or [1]
             self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
                                        max_model_len=cfg.max_model_len, device=self.device, comm=self.comm)
+            q = cfg.verify_drafts + 1
+            if cfg.verify_drafts and self.world == 1:  # up to 1024 rows: speculation pays at small batches
+                self.verify_graphs = DecodeGraphs(
+                    self.forward, self.params, self.pool, self.block_size, [s for s in sizes if s * q <= 1024] or [1],
+                    max_model_len=cfg.max_model_len, device=self.device, q_per_seq=q)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
 
@@ -165,6 +172,9 @@ class ModelRunner:
         """Logits f32[R, vocab] for the R sequences whose last token was computed this step,
         and their indices into batch.items. `device_tokens`: a decode batch whose input tokens
         (one per sequence, at position num_computed) are still on the device, not in token_ids."""
+        if batch.drafts and self.verify_graphs is not None and self.verify_graphs.why_not(batch) is None:
+            self.batches["verify graph"] += 1
+            return self.verify_graphs.run(batch), list(range(len(batch.items)))
         if device_tokens is not None:
             sample_items = list(range(len(batch.items)))
             why = self.no_graph_reason or (None if len(batch.items) <= self.graphs.sizes[-1]  # type: ignore

@@ -131,19 +131,24 @@ class Speculator:
 
     def __init__(self, cfg: SpecConfig):
         self.cfg, self.stats = cfg, SpecStats()
+        self.uniform = False  # give every decode row exactly K drafts (the runner has verify graphs)
 
     def propose(self, batch, blocks, budget: int, max_model_len: int) -> None:
         """Append drafts to the decode rows of `batch` (sequence tokens and blocks grow with them,
         batch.drafts records how many) while `budget` extra tokens and free blocks last."""
-        cfg = self.cfg
+        cfg, k = self.cfg, self.cfg.num_tokens
+        found = {}
         for i, (seq, n) in enumerate(batch.items):
-            if budget <= 0:
-                break
             if n != 1 or seq.num_computed + 1 != seq.num_tokens:
                 continue
-            room = min(cfg.num_tokens, budget, seq.params.max_tokens - seq.num_output - 1,
-                       max_model_len - seq.num_tokens - 1)
-            drafts = ngram_drafts(seq.token_ids, room, cfg.ngram_max, cfg.ngram_min) if room > 0 else []
+            room = min(k, seq.params.max_tokens - seq.num_output - 1, max_model_len - seq.num_tokens - 1)
+            found[i] = (room, ngram_drafts(seq.token_ids, room, cfg.ngram_max, cfg.ngram_min) if room > 0 else [])
+        pad = self.uniform and any(d for _, d in found.values())
+        for i, (room, drafts) in found.items():
+            seq = batch.items[i][0]
+            if pad and room == k and len(drafts) < k:  # filler drafts (the last token again): a verify graph
+                drafts = drafts + [(drafts or seq.token_ids)[-1]] * (k - len(drafts))  # runs K rows anyway
+            drafts = drafts[:budget]
             if not drafts or not blocks.can_grow(seq, 1 + len(drafts)):
                 continue
             seq.token_ids.extend(drafts)
