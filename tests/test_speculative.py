@@ -152,3 +152,27 @@ def test_sampling_through_the_engine_keeps_the_distribution():
 def test_bad_flags_are_one_line_errors(cfg, msg):
     with pytest.raises(NanoForgeError, match=msg):
         SpecConfig(**cfg)
+
+
+def test_pd_decode_engine_speculates(tiny_ckpt):
+    """PD: a plain prefill engine hands the KV over; the decode engine verifies drafts and gives one
+    engine's greedy tokens (prompt lookup needs nothing from prefill but the tokens)."""
+    from nanoforge.runtime.kv_transfer import gather_blocks, scatter_blocks
+
+    ckpt = tiny_ckpt("qwen3")
+    prompt = _repetitive_prompts(tiny_config("qwen3").vocab_size, 3)[2]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    a = LLM(ckpt, progress=False, num_blocks=64)
+    b = LLM(ckpt, progress=False, num_blocks=64, speculative="ngram")
+    want = a.generate([prompt], sp)[0].token_ids
+    seq = a.engine.add_request(prompt, sp)
+    while not seq.num_output:
+        a.engine.step()
+    a.engine.park(seq)
+    moved, _ = b.engine.add_migrated(seq.token_ids, seq.num_prompt, sp, seq.num_computed)
+    scatter_blocks(b.engine.runner.pool, moved.block_table, gather_blocks(a.engine.runner.pool, seq.block_table))
+    b.engine.resume_migrated(moved, seq.num_computed)
+    b.engine.run_until_done()
+    assert moved.output_ids == want and b.metrics()["speculative"]["drafts_accepted"] > 0
+    a.engine.release_parked(seq)
+    b.engine.blocks.check_invariants([])
