@@ -28,6 +28,26 @@ from nanoforge import LLM, SamplingParams  # noqa: E402
 from nanoforge.tools.bench_offline import machine_info  # noqa: E402
 
 
+def smollm2_gguf(path: str | None) -> str:
+    """`path`, else SmolLM2-135M-Instruct's GGUF, fetched into .cache/smollm2 the first time."""
+    if path is not None:
+        return path
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fetch_smollm2 import fetch
+
+    return str(fetch(ROOT / ".cache" / "smollm2"))
+
+
+def write_result(out_dir: str, stem: str, result: dict) -> Path:
+    """result as bench/results JSON: `out_dir/<stem>-<time>.json`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def all_logits(llm: LLM, tokens: list[int], chunk: int) -> torch.Tensor:
     """Logits f32[len(tokens), vocab] of one sequence fed in chunks through the paged cache."""
     runner, bs = llm.engine.runner, llm.engine.runner.block_size
@@ -58,11 +78,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--out", default="bench/results/kv_fp8")
     a = ap.parse_args()
-    if a.gguf is None:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from fetch_smollm2 import fetch
-
-        a.gguf = str(fetch(ROOT / ".cache" / "smollm2"))
+    a.gguf = smollm2_gguf(a.gguf)
     t0 = time.perf_counter()
     text = Path(a.text).read_text()
     llms = {kv: LLM(a.gguf, device=a.device, kv_dtype=kv, progress=False, max_num_seqs=a.prompts)
@@ -94,12 +110,8 @@ def main() -> None:
         "goals": {"perplexity_within_1pct": abs(ppl["fp8"] / ppl["auto"] - 1) <= 0.01,
                   "agreement_at_least_95pct": hits / (a.prompts * a.gen) >= 0.95},
         "seconds": round(time.perf_counter() - t0, 1)}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kv_fp8_accuracy-{a.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("perplexity", "perplexity_ratio", "greedy", "goals", "seconds")}, indent=1))
-    print(f"wrote {path}")
+    write_result(a.out, f"kv_fp8_accuracy-{a.device}", result)
 
 
 if __name__ == "__main__":

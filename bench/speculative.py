@@ -8,7 +8,6 @@ same run, at batch 1 and 16, greedy, and whether the texts are identical (they m
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.kv_fp8_accuracy import smollm2_gguf, write_result  # noqa: E402
 from nanoforge import LLM, SamplingParams  # noqa: E402
 from nanoforge.tools.bench_offline import machine_info  # noqa: E402
 
@@ -67,11 +67,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--out", default="bench/results/speculative")
     a = ap.parse_args()
-    if a.gguf is None:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from fetch_smollm2 import fetch
-
-        a.gguf = str(fetch(ROOT / ".cache" / "smollm2"))
+    a.gguf = smollm2_gguf(a.gguf)
     opts = dict(device=a.device, progress=False, max_num_seqs=max(a.batches))
     base = LLM(a.gguf, **opts)
     prompts = requests(base, a.prompts)
@@ -96,11 +92,7 @@ def main() -> None:
               "machine": machine_info(a.device), "device": a.device, "dtype": base.plan.model.dtype,
               "workload": f"{len(prompts)} chat requests: repeat a docs paragraph with one word replaced; greedy, "
                           f"max_tokens {a.max_tokens}", "rows": rows}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speculative-{a.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(a.out, f"speculative-{a.device}", result)
 
 
 if __name__ == "__main__":

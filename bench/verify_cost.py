@@ -9,9 +9,7 @@ per verify step, 1 + a + a^2 + ... + a^K, equal to verify time / decode time).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.deepseek_layers import DEEPSEEK_V3, compile_plan, make_checkpoint  # noqa: E402
+from bench.kv_fp8_accuracy import write_result  # noqa: E402
 from nanoforge.runtime.cuda_graphs import DecodeGraphs  # noqa: E402
 from nanoforge.runtime.engine import Engine, EngineConfig  # noqa: E402
 from nanoforge.tools.bench_offline import machine_info  # noqa: E402
@@ -89,11 +88,7 @@ def main() -> None:
         rows.append(row)
     result = {"bench": "verify_cost", "model": f"DeepSeek-V3 layers (1 dense + {a.moe_layers} MoE, FP8 random)",
               "machine": machine_info("cuda"), "context": a.context, "rows": rows}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"verify_cost-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(a.out, "verify_cost", result)
 
 
 if __name__ == "__main__":

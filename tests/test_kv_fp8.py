@@ -130,18 +130,18 @@ def test_fp8_kv_batching_chunking_preemption_and_prefix_cache_keep_outputs(arch,
 
 
 def test_pool_holds_about_twice_the_tokens_of_bf16_kv():
-    ckpt = RandomCheckpoint(PRESETS["qwen3-0.6b"], "qwen3-0.6b", "bf16")
-    per_token = {kv: compile_checkpoint(ckpt.path, CompileOptions(dtype="bf16", kv_dtype=kv, config_only=True),
-                                        ckpt=ckpt).memory.kv_bytes_per_token for kv in ("auto", "fp8")}
+    ck = RandomCheckpoint(PRESETS["qwen3-0.6b"], "qwen3-0.6b", "bf16")
+    per_token = {kv: compile_checkpoint(ck.path, CompileOptions(dtype="bf16", kv_dtype=kv, config_only=True),
+                                        ckpt=ck).memory.kv_bytes_per_token for kv in ("auto", "fp8")}
     # 28 layers x (K, V) x 8 KV heads x (128 values + one f32 scale)
     assert per_token == {"auto": 28 * 2 * 8 * 128 * 2, "fp8": 28 * 2 * 8 * (128 + 4)}
     assert per_token["auto"] / per_token["fp8"] > 1.9
 
 
 def test_pd_moves_values_and_scales_and_decode_equals_one_engine(tiny_ckpt):
-    ckpt = tiny_ckpt("qwen3")
-    a = LLM(ckpt, progress=False, num_blocks=64, kv_dtype="fp8")
-    b = LLM(ckpt, progress=False, num_blocks=64, kv_dtype="fp8")
+    ck = tiny_ckpt("qwen3")
+    a = LLM(ck, progress=False, num_blocks=64, kv_dtype="fp8")
+    b = LLM(ck, progress=False, num_blocks=64, kv_dtype="fp8")
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompt = random_prompts(tiny_config("qwen3").vocab_size, [37], seed=3)[0]
     want = a.generate([prompt], sp)[0].token_ids
@@ -160,25 +160,25 @@ def test_pd_moves_values_and_scales_and_decode_equals_one_engine(tiny_ckpt):
     eb.run_until_done()
     assert moved.output_ids == want
     ea.release_parked(seq)
-    assert b.plan.kv_contract.mismatches(LLM(ckpt, progress=False, num_blocks=8).plan.kv_contract)
+    assert b.plan.kv_contract.mismatches(LLM(ck, progress=False, num_blocks=8).plan.kv_contract)
 
 
 def test_cli_compile_inspect_and_bad_flags(tiny_ckpt, tmp_path):
-    ckpt, plan = str(tiny_ckpt("llama")), str(tmp_path / "plan")
+    ck, plan = str(tiny_ckpt("llama")), str(tmp_path / "plan")
     cli = [sys.executable, "-m", "nanoforge.cli"]
-    done = subprocess.run(cli + ["compile", ckpt, "-o", plan, "--kv-dtype", "fp8", "--dump-dir", str(tmp_path / "d")],
+    done = subprocess.run(cli + ["compile", ck, "-o", plan, "--kv-dtype", "fp8", "--dump-dir", str(tmp_path / "d")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     shown = subprocess.run(cli + ["inspect", plan], capture_output=True, text=True).stdout
     assert "fp8_e4m3 + f32 scales:" in shown and "x f32's" in shown and "quantize_kv(" in shown
     dumps = sorted((tmp_path / "d").glob("*quantize_kv.ir"))
     assert dumps and 'kv_dtype="fp8_e4m3"' in dumps[0].read_text()
-    bad = subprocess.run(cli + ["compile", ckpt, "-o", str(tmp_path / "p2"), "--kv-dtype", "int4"],
+    bad = subprocess.run(cli + ["compile", ck, "-o", str(tmp_path / "p2"), "--kv-dtype", "int4"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --kv-dtype 'int4'")
     assert not (tmp_path / "p2").exists()
     with pytest.raises(NanoForgeError, match="--kv-dtype fp8 needs the quantize_kv pass"):
-        compile_checkpoint(ckpt, CompileOptions(kv_dtype="fp8", disable_passes=["quantize_kv"]))
+        compile_checkpoint(ck, CompileOptions(kv_dtype="fp8", disable_passes=["quantize_kv"]))
 
 
 def test_sharded_plans_with_fp8_kv_match_unsharded(ckpt):  # noqa: F811

@@ -178,7 +178,7 @@ class Speculator:
             rows, base = logits[row: row + d + 1], seq.num_tokens - d
             drafts = seq.token_ids[base:]
 
-            def target(j: int, accepted: list[int], seq=seq, rows=rows, base=base):
+            def target(j: int, accepted: list[int], seq=seq, rows=rows, base=base, drafts=drafts):
                 seq.token_ids[base:] = accepted  # the history row j was computed after
                 try:
                     return processed_logits(rows[j], request_of(seq))

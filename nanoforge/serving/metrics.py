@@ -105,14 +105,11 @@ class ServerMetrics:
                   "kv_migration_fallbacks": "Pulls that failed or did not fit, so the prompt was recomputed.",
                   "kv_served_bytes": "Bytes of KV prefill engines sent to decode engines.",
                   "kv_park_expired": "Prefilled KV freed because no decode engine pulled it in time."}
-            for key, help_ in pd.items():
-                if key in stats:
-                    metric(key, "counter", help_, [f"{m}_{key}_total{{{model}}} {_num(stats[key])}"])
             spec = {"spec_drafts_proposed": "Speculative draft tokens proposed.",
                     "spec_drafts_accepted": "Speculative draft tokens the target accepted.",
                     "spec_verify_rows": "Sequence-steps that verified drafts.",
                     "spec_emitted_tokens": "Tokens those verify rows produced (accepted drafts + one each)."}
-            for key, help_ in spec.items():
+            for key, help_ in {**pd, **spec}.items():
                 if key in stats:
                     metric(key, "counter", help_, [f"{m}_{key}_total{{{model}}} {_num(stats[key])}"])
             for j, rate in enumerate(stats.get("spec_acceptance_rate_per_position") or []):
