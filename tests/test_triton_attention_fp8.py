@@ -348,7 +348,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @needs_cuda
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (32, 8, 128), (32, 32, 80), (8, 1, 256)])
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_gqa_fp8_gpu_bf16(heads, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("widen", [True, False], ids=["widen-bits", "cast"])
+def test_gqa_fp8_gpu_bf16(heads, kv_heads, head_dim, block_size, widen, monkeypatch):
+    monkeypatch.setattr(_attn(), "FP8_WIDEN_BY_BITS", widen)
     rng = random.Random(heads + head_dim + block_size)
     for i, spec in enumerate([
         [(1, rng.randint(1, 3000)) for _ in range(40)] + [(rng.randint(2, 300), rng.randint(300, 2000))
@@ -364,7 +366,9 @@ def test_gqa_fp8_gpu_bf16(heads, kv_heads, head_dim, block_size):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_mla_fp8_gpu_bf16(block_size):
+@pytest.mark.parametrize("widen", [True, False], ids=["widen-bits", "cast"])
+def test_mla_fp8_gpu_bf16(block_size, widen, monkeypatch):
+    monkeypatch.setattr(_attn(), "FP8_WIDEN_BY_BITS", widen)
     rng = random.Random(block_size)
     for i, spec in enumerate([[(1, rng.randint(1, 3000)) for _ in range(24)] + [(rng.randint(2, 300), 2500)] * 4,
                               [(1, rng.randint(100, 4096)) for _ in range(16)], [(1, 4000)]]):

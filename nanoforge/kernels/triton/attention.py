@@ -85,6 +85,8 @@ import triton.language as tl
 from ..fp8 import FP8, SCALE_EPS
 from .attention_fp8 import PV_WIDEN, _exp2i, _quant_rows, _widen
 
+FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
+# Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
@@ -516,7 +518,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     G = H // KVH
     DK1, DK2 = _split_dk(DK)
     BLOCK_DV = max(16, _pow2(DV))
-    bits = scaled and q.dtype in (torch.bfloat16, torch.float16)  # widen e4m3 by bits (_widen)
+    bits = scaled and FP8_WIDEN_BY_BITS and q.dtype in (torch.bfloat16, torch.float16)  # _widen, not a cast
     v_from_k = (_V_FROM_K and not bits and v_cache.data_ptr() == k_cache.data_ptr()
                 and v_cache.stride() == k_cache.stride() and DV == DK1 and DK1 <= DK)
     dot_prec = "ieee" if q.dtype == torch.float32 else None
