@@ -141,7 +141,7 @@ def main() -> None:
     rows, graphs = [], {}
     for kv_dtype in a.kv_dtype:
         llm = LLM(ckpt, device="cuda", progress=False, max_num_seqs=max(a.batch) + (1 if a.mixed_chunk else 0),
-                  max_model_len=max(a.context, a.mixed_chunk) + 128, kv_dtype=kv_dtype,
+                  max_model_len=max(a.context, a.mixed_chunk) + 256, kv_dtype=kv_dtype,
                   max_num_batched_tokens=8192, max_prefill_chunk=8192)
         rows += _rows(llm, a, bw, kv_dtype)
         graphs[kv_dtype] = llm.engine.runner_info()["cuda_graphs"]
@@ -151,7 +151,7 @@ def main() -> None:
     for kv_dtype in a.kv_dtype[1:]:  # each batch's step time against the first dtype's, same run
         for r in rows:
             base = next((x for x in rows if x["kv_dtype"] == a.kv_dtype[0] and x["batch"] == r["batch"]), None)
-            if r["kv_dtype"] == kv_dtype and base:
+            if r["kv_dtype"] == kv_dtype and base and "step_s" in base and "step_s" in r:
                 r[f"speedup_vs_{a.kv_dtype[0]}"] = base["step_s"] / r["step_s"]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

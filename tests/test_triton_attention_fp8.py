@@ -252,11 +252,16 @@ def run_provider_gqa(spec, *, heads, kv_heads, head_dim, block_size, seed, dtype
     check_close(out, ref, tol)
 
 
-def run_provider_mla(spec, *, heads, nope, rope_d, vd, r, block_size, seed, dtype=torch.float32, tol=1e-4):
+def run_provider_mla(spec, *, heads, nope, rope_d, vd, r, block_size, seed, dtype=torch.float32, tol=1e-4,
+                     vs_16bit_pool: bool = False):
+    """vs_16bit_pool: besides the FP8 pool, run the same dequantized values from a pool in `dtype`, and
+    bound the FP8 error by that run's error plus tol * max|ref| (absorbed MLA in bf16 rounds q_lat and
+    o_lat: on these 1e-2..1e2 entries that alone is 0.2-3.5% RMS on an H100, more than FP8 adds)."""
     A = _attn()
     pool, seqs, ctx = fp8_batch(spec, kv_heads=1, dims=(r + rope_d,), block_size=block_size, seed=seed, mla=True)
     cache, sc = pool
     ctx_ref = make_context([(deq(cache, sc),)], block_size, seqs, DEV)
+    ctx_16 = make_context([(deq(cache, sc).to(dtype),)], block_size, seqs, DEV)
     before = [t.clone() for t in pool]
     gen = torch.Generator().manual_seed(seed + 1)
     T = sum(q for q, _ in spec)
@@ -274,7 +279,15 @@ def run_provider_mla(spec, *, heads, nope, rope_d, vd, r, block_size, seed, dtyp
     for t, t0, new in zip(pool, before, (eq[:, 0], es)):
         t0.flatten(0, 1)[ctx.slot_mapping] = new
         assert torch.equal(bits(t), bits(t0))
-    check_close(out, ref, tol)
+    if not vs_16bit_pool:
+        check_close(out, ref, tol)
+        return
+    e16 = e_ref.to(dtype)
+    out16 = A.attention(q, e16[:, :r], e16[:, r:], ctx=ctx_16, kind="mla", layer=0, scale=scale, kv_b_proj=kv_b_proj,
+                        **attrs)
+    assert torch.isfinite(out).all()
+    err, err16 = ((o.float() - ref).abs().max().item() for o in (out, out16))
+    assert err <= err16 + tol * ref.abs().max().item(), (err, err16)
 
 
 def test_provider_gqa_fp8():
@@ -373,7 +386,7 @@ def test_mla_fp8_gpu_bf16(block_size, widen, monkeypatch):
     for i, spec in enumerate([[(1, rng.randint(1, 3000)) for _ in range(24)] + [(rng.randint(2, 300), 2500)] * 4,
                               [(1, rng.randint(100, 4096)) for _ in range(16)], [(1, 4000)]]):
         run_provider_mla(spec, heads=16, nope=128, rope_d=64, vd=128, r=512, block_size=block_size, seed=i,
-                         dtype=torch.bfloat16, tol=2e-2)
+                         dtype=torch.bfloat16, tol=1e-2, vs_16bit_pool=True)
 
 
 @gpu
