@@ -82,8 +82,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import FP8, SCALE_EPS
-from .attention_fp8 import PV_WIDEN, _exp2i, _quant_rows, _widen
+from ..fp8 import FP8
+from .attention_fp8 import PV_WIDEN, _exp2i, _widen
+from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
@@ -95,10 +96,6 @@ MIN_SPLIT_TOKENS = 128  # a split reads at least this many positions
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -108,86 +105,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 8
-
-
-# ---------------------------------------------------------------------------------------------
-# store_kv
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-                     s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-                     s_kcb, s_kco, s_kch, s_kcd, s_vcb, s_vco, s_vch, s_vcd,
-                     s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
-                     KVH, DK, DV,
-                     BS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, HAS_V: tl.constexpr, QUANT: tl.constexpr, EPS: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // BS
-    off = slot % BS
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    dk = tl.arange(0, BLOCK_DK)
-    mk = (h[:, None] < KVH) & (dk[None, :] < DK)
-    x = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + dk[None, :] * s_kd, mask=mk, other=0.0)
-    if QUANT:
-        x, sc = _quant_rows(x.to(tl.float32), BLOCK_H, EPS)
-        tl.store(ks_ptr + blk * s_ksb + off * s_kso + h * s_ksh, sc, mask=h < KVH)
-    tl.store(kc_ptr + blk * s_kcb + off * s_kco + h[:, None] * s_kch + dk[None, :] * s_kcd,
-             x.to(kc_ptr.dtype.element_ty), mask=mk)
-    if HAS_V:
-        dv = tl.arange(0, BLOCK_DV)
-        mv = (h[:, None] < KVH) & (dv[None, :] < DV)
-        y = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + dv[None, :] * s_vd, mask=mv, other=0.0)
-        if QUANT:
-            y, sc = _quant_rows(y.to(tl.float32), BLOCK_H, EPS)
-            tl.store(vs_ptr + blk * s_vsb + off * s_vso + h * s_vsh, sc, mask=h < KVH)
-        tl.store(vc_ptr + blk * s_vcb + off * s_vco + h[:, None] * s_vch + dv[None, :] * s_vcd,
-                 y.to(vc_ptr.dtype.element_ty), mask=mv)
-
-
-def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor,
-             v: torch.Tensor | None, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-             v_scale: torch.Tensor | None = None) -> None:
-    """Write k [T, KVH, Dk] (and v [T, KVH, Dv]) into the paged caches [NB, BS, KVH, D*] at
-    slot_mapping[t] = block * block_size + offset; rows with slot -1 are skipped. Caches and inputs
-    may be strided views (MLA: k_cache = cache[..., None, :r], v_cache = cache[..., None, r:]).
-    With v_cache None only k is written (e.g. the whole MLA entry [T, r + rope] into a 3-D cache).
-    FP8 KV: with k_scale (and v_scale) [NB, BS, KVH] f32 each (token, head) row is quantized as
-    fp8.quantize_kv does, bitwise, and its scale written beside it."""
-    if k_cache.dim() == 3:
-        k_cache = k_cache.unsqueeze(2)
-    if k.dim() == 2:
-        k = k.unsqueeze(1)
-    T, KVH, DK = k.shape
-    if T == 0:
-        return
-    has_v = v_cache is not None
-    quant = k_scale is not None
-    if quant:
-        assert k_cache.dtype == FP8 and (not has_v or (v_cache.dtype == FP8 and v_scale is not None)), \
-            "scales come with e4m3 caches (and a v_scale with a v_cache)"
-        k_scale = k_scale.view(*k_cache.shape[:3])
-    if has_v:
-        if v_cache.dim() == 3:
-            v_cache = v_cache.unsqueeze(2)
-        if v.dim() == 2:
-            v = v.unsqueeze(1)
-        DV = v.shape[-1]
-    else:
-        v_cache, v, DV = k_cache, k, DK
-    v_scale = v_scale.view(*v_cache.shape[:3]) if quant and has_v else k_scale
-    BS = k_cache.shape[1]
-    BLOCK_DK, BLOCK_DV = _pow2(DK), _pow2(DV)
-    BLOCK_H = min(_pow2(KVH), max(1, 4096 // max(BLOCK_DK, BLOCK_DV)))
-    grid = (T, triton.cdiv(KVH, BLOCK_H))
-    _store_kv_kernel[grid](
-        k, v, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else k_cache, slot_mapping,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        *(k_scale.stride() if quant else (0, 0, 0)), *(v_scale.stride() if quant else (0, 0, 0)),
-        KVH, DK, DV, BS=BS, BLOCK_H=BLOCK_H, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, HAS_V=has_v,
-        QUANT=quant, EPS=SCALE_EPS, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
