@@ -7,6 +7,7 @@ sweeps set attention.py's override knobs and restore them.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import triton
@@ -150,6 +151,36 @@ def _tune_decode(out_json: str | None = None, kv_dtype: str = "bf16") -> list[di
         r = bench_paged_decode(batch, 4096, 16, 1, 576, 64, mla_rank=512, kv_dtype=kv_dtype)
         rows.append({"cfg": "mla", **r})
         print(f"mla batch {batch}: S {r['num_splits']} {r['ms'] * 1e3:7.1f} us {r['tb_s']:.2f} TB/s")
+    if out_json:
+        import json
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def tune_fp8_decode(out_json: str | None = None, budget_s: float = 300.0) -> list[dict]:
+    """FP8 KV decode tiles against bf16's default, 4k context, batch 32 / 64 / 128, blocks of 16 and 64:
+    (BLOCK_N, warps, stages) beyond the bf16-tuned ones, since an e4m3 tile is half the bytes per
+    stage (bench/gpu_check.sh kv_fp8_tune). Stops adding configs after `budget_s` seconds."""
+    start, rows = time.monotonic(), []
+    cfgs = [None, (128, 4, 3), (128, 4, 4), (256, 4, 2), (256, 8, 2), (256, 8, 3), (64, 4, 4), (128, 8, 3)]
+    for batch in (32, 64, 128):
+        base = bench_paged_decode(batch, 4096, time_eager=False)
+        rows.append({"batch": batch, "cfg": "bf16 default", "ms": base["ms"], "num_splits": base["num_splits"]})
+        print(f"batch {batch}: bf16 default {base['ms'] * 1e3:.1f} us", flush=True)
+        for block_size in (16, 64):
+            for cfg in cfgs:
+                if time.monotonic() - start > budget_s:
+                    break
+                A._DECODE_CFG_OVERRIDE = cfg
+                for splits in (None, 2) if batch <= 64 else (None,):
+                    r = bench_paged_decode(batch, 4096, block_size=block_size, kv_dtype="fp8", num_splits=splits,
+                                           time_eager=False)
+                    rows.append({"batch": batch, "block_size": block_size, "cfg": cfg, "num_splits": r["num_splits"],
+                                 "ms": r["ms"], "tb_s": r["tb_s"], "speedup_vs_bf16": base["ms"] / r["ms"]})
+                    print(f"  fp8 block {block_size} cfg {cfg} S {r['num_splits']}: {r['ms'] * 1e3:.1f} us, "
+                          f"{base['ms'] / r['ms']:.2f}x bf16, {r['tb_s']:.2f} TB/s", flush=True)
+                A._DECODE_CFG_OVERRIDE = None
     if out_json:
         import json
         with open(out_json, "w") as f:
