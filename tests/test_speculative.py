@@ -154,6 +154,11 @@ def test_bad_flags_are_one_line_errors(cfg, msg):
         SpecConfig(**cfg)
 
 
+def test_drafts_without_a_method_are_refused(tiny_ckpt):
+    with pytest.raises(NanoForgeError, match="--num-speculative-tokens needs --speculative"):
+        LLM(tiny_ckpt("llama"), progress=False, num_speculative_tokens=2)
+
+
 def test_pd_decode_engine_speculates(tiny_ckpt):
     """PD: a plain prefill engine hands the KV over; the decode engine verifies drafts and gives one
     engine's greedy tokens (prompt lookup needs nothing from prefill but the tokens)."""

@@ -41,7 +41,7 @@ class EngineConfig:
     launcher: str = "local"  # where a sharded plan's worker ranks run: local subprocesses, or ray actors
     ray_address: str | None = None  # launcher ray: the cluster to join (default $RAY_ADDRESS, else this node's)
     speculative: str | None = None  # draft tokens to verify in each decode step: ngram (speculative.py)
-    num_speculative_tokens: int = 3  # drafts per sequence and step
+    num_speculative_tokens: int | None = None  # drafts per sequence and step (default 3)
 
 
 @dataclass
@@ -99,7 +99,10 @@ class Engine:
                  progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         _check_config(cfg)
-        self.spec = Speculator(SpecConfig(cfg.speculative, cfg.num_speculative_tokens)) if cfg.speculative else None
+        if cfg.num_speculative_tokens is not None and not cfg.speculative:
+            raise NanoForgeError("--num-speculative-tokens needs --speculative (ngram)")
+        self.spec = Speculator(SpecConfig(cfg.speculative, cfg.num_speculative_tokens or 3)) \
+            if cfg.speculative else None
         self.vocab_size = plan.model.vocab_size
         model_len = cfg.max_model_len or plan.model.max_position_embeddings
         bs = plan.kv_contract.block_size
@@ -110,7 +113,7 @@ class Engine:
         check_launcher(cfg.launcher)
         runner_cfg = RunnerConfig(cfg.device, num_blocks, model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                   cfg.gpu_memory_utilization, cfg.enforce_eager, progress,
-                                  cfg.num_speculative_tokens if cfg.speculative else 0)
+                                  self.spec.cfg.num_tokens if self.spec else 0)
         if runner is not None:
             self.runner = runner
         elif plan.parallel.sharded:  # one process per rank, this one is rank 0
