@@ -137,6 +137,12 @@ def _split(i: Types, p, a) -> Types:
     return [TensorType(x.dtype, (*x.shape[:-1], s)) for s in a["sizes"]]
 
 
+def _concat(i: Types, p, a) -> Types:
+    x, y = i
+    _check(x.dtype == y.dtype and x.shape[:-1] == y.shape[:-1], f"concat: {x} and {y} differ before the last dim")
+    return [TensorType(x.dtype, (*x.shape[:-1], _last(x) + _last(y)))]
+
+
 def _moe(i: Types, p, a) -> Types:
     x, e = i[0], a["num_experts"]
     h = _last(x)
@@ -198,6 +204,7 @@ OPS: dict[str, OpDef] = {
               infer=_attention, needs_ctx=True,
               doc="causal attention over the paged KV cache (writes this step's K/V first); GQA or MLA"),
         OpDef("split", ("x",), attrs=("sizes",), infer=_split, doc="split the last dim into pieces"),
+        OpDef("concat", ("a", "b"), infer=_concat, doc="join two values along the last dim (MTP's [embedding | hidden])"),
         OpDef("moe", ("x",), ("router", "w_gate", "w_up", "w_down"), ("score_bias",) + SCALE_SLOTS,
               attrs=("num_experts", "top_k", "scoring"), infer=_moe,
               doc="router, top-k, SwiGLU experts, weighted sum (shared experts are separate nodes)"),

@@ -113,6 +113,10 @@ def split(x, sizes, **_):
     return tuple(torch.split(x, sizes, dim=-1))
 
 
+def concat(a, b, **_):
+    return torch.cat([a, b], dim=-1)
+
+
 def _store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None = None) -> None:
     """values [T, ...] into the pool rows `slots` (-1: skip); with `scale` (an FP8 pool's scales,
     [NB, BS, H]) each [T, H, D] entry is quantized per token and head as it is stored."""

@@ -19,6 +19,10 @@ ARCHITECTURES: dict[str, Callable[[Config], TraceModule]] = {
     "DeepseekV3ForCausalLM": deepseek_v3.build,
     "KimiK2ForCausalLM": deepseek_v3.build,
 }
+DRAFTS: dict[str, Callable[[Config, TraceModule], TraceModule]] = {  # the checkpoint's MTP layer
+    "DeepseekV3ForCausalLM": deepseek_v3.build_mtp,
+    "KimiK2ForCausalLM": deepseek_v3.build_mtp,
+}
 DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
@@ -32,15 +36,22 @@ def architecture_of(config: dict[str, Any]) -> str:
     return archs[0]
 
 
-def trace_model(config: dict[str, Any], dtype: str = "bf16") -> Module:
-    """Build the architecture's model from its HF config and trace it into an IR module."""
+def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False) -> Module:
+    """Build the architecture's model from its HF config and trace it into an IR module; with `draft`,
+    also the checkpoint's MTP layer into a `draft` function."""
     arch = architecture_of(config)
     if dtype not in DTYPES.values():
         raise NanoForgeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES.values())}")
     c = Config(config)
     start = time.perf_counter()
     model = ARCHITECTURES[arch](c)
-    module = trace_forward(model, dtype)
+    mtp = None
+    if draft:
+        if arch not in DRAFTS or not int(c.get("num_nextn_predict_layers") or 0):
+            raise NanoForgeError(f"--speculative mtp: this {arch} checkpoint has no MTP layer "
+                                 "(config.json num_nextn_predict_layers is 0 or absent)")
+        mtp = DRAFTS[arch](c, model)
+    module = trace_forward(model, dtype, mtp, c.hidden_size)
     write(module, ModelInfo(arch, dtype, c.vocab_size, c.hidden_size, c.num_hidden_layers,
                             int(c.get("max_position_embeddings", defaults.MAX_MODEL_LEN)),
                             str(config.get("model_type", "")), int(c.get("num_nextn_predict_layers") or 0),

@@ -2,12 +2,14 @@
 YaRN rope on a separate rope slice, sigmoid group-limited routing with a selection bias,
 shared experts, and dense MLPs in the first `first_k_dense_replace` layers.
 
-The MTP layers (`model.layers.{num_hidden_layers}...`) stay in the checkpoint, unused for now."""
+The checkpoint's MTP layer (`model.layers.{num_hidden_layers}...`) traces into a second IR function,
+`draft`, when asked (`trace_model(..., draft=True)`): the building block of MTP speculation, whose
+runtime is not built yet."""
 from __future__ import annotations
 
 from ..ir.rope import yarn_mscale
 from .common import CausalLM, Config, DecoderLayer, GatedMLP, StackedExperts, attention, rope, rope_attrs, rope_settings
-from .frontend import Linear, ParamSpec, RMSNorm, Sym, TraceModule, split
+from .frontend import LMHead, Linear, ParamSpec, RMSNorm, Sym, TraceModule, concat, split
 
 LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 
@@ -72,10 +74,44 @@ class DeepseekV3MoE(TraceModule):
         return out + self.shared_experts(x) if self.shared_experts else out
 
 
+def _mlp(c: Config, i: int) -> TraceModule:
+    sparse = c.get("n_routed_experts") and i >= c.get("first_k_dense_replace", 0) and i % c.get("moe_layer_freq", 1) == 0
+    return DeepseekV3MoE(c) if sparse else GatedMLP(c.hidden_size, c.intermediate_size)
+
+
 def build(c: Config) -> CausalLM:
-    def layer(i: int) -> DecoderLayer:
-        sparse = c.get("n_routed_experts") and i >= c.get("first_k_dense_replace", 0) \
-            and i % c.get("moe_layer_freq", 1) == 0
-        mlp = DeepseekV3MoE(c) if sparse else GatedMLP(c.hidden_size, c.intermediate_size)
-        return DecoderLayer(c, DeepseekV3Attention(c, i), mlp)
-    return CausalLM(c, layer)
+    return CausalLM(c, lambda i: DecoderLayer(c, DeepseekV3Attention(c, i), _mlp(c, i)))
+
+
+class SharedHead(TraceModule):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class DeepseekV3MTP(DecoderLayer):
+    """The multi-token-prediction layer: x = eh_proj([enorm(embed(t_{i+1})) | hnorm(h_i)]) through one
+    more decoder layer (its own KV layer, index num_hidden_layers), then shared_head.norm; logits of the
+    token after next through the main model's head, embedding shared with it too (as transformers'
+    MtpModel does; the checkpoint's copies of both are left unread). Returns (logits, the normed state
+    a next draft step chains on)."""
+
+    def __init__(self, c: Config, main: CausalLM):
+        L = c.num_hidden_layers
+        super().__init__(c, DeepseekV3Attention(c, L), _mlp(c, L))
+        self.prefix = f"model.layers.{L}"
+        self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.eh_proj = Linear(2 * c.hidden_size, c.hidden_size)
+        self.shared_head = SharedHead(c)
+        object.__setattr__(self, "embed", main.model.embed_tokens)  # shared, bound with the main model
+        object.__setattr__(self, "head", LMHead(main.lm_head.weight))
+
+    def forward(self, tokens: Sym, positions: Sym, hidden: Sym, rows: Sym) -> tuple[Sym, Sym]:
+        x = self.eh_proj(concat(self.enorm(self.embed(tokens)), self.hnorm(hidden)))
+        x = self.shared_head.norm(super().forward(x, positions))
+        return self.head(x, rows), x
+
+
+def build_mtp(c: Config, main: CausalLM) -> DeepseekV3MTP:
+    return DeepseekV3MTP(c, main)

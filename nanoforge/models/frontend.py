@@ -191,12 +191,22 @@ def split(x: Sym, sizes: list[int]) -> tuple[Sym, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def trace_forward(model: TraceModule, dtype: str) -> Module:
-    """Trace `model.forward(tokens, positions, rows)` into the module's `forward` function."""
+def concat(a: Sym, b: Sym) -> Sym:
+    return a.tracer.emit("concat", [a, b])
+
+
+def trace_forward(model: TraceModule, dtype: str, draft: TraceModule | None = None, hidden: int = 0) -> Module:
+    """Trace `model.forward(tokens, positions, rows)` into the module's `forward` function and, given a
+    `draft` module (a checkpoint's MTP layer), `draft.forward(tokens, positions, hidden, rows)` into a
+    `draft` function: hidden is the target's final hidden state [T, hidden] of the previous positions."""
     tracer = Tracer(dtype)
     model.bind()
-    tokens, positions, rows = tracer.begin(
-        "forward", {"tokens": TensorType("i64", ("T",)), "positions": TensorType("i64", ("T",)),
-                    "rows": TensorType("i64", ("S",))})
+    ids = {"tokens": TensorType("i64", ("T",)), "positions": TensorType("i64", ("T",))}
+    tokens, positions, rows = tracer.begin("forward", {**ids, "rows": TensorType("i64", ("S",))})
     tracer.end(model(tokens, positions, rows))
+    if draft is not None:
+        draft.bind(draft.prefix)
+        tokens, positions, h, rows = tracer.begin("draft", {**ids, "hidden": TensorType(dtype, ("T", hidden)),
+                                                             "rows": TensorType("i64", ("S",))})
+        tracer.end(*draft(tokens, positions, h, rows))
     return tracer.module
