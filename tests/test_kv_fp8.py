@@ -206,3 +206,53 @@ def test_sharded_plans_with_fp8_kv_match_unsharded(ckpt):  # noqa: F811
     want = run_ranks_dp(module(path), ck, prompts)
     got = run_ranks_dp(module(path, attention_dp=2, ffn_ep=2), ck, prompts)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.timeout(240)
+def test_pd_engine_servers_with_fp8_kv(tiny_ckpt):
+    """Two engine processes with FP8 KV behind the router (KV and scales moved host-staged over ZMQ)
+    give one FP8 engine's greedy tokens; the router refuses to pair the FP8 prefill engine with a
+    model-dtype-KV decode engine, naming the difference."""
+    import asyncio
+
+    from nanoforge.serving.engine_server import start_engine_server, wait_engine_ready
+    from nanoforge.serving.protocol import GenerateRequest
+    from nanoforge.serving.router import Router
+    from nanoforge.serving.zmq_client import ZmqEngineClient
+
+    ck = tiny_ckpt("qwen3")
+    common = {"num_blocks": 128, "max_num_seqs": 8, "model_name": "tiny"}
+    procs = {"prefill": start_engine_server(ck, role="prefill", kv_dtype="fp8", **common),
+             "decode": start_engine_server(ck, role="decode", kv_dtype="fp8", **common),
+             "plain": start_engine_server(ck, role="decode", **common)}
+    try:
+        prompts = random_prompts(tiny_config("qwen3").vocab_size, [37, 5, 20], seed=9)
+        want = [o.token_ids for o in LLM(ck, progress=False, kv_dtype="fp8").generate(
+            prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))]
+        for proc, addr in procs.values():
+            wait_engine_ready(proc, addr, timeout=120)
+
+        async def main():
+            router = await Router.connect([procs["prefill"][1]], [procs["decode"][1]])
+            try:
+                async def one(i, p):
+                    return [t async for d in router.generate(GenerateRequest(
+                        f"r{i}", p, {"temperature": 0, "max_tokens": 8, "ignore_eos": True})) for t in d.token_ids]
+                outs = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+                c = await ZmqEngineClient.connect(procs["decode"][1], timeout=5)
+                try:
+                    return outs, await c.stats()
+                finally:
+                    c.close()
+            finally:
+                router.close()
+
+        got, decode = asyncio.run(main())
+        assert got == want  # the KV (values and scales) was pulled, not recomputed:
+        assert decode["kv_migrations"] == len(prompts) and decode["kv_migration_fallbacks"] == 0
+        with pytest.raises(NanoForgeError, match="dtype: 'fp8_e4m3' vs 'f32'"):
+            asyncio.run(Router.connect([procs["prefill"][1]], [procs["plain"][1]]))
+    finally:
+        for proc, _ in procs.values():
+            proc.kill()
+            proc.wait()
