@@ -45,7 +45,7 @@ def test_reference_gqa_reads_back_the_dequantized_entries_it_stored():
             + (torch.full((8, bs, kvh), float("nan")), torch.full((8, bs, kvh), float("nan")))]
     plain = [(torch.zeros(8, bs, kvh, d), torch.zeros(8, bs, kvh, d))]
     hist = {}  # earlier tokens of each sequence, stored first through the same op
-    for i, (q_len, ctx_len, blocks) in enumerate(seqs):
+    for i, (q_len, ctx_len, _) in enumerate(seqs):
         if ctx_len > q_len:
             hist[i] = ctx_len - q_len
     prev = [(n, n, seqs[i][2]) for i, n in hist.items()]
