@@ -113,6 +113,12 @@ def test_stop_rules_max_tokens_and_logprobs_behave_as_without(tiny_ckpt):
                     assert lx["token"] == pytest.approx(ly["token"], abs=1e-4)
                     assert [t for t, _ in lx["top"]] == [t for t, _ in ly["top"]]
     assert spec.metrics()["speculative"]["drafts_accepted"] > 0
+    # a stop string inside the output: the same text, cut at the same place, with the same reason
+    text = plain.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    a, b = plain.generate(prompts[:1], sp)[0], spec.generate(prompts[:1], sp)[0]
+    assert (a.text, a.finish_reason) == (b.text, b.finish_reason) and a.finish_reason == "stop" and stop not in a.text
 
 
 def test_sampling_through_the_engine_keeps_the_distribution():
