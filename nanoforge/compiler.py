@@ -72,7 +72,8 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
     act = opts.fp8_activations == "dynamic" or (opts.fp8_activations == "auto" and target.device == "cuda")
     quant = quantize_weights.Options("fp8" if shipped else "none", mode, *((shipped.block, shipped.keep) if shipped
                                                                             else ()), act_quant=128 if act else 0)
-    return {"quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target), "shard_tp": shard_tp.Options(opts.tp),
+    return {"quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target),
+            "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),
             "select_kernels": select_kernels.Options(target, dict(opts.providers), opts.block_size),

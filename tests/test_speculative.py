@@ -13,6 +13,7 @@ from nanoforge import LLM, SamplingParams
 from nanoforge.errors import NanoForgeError
 from nanoforge.models.presets import PRESETS
 from nanoforge.models.random_checkpoint import RandomCheckpoint
+from nanoforge.serving.metrics import ServerMetrics
 from nanoforge.runtime.speculative import SpecConfig, accept_greedy, accept_sampled, ngram_drafts
 
 
@@ -65,6 +66,9 @@ def test_greedy_equals_decoding_without_speculation(arch, tiny_ckpt):
         assert m["drafts_proposed"] > 0 and len(m["acceptance_rate_per_position"]) == k
         assert 1 <= m["mean_accepted_length"] <= k + 1
         assert llm.metrics()["generated_tokens"] == 24 * len(prompts)
+        text = ServerMetrics("tiny").render(llm.engine.stats())  # the same figures under /metrics
+        assert f"nanoforge_spec_drafts_accepted_total{{model_name=\"tiny\"}} {m['drafts_accepted']}" in text
+        assert 'nanoforge_spec_acceptance_rate{model_name="tiny",position="0"}' in text
         llm.engine.blocks.check_invariants([])
         assert llm.engine.blocks.num_free == len(llm.engine.blocks.blocks)
     llm.engine.spec.uniform = True  # as with verify graphs: every decode row gets K drafts, fillers included

@@ -185,7 +185,8 @@ class Engine:
         """Load and cache counters, for /metrics and routers."""
         total, free = len(self.blocks.blocks), self.blocks.num_free
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "kv_blocks_total": total, "kv_blocks_free": free, "kv_tokens_total": self.kv_cache["tokens"], "kv_usage": 1 - free / max(total, 1),
+                "kv_blocks_total": total, "kv_blocks_free": free, "kv_usage": 1 - free / max(total, 1),
+                "kv_tokens_total": self.kv_cache["tokens"],
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "prompt_tokens": self.metrics.prompt_tokens, "generated_tokens": self.metrics.generated_tokens,
                 "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions,

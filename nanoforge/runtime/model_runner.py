@@ -16,6 +16,7 @@ from .. import defaults
 from ..codegen.pysource import compile_function, prepare_params
 from ..errors import NanoForgeError
 from ..kernels.context import allocate_pool, make_context
+from ..passes.quantize_kv import FP8_MIN_SM
 from ..models.checkpoint import Checkpoint
 from ..models.weights import load_params
 from ..plan import Plan
@@ -82,10 +83,11 @@ class ModelRunner:
         self.cfg, self.device, self.rank = cfg, torch.device(cfg.device), rank
         self.comm = None  # this rank's collectives, set by _agree_blocks on a sharded plan
         self.contract = plan.kv_contract
-        if self.contract.scale_dtype and self.device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-            raise NanoForgeError(f"--kv-dtype fp8: the plan keeps KV in {self.contract.dtype}, which this GPU "
-                                 f"(sm{''.join(map(str, torch.cuda.get_device_capability()))}) cannot convert; "
-                                 "recompile without --kv-dtype")
+        if self.contract.scale_dtype and self.device.type == "cuda":
+            sm = int("".join(map(str, torch.cuda.get_device_capability())))
+            if sm < FP8_MIN_SM:
+                raise NanoForgeError(f"--kv-dtype fp8: the plan keeps KV in {self.contract.dtype}, which this GPU "
+                                     f"(sm{sm}) cannot convert; recompile without --kv-dtype")
         self.block_size = self.contract.block_size
         self.params = load_params(plan.module, ckpt, self.device, progress=cfg.progress, rank=rank)
         self.forward = compile_function(plan.module, "forward")

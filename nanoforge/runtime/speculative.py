@@ -82,17 +82,16 @@ class SpecStats:
         self.verify_rows += 1
         self.emitted += num_emitted
 
-    def counters(self) -> dict:
-        """For the engine's stats (/metrics)."""
-        return {"spec_drafts_proposed": sum(self.proposed), "spec_drafts_accepted": sum(self.accepted),
-                "spec_verify_rows": self.verify_rows, "spec_emitted_tokens": self.emitted,
-                "spec_acceptance_rate_per_position": [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]}
-
     def summary(self) -> dict:
-        rates = [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
-        return {"acceptance_rate_per_position": rates, "drafts_proposed": sum(self.proposed),
-                "drafts_accepted": sum(self.accepted), "verify_rows": self.verify_rows,
+        """For llm.metrics(); counters() gives the same under /metrics' names."""
+        return {"acceptance_rate_per_position": [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)],
+                "drafts_proposed": sum(self.proposed), "drafts_accepted": sum(self.accepted),
+                "verify_rows": self.verify_rows, "emitted_tokens": self.emitted,
                 "mean_accepted_length": self.emitted / self.verify_rows if self.verify_rows else 0.0}
+
+    def counters(self) -> dict:
+        """For the engine's stats (/metrics): summary()'s figures as spec_* counters."""
+        return {f"spec_{k}": v for k, v in self.summary().items() if k != "mean_accepted_length"}
 
 
 def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:

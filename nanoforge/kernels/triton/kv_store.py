@@ -16,6 +16,19 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
+def _store_rows(src, dst, scale_ptr, t, blk, off, h, s_t, s_h, s_d, s_b, s_o, s_ch, s_cd, s_sb, s_so, s_sh, KVH, D,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, EPS: tl.constexpr):
+    """Token t's [KVH, D] rows into pool slot (blk, off); QUANT: as e4m3 with their scales beside them."""
+    d = tl.arange(0, BLOCK_D)
+    m = (h[:, None] < KVH) & (d[None, :] < D)
+    x = tl.load(src + t * s_t + h[:, None] * s_h + d[None, :] * s_d, mask=m, other=0.0)
+    if QUANT:
+        x, sc = _quant_rows(x.to(tl.float32), BLOCK_H, EPS)
+        tl.store(scale_ptr + blk * s_sb + off * s_so + h * s_sh, sc, mask=h < KVH)
+    tl.store(dst + blk * s_b + off * s_o + h[:, None] * s_ch + d[None, :] * s_cd, x.to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                      s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
                      s_kcb, s_kco, s_kch, s_kcd, s_vcb, s_vco, s_vch, s_vcd,
@@ -30,23 +43,11 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
     blk = slot // BS
     off = slot % BS
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    dk = tl.arange(0, BLOCK_DK)
-    mk = (h[:, None] < KVH) & (dk[None, :] < DK)
-    x = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + dk[None, :] * s_kd, mask=mk, other=0.0)
-    if QUANT:
-        x, sc = _quant_rows(x.to(tl.float32), BLOCK_H, EPS)
-        tl.store(ks_ptr + blk * s_ksb + off * s_kso + h * s_ksh, sc, mask=h < KVH)
-    tl.store(kc_ptr + blk * s_kcb + off * s_kco + h[:, None] * s_kch + dk[None, :] * s_kcd,
-             x.to(kc_ptr.dtype.element_ty), mask=mk)
+    _store_rows(k_ptr, kc_ptr, ks_ptr, t, blk, off, h, s_kt, s_kh, s_kd, s_kcb, s_kco, s_kch, s_kcd,
+                s_ksb, s_kso, s_ksh, KVH, DK, BLOCK_H, BLOCK_DK, QUANT, EPS)
     if HAS_V:
-        dv = tl.arange(0, BLOCK_DV)
-        mv = (h[:, None] < KVH) & (dv[None, :] < DV)
-        y = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + dv[None, :] * s_vd, mask=mv, other=0.0)
-        if QUANT:
-            y, sc = _quant_rows(y.to(tl.float32), BLOCK_H, EPS)
-            tl.store(vs_ptr + blk * s_vsb + off * s_vso + h * s_vsh, sc, mask=h < KVH)
-        tl.store(vc_ptr + blk * s_vcb + off * s_vco + h[:, None] * s_vch + dv[None, :] * s_vcd,
-                 y.to(vc_ptr.dtype.element_ty), mask=mv)
+        _store_rows(v_ptr, vc_ptr, vs_ptr, t, blk, off, h, s_vt, s_vh, s_vd, s_vcb, s_vco, s_vch, s_vcd,
+                    s_vsb, s_vso, s_vsh, KVH, DV, BLOCK_H, BLOCK_DV, QUANT, EPS)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor,
