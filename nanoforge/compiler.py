@@ -15,7 +15,7 @@ from .models import DTYPES, trace_model
 from .models.checkpoint import Checkpoint, open_checkpoint
 from .models.quant import WeightQuant, weight_quant_of
 from .models.weights import check_bindings
-from .passes import (PASSES, PIPELINES, PassContext, PassManager, fuse_elementwise, plan_cuda_graphs, plan_deep_ep,
+from .passes import (PASSES, PIPELINES, PassContext, PassManager, attach_mtp, fuse_elementwise, plan_cuda_graphs, plan_deep_ep,
                      plan_memory, quantize_kv, quantize_weights, select_kernels, shard_ep, shard_tp)
 from .plan import CheckpointRef, Plan
 
@@ -41,6 +41,8 @@ class CompileOptions:
     tp: int = 1  # tensor-parallel ranks (passes/shard_tp.py)
     attention_dp: int = 1  # attention data-parallel x FFN expert-parallel ranks (passes/shard_ep.py)
     ffn_ep: int = 1
+    speculative: str | None = None  # mtp: the checkpoint's MTP head as a draft function (passes/attach_mtp.py)
+    num_speculative_tokens: int | None = None  # K drafts a step (default 3)
 
 
 def resolve_dtype(requested: str, config: dict[str, Any]) -> str:
@@ -72,7 +74,7 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
     act = opts.fp8_activations == "dynamic" or (opts.fp8_activations == "auto" and target.device == "cuda")
     quant = quantize_weights.Options("fp8" if shipped else "none", mode, *((shipped.block, shipped.keep) if shipped
                                                                             else ()), act_quant=128 if act else 0)
-    return {"quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target),
+    return {"attach_mtp": attach_mtp.Options(mtp_tokens(opts)), "quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target),
             "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),
@@ -80,6 +82,23 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
             "plan_deep_ep": plan_deep_ep.Options(opts.max_num_seqs, opts.deep_ep_max_tokens),
             "plan_cuda_graphs": plan_cuda_graphs.Options(opts.cuda_graphs, opts.max_num_seqs),
             "plan_memory": plan_memory.Options(opts.block_size, opts.max_num_batched_tokens)}
+
+
+def mtp_tokens(opts: CompileOptions) -> int:
+    """K when the compile asks for MTP drafts, else 0 (ngram needs nothing from the plan)."""
+    if opts.speculative not in (None, "mtp", "ngram"):
+        raise NanoForgeError(f"--speculative {opts.speculative!r}: choose mtp (the checkpoint's MTP head) or ngram")
+    if opts.num_speculative_tokens is not None and opts.speculative is None:
+        raise NanoForgeError("--num-speculative-tokens needs --speculative (mtp or ngram)")
+    if opts.speculative != "mtp":
+        return 0
+    k = 3 if opts.num_speculative_tokens is None else opts.num_speculative_tokens
+    if k < 1:
+        raise NanoForgeError(f"--num-speculative-tokens {k}: must be at least 1")
+    if max(opts.tp, opts.attention_dp, opts.ffn_ep) > 1:
+        raise NanoForgeError("--speculative mtp on a sharded plan (--tp / --attention-dp / --ffn-ep) is not built yet; "
+                             "compile for one rank")
+    return k
 
 
 def _numeric_check(name: str, before: Module, after: Module) -> str | None:
@@ -95,7 +114,7 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
     shipped = weight_quant_of(ckpt.config)  # an unsupported quantization fails here, naming its method
     t_open = time.perf_counter()
     dtype = resolve_dtype(opts.dtype, ckpt.config)
-    module = trace_model(ckpt.config, dtype)
+    module = trace_model(ckpt.config, dtype, draft=mtp_tokens(opts) > 0)
     if not opts.config_only:  # each tensor by name while params are still one per key (before fusions)
         check_bindings(module, ckpt, storage=False)
     t_trace = time.perf_counter()
@@ -103,7 +122,8 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
         raise NanoForgeError(f"unknown pipeline {opts.pipeline!r}; pipelines: {', '.join(PIPELINES)}")
     asks = [("shard_tp", f"--tp {opts.tp}", opts.tp > 1),
             ("shard_ep", f"--ffn-ep {max(opts.ffn_ep, opts.attention_dp)}", max(opts.ffn_ep, opts.attention_dp) > 1),
-            ("quantize_kv", f"--kv-dtype {opts.kv_dtype}", quantize_kv.kv_dtype_of(opts.kv_dtype) is not None)]
+            ("quantize_kv", f"--kv-dtype {opts.kv_dtype}", quantize_kv.kv_dtype_of(opts.kv_dtype) is not None),
+            ("attach_mtp", "--speculative mtp", mtp_tokens(opts) > 0)]
     for name, flag, asked in asks:
         if asked and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):
             raise NanoForgeError(f"{flag} needs the {name} pass, which this compile does not run")

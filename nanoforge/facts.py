@@ -156,6 +156,17 @@ class CudaGraphPlan:
 
 
 @dataclass(frozen=True)
+class SpeculativePlan:
+    """The plan drafts with the checkpoint's MTP head (attach_mtp): K drafts a step, chained on the
+    head's own outputs; the forward also returns its final hidden state, which the draft reads."""
+
+    KEY: ClassVar[str] = "speculative"  # written by attach_mtp
+    method: str  # mtp
+    num_tokens: int  # K
+    draft_kv_layers: tuple[int, ...]  # the draft's own KV layers in the contract
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """What the engine sizes its memory from (plan_memory)."""
 

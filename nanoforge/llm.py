@@ -79,8 +79,9 @@ class LLM:
         cfg = EngineConfig(**engine_options)
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, quantize=quantize, fp8_activations=fp8_activations, device=device or "cpu",
-                              kv_dtype=kv_dtype,
-                              block_size=block_size,
+                              kv_dtype=kv_dtype, block_size=block_size,
+                              **({"speculative": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
+                                 if cfg.speculative == "mtp" else {}),
                               max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
                               **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)

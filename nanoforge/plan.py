@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NanoForgeError
-from .facts import (CudaGraphPlan, DeepEPPlan, MemoryPlan, ModelInfo, ParallelLayout, ProviderNotes, Target,
-                    layout_of, read, require)
+from .facts import (CudaGraphPlan, DeepEPPlan, MemoryPlan, ModelInfo, ParallelLayout, ProviderNotes, SpeculativePlan,
+                    Target, layout_of, read, require)
 from .ir.graph import Module
 from .ir.parser import parse_module
 from .ir.printer import format_function, format_module
@@ -94,6 +94,10 @@ class Plan:
         return layout_of(self.module)
 
     @property
+    def speculative(self) -> SpeculativePlan | None:
+        return read(self.module, SpeculativePlan)
+
+    @property
     def deep_ep(self) -> DeepEPPlan | None:
         return read(self.module, DeepEPPlan)
 
@@ -104,7 +108,7 @@ class Plan:
 
     def check_facts(self) -> None:
         """Read every fact once, so a malformed one fails at load, naming its field."""
-        for name in ("model", "kv_contract", "memory", "cuda_graphs", "parallel", "deep_ep", "provider_notes"):
+        for name in ("model", "kv_contract", "memory", "cuda_graphs", "parallel", "deep_ep", "provider_notes", "speculative"):
             getattr(self, name)
 
     # -- files -----------------------------------------------------------------------------------

@@ -90,9 +90,11 @@ def module_source(module: Module) -> str:
     return header + "\n\n".join(function_source(fn) for fn in module.functions.values())
 
 
-def prepare_params(fn: Function, params: dict[str, Any]) -> None:
-    """Once at load: each provider module of `fn` that has a `prepare_params(fn, params)` may lay
-    out, in place, the params its kernels read (the cpu provider packs its GEMM weights)."""
+def prepare_params(fns: list[Function], params: dict[str, Any]) -> None:
+    """Once at load: each provider module of the functions that has a `prepare_params(fn, params)`
+    may lay out, in place, the params its kernels read (the cpu provider packs its GEMM weights).
+    All functions that will run go in one call, so a param they share is laid out once, for all."""
+    fn = Function("+".join(f.name for f in fns), [], [n for f in fns for n in f.nodes])
     kernels = kernel_namespace({n.provider or "torch" for n in fn.nodes})
     for name in sorted(vars(kernels)):
         hook = getattr(getattr(kernels, name), "prepare_params", None)

@@ -72,14 +72,17 @@ class DecodeGraphs:
             return f"{len(batch.items)} sequences exceed the largest graph ({self.sizes[-1]})"
         return None
 
-    def run(self, batch: ScheduledBatch, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay the graph of the next size up; `device_tokens` (one per sequence, on the
-        device) replace the host token ids, for a step chained on the previous one's samples."""
+    def run(self, batch: ScheduledBatch, device_tokens: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay the graph of the next size up: (logits, the final hidden state of every row where
+        the plan returns it, for its MTP head); `device_tokens` (one per sequence, on the device)
+        replace the host token ids, for a step chained on the previous one's samples."""
         b, q = len(batch.items), self.q
         pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
         tokens = None if device_tokens is not None else \
             [t for (seq, _), p in zip(batch.items, pos.tolist()) for t in seq.token_ids[p:p + q]]
-        return self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens)
+        out = self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens)
+        return out if isinstance(out, tuple) else (out, None)
 
     def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
                  device_tokens: torch.Tensor | None = None, pad_to: int = 0) -> torch.Tensor:
@@ -117,4 +120,4 @@ class DecodeGraphs:
         for hook in getattr(self.comm, "replay_hooks", ()):  # e.g. DeepEP's switch to low-latency mode
             hook()
         graph.replay()
-        return out[:b * q]
+        return tuple(o[:b * q] for o in out) if isinstance(out, tuple) else out[:b * q]

@@ -40,8 +40,8 @@ class EngineConfig:
     overlap_decode: bool = True  # launch decode step N+1 before the host has read step N's tokens
     launcher: str = "local"  # where a sharded plan's worker ranks run: local subprocesses, or ray actors
     ray_address: str | None = None  # launcher ray: the cluster to join (default $RAY_ADDRESS, else this node's)
-    speculative: str | None = None  # draft tokens to verify in each decode step: ngram (speculative.py)
-    num_speculative_tokens: int | None = None  # drafts per sequence and step (default 3)
+    speculative: str | None = None  # drafts each decode step verifies: ngram | mtp (speculative.py); None: the plan's
+    num_speculative_tokens: int | None = None  # drafts per sequence and step (default: the plan's K, else 3)
 
 
 @dataclass
@@ -94,15 +94,25 @@ def _check_config(cfg: EngineConfig) -> None:
                              f"{cfg.max_model_len}")
 
 
+def _spec_config(cfg: EngineConfig, plan: Plan) -> SpecConfig:
+    """Speculation as asked, or as the plan was compiled for (its MTP head: attach_mtp)."""
+    drafts = plan.speculative
+    method = cfg.speculative or (drafts.method if drafts else None)
+    if cfg.num_speculative_tokens is not None and method is None:
+        raise NanoForgeError("--num-speculative-tokens needs --speculative (ngram, or mtp on a plan compiled with it)")
+    if method == "mtp" and drafts is None:
+        raise NanoForgeError("--speculative mtp: this plan has no MTP draft function; compile the checkpoint with "
+                             "--speculative mtp")
+    k = cfg.num_speculative_tokens or (drafts.num_tokens if drafts and method == "mtp" else 3)
+    return SpecConfig(method, k)
+
+
 class Engine:
     def __init__(self, plan: Plan, ckpt: Checkpoint | None, tokenizer: Tokenizer | None, cfg: EngineConfig,
                  progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         _check_config(cfg)
-        if cfg.num_speculative_tokens is not None and not cfg.speculative:
-            raise NanoForgeError("--num-speculative-tokens needs --speculative (ngram)")
-        self.spec = Speculator(SpecConfig(cfg.speculative, cfg.num_speculative_tokens or 3)) \
-            if cfg.speculative else None
+        spec_cfg = _spec_config(cfg, plan)
         self.vocab_size = plan.model.vocab_size
         model_len = cfg.max_model_len or plan.model.max_position_embeddings
         bs = plan.kv_contract.block_size
@@ -113,7 +123,7 @@ class Engine:
         check_launcher(cfg.launcher)
         runner_cfg = RunnerConfig(cfg.device, num_blocks, model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                   cfg.gpu_memory_utilization, cfg.enforce_eager, progress,
-                                  self.spec.cfg.num_tokens if self.spec else 0)
+                                  spec_cfg.num_tokens if spec_cfg.method else 0)
         if runner is not None:
             self.runner = runner
         elif plan.parallel.sharded:  # one process per rank, this one is rank 0
@@ -124,6 +134,8 @@ class Engine:
             if cfg.launcher != "local":
                 log.info("launcher %s ignored: the plan runs as one rank, in this process", cfg.launcher)
             self.runner = ModelRunner(plan, ckpt, runner_cfg)
+        self.spec = None if spec_cfg.method is None else \
+            Speculator(spec_cfg, getattr(self.runner, "drafter", None) if spec_cfg.method == "mtp" else None)
         if self.spec is not None:  # verify graphs take exactly K drafts a sequence
             self.spec.uniform = getattr(self.runner, "verify_graphs", None) is not None
         num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
@@ -281,6 +293,7 @@ class Engine:
         if self._can_defer(batch):
             self._pending = self._launch(batch, None)
             return []
+        starts = [seq.num_computed for seq, _ in batch.items]
         logits, sample_items = self.runner.execute(batch)
         verified, emitted = [], 0
         if batch.drafts:
@@ -302,6 +315,8 @@ class Engine:
                 seq.logits = logits[row].cpu()
             self._append(seq, token, info)
         self.metrics.generated_tokens += len(out) + emitted
+        if self.spec is not None:
+            self.spec.after_step(batch, starts, getattr(self.runner, "hidden", None))
         out += verified
         self.metrics.steps += 1
         self.metrics.tokens_per_step.append(batch.num_tokens)

@@ -91,7 +91,9 @@ class ModelRunner:
         self.block_size = self.contract.block_size
         self.params = load_params(plan.module, ckpt, self.device, progress=cfg.progress, rank=rank)
         self.forward = compile_function(plan.module, "forward")
-        prepare_params(plan.module.functions["forward"], self.params)
+        self.hidden: torch.Tensor | None = None  # the last step's final hidden state per row (MTP plans)
+        runs = ["forward"] + (["draft"] if plan.speculative else [])
+        prepare_params([plan.module.functions[name] for name in runs], self.params)
         num_blocks = cfg.num_blocks if cfg.num_blocks is not None else self._blocks_that_fit(plan)
         self.num_blocks = self._agree_blocks(num_blocks)
         self.pool = allocate_pool(self.contract, max(self.num_blocks, 1), self.device)
@@ -114,6 +116,12 @@ class ModelRunner:
                     max_model_len=cfg.max_model_len, device=self.device, q_per_seq=q)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
+        self.drafter = None  # the MTP head (mtp.py), for plans compiled with --speculative mtp
+        if plan.speculative is not None:
+            from .mtp import MtpDrafter
+
+            self.drafter = MtpDrafter(compile_function(plan.module, "draft"), self.params, self.pool,
+                                      self.block_size, self.device)
 
     one_rank_of_many = False  # True for the ranks of a sharded plan (distributed_runner.py)
 
@@ -176,7 +184,8 @@ class ModelRunner:
         (one per sequence, at position num_computed) are still on the device, not in token_ids."""
         if batch.drafts and self.verify_graphs is not None and self.verify_graphs.why_not(batch) is None:
             self.batches["verify graph"] += 1
-            return self.verify_graphs.run(batch), list(range(len(batch.items)))
+            logits, self.hidden = self.verify_graphs.run(batch)
+            return logits, list(range(len(batch.items)))
         if device_tokens is not None:
             sample_items = list(range(len(batch.items)))
             why = self.no_graph_reason or (None if len(batch.items) <= self.graphs.sizes[-1]  # type: ignore
@@ -186,7 +195,8 @@ class ModelRunner:
             why = self.no_graph_reason or self.graphs.why_not(batch)  # type: ignore[union-attr]
         if why is None:
             self.batches["graph"] += 1
-            return self.graphs.run(batch, device_tokens), sample_items  # type: ignore[union-attr]
+            logits, self.hidden = self.graphs.run(batch, device_tokens)  # type: ignore[union-attr]
+            return logits, sample_items
         self.batches[f"eager: {why}"] += 1
         tokens, seqs, rows = flat_batch(batch, sample_items, device_tokens is not None)
         return self.run(tokens, seqs, rows, device_tokens), sample_items
@@ -199,4 +209,6 @@ class ModelRunner:
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
         with torch.inference_mode():
-            return self.forward(self.params, ctx, token_ids, as_tensor(positions_of(seqs)), as_tensor(rows))
+            out = self.forward(self.params, ctx, token_ids, as_tensor(positions_of(seqs)), as_tensor(rows))
+        logits, self.hidden = out if isinstance(out, tuple) else (out, None)
+        return logits

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None = None
     logits: torch.Tensor | None = None  # latest row, only when the engine keeps them
     arrival: int = 0  # admission order; the newest running sequence is preempted first
+    draft: Any = None  # the MTP head's latest output for it (runtime/mtp.py DraftState)
 
     def __post_init__(self) -> None:
         self.num_prompt = self.num_prompt or len(self.token_ids)

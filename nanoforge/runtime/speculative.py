@@ -13,7 +13,9 @@ never enter the prefix cache.
 
 Drafts come from `ngram` (prompt lookup): the tokens that followed the most recent earlier
 occurrence of the sequence's last n tokens, longest n first. No extra weights, and it pays off
-where the output repeats the input (editing, summarising, code)."""
+where the output repeats the input (editing, summarising, code). Or from `mtp`: the checkpoint's
+multi-token-prediction head, which a plan compiled with `--speculative mtp` carries as its draft
+function (mtp.py runs it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,13 +25,14 @@ import numpy as np
 import torch
 
 from ..errors import NanoForgeError
+from .mtp import MtpDrafter
 
-METHODS = ("ngram",)  # mtp: the checkpoint's MTP head as a draft function (attach_mtp), not built yet
+METHODS = ("ngram", "mtp")
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    method: str | None = None  # None (off) | ngram
+    method: str | None = None  # None (off) | ngram | mtp (the plan's draft function)
     num_tokens: int = 3  # drafts per step and sequence (K)
     ngram_max: int = 4  # longest suffix looked up
     ngram_min: int = 1
@@ -37,10 +40,8 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.method is None:
             return
-        if self.method == "mtp":
-            raise NanoForgeError("--speculative mtp: MTP draft heads (attach_mtp) are not built yet; use ngram")
         if self.method not in METHODS:
-            raise NanoForgeError(f"--speculative {self.method!r}: choose ngram")
+            raise NanoForgeError(f"--speculative {self.method!r}: choose ngram or mtp")
         if self.num_tokens < 1:
             raise NanoForgeError(f"--num-speculative-tokens {self.num_tokens}: must be at least 1")
         if not 1 <= self.ngram_min <= self.ngram_max:
@@ -128,20 +129,34 @@ class Speculator:
     """The engine's speculative step: `propose` turns decode rows into draft rows before the target
     step runs, `verify` turns their logits into tokens afterwards and gives back the rest."""
 
-    def __init__(self, cfg: SpecConfig):
-        self.cfg, self.stats = cfg, SpecStats()
+    def __init__(self, cfg: SpecConfig, mtp: MtpDrafter | None = None):
+        if (cfg.method == "mtp") != (mtp is not None):
+            raise ValueError("an mtp Speculator needs the plan's drafter, and only it")
+        self.cfg, self.stats, self.mtp = cfg, SpecStats(), mtp
         self.uniform = False  # give every decode row exactly K drafts (the runner has verify graphs)
 
     def propose(self, batch, blocks, budget: int, max_model_len: int) -> None:
         """Append drafts to the decode rows of `batch` (sequence tokens and blocks grow with them,
         batch.drafts records how many) while `budget` extra tokens and free blocks last."""
         cfg, k = self.cfg, self.cfg.num_tokens
-        found = {}
+        rooms = {}
         for i, (seq, n) in enumerate(batch.items):
-            if n != 1 or seq.num_computed + 1 != seq.num_tokens:
-                continue
-            room = min(k, seq.params.max_tokens - seq.num_output - 1, max_model_len - seq.num_tokens - 1)
-            found[i] = (room, ngram_drafts(seq.token_ids, room, cfg.ngram_max, cfg.ngram_min) if room > 0 else [])
+            if n == 1 and seq.num_computed + 1 == seq.num_tokens:
+                rooms[i] = min(k, seq.params.max_tokens - seq.num_output - 1, max_model_len - seq.num_tokens - 1)
+        if self.mtp is not None:  # the chain writes the draft layer's K/V past the token: blocks first
+            left, wanted = budget, []
+            for i, room in rooms.items():
+                seq, room = batch.items[i][0], max(min(room, left), 0)
+                if room and blocks.can_grow(seq, 1 + room):
+                    blocks.grow(seq, 1 + room)
+                    left -= room
+                else:
+                    room = 0
+                wanted.append((seq, room))
+            found = {i: (room, d) for (i, room), d in zip(rooms.items(), self.mtp.chain(wanted))}
+        else:
+            found = {i: (room, ngram_drafts(batch.items[i][0].token_ids, room, cfg.ngram_max, cfg.ngram_min)
+                         if room > 0 else []) for i, room in rooms.items()}
         pad = self.uniform and any(d for _, d in found.values())
         for i, (room, drafts) in found.items():
             seq = batch.items[i][0]
@@ -155,6 +170,17 @@ class Speculator:
             batch.items[i] = (seq, 1 + len(drafts))
             batch.drafts[i] = len(drafts)
             budget -= len(drafts)
+
+    def after_step(self, batch, starts: list[int], hidden: torch.Tensor | None) -> None:
+        """MTP: the draft head over the rows the step kept (`starts`: each item's num_computed before
+        it; `hidden`: the target's final hidden state of every row it ran)."""
+        if self.mtp is None or hidden is None:
+            return
+        items, flat = [], 0
+        for (seq, n), start in zip(batch.items, starts):
+            items.append((seq, start, seq.num_computed - start, flat))
+            flat += n
+        self.mtp.extend(items, hidden)
 
     def verify(self, batch, logits: torch.Tensor, sample_items: list[int], blocks,
                request_of: Callable, append: Callable) -> tuple[torch.Tensor, list[int], list, int]:
