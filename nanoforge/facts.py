@@ -153,6 +153,7 @@ class CudaGraphPlan:
     KEY: ClassVar[str] = "cuda_graphs"  # written by plan_cuda_graphs
     sizes: tuple[int, ...] = ()
     reason: str | None = "the plan has no CUDA-graph pass"
+    verify_sizes: tuple[int, ...] = ()  # MTP plans: batch sizes of the verify step (K + 1 rows a sequence)
 
 
 @dataclass(frozen=True)

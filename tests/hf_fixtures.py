@@ -753,3 +753,29 @@ def hf_gguf_tokenizer(gguf_path: Path):
 
     with _quiet_transformers(), shared_gguf_parse():
         return tf.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+def make_bigram_deepseek(src: Path, out: Path) -> Path:
+    """The tiny DeepSeek-V3 checkpoint at `src` with every o_proj and down_proj zeroed, written to `out`:
+    its logits depend on the last token only. Its MTP layer reads only the next token's embedding
+    (eh_proj = [I | 0], enorm = 1) and shares the final norm, so it predicts exactly the token the model
+    emits after that one: every MTP draft is accepted."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    L, H = config["num_hidden_layers"], config["hidden_size"]
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    for k, t in tensors.items():
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[k] = torch.zeros_like(t)
+    tensors[f"model.layers.{L}.eh_proj.weight"] = torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1)
+    tensors[f"model.layers.{L}.enorm.weight"] = torch.ones(H)
+    tensors[f"model.layers.{L}.shared_head.norm.weight"] = tensors["model.norm.weight"].clone()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model") and f.suffix in (".json", ".txt", ".model", ".jinja"):
+            (out / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -69,3 +69,26 @@ def test_gpu_prompt_lookup_speculation_keeps_greedy_tokens(tiny_ckpt):
         assert llm.metrics()["speculative"]["drafts_accepted"] > 0
         assert ("verify graph" in llm.metrics()["batches"]) != eager, llm.metrics()["batches"]
         llm.engine.blocks.check_invariants([])
+
+
+def test_gpu_mtp_speculation_keeps_greedy_tokens(tiny_ckpt, tmp_path):
+    """--speculative mtp on the GPU, K = 1, 2, 3, with verify graphs and eagerly: the tokens of decoding
+    without speculation. On the random checkpoint drafts are mostly rejected; on its bigram variant
+    (an exact head, hf_fixtures.make_bigram_deepseek) every draft is accepted."""
+    from hf_fixtures import make_bigram_deepseek
+
+    opts = dict(device="cuda", progress=False, max_num_seqs=16, kv_cache_memory=KV_BYTES)
+    prompts = random_prompts(tiny_config("deepseek_v3").vocab_size, [20, 7, 33, 12], seed=1)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for path in (tiny_ckpt("deepseek_v3"), make_bigram_deepseek(tiny_ckpt("deepseek_v3"), tmp_path / "bigram")):
+        want = [o.token_ids for o in LLM(path, **opts).generate(prompts, sp)]
+        for k, eager in ((1, False), (2, False), (3, False), (3, True)):
+            llm = LLM(path, speculative="mtp", num_speculative_tokens=k, enforce_eager=eager, **opts)
+            assert [o.token_ids for o in llm.generate(prompts, sp)] == want, (path.name, k, eager)
+            assert ("verify graph" in llm.metrics()["batches"]) != eager, llm.metrics()["batches"]
+            m = llm.metrics()["speculative"]
+            if k > 1:  # the draft head's chain steps replay their graphs
+                assert ("graph" in m["draft_batches"]) != eager, m["draft_batches"]
+            if path.name == "bigram":
+                assert m["acceptance_rate_per_position"] == [1.0] * k
+            llm.engine.blocks.check_invariants([])

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from hf_fixtures import hf_mtp_logits, hf_mtp_model, random_prompts, tiny_config
+from hf_fixtures import hf_mtp_logits, hf_mtp_model, make_bigram_deepseek, random_prompts, tiny_config
 from nanoforge import LLM, SamplingParams
 from nanoforge.compiler import CompileOptions, compile_checkpoint
 from nanoforge.errors import NanoForgeError
@@ -27,34 +26,7 @@ VOCAB = tiny_config("deepseek_v3").vocab_size
 
 @pytest.fixture(scope="module")
 def bigram_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
-    """The tiny DeepSeek-V3 with every o_proj and down_proj zeroed: logits depend on the last token
-    only. Its MTP layer reads only the next token's embedding (eh_proj = [I | 0]) and shares the final
-    norm, so it predicts exactly the token the model will emit after that one."""
-    src, out = tiny_ckpt("deepseek_v3"), tmp_path_factory.mktemp("bigram")
-    config = json.loads((src / "config.json").read_text())
-    L, H = config["num_hidden_layers"], config["hidden_size"]
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-            continue
-        tensors = load_file(f)
-        for k, t in tensors.items():
-            if k.endswith(("o_proj.weight", "down_proj.weight")):
-                tensors[k] = torch.zeros_like(t)
-            elif k == f"model.layers.{L}.eh_proj.weight":
-                tensors[k] = torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1).to(t.dtype)
-            elif k == f"model.layers.{L}.enorm.weight":
-                tensors[k] = torch.ones_like(t)
-        save_file(tensors, out / f.name, metadata={"format": "pt"})
-    norm = {}
-    for f in out.glob("*.safetensors"):
-        norm.update({k: v for k, v in load_file(f).items() if k == "model.norm.weight"})
-    for f in out.glob("*.safetensors"):
-        tensors = load_file(f)
-        if f"model.layers.{L}.shared_head.norm.weight" in tensors:
-            tensors[f"model.layers.{L}.shared_head.norm.weight"] = norm["model.norm.weight"].clone()
-            save_file(tensors, f, metadata={"format": "pt"})
-    return out
+    return make_bigram_deepseek(tiny_ckpt("deepseek_v3"), tmp_path_factory.mktemp("bigram"))
 
 
 def _greedy(llm: LLM, prompts, max_tokens=24) -> list[list[int]]:
@@ -78,6 +50,10 @@ def test_compile_attaches_the_draft_function_and_its_kv(tiny_ckpt, tmp_path):
     assert "mla" in format_function(again.module.functions["draft"])
     plain = compile_checkpoint(path, CompileOptions(dtype="f32"))
     assert plain.speculative is None and "draft" not in plain.module.functions
+    cuda = compile_checkpoint(path, CompileOptions(dtype="bf16", device="cuda", speculative="mtp",
+                                                   num_speculative_tokens=3, max_num_seqs=512))
+    graphs = cuda.cuda_graphs  # plan_cuda_graphs plans the verify step too: 4 rows a sequence, <= 1024 rows
+    assert graphs.sizes[-1] == 512 and graphs.verify_sizes == tuple(s for s in graphs.sizes if s <= 256)
 
 
 @pytest.mark.parametrize("opts, msg", [

@@ -2,7 +2,8 @@
 
 Sizes 1, 2, 4, 8, then every 16 up to max_num_seqs, cut where the largest graph's activations
 (graphs share one memory pool, so the largest one sets it) would exceed the budget. When no
-graph can be used (CPU target, or a node whose kernel syncs with the host) the plan says why."""
+graph can be used (CPU target, or a node whose kernel syncs with the host) the plan says why.
+A plan with an MTP head (attach_mtp) also gets the verify step's sizes: K + 1 rows a sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,13 @@ from dataclasses import dataclass
 from .. import defaults
 from ..codegen.providers import graph_unsafe_reason
 from ..errors import NanoForgeError
-from ..facts import CudaGraphPlan, GraphBlockers, ModelInfo, Target, read, require, write
+from ..facts import CudaGraphPlan, GraphBlockers, ModelInfo, SpeculativePlan, Target, read, require, write
 from ..ir.graph import Module
 from .manager import Pass
 from .plan_memory import peak_activation_bytes
+
+
+MAX_VERIFY_ROWS = 1024  # speculation pays at small batches; a verify graph past this costs memory for little
 
 
 def candidate_sizes(max_num_seqs: int) -> list[int]:
@@ -56,8 +60,14 @@ def plan_cuda_graphs(module: Module, opts: Options) -> int:
         sizes = [s for s in candidate_sizes(opts.max_num_seqs) if s * (per_token + vocab_bytes) <= opts.memory_budget]
         if not sizes:
             reason = f"even a batch of 1 needs more than the {opts.memory_budget} B budget"
-    write(module, CudaGraphPlan(tuple(sizes), reason))
-    return len(sizes)
+    verify: list[int] = []
+    spec = read(module, SpeculativePlan)
+    if spec is not None and sizes:  # the verify step: K + 1 rows a sequence, up to 1024 rows in all
+        q = spec.num_tokens + 1
+        verify = [s for s in sizes
+                  if s * q <= MAX_VERIFY_ROWS and s * q * (per_token + vocab_bytes) <= opts.memory_budget]
+    write(module, CudaGraphPlan(tuple(sizes), reason, tuple(verify)))
+    return len(sizes) + len(verify)
 
 
 PASS = Pass("plan_cuda_graphs", plan_cuda_graphs, "decode batch sizes to capture, or why none", Options)

@@ -21,10 +21,12 @@ log = logging.getLogger("nanoforge.graphs")
 
 class DecodeGraphs:
     """`q_per_seq` > 1: speculative verify steps, every sequence with its token and q_per_seq - 1
-    drafts (rows for all of them come back)."""
+    drafts (rows for all of them come back). `hidden` (width, dtype): the function also reads a
+    hidden state per row (an MTP draft head: forward(P, ctx, tokens, positions, hidden, rows))."""
 
     def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int], *,
-                 max_model_len: int, device: torch.device, comm: Any = None, q_per_seq: int = 1):
+                 max_model_len: int, device: torch.device, comm: Any = None, q_per_seq: int = 1,
+                 hidden: tuple[int, torch.dtype] | None = None):
         self.sizes, self.comm, self.q = sorted(sizes), comm, q_per_seq
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
@@ -37,6 +39,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, **i32)
         self.query_start = torch.arange(0, n * q + 1, q, **i32)
         self.rows = torch.arange(n * q, **i64)
+        self.hidden = None if hidden is None else torch.zeros(n * q, hidden[0], dtype=hidden[1], device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(device)[0]
@@ -46,7 +49,8 @@ class DecodeGraphs:
             ctx = BatchContext(pool, block_size, self.slots[:t], self.query_start[:size + 1],
                                self.context_lens[:size], self.block_tables[:size], q, max_model_len, comm=comm,
                                ep_tokens=t)
-            args = (params, ctx, self.tokens[:t], self.positions[:t], self.rows[:t])
+            extra = () if self.hidden is None else (self.hidden[:t],)
+            args = (params, ctx, self.tokens[:t], self.positions[:t], *extra, self.rows[:t])
             with torch.inference_mode():
                 forward(*args)  # warm-up: compiles kernels, fills caches outside the capture
                 torch.cuda.synchronize(device)
@@ -57,8 +61,8 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         self.capture_s = time.perf_counter() - start
         self.capture_bytes = free_before - torch.cuda.mem_get_info(device)[0]
-        log.info("captured %d %s graphs (sizes %s) in %.2f s, %.1f MiB", len(self.sizes),
-                 "decode" if q == 1 else f"verify ({q} tokens a sequence)", self.sizes, self.capture_s,
+        kind = "draft" if hidden is not None else "decode" if q == 1 else f"verify ({q} tokens a sequence)"
+        log.info("captured %d %s graphs (sizes %s) in %.2f s, %.1f MiB", len(self.sizes), kind, self.sizes, self.capture_s,
                  self.capture_bytes / 2**20)
 
     def why_not(self, batch: ScheduledBatch) -> str | None:
@@ -85,16 +89,20 @@ class DecodeGraphs:
         return out if isinstance(out, tuple) else (out, None)
 
     def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
-                 device_tokens: torch.Tensor | None = None, pad_to: int = 0) -> torch.Tensor:
+                 device_tokens: torch.Tensor | None = None, pad_to: int = 0, hidden: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """run() for a flat batch (q_len 1, ctx_len, blocks) per sequence, on the graph of the
         size that holds max(len(seqs), pad_to): every rank of a sharded plan replays the same one,
-        its collectives included (an idle attention-DP replica: no sequences, all padding)."""
+        its collectives included (an idle attention-DP replica: no sequences, all padding).
+        `hidden`: the rows' hidden states, for graphs captured with one."""
         pos = np.fromiter((c - 1 for _, c, _ in seqs), np.int64, len(seqs))
+        if hidden is not None:
+            self.hidden[:len(seqs)].copy_(hidden)  # type: ignore[index]
         return self._replay(pos, None if device_tokens is not None else tokens, [t for _, _, t in seqs],
                             device_tokens, pad_to)
 
     def _replay(self, pos: np.ndarray, tokens: list[int] | None, block_tables: list[list[int]],
-                device_tokens: torch.Tensor | None, pad_to: int = 0) -> torch.Tensor:
+                device_tokens: torch.Tensor | None, pad_to: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
         b, q = len(pos), self.q
         size = self.sizes[bisect.bisect_left(self.sizes, max(b, pad_to))]
         bs = self.block_size

@@ -211,6 +211,8 @@ class Engine:
         if self.spec is not None:
             out["speculative"] = {"method": self.spec.cfg.method, "num_tokens": self.spec.cfg.num_tokens,
                                   **self.spec.stats.summary()}
+            if self.spec.mtp is not None:  # the draft head's chain steps: replayed graphs or eager
+                out["speculative"]["draft_batches"] = dict(self.spec.mtp.batches)
         return out
 
     def runner_info(self) -> dict:

@@ -15,7 +15,7 @@ import torch
 from .. import defaults
 from ..codegen.pysource import compile_function, prepare_params
 from ..errors import NanoForgeError
-from ..kernels.context import allocate_pool, make_context
+from ..kernels.context import TORCH_DTYPES, allocate_pool, make_context
 from ..passes.quantize_kv import FP8_MIN_SM
 from ..models.checkpoint import Checkpoint
 from ..models.weights import load_params
@@ -110,20 +110,34 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
                                        max_model_len=cfg.max_model_len, device=self.device, comm=self.comm)
             q = cfg.verify_drafts + 1
-            if cfg.verify_drafts and self.world == 1:  # up to 1024 rows: speculation pays at small batches
+            if cfg.verify_drafts and self.world == 1:  # the plan's sizes for its K, else up to 1024 rows
+                planned = plan.speculative is not None and plan.speculative.num_tokens == cfg.verify_drafts
+                verify = list(plan.cuda_graphs.verify_sizes) if planned else [s for s in sizes if s * q <= 1024]
                 self.verify_graphs = DecodeGraphs(
-                    self.forward, self.params, self.pool, self.block_size, [s for s in sizes if s * q <= 1024] or [1],
+                    self.forward, self.params, self.pool, self.block_size,
+                    [s for s in verify if s <= cfg.max_num_seqs] or [1],
                     max_model_len=cfg.max_model_len, device=self.device, q_per_seq=q)
         else:
             log.info("decode runs without CUDA graphs: %s", self.no_graph_reason)
         self.drafter = None  # the MTP head (mtp.py), for plans compiled with --speculative mtp
         if plan.speculative is not None:
-            from .mtp import MtpDrafter
-
-            self.drafter = MtpDrafter(compile_function(plan.module, "draft"), self.params, self.pool,
-                                      self.block_size, self.device)
+            self.drafter = self._drafter(plan)
 
     one_rank_of_many = False  # True for the ranks of a sharded plan (distributed_runner.py)
+
+    def _drafter(self, plan: Plan):
+        """The MTP head's runner; its one-row chain steps captured at the decode graphs' sizes."""
+        from .cuda_graphs import DecodeGraphs
+        from .mtp import MtpDrafter
+
+        draft = compile_function(plan.module, "draft")
+        graphs = None
+        if self.graphs is not None:
+            hidden = plan.module.functions["draft"].inputs[2].type
+            graphs = DecodeGraphs(draft, self.params, self.pool, self.block_size, self.graphs.sizes,
+                                  max_model_len=self.cfg.max_model_len, device=self.device,
+                                  hidden=(int(hidden.shape[1]), TORCH_DTYPES[hidden.dtype]))
+        return MtpDrafter(draft, self.params, self.pool, self.block_size, self.device, graphs)
 
     def _agree_blocks(self, num_blocks: int) -> int:
         """The KV block count every rank uses (a world of one: its own)."""

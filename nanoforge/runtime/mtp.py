@@ -9,7 +9,7 @@ sequence's own slots). Two calls per step keep it in step with the target:
   K/V there, and for a sequence about to decode, its last row gives draft 1 and the state that
   draft 2 chains on. The slots exist already (the target wrote the same positions).
 - `chain`, when the next step proposes, once its blocks have grown for the drafts: drafts 2..K,
-  each a one-row step on the previous draft and state. Their K/V land past the accepted tokens,
+  each a one-row step on the previous draft and state (replayed from CUDA graphs where captured). Their K/V land past the accepted tokens,
   where the next `extend` overwrites them with the real pairs before anything reads them.
 
 Drafts are greedy (the head's argmax): point proposals, which rejection sampling turns into
@@ -20,12 +20,14 @@ blocks as the first request wrote them: the last cached position saw that reques
 which only costs acceptance, never correctness."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..kernels.context import make_context
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence, Status
 
 
@@ -39,9 +41,12 @@ class DraftState:
 
 
 class MtpDrafter:
-    def __init__(self, draft: Callable, params: dict, pool: list, block_size: int, device: torch.device):
+    def __init__(self, draft: Callable, params: dict, pool: list, block_size: int, device: torch.device,
+                 graphs: DecodeGraphs | None = None):
         self.draft, self.params, self.pool = draft, params, pool
         self.block_size, self.device = block_size, device
+        self.graphs = graphs  # the chain's one-row steps, captured (CUDA)
+        self.batches: Counter = Counter()  # chain steps: "graph" or "eager"
 
     def _run(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], hidden: torch.Tensor,
              rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +95,13 @@ class MtpDrafter:
             live = [x for x in live if x[2] > j]
             seqs = [(1, seq.num_computed + j, seq.block_table) for _, seq, _, _ in live]
             tokens = [out[i][-1] for i, _, _, _ in live]
-            logits, state = self._run(tokens, seqs, torch.stack([s for _, _, _, s in live]), list(range(len(live))))
+            hidden = torch.stack([s for _, _, _, s in live])
+            if self.graphs is not None and len(live) <= self.graphs.sizes[-1]:
+                self.batches["graph"] += 1
+                logits, state = self.graphs.run_flat(tokens, seqs, hidden=hidden)
+            else:
+                self.batches["eager"] += 1
+                logits, state = self._run(tokens, seqs, hidden, list(range(len(live))))
             for r, (token, (i, seq, room, _)) in enumerate(zip(logits.argmax(dim=-1).tolist(), live)):
                 out[i].append(token)
                 live[r] = (i, seq, room, state[r])
