@@ -20,6 +20,7 @@ from nanoforge.compiler import CompileOptions, compile_checkpoint
 from nanoforge.errors import NanoForgeError
 from nanoforge.ir.printer import format_function
 from nanoforge.plan import read_plan
+from test_speculative import abort_half_and_check
 
 VOCAB = tiny_config("deepseek_v3").vocab_size
 
@@ -54,6 +55,20 @@ def test_compile_attaches_the_draft_function_and_its_kv(tiny_ckpt, tmp_path):
                                                    num_speculative_tokens=3, max_num_seqs=512))
     graphs = cuda.cuda_graphs  # plan_cuda_graphs plans the verify step too: 4 rows a sequence, <= 1024 rows
     assert graphs.sizes[-1] == 512 and graphs.verify_sizes == tuple(s for s in graphs.sizes if s <= 256)
+
+
+def test_cli_compile_dumps_and_inspect_show_the_draft(tiny_ckpt, tmp_path, capsys):
+    from nanoforge.cli import main
+
+    plan, dumps = tmp_path / "plan", tmp_path / "dumps"
+    assert main(["compile", str(tiny_ckpt("deepseek_v3")), "-o", str(plan), "--speculative", "mtp",
+                 "--num-speculative-tokens", "2", "--dump-dir", str(dumps), "-q"]) == 0
+    after = (dumps / "02_attach_mtp.ir").read_text()
+    assert "draft(" in after and "speculative" in after
+    capsys.readouterr()
+    assert main(["inspect", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "function     draft:" in out and "speculative  mtp: 2 drafts a step" in out
 
 
 @pytest.mark.parametrize("opts, msg", [
@@ -132,17 +147,7 @@ def test_preemption_chunking_prefix_cache_and_aborts_keep_outputs_and_blocks(big
     assert _greedy(llm, prompts, 16) == want
     m = llm.metrics()
     assert m["preemptions"] > 0 and m["prefix_cache_hit_tokens"] > 0 and m["speculative"]["drafts_accepted"] > 0
-    eng = llm.engine
-    seqs = [eng.add_request(p, sp) for p in prompts]
-    for _ in range(6):
-        eng.step()
-    for s in seqs[::2]:
-        eng.abort(s.seq_id)
-    eng.run_until_done()
-    eng.blocks.check_invariants([])
-    assert eng.blocks.num_free == len(eng.blocks.blocks)
-    for s, w in zip(seqs[1::2], want[1::2]):
-        assert s.output_ids == w
+    abort_half_and_check(llm, prompts, sp, want)
 
 
 def test_sampling_with_mtp_drafts_runs_and_stops_as_asked(bigram_ckpt):

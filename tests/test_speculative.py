@@ -86,6 +86,11 @@ def test_preemption_chunking_prefix_cache_and_aborts_keep_outputs_and_blocks(tin
     assert [o.token_ids for o in llm.generate(prompts, sp)] == want
     m = llm.metrics()
     assert m["preemptions"] > 0 and m["prefix_cache_hit_tokens"] > 0 and m["speculative"]["drafts_accepted"] > 0
+    abort_half_and_check(llm, prompts, sp, want)
+
+
+def abort_half_and_check(llm: LLM, prompts: list[list[int]], sp: SamplingParams, want: list[list[int]]) -> None:
+    """Abort every other request six steps in: the rest still get `want`, and every block comes back."""
     eng = llm.engine
     seqs = [eng.add_request(p, sp) for p in prompts]
     for _ in range(6):

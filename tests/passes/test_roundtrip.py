@@ -14,6 +14,7 @@ from nanoforge.ir.printer import format_module
 from nanoforge.passes import PASSES
 
 from . import (
+    test_attach_mtp,
     test_fuse_elementwise,
     test_fuse_projections,
     test_plan_cuda_graphs,
@@ -27,7 +28,7 @@ from . import (
     test_verify,
 )
 
-EXAMPLES = [case for m in (test_verify, test_quantize_weights, test_quantize_kv, test_shard_tp, test_shard_ep, test_fuse_elementwise, test_fuse_projections,
+EXAMPLES = [case for m in (test_verify, test_attach_mtp, test_quantize_weights, test_quantize_kv, test_shard_tp, test_shard_ep, test_fuse_elementwise, test_fuse_projections,
                            test_select_kernels, test_plan_deep_ep, test_plan_cuda_graphs, test_plan_memory)
             for case in m.ROUNDTRIP]
 
