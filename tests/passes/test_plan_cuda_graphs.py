@@ -40,7 +40,7 @@ def test_sizes_up_to_the_budget():
     assert candidate_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert run("plan_cuda_graphs", DENSE, Options(max_num_seqs=40, memory_budget=20 * 192)) == ir(f"""
         module
-        meta cuda_graphs = {{"reason": null, "sizes": [1, 2, 4, 8, 16]}}
+        meta cuda_graphs = {{"reason": null, "sizes": [1, 2, 4, 8, 16], "verify_sizes": []}}
         {MODEL}
         {CUDA}
         param $norm.weight: f32[8] <- norm.weight
@@ -104,7 +104,7 @@ def test_a_host_syncing_kernel_is_named_with_its_layer():
     out = run("plan_cuda_graphs", text, Options())
     assert out.startswith(ir("""
         module
-        meta cuda_graphs = {"reason": "attention runs on provider torch, whose kernel syncs with the host @model.layers.0.self_attn", "sizes": []}
+        meta cuda_graphs = {"reason": "attention runs on provider torch, whose kernel syncs with the host @model.layers.0.self_attn", "sizes": [], "verify_sizes": []}
     """))
 
 
