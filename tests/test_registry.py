@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from nanoforge.errors import NanoForgeError
-from nanoforge.serving.registry import (EngineRecord, RegistryPublisher, RegistryWatcher,
+from nanoforge.serving.registry import (EngineRecord, RegistryPublisher, RegistryWatcher, check_scope,
                                         parse_redis_url)
 
 
@@ -82,6 +82,37 @@ def test_publish_two_and_snapshot(redis_url, prefix):
             p.stop()
         watcher.close()
     assert watcher.snapshot() == {}
+
+
+def test_scopes_see_only_their_own_engines(redis_url, prefix):
+    """Deployments sharing one Redis: a watcher lists the engines of its scope only, and the unscoped
+    registry is a scope of its own (a scope named "engine" does not leak into it)."""
+    scopes = [None, "a", "b", "engine", "a.b-c_1"]
+    recs = {s: rec(addr=f"tcp://127.0.0.1:{7000 + i}") for i, s in enumerate(scopes)}
+    pubs = [RegistryPublisher(redis_url, r, ttl=2.0, interval=0.5, prefix=prefix, scope=s) for s, r in recs.items()]
+    watchers = {s: RegistryWatcher(redis_url, prefix=prefix, scope=s) for s in scopes + ["c"]}
+    try:
+        for p in pubs:
+            p.start()
+        for s, w in watchers.items():
+            assert w.snapshot() == ({recs[s].instance: recs[s]} if s in recs else {}), s
+    finally:
+        for p in pubs:
+            p.stop()
+        for w in watchers.values():
+            w.close()
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a*", "a?", "[ab]", "-a", ".a", "a b", "x" * 65, "é"])
+def test_bad_scope_names_are_refused_naming_the_flag(bad):
+    assert check_scope("ok-Scope_1.2") == "ok-Scope_1.2" and check_scope(None) is None
+    with pytest.raises(NanoForgeError, match="--registry-scope .*: expected 1-64 letters") as e:
+        check_scope(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(NanoForgeError, match="--registry-scope"):
+        RegistryWatcher("redis://127.0.0.1:1", scope=bad)
+    with pytest.raises(NanoForgeError, match="--registry-scope"):
+        RegistryPublisher("redis://127.0.0.1:1", rec(), scope=bad)
 
 
 def test_lapsed_heartbeat_is_removed_then_added_back(redis_url, prefix):

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from ..errors import NanoForgeError
 from ..kernels.context import TORCH_DTYPES
 from . import trace_model
 from .checkpoint import TensorInfo
@@ -56,3 +57,17 @@ class RandomCheckpoint:
                                            leave=False)):
             t = self._make(key, None)
             yield i, (t if sl is None else t[sl].clone())
+
+
+def preset_checkpoint(name: str, dtype: str = "auto", device: str = "cpu", seed: int = 0,
+                      flag: str = "--model-preset") -> RandomCheckpoint:
+    """Random weights of a preset (models/presets.py), so an engine runs at a real model's shapes
+    without its checkpoint. dtype auto: f32 on CPU (bf16 matmuls are many times slower there), bf16
+    on CUDA. Engines built from the same name and seed hold the same weights (PD pairs must)."""
+    from .presets import PRESETS
+
+    if name not in PRESETS:
+        raise NanoForgeError(f"{flag} {name!r}: not a preset; known: {', '.join(PRESETS)}")
+    if dtype == "auto":
+        dtype = "f32" if device == "cpu" else "bf16"
+    return RandomCheckpoint(PRESETS[name], name, dtype, seed, device)

@@ -4,8 +4,11 @@ apart from engine_server.py so the CLI can offer them without importing ZMQ or t
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from .. import defaults
+from ..errors import NanoForgeError
 
 KV_TRANSPORTS = ("auto", "tcp", "ipc")
 
@@ -20,6 +23,8 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
                    help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto")
     p.add_argument("--registry", help="redis://host:port[/db]: heartbeat this engine's record there for routers")
     p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
+    p.add_argument("--registry-scope", metavar="NAME", help="with --registry: register in this scope; only routers "
+                   "given the same scope see the engine (deployments sharing one Redis stay apart)")
 
 
 ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "speculative", "num_speculative_tokens", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
@@ -51,6 +56,31 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    f"hold (default {defaults.GPU_MEMORY_UTILIZATION})")
     p.add_argument("--num-blocks", type=int, metavar="N", help="KV blocks (default: sized from memory; 1 GiB on CPU)")
     p.add_argument("--enforce-eager", action="store_true", help="never replay CUDA graphs")
-    p.add_argument("--speculative", metavar="ngram", help="draft tokens each decode step verifies: ngram (prompt "
-                   "lookup: what followed the latest earlier occurrence of the last tokens)")
-    p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="drafts per sequence and step (default 3)")
+    p.add_argument("--speculative", metavar="ngram|mtp", help="draft tokens each decode step verifies: ngram (prompt "
+                   "lookup: what followed the latest earlier occurrence of the last tokens) or mtp (the checkpoint's "
+                   "MTP head; a plan compiled with --speculative mtp uses it by default)")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="drafts per sequence and step (default: "
+                   "the plan's, else 3)")
+
+
+def add_model_preset_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-preset", metavar="NAME", help="instead of MODEL: random weights of a known config "
+                   "(qwen3-0.6b, qwen3-8b, ...; f32 on CPU, bf16 on CUDA unless --dtype), e.g. to measure PD at real "
+                   "KV sizes without a checkpoint; engines of one preset hold the same weights")
+
+
+def model_source(model: str | None, preset: str | None, opts: dict[str, Any]) -> tuple[Any, str]:
+    """(what LLM loads, its default served name): the MODEL argument (plan dir or checkpoint) or
+    --model-preset's random weights, exactly one of them. For a preset, opts["dtype"] (auto, or
+    unset) is resolved in place, so the engine compiles in the dtype the weights were made in."""
+    if model is not None and preset is not None:
+        raise NanoForgeError(f"give MODEL ({model}) or --model-preset {preset}, not both")
+    if preset is None:
+        if model is None:
+            raise NanoForgeError("give MODEL (a plan dir or checkpoint) or --model-preset NAME")
+        return model, Path(model).name
+    from ..models.random_checkpoint import preset_checkpoint
+
+    ckpt = preset_checkpoint(preset, opts.get("dtype") or "auto", opts.get("device") or "cpu")
+    opts["dtype"] = ckpt.dtype
+    return ckpt, preset

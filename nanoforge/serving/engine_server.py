@@ -83,9 +83,12 @@ def parse_pd(pd: Any) -> dict[str, Any] | None:
 class EngineServer:
     def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: KVContract, role: str = "both",
                  info: dict[str, Any] | None = None, *, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
-                 registry: str | None = None, advertise_addr: str | None = None):
+                 registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None):
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        if role != "both" and kv_contract.state:
+            raise NanoForgeError(f"--role {role}: this model's {len(kv_contract.state)} recurrent layers keep "
+                                 "per-sequence state, which does not migrate with the KV yet; serve it with --role both")
         if kv_transport not in TRANSPORTS or (kv_transport == "ipc" and pool_device(engine.kv_pool()).type != "cuda"):
             raise NanoForgeError(f"--kv-transport {kv_transport!r}: choose one of {', '.join(TRANSPORTS)} (ipc needs "
                                  "a KV pool on CUDA)")
@@ -96,7 +99,7 @@ class EngineServer:
         self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract.to_json(),
                      "pid": os.getpid(), "instance": uuid.uuid4().hex, "role": role, "host": socket.gethostname(),
                      "protocol_version": PROTOCOL_VERSION, **(info or {})}
-        self.publisher = self._publisher(registry, advertise_addr or addr) if registry else None
+        self.publisher = self._publisher(registry, advertise_addr or addr, registry_scope) if registry else None
         self.kv_transport, self.migrator, self.ipc = kv_transport, None, None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -119,12 +122,12 @@ class EngineServer:
         self.loop = EngineLoop(engine, self._on_deltas, kv_park_timeout)
         self.loop.migrate = self._migrate
 
-    def _publisher(self, url: str, addr: str) -> Any:
+    def _publisher(self, url: str, addr: str, scope: str | None) -> Any:
         from .registry import EngineRecord, RegistryPublisher
 
         if any(w in addr for w in ("*", "0.0.0.0", "[::]")):
             raise NanoForgeError(f"--registry: routers cannot reach the bind address {addr}; give --advertise-addr")
-        return RegistryPublisher(url, EngineRecord.from_hello(self.info, addr, host=self.info["host"]))
+        return RegistryPublisher(url, EngineRecord.from_hello(self.info, addr, host=self.info["host"]), scope=scope)
 
     def _migrate(self, job: dict[str, Any]) -> None:  # engine thread: the worker starts with the first pull
         if self.migrator is None:
@@ -147,7 +150,8 @@ class EngineServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wake_rx, zmq.POLLIN)
-        log.info("engine server %s ready at %s (pid %d)", self.info["model_name"], self.addr, os.getpid())
+        log.info("engine server %s ready at %s (pid %d), prefix caching %s", self.info["model_name"], self.addr,
+                 os.getpid(), getattr(self.loop.engine, "kv_cache", {}).get("prefix_caching", "on"))
         try:
             while not self.stopping:
                 events = dict(poller.poll(100))
@@ -276,25 +280,32 @@ class EngineServer:
         log.info("engine server at %s stopped", self.addr)
 
 
-def serve_engine(model: str | Path, addr: str, *, model_name: str | None = None, role: str = "both",
+def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: str = "both",
                  device: str | None = None, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
-                 registry: str | None = None, advertise_addr: str | None = None, **engine_opts: Any) -> None:
-    """Load `model` (plan dir or checkpoint) and serve it at `addr` until shutdown; engine_opts
-    are LLM keyword arguments (EngineConfig fields, dtype, block_size). With `registry` (a Redis
-    URL) the engine heartbeats its record there under `advertise_addr` (default: addr)."""
+                 registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None,
+                 **engine_opts: Any) -> None:
+    """Load `model` (plan dir, checkpoint, or a Checkpoint object such as a preset's random
+    weights) and serve it at `addr` until shutdown; engine_opts are LLM keyword arguments
+    (EngineConfig fields, dtype, block_size). With `registry` (a Redis URL) the engine heartbeats
+    its record there, in `registry_scope`, under `advertise_addr` (default: addr)."""
     import hashlib
     import json
 
     from ..llm import LLM
+    from .registry import check_scope
 
+    if check_scope(registry_scope) is not None and not registry:  # before minutes of loading
+        raise NanoForgeError("--registry-scope needs --registry redis://HOST:PORT")
     llm = LLM(model, device=device, progress=False, **engine_opts)
     fingerprint = json.dumps(llm.plan.checkpoint.fingerprint, sort_keys=True).encode()
-    info = {"checkpoint_path": str(llm.checkpoint.path), "max_num_seqs": llm.engine.cfg.max_num_seqs,
+    info = {"checkpoint_path": str(llm.checkpoint.path), "checkpoint_kind": getattr(llm.checkpoint, "kind", ""),
+            "max_num_seqs": llm.engine.cfg.max_num_seqs,
             "block_size": llm.engine.block_size,
             "model_fingerprint": hashlib.blake2b(fingerprint, digest_size=8).hexdigest()}
-    server = EngineServer(llm.engine, addr, model_name or Path(model).name, llm.plan.kv_contract,
-                          role, info, kv_park_timeout=kv_park_timeout, kv_transport=kv_transport, registry=registry,
-                          advertise_addr=advertise_addr)
+    name = model_name or Path(model if isinstance(model, (str, Path)) else llm.checkpoint.path).name
+    server = EngineServer(llm.engine, addr, name, llm.plan.kv_contract, role, info, kv_park_timeout=kv_park_timeout,
+                          kv_transport=kv_transport, registry=registry, advertise_addr=advertise_addr,
+                          registry_scope=registry_scope)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, server.request_stop)
         signal.signal(signal.SIGINT, server.request_stop)
@@ -307,16 +318,20 @@ def free_tcp_addr(host: str = "127.0.0.1") -> str:
         return f"tcp://{host}:{s.getsockname()[1]}"
 
 
-def start_engine_server(model: str | Path, addr: str | None = None, **opts: Any) -> tuple[subprocess.Popen, str]:
+def start_engine_server(model: str | Path | None, addr: str | None = None, env: dict[str, str] | None = None,
+                        **opts: Any) -> tuple[subprocess.Popen, str]:
     """Start `python -m nanoforge.serving.engine_server` without waiting for it; opts are its flags
-    (max_num_seqs=8 -> --max-num-seqs 8). Its stderr goes to proc.log_path."""
+    (max_num_seqs=8 -> --max-num-seqs 8, enforce_eager=True -> --enforce-eager; model None with
+    model_preset=NAME), env is added to this process's environment. Its stderr goes to proc.log_path."""
     addr = addr or free_tcp_addr()
-    cmd = [sys.executable, "-m", "nanoforge.serving.engine_server", str(model), "--addr", addr]
+    cmd = [sys.executable, "-m", "nanoforge.serving.engine_server", *([str(model)] if model is not None else []),
+           "--addr", addr]
     for k, v in opts.items():
-        if v is not None:
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if v is not None and v is not False:
+            cmd += [f"--{k.replace('_', '-')}", *([] if v is True else [str(v)])]
     log_file = tempfile.NamedTemporaryFile("wb", prefix="nanoforge-engine-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env} if env else None)
     log_file.close()
     proc.log_path = log_file.name  # type: ignore[attr-defined]
     return proc, addr
@@ -348,7 +363,7 @@ def wait_engine_ready(proc: subprocess.Popen, addr: str, timeout: float = 120.0)
         ctx.term()
 
 
-def spawn_engine_server(model: str | Path, addr: str | None = None, timeout: float = 120.0,
+def spawn_engine_server(model: str | Path | None, addr: str | None = None, timeout: float = 120.0,
                         **opts: Any) -> tuple[subprocess.Popen, str]:
     """Start an engine server process and wait until it answers; returns (process, address)."""
     proc, addr = start_engine_server(model, addr, **opts)
@@ -357,10 +372,12 @@ def spawn_engine_server(model: str | Path, addr: str | None = None, timeout: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine_flags import add_engine_flags, add_engine_server_flags, engine_options
+    from .engine_flags import (add_engine_flags, add_engine_server_flags, add_model_preset_flag, engine_options,
+                               model_source)
 
     p = argparse.ArgumentParser(prog="python -m nanoforge.serving.engine_server", description=__doc__.split("\n")[0])
-    p.add_argument("model", help="plan dir or checkpoint")
+    p.add_argument("model", nargs="?", help="plan dir or checkpoint (or --model-preset)")
+    add_model_preset_flag(p)
     p.add_argument("--addr", default="tcp://127.0.0.1:5555", help="ZMQ address to bind (default %(default)s)")
     add_engine_flags(p)
     p.add_argument("--block-size", type=int, default=None, help="KV block size when compiling a checkpoint")
@@ -369,13 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = engine_options(a)
-    device = opts.pop("device", None)
     if a.block_size is not None:
         opts["block_size"] = a.block_size
     try:
-        serve_engine(a.model, a.addr, model_name=a.model_name, role=a.role, device=device,
+        model, name = model_source(a.model, a.model_preset, opts)
+        device = opts.pop("device", None)
+        serve_engine(model, a.addr, model_name=a.model_name or name, role=a.role, device=device,
                      kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport, registry=a.registry,
-                     advertise_addr=a.advertise_addr, **opts)
+                     advertise_addr=a.advertise_addr, registry_scope=a.registry_scope, **opts)
     except NanoForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,10 @@
 Liveness is the TTL: an engine that dies or hangs stops refreshing `{prefix}:engine:{instance}`
 and Redis drops the key `ttl` seconds later, so a router never needs a separate failure detector.
 Values are JSON (never pickle): a registry is shared by processes that need not trust each other.
+A scope (`--registry-scope NAME`, NanoDeploy's --ctrl_scope) puts a deployment's keys under
+`{prefix}@{NAME}:engine:*`, so deployments sharing one Redis never see each other's engines; the
+unscoped `{prefix}:engine:*` is a scope of its own. Names exclude `:` and glob characters, so no
+scope's key pattern matches another's keys.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
@@ -24,6 +29,20 @@ from nanoforge.errors import NanoForgeError
 log = logging.getLogger("nanoforge.serving")
 
 ROLES = ("both", "prefill", "decode")
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_scope(scope: str | None) -> str | None:
+    """The scope if its name is valid (None: the unscoped registry); else one line naming the flag."""
+    if scope is not None and not _SCOPE.fullmatch(scope):
+        raise NanoForgeError(f"--registry-scope {scope!r}: expected 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+    return scope
+
+
+def scoped_prefix(prefix: str, scope: str | None) -> str:
+    """The key prefix of a scope's engines: `prefix` unscoped, `prefix@scope` in a scope."""
+    return prefix if check_scope(scope) is None else f"{prefix}@{scope}"
 
 
 @dataclass
@@ -102,11 +121,11 @@ class RegistryPublisher:
     """Keeps one engine's record alive in Redis from a daemon thread."""
 
     def __init__(self, url: str, record: EngineRecord, ttl: float = 3.0, interval: float = 1.0,
-                 prefix: str = "nanoforge"):
+                 prefix: str = "nanoforge", scope: str | None = None):
         if not 0 < interval < ttl:
             raise NanoForgeError(f"registry heartbeat interval {interval}s must be positive and below ttl {ttl}s")
         self.url, self.record, self.ttl, self.interval = url, record, ttl, interval
-        self.key = f"{prefix}:engine:{record.instance}"
+        self.key = f"{scoped_prefix(prefix, scope)}:engine:{record.instance}"
         self._redis = _client(url)
         self._stop = threading.Event()
         self._wake = threading.Event()  # cuts the sleep short on resume()/stop()
@@ -172,9 +191,9 @@ OnChange = Callable[[list[EngineRecord], list[EngineRecord]], Awaitable[None] | 
 class RegistryWatcher:
     """Reads the set of live engines; `watch` turns successive snapshots into added/removed events."""
 
-    def __init__(self, url: str, prefix: str = "nanoforge"):
+    def __init__(self, url: str, prefix: str = "nanoforge", scope: str | None = None):
         self.url = url
-        self.pattern = f"{prefix}:engine:*"
+        self.pattern = f"{scoped_prefix(prefix, scope)}:engine:*"
         self._redis = _client(url)
         self._warned: set[bytes] = set()  # malformed keys already logged (polling would repeat them)
 

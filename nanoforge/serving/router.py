@@ -59,8 +59,15 @@ class Router:
     @classmethod
     async def connect(cls, prefill: list[str] = (), decode: list[str] = (), engines: list[str] = (),  # type: ignore[assignment]
                       *, registry_url: str | None = None, strategy: str = "round-robin", model_name: str | None = None,
-                      timeout: float = 10.0, wait_for_engines: float = 10.0) -> "Router":
-        """Connect to every listed engine (and the registry's), or raise naming what is wrong."""
+                      timeout: float = 10.0, wait_for_engines: float = 10.0,
+                      registry_scope: str | None = None) -> "Router":
+        """Connect to every listed engine (and those the registry holds in `registry_scope`; None:
+        the unscoped ones), or raise naming what is wrong."""
+        if registry_scope is not None:  # a bad scope fails before any connection
+            from .registry import check_scope
+
+            if check_scope(registry_scope) and not registry_url:
+                raise NanoForgeError("--registry-scope needs --registry redis://HOST:PORT")
         self = cls(strategy, model_name, timeout)
         try:
             if bool(prefill) != bool(decode):
@@ -70,7 +77,7 @@ class Router:
                 for addr in addrs:
                     await self.add_engine(addr, role)
             if registry_url:
-                await self._start_registry(registry_url, wait_for_engines)
+                await self._start_registry(registry_url, wait_for_engines, registry_scope)
             if not self.engines:
                 raise NanoForgeError("no engines: give --prefill and --decode addresses, --engine, or --registry")
         except BaseException:
@@ -129,10 +136,10 @@ class Router:
         log.warning("not routing to the engine at %s any more: %s", addr, why)
         e.client.close(why=f"engine at {addr} {why}")
 
-    async def _start_registry(self, url: str, wait: float) -> None:
+    async def _start_registry(self, url: str, wait: float, scope: str | None = None) -> None:
         from .registry import RegistryWatcher
 
-        self.watcher = RegistryWatcher(url)
+        self.watcher = RegistryWatcher(url, scope=scope)
         self._watch = asyncio.get_running_loop().create_task(self.watcher.watch(self._on_registry))
         deadline = time.monotonic() + wait
         while not self.engines and time.monotonic() < deadline:
@@ -140,7 +147,8 @@ class Router:
                 self._watch.result()  # the first snapshot failed: Redis unreachable, say so
             await asyncio.sleep(0.05)
         if not self.engines:
-            raise NanoForgeError(f"no engine registered at {url} within {wait:g}s")
+            where = f" in scope {scope!r}" if scope is not None else ""
+            raise NanoForgeError(f"no engine registered at {url}{where} within {wait:g}s")
 
     async def _on_registry(self, added: list[Any], removed: list[Any]) -> None:
         for r in removed:

@@ -89,7 +89,7 @@ class ZmqEngineClient:
             if diff:
                 self.close()
                 raise NanoForgeError(f"engine at {addr} has an incompatible KV cache layout: {'; '.join(diff)}")
-        if load_tokenizer and hello.get("checkpoint_path"):
+        if load_tokenizer and hello.get("checkpoint_path") and hello.get("checkpoint_kind") != "random":  # a preset
             self.tokenizer = _load_tokenizer(hello["checkpoint_path"])
         return self
 

@@ -170,16 +170,15 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     from ..compiler import resolve_dtype
     from ..models.checkpoint import open_checkpoint
     from ..models.presets import PRESETS
-    from ..models.random_checkpoint import RandomCheckpoint
+    from ..models.random_checkpoint import preset_checkpoint
     from ..plan import read_plan
     from .roofline import measure_ceilings, simulate_ceiling
 
     device = engine_opts.get("device") or "cpu"
     dtype = engine_opts.get("dtype", "auto")
     if model in PRESETS:
-        dtype = ("f32" if device == "cpu" else "bf16") if dtype == "auto" else dtype
-        source: Any = RandomCheckpoint(PRESETS[model], model, dtype, device=device)
-        config, hf_source = source.config, PRESETS[model]
+        source: Any = preset_checkpoint(model, dtype, device, flag="--model")
+        config, hf_source, dtype = source.config, PRESETS[model], source.dtype
     elif (Path(model) / "plan.json").is_file():  # run as LLM(plan_dir) does: with its checkpoint
         plan = read_plan(model)
         if dtype not in ("auto", plan.dtype):

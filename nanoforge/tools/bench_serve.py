@@ -17,6 +17,7 @@ again, and report `leaked_blocks` (None when the server does not export those ga
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -26,7 +27,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ..errors import NanoForgeError
 
@@ -190,15 +191,22 @@ def _prompt(rng: random.Random, w: ServeWorkload) -> list[int]:
     return [rng.randrange(w.vocab) for _ in range(w.input_len)]
 
 
-async def _poisson(client: Any, url: str, model: str, w: ServeWorkload, headers: dict) -> list[RequestTiming]:
+async def poisson_arrivals(w: ServeWorkload, send: Callable[[list[int]], Awaitable[RequestTiming]]
+                           ) -> list[RequestTiming]:
+    """`send` each of the workload's prompts, the gaps between them exponential at w.rate; the same
+    seed gives the same prompts and gaps (so `bench pd` offers two deployments one workload)."""
     rng = random.Random(w.seed)
     prompts = [_prompt(rng, w) for _ in range(w.num_prompts)]
     tasks = []
     for p in prompts:
-        tasks.append(asyncio.create_task(_one(client, url, model, p, w.output_len, headers)))
+        tasks.append(asyncio.create_task(send(p)))
         if w.rate != float("inf"):
             await asyncio.sleep(rng.expovariate(w.rate))
     return list(await asyncio.gather(*tasks))
+
+
+async def _poisson(client: Any, url: str, model: str, w: ServeWorkload, headers: dict) -> list[RequestTiming]:
+    return await poisson_arrivals(w, lambda p: _one(client, url, model, p, w.output_len, headers))
 
 
 async def _closed_loop(client: Any, url: str, model: str, w: ServeWorkload, headers: dict) -> list[RequestTiming]:
@@ -231,6 +239,11 @@ async def run_load(url: str, model: str, w: ServeWorkload, api_key: str | None =
         timings = await run(client, url, model, w, headers)
         elapsed = time.perf_counter() - start
         leak = await _leak_check(client, url, before, leak_wait_s)
+    return {**summarize(timings, elapsed), **leak}
+
+
+def summarize(timings: list[RequestTiming], elapsed: float) -> dict[str, Any]:
+    """Counts, throughput and TTFT / TPOT / ITL percentiles of a run that took `elapsed` seconds."""
     ok = [t for t in timings if t.ok]
     out_tokens = sum(t.output_tokens or (len(t.itl_s) + 1) for t in ok)
     tpot = [(t.latency_s - t.ttft_s) / max(t.output_tokens - 1, 1) for t in ok if t.output_tokens > 1]
@@ -238,7 +251,7 @@ async def run_load(url: str, model: str, w: ServeWorkload, api_key: str | None =
             "num_errors": len(timings) - len(ok), "duration_s": elapsed, "output_tokens": out_tokens,
             "output_tok_s": out_tokens / elapsed, "request_rate": len(ok) / elapsed,
             "ttft_s": _percentiles([t.ttft_s for t in ok]), "tpot_s": _percentiles(tpot),
-            "itl_s": _percentiles([x for t in ok for x in t.itl_s]), **leak}
+            "itl_s": _percentiles([x for t in ok for x in t.itl_s])}
 
 
 def _machine() -> dict[str, Any]:
@@ -280,3 +293,30 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
              *(f"  error: {e}" for e in r["errors"][:3]),
              f"leaked_blocks {r['leaked_blocks']}" + (f" ({r['leak_note']})" if r.get("leak_note") else "")]
     return lines
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    w = workload_from_flags(rate=a.rate, num_prompts=a.num_prompts, concurrency=a.concurrency, duration=a.duration,
+                            input_len=a.input_len, output_len=a.output_len, vocab=a.vocab, seed=a.seed)
+    r = bench_serve(a.url, a.model, w, Path(a.results_dir), a.api_key)
+    print("\n".join(summary_lines(r)) + f"\nwrote {r['path']}")
+    return 0 if r["num_errors"] == 0 and r["leaked_blocks"] in (0, None) else 1
+
+
+def add_bench_serve_parser(bsub: Any) -> None:
+    """`nanoforge bench serve` (cli.py registers it here, to stay small)."""
+    v = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (Poisson arrivals, "
+                        "or closed loop with --concurrency/--duration)")
+    v.add_argument("--url", default="http://127.0.0.1:8000")
+    v.add_argument("--model", required=True, help="the served model name")
+    v.add_argument("--rate", type=float, help="Poisson: requests per second (default: all at once)")
+    v.add_argument("--num-prompts", type=int, help="Poisson: number of requests (default 64)")
+    v.add_argument("--concurrency", type=int, help="closed loop: clients, each with one request in flight")
+    v.add_argument("--duration", type=float, help="closed loop: seconds to keep sending (in-flight requests finish)")
+    v.add_argument("--input-len", type=int, default=128)
+    v.add_argument("--output-len", type=int, default=64)
+    v.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--api-key")
+    v.add_argument("--results-dir", default="bench/results")
+    v.set_defaults(run=cmd_bench_serve)
