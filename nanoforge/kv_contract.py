@@ -5,9 +5,9 @@ engines must agree on before KV blocks move between them (PD migration, the rout
 connect), and what `inspect` shows. One token's entry in layer L is one row in each of the
 layer's pool tensors, of the shapes listed; a block holds `block_size` tokens.
 
-Room for what comes next, empty today: per-token scales beside quantized values (FP8 KV:
-`scale_shapes` and `scale_dtype`) and fixed-size per-sequence state (GDN layers' conv window and
-recurrent state: `state`)."""
+Besides per-token entries: per-token scales beside quantized values (FP8 KV: `scale_shapes` and
+`scale_dtype`) and fixed-size per-sequence state (Gated DeltaNet layers' conv window and recurrent
+state: `state`, one row per running sequence in a pool of its own, kernels/context.allocate_state)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +21,8 @@ from .typed_json import from_json, to_json
 @dataclass(frozen=True)
 class KVLayer:
     layer: int  # the attention node's `layer` attr: the pool index
-    kind: str  # gqa: K and V per KV head; mla: the compressed latent with the rope key
+    kind: str  # gqa: K and V per KV head; mla: the compressed latent with the rope key; dsa: mla's entry, then
+    # the sparse-attention indexer's key (DeepSeek-V3.2, GLM-5)
     shapes: tuple[tuple[int, ...], ...]  # one token's entry in each pool tensor of the layer
     source: str = ""  # the HF module, for messages
     scale_shapes: tuple[tuple[int, ...], ...] = ()  # one token's scales beside each tensor (quantized KV)
@@ -51,6 +52,18 @@ class KVContract:
         value, scale = DTYPE_BYTES[self.dtype], DTYPE_BYTES[self.scale_dtype] if self.scale_dtype else 0
         return sum(value * prod(s) for layer in self.layers for s in layer.shapes) + \
             sum(scale * prod(s) for layer in self.layers for s in layer.scale_shapes)
+
+    def bytes_per_sequence(self) -> int:
+        """The fixed per-sequence state (recurrent layers), whatever the sequence's length."""
+        return sum(DTYPE_BYTES[st.dtype] * prod(s) for st in self.state for s in st.shapes)
+
+    def prefix_cache_blocker(self) -> str | None:
+        """Why cached KV blocks cannot serve a new sequence (None: they can). A recurrent layer's state
+        after a prefix is not in any block and is not snapshotted, so a hit would skip it."""
+        if not self.state:
+            return None
+        return (f"{len(self.state)} recurrent layers keep per-sequence state that prefix blocks do not hold "
+                "(no state snapshots yet)")
 
     def mismatches(self, other: "KVContract") -> list[str]:
         """Why blocks written under this contract cannot be read under `other` (empty: they can),

@@ -96,7 +96,8 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              graph_unsafe=frozenset({"attention"}),
              refuses=_bf16_kv_only("its SDPA attention reads unquantized KV; the torch reference dequantizes")),
     Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
-             graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine"})),
+             graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine", "indexer", "sparse_mla",
+                                        "gdn"})),
     # Library adapters rank after torch, which runs everything: they run where forced (--provider
     # rms_norm=flashinfer, --provider moe=deep_gemm) or where their first_for ranks them first for a node.
     # Not registered: FlashInfer decode attention (plans on the host per step, decode rows only).

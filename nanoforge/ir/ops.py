@@ -271,3 +271,96 @@ OPS.update({op.name: op for op in [
     OpDef("moe_combine", ("y", "plan"), attrs=("group",), infer=_moe_combine, needs_ctx=True,
           doc="send the experts' outputs back to their tokens' ranks and sum them per token"),
 ]})
+
+
+# -- DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; models/deepseek_v32.py): the indexer picks each query's
+# top-k cached tokens, sparse_mla attends over those only. A query with at most topk tokens before it keeps
+# them all, so short contexts are dense MLA.
+def _indexer(i: Types, p, a) -> Types:
+    x, q, k, pos = i
+    h, d, r = a["heads"], a["head_dim"], a["rope_dim"]
+    _check(_last(q) == h * d and _last(k) == d, f"indexer: q {q} / k {k} vs {h} heads x {d}")
+    _check(0 < r <= d and r % 2 == 0, f"indexer: rope_dim {r} of head_dim {d}")
+    _check(a["style"] in ("neox", "interleaved"), f"indexer: unknown rope style {a['style']!r}")
+    _check(p["weights_proj"].shape == (h, _last(x)), f"indexer: weights_proj {p['weights_proj']} vs {h} x {_last(x)}")
+    _check(p["k_norm"].shape == (d,) and p["k_norm_bias"].shape == (d,), f"indexer: k_norm {p['k_norm']}")
+    _check(pos.dtype in ("i32", "i64") and a["topk"] >= 1, f"indexer: positions {pos}, topk {a['topk']}")
+    return [TensorType("i32", (q.shape[0], a["topk"]))]
+
+
+def _sparse_mla(i: Types, p, a) -> Types:
+    ids = i[3]
+    _check(ids.dtype == "i32" and ids.shape == (i[0].shape[0], a["topk"]),
+           f"sparse_mla: token ids {ids} vs i32[{i[0].shape[0]},{a['topk']}]")
+    return _attention(i[:3], p, {**a, "kind": "mla"})
+
+
+OPS.update({op.name: op for op in [
+    OpDef("indexer", ("x", "q", "k", "positions"), ("weights_proj", "k_norm", "k_norm_bias"),
+          attrs=("layer", "heads", "head_dim", "rope_dim", "style", "theta", "topk", "scale", "eps"),
+          infer=_indexer, needs_ctx=True,
+          doc="DSA lightning indexer: layer-norm and rope (first rope_dim dims) its key, store it in the layer's "
+              "indexer cache, score each cached token per query (sum over heads of weight * relu(q.k * scale)) "
+              "and return the top-k token positions, -1 padded; a query with <= topk tokens before it keeps all"),
+    OpDef("sparse_mla", ("q", "latent", "k_rope", "token_ids"), ("kv_b_proj",),
+          attrs=("layer", "heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "scale",
+                 "topk"),
+          infer=_sparse_mla, needs_ctx=True,
+          doc="MLA (writes this step's latent and rope key first) over only the cached tokens each query's "
+              "token_ids name (-1: none); at most topk tokens of context it is dense MLA"),
+]})
+
+
+# -- hybrid linear-attention models (Qwen3.5-MoE, models/qwen3_5_moe.py): Gated DeltaNet layers keep a
+# fixed-size state per sequence (ctx.state, sized by plan_memory) instead of paged KV; gated full attention
+def _offset_rms_norm(i: Types, p, a) -> Types:
+    return _rms_norm(i, p, a)
+
+
+def _gated_qk_norm_rope(i: Types, p, a) -> Types:
+    qg, k = i[0], i[1]
+    h, d = a["heads"], a["q_head_dim"]
+    _check(_last(qg) == 2 * h * d, f"gated_qk_norm_rope: q {qg} vs {h} heads x 2 x {d} (query | gate per head)")
+    _rope_check(TensorType(qg.dtype, (*qg.shape[:-1], h * d)), k, a)
+    _check(a["style"] == "neox", "gated_qk_norm_rope: only neox rope (on the first rotary_dim dims of a head)")
+    _check(p["q_norm"].shape == (d,) and p["k_norm"].shape == (a["k_head_dim"],),
+           f"gated_qk_norm_rope: q_norm {p['q_norm']} / k_norm {p['k_norm']}")
+    q = TensorType(qg.dtype, (*qg.shape[:-1], h * d))
+    return [q, k, q]
+
+
+def _sigmoid_mul(i: Types, p, a) -> Types:
+    x, g = i
+    _check(x.shape[:-1] == g.shape[:-1] and _last(g) in (1, _last(x)), f"sigmoid_mul: x {x} vs gate {g}")
+    return [x]
+
+
+def _gdn(i: Types, p, a) -> Types:
+    qkv, z, b, g = i
+    hk, hv, dk, dv, kern = (int(a[n]) for n in ("k_heads", "v_heads", "k_head_dim", "v_head_dim", "conv_kernel"))
+    conv = 2 * hk * dk + hv * dv
+    _check(hv % hk == 0, f"gdn: {hv} value heads not a multiple of {hk} key heads")
+    _check(_last(qkv) == conv, f"gdn: qkv {qkv} vs 2 x {hk}x{dk} + {hv}x{dv}")
+    _check(_last(z) == hv * dv and _last(b) == hv and _last(g) == hv, f"gdn: z {z} / b {b} / a {g} vs {hv} heads of {dv}")
+    _check(p["conv"].shape == (conv, 1, kern), f"gdn: conv {p['conv']} vs [{conv},1,{kern}]")
+    _check(p["dt_bias"].shape == (hv,) and p["A_log"].shape == (hv,), f"gdn: dt_bias {p['dt_bias']} / A_log {p['A_log']}")
+    _check(p["norm"].shape == (dv,), f"gdn: norm {p['norm']} vs {dv}")
+    return [TensorType(qkv.dtype, (qkv.shape[0], hv * dv))]
+
+
+GDN_ATTRS = ("layer", "k_heads", "v_heads", "k_head_dim", "v_head_dim", "conv_kernel", "eps")
+OPS.update({op.name: op for op in [
+    OpDef("offset_rms_norm", ("x",), ("weight",), attrs=("eps",), infer=_offset_rms_norm,
+          doc="RMSNorm with a (1 + weight) gain, all in f32 (Qwen3.5 / Qwen3-Next norms; optional `group`)"),
+    OpDef("gated_qk_norm_rope", ("q_gate", "k", "positions"), ("q_norm", "k_norm"), attrs=("eps",) + ROPE_ATTRS,
+          infer=_gated_qk_norm_rope,
+          doc="q_proj's per-head [query | gate] halves split, (1 + weight) per-head RMSNorm of q and k, neox rope "
+              "on the first rotary_dim dims of each head; returns (q, k, gate)"),
+    OpDef("sigmoid_mul", ("x", "gate"), infer=_sigmoid_mul,
+          doc="x * sigmoid(gate); a gate of width 1 scales whole rows (gated attention output, shared expert)"),
+    OpDef("gdn", ("qkv", "z", "b", "a"), ("conv", "dt_bias", "A_log", "norm"), attrs=GDN_ATTRS, infer=_gdn,
+          needs_ctx=True,
+          doc="Gated DeltaNet core: causal depthwise conv1d + silu over [q|k|v] with the sequence's conv window, "
+              "gated delta rule with its recurrent state (both in ctx.state[layer], reset at position 0), "
+              "gated RMSNorm by silu(z); per-sequence state, no paged KV"),
+]})

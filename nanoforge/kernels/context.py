@@ -43,6 +43,11 @@ class BatchContext:
     comm: Any = None  # collectives of this rank (parallel/comm.py); None = a world of one
     ep_tokens: int | None = None  # most tokens any rank of the EP group has this step (None: ask the group)
     scratch: dict = field(default_factory=dict, repr=False)  # per-step kernel state shared by layers (a schedule)
+    # per-sequence state of recurrent layers (gdn): per such layer the pool tensors allocate_state made,
+    # and each sequence's row in them (i64[B]); a sequence whose first row is position 0 starts afresh
+    state: list[tuple[torch.Tensor, ...]] = field(default_factory=list, repr=False)
+    state_slots: torch.Tensor | None = None
+    state_slot_list: list[int] = field(default_factory=list, repr=False)  # the same on the host
 
     @property
     def seqs(self) -> list[SeqSlice]:
@@ -71,7 +76,8 @@ def allocate_pool(contract: KVContract, num_blocks: int,
                   device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
     """The paged KV pool the contract describes: per layer, one tensor per entry shape,
     [num_blocks, block_size, *shape], then (quantized KV) one per scale shape in the scale dtype:
-    GQA (k, v) or (k, v, k_scale, v_scale), MLA (entry,) or (entry, scale). Indexed by the
+    GQA (k, v) or (k, v, k_scale, v_scale), MLA (entry,) or (entry, scale), DSA (entry, index_k) or
+    (entry, index_k, entry_scale, index_k_scale). Indexed by the
     attention node's `layer` attr."""
     dtype, bs = TORCH_DTYPES[contract.dtype], contract.block_size
     scale_dtype = TORCH_DTYPES[contract.scale_dtype] if contract.scale_dtype else None
@@ -81,6 +87,18 @@ def allocate_pool(contract: KVContract, num_blocks: int,
         values = [torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer.shapes]
         scales = [torch.ones(num_blocks, bs, *shape, dtype=scale_dtype, device=device) for shape in layer.scale_shapes]
         pool.append(tuple(values + scales))
+    return pool
+
+
+def allocate_state(contract: KVContract, slots: int,
+                   device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
+    """The per-sequence state pool the contract describes: per recurrent layer, one tensor per state
+    shape, [slots, *shape] (a row per running sequence). Indexed by the gdn node's `layer` attr."""
+    pool: list[tuple[torch.Tensor, ...]] = []
+    for i, st in enumerate(contract.state):
+        assert st.layer == i, "KV contract state entries must be numbered 0..N-1"
+        pool.append(tuple(torch.zeros(slots, *shape, dtype=TORCH_DTYPES[st.dtype], device=device)
+                          for shape in st.shapes))
     return pool
 
 
@@ -102,10 +120,12 @@ def block_table_array(tables: list[list[int]], widths: np.ndarray | None = None,
 
 def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
                  seqs: list[tuple[int, int, list[int]]], device: str | torch.device = "cpu",
-                 comm: Any = None, ep_tokens: int | None = None) -> BatchContext:
+                 comm: Any = None, ep_tokens: int | None = None,
+                 state: tuple[list[tuple[torch.Tensor, ...]], list[int]] | None = None) -> BatchContext:
     """Context for a flat batch; each seq is (q_len, ctx_len, block_ids), its new tokens being
     positions ctx_len-q_len .. ctx_len-1. Built with numpy, without per-sequence loops: a mixed
-    step of hundreds of sequences spends well under a millisecond here."""
+    step of hundreds of sequences spends well under a millisecond here. `state`: (the per-sequence
+    state pool, each sequence's slot in it), for plans with recurrent layers."""
     n = len(seqs)
     q_lens = np.fromiter((q for q, _, _ in seqs), np.int64, n)
     ctx_lens = np.fromiter((c for _, c, _ in seqs), np.int64, n)
@@ -120,7 +140,12 @@ def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
     def put(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(data).to(device=device, dtype=dtype, non_blocking=True)
 
-    return BatchContext(
+    ctx = BatchContext(
         pool, block_size, put(slots, torch.long), put(starts, torch.int32), put(ctx_lens, torch.int32),
         put(table, torch.int32), int(q_lens.max(initial=0)), int(ctx_lens.max(initial=0)), list(seqs), comm=comm,
         ep_tokens=ep_tokens)
+    if state is not None:
+        assert len(state[1]) == n, f"{len(state[1])} state slots for {n} sequences"
+        ctx.state, ctx.state_slot_list = state[0], list(state[1])
+        ctx.state_slots = put(np.asarray(state[1], np.int64), torch.long)
+    return ctx

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from ..errors import NanoForgeError
 from . import fp8
 from .context import BatchContext
+from .dsa_ref import indexer, sparse_mla  # noqa: F401  (DeepSeek sparse attention, in its own file)
+from .hybrid_ref import gated_qk_norm_rope, gdn, offset_rms_norm, sigmoid_mul  # noqa: F401  (hybrid models' ops)
 from .rope_math import rope_frequencies
 
 

@@ -8,7 +8,7 @@ from .. import defaults
 from ..errors import NanoForgeError
 from ..facts import ModelInfo, write
 from ..ir.graph import Module
-from . import deepseek_v3, llama, qwen3, qwen3_moe
+from . import deepseek_v3, deepseek_v32, llama, qwen3, qwen3_5_moe, qwen3_moe
 from .common import Config
 from .frontend import TraceModule, trace_forward
 
@@ -18,6 +18,13 @@ ARCHITECTURES: dict[str, Callable[[Config], TraceModule]] = {
     "Qwen3MoeForCausalLM": qwen3_moe.build,
     "DeepseekV3ForCausalLM": deepseek_v3.build,
     "KimiK2ForCausalLM": deepseek_v3.build,
+    "DeepseekV32ForCausalLM": deepseek_v32.build_v32,
+    "GlmMoeDsaForCausalLM": deepseek_v32.build_glm5,
+    "Qwen3_5MoeForCausalLM": qwen3_5_moe.build,
+    "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.build_conditional,
+}
+TEXT_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {  # a multimodal config's text part
+    "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.text_config_of,
 }
 DRAFTS: dict[str, Callable[[Config, TraceModule], TraceModule]] = {  # the checkpoint's MTP layer
     "DeepseekV3ForCausalLM": deepseek_v3.build_mtp,
@@ -42,7 +49,7 @@ def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False
     arch = architecture_of(config)
     if dtype not in DTYPES.values():
         raise NanoForgeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES.values())}")
-    c = Config(config)
+    c = Config(TEXT_CONFIGS[arch](config) if arch in TEXT_CONFIGS else config)
     start = time.perf_counter()
     model = ARCHITECTURES[arch](c)
     mtp = None

@@ -11,7 +11,7 @@ from ..errors import NanoForgeError
 from ..facts import MemoryPlan, ModelInfo, require, write
 from ..ir.graph import DTYPE_BYTES, Function, Module
 from ..ir.ops import FP8
-from ..kv_contract import KVContract, KVLayer
+from ..kv_contract import KVContract, KVLayer, SequenceState
 from .manager import Pass
 from .quantize_kv import kv_dtype_of_module
 
@@ -19,11 +19,18 @@ from .quantize_kv import kv_dtype_of_module
 def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) -> KVContract:
     """Per attention layer, the shape of one token's entry in each pool tensor, in `kv_dtype`, else
     the dtype quantize_kv gave the attention nodes, else the model's. FP8 values get an f32 scale per
-    token and KV head (GQA: K and V each) or per token (MLA's one entry) beside them."""
+    token and KV head (GQA: K and V each) or per token (MLA's one entry) beside them. A DSA layer
+    (sparse_mla) holds MLA's entry and its indexer's key per token, each with its own scale."""
     dtype = kv_dtype or kv_dtype_of_module(module) or require(module, ModelInfo).dtype
     scaled = dtype == FP8
     layers = []
+    index_dims = {n.attrs["layer"]: n.attrs["head_dim"] for _, n in module.nodes() if n.op == "indexer"}
     for _, n in module.nodes():
+        if n.op == "sparse_mla":  # DSA: MLA's entry, plus the indexer's keys where the layer has an indexer
+            d, a = index_dims.get(n.attrs["layer"]), n.attrs
+            shapes = ((a["kv_lora_rank"] + a["qk_rope_head_dim"],),) + (((d,),) if d else ())
+            layers.append(KVLayer(a["layer"], "dsa" if d else "mla", shapes, n.source,
+                                  ((1,),) * len(shapes) if scaled else ()))
         if n.op != "attention":
             continue
         a = n.attrs
@@ -35,7 +42,20 @@ def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) ->
             scales = ((1,),)
         layers.append(KVLayer(a["layer"], a["kind"], shapes, n.source, scales if scaled else ()))
     layers.sort(key=lambda layer: layer.layer)
-    return KVContract(block_size, dtype, tuple(layers), "f32" if scaled else None)
+    return KVContract(block_size, dtype, tuple(layers), "f32" if scaled else None, sequence_state(module))
+
+
+def sequence_state(module: Module) -> tuple[SequenceState, ...]:
+    """Per Gated DeltaNet layer, the state one sequence keeps: its conv window (the last conv_kernel - 1
+    inputs of [q|k|v]) and its delta-rule matrix per value head; f32, as the kernels update them."""
+    state = {}
+    for _, n in module.nodes():
+        if n.op == "gdn":
+            a = n.attrs
+            conv = 2 * a["k_heads"] * a["k_head_dim"] + a["v_heads"] * a["v_head_dim"]
+            shapes = ((conv, a["conv_kernel"] - 1), (a["v_heads"], a["k_head_dim"], a["v_head_dim"]))
+            state[a["layer"]] = SequenceState(a["layer"], "gdn", shapes, "f32", n.source)
+    return tuple(state[i] for i in sorted(state))
 
 
 def peak_activation_bytes(fn: Function) -> int:
@@ -88,7 +108,7 @@ def plan_memory(module: Module, opts: Options) -> int:
     write(module, MemoryPlan(module.param_bytes(), contract.bytes_per_token(),
                              max(peak_activation_bytes(f) for f in module.functions.values()),
                              opts.max_num_batched_tokens))
-    return len(contract.layers)
+    return len(contract.layers) + len(contract.state)
 
 
 PASS = Pass("plan_memory", plan_memory, "KV contract, weight / KV / activation bytes", Options)

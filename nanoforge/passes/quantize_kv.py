@@ -22,6 +22,7 @@ from .manager import Pass
 
 KV_DTYPES = {"auto": None, "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3"}  # --kv-dtype -> pool dtype
 SCALES = {"gqa": "per token and kv head", "mla": "per token"}
+KV_OPS = ("attention", "sparse_mla", "indexer")  # ops that store into the paged pool (DSA: MLA entry, indexer key)
 FP8_MIN_SM = 89  # e4m3 conversions in hardware (Ada, Hopper and newer)
 
 
@@ -48,16 +49,16 @@ def quantize_kv(module: Module, opts: Options) -> int:
                              f"this one is {t.capability}")
     changes = 0
     for _, node in module.nodes():
-        if node.op == "attention" and node.attrs.get("kv_dtype") != dtype:
+        if node.op in KV_OPS and node.attrs.get("kv_dtype") != dtype:
             node.attrs["kv_dtype"] = dtype
-            node.attrs["kv_scale"] = SCALES[node.attrs["kind"]]
+            node.attrs["kv_scale"] = SCALES[node.attrs.get("kind", "mla")]  # DSA ops: one scale per token
             changes += 1
     return changes
 
 
 def kv_dtype_of_module(module: Module) -> str | None:
     """The pool dtype the attention nodes were given (None: the model's); one for all layers."""
-    dtypes = {n.attrs.get("kv_dtype") for _, n in module.nodes() if n.op == "attention"}
+    dtypes = {n.attrs.get("kv_dtype") for _, n in module.nodes() if n.op in KV_OPS}
     if len(dtypes) > 1:
         raise NanoForgeError(f"attention layers disagree on the KV dtype: {sorted(map(str, dtypes))}")
     return next(iter(dtypes), None)

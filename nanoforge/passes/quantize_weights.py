@@ -28,6 +28,7 @@ from ..models.quant import scale_shape
 from .manager import Pass
 
 MODES = ("auto", "none", "fp8")
+MLA_OPS = ("attention", "sparse_mla")  # read kv_b_proj inside the op
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _slots(node: Node) -> tuple[str, ...]:
         return ("weight",)
     if node.op == "moe":
         return EXPERT_SLOTS
-    if node.op == "attention" and "kv_b_proj" in node.params:
+    if node.op in MLA_OPS and "kv_b_proj" in node.params:
         return ("kv_b_proj",)
     return ()
 
@@ -76,7 +77,7 @@ def quantize_weights(module: Module, opts: Options) -> int:
             p = module.params[node.params[slot]]
             if any(k in p.name for k in opts.keep):
                 continue
-            if wanted and node.op != "attention":  # attention reads kv_b_proj in its own dtype
+            if wanted and node.op not in MLA_OPS:  # attention reads kv_b_proj in its own dtype
                 _to_fp8(module, node, slot, p, opts.block, opts.act_quant)
             elif shipped:
                 p.quant = f"dequant:{tag}"

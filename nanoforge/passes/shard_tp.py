@@ -176,6 +176,9 @@ def shard_tp(module: Module, opts: Options) -> int:
     if quantized := [p.name for p in module.params.values() if p.quant]:
         raise NanoForgeError(f"--tp {tp} with block-FP8 weights (${quantized[0]}, ...) is not built yet: use "
                              "--attention-dp/--ffn-ep, or one rank")
+    if dsa := next((n for _, n in module.nodes() if n.op in ("indexer", "sparse_mla")), None):
+        raise NanoForgeError(f"--tp {tp}: sparse attention (@{dsa.source}) is not split over ranks yet: use "
+                             "--attention-dp/--ffn-ep, or one rank")
     if (layout := layout_of(module)).sharded:
         raise NanoForgeError(f"--tp {tp}: the module is already sharded ({layout.describe()})")
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .sequence import Sequence
+from .state_slots import StateSlots
 
 
 def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
@@ -29,9 +30,13 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, state_slots: int = 0):
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        # a row of the per-sequence state pool goes with a sequence's blocks (plans with recurrent layers);
+        # their state after a cached prefix is nowhere, so such plans run without prefix caching
+        assert not (state_slots and prefix_caching), "prefix caching cannot restore per-sequence state"
+        self.state = StateSlots(state_slots) if state_slots else None
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
         self.cached: dict[bytes, int] = {}
@@ -86,10 +91,14 @@ class BlockManager:
         return seq.num_computed
 
     def can_grow(self, seq: Sequence, num_new: int) -> bool:
+        if self.state is not None and seq.state_slot < 0 and not self.state.num_free:
+            return False
         return self.blocks_needed(seq.num_computed + num_new) - len(seq.block_table) <= self.num_free
 
     def grow(self, seq: Sequence, num_new: int) -> None:
-        """Make the table cover num_computed + num_new tokens."""
+        """Make the table cover num_computed + num_new tokens (and give the sequence a state row)."""
+        if self.state is not None and seq.state_slot < 0:
+            seq.state_slot = self.state.take()
         while len(seq.block_table) < self.blocks_needed(seq.num_computed + num_new):
             seq.block_table.append(self._take())
 
@@ -127,6 +136,9 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_computed = seq.num_hashed_blocks = 0
+        if seq.state_slot >= 0 and self.state is not None:
+            self.state.give_back(seq.state_slot)
+        seq.state_slot = -1
         seq.last_block_hash = b""
 
     def check_invariants(self, live: list[Sequence]) -> None:
@@ -142,3 +154,7 @@ class BlockManager:
             assert (b.ref_count == 0) == (b.block_id in self.free), f"block {b.block_id} free-list mismatch"
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h, f"cache entry of block {block_id} is stale"
+        if self.state is not None:
+            held = [s.state_slot for s in live if s.state_slot >= 0]
+            assert len(set(held)) == len(held) and not set(held) & set(self.state.free), "state slot shared or free"
+            assert len(held) + self.state.num_free == self.state.num_slots, "state slot leaked"

@@ -20,6 +20,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .speculative import SpecConfig, Speculator
+from .state_slots import check_state_support, prefix_caching_note
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("nanoforge.engine")
@@ -113,6 +114,7 @@ class Engine:
         self.cfg, self.tokenizer = cfg, tokenizer
         _check_config(cfg)
         spec_cfg = _spec_config(cfg, plan)
+        check_state_support(plan.kv_contract, spec_cfg.method, plan.parallel.sharded)
         self.vocab_size = plan.model.vocab_size
         model_len = cfg.max_model_len or plan.model.max_position_embeddings
         bs = plan.kv_contract.block_size
@@ -146,7 +148,10 @@ class Engine:
         kv = plan.kv_contract
         self.kv_cache = {"dtype": kv.dtype + (f" + {kv.scale_dtype} scales" if kv.scale_dtype else ""),
                          "blocks": num_blocks, "block_size": bs, "tokens": num_blocks * bs,
-                         "bytes_per_token": plan.memory.kv_bytes_per_token}  # what the pool holds (metrics)
+                         "bytes_per_token": plan.memory.kv_bytes_per_token,  # what the pool holds (metrics)
+                         "prefix_caching": prefix_caching_note(kv, cfg.prefix_caching)}
+        if kv.state:  # recurrent layers: a state row per sequence, max_num_seqs of them (the runner's pool)
+            self.kv_cache.update(state_slots=cfg.max_num_seqs, state_bytes_per_sequence=kv.bytes_per_sequence())
         self._len_note = " (all the KV cache holds)" if self.max_model_len < model_len else ""
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_chunk)
         if (dp := plan.parallel.attention_dp) > 1:  # a scheduler and KV pool per DP replica, in lockstep
@@ -156,7 +161,8 @@ class Engine:
             self.blocks = self.scheduler.blocks  # type: ignore[assignment]
             self.cfg = replace(cfg, overlap_decode=False)  # a chained step would need each replica's tokens
         else:
-            self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
+            self.blocks = BlockManager(num_blocks, bs, self.kv_cache["prefix_caching"] == "on",
+                                       cfg.max_num_seqs if kv.state else 0)
             self.scheduler = Scheduler(sched_cfg, self.blocks)
         self.eos_ids = list(tokenizer.eos_token_ids) if tokenizer else []
         self.metrics = EngineMetrics()

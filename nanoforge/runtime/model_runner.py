@@ -15,7 +15,7 @@ import torch
 from .. import defaults
 from ..codegen.pysource import compile_function, prepare_params
 from ..errors import NanoForgeError
-from ..kernels.context import TORCH_DTYPES, allocate_pool, make_context
+from ..kernels.context import TORCH_DTYPES, allocate_pool, allocate_state, make_context
 from ..passes.quantize_kv import FP8_MIN_SM
 from ..models.checkpoint import Checkpoint
 from ..models.weights import load_params
@@ -97,6 +97,8 @@ class ModelRunner:
         num_blocks = cfg.num_blocks if cfg.num_blocks is not None else self._blocks_that_fit(plan)
         self.num_blocks = self._agree_blocks(num_blocks)
         self.pool = allocate_pool(self.contract, max(self.num_blocks, 1), self.device)
+        # recurrent layers' per-sequence state: a row per seat (the engine's BlockManager hands them out)
+        self.state = allocate_state(self.contract, cfg.max_num_seqs, self.device)
         self.warmup_s = self._warmup(cfg.max_num_batched_tokens, cfg.max_num_seqs) if self.device.type == "cuda" \
             else 0.0
         self.batches = Counter()  # "graph" or the reason a batch ran eagerly
@@ -161,7 +163,9 @@ class ModelRunner:
                 if max(max(b) for _, _, b in seqs) >= free:
                     continue
                 n = sum(q for q, _, _ in seqs)
-                ctx = make_context(self.pool, bs, seqs, self.device, self.comm)
+                # scratch use of state rows: a real sequence restarts its row at position 0
+                state = (self.state, list(range(len(seqs)))) if self.state else None
+                ctx = make_context(self.pool, bs, seqs, self.device, self.comm, state=state)
                 zeros = torch.zeros(n, dtype=torch.long, device=self.device)
                 self.forward(self.params, ctx, zeros, zeros, torch.tensor([n - 1], device=self.device))
         torch.cuda.synchronize(self.device)
@@ -178,7 +182,8 @@ class ModelRunner:
         activations = 2 * mem.activation_bytes_per_token * cfg.max_num_batched_tokens + \
             8 * cfg.max_num_seqs * plan.model.vocab_size
         reserve = 1 << 30  # CUDA graph pool, library workspaces
-        budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations - reserve
+        budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations - reserve - \
+            self.contract.bytes_per_sequence() * cfg.max_num_seqs  # the per-sequence state pool
         block_bytes = mem.kv_bytes_per_token * self.block_size
         log.info("KV cache: %.2f GiB for %d blocks", max(budget, 0) / 2**30, max(budget, 0) // block_bytes)
         return max(budget, 0) // block_bytes
@@ -213,13 +218,17 @@ class ModelRunner:
             return logits, sample_items
         self.batches[f"eager: {why}"] += 1
         tokens, seqs, rows = flat_batch(batch, sample_items, device_tokens is not None)
-        return self.run(tokens, seqs, rows, device_tokens), sample_items
+        slots = [seq.state_slot for seq, _ in batch.items] if self.state else None
+        return self.run(tokens, seqs, rows, device_tokens, state_slots=slots), sample_items
 
     def run(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], rows: list[int],
-            device_tokens: torch.Tensor | None = None, ep_tokens: int | None = None) -> torch.Tensor:
+            device_tokens: torch.Tensor | None = None, ep_tokens: int | None = None,
+            state_slots: list[int] | None = None) -> torch.Tensor:
         """The forward over one flat batch (flat_batch's lists); logits of `rows`. `ep_tokens`:
-        the most tokens any rank of the EP group runs this step (sharded plans)."""
-        ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm, ep_tokens)
+        the most tokens any rank of the EP group runs this step (sharded plans). `state_slots`: each
+        sequence's row of the per-sequence state pool (plans with recurrent layers)."""
+        state = (self.state, state_slots) if self.state and state_slots is not None else None
+        ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm, ep_tokens, state)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
         with torch.inference_mode():

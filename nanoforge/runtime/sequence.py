@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None = None
     logits: torch.Tensor | None = None  # latest row, only when the engine keeps them
     arrival: int = 0  # admission order; the newest running sequence is preempted first
+    state_slot: int = -1  # its row of the per-sequence state pool (recurrent layers); -1: none
     draft: Any = None  # the MTP head's latest output for it (runtime/mtp.py DraftState)
 
     def __post_init__(self) -> None:
