@@ -154,7 +154,7 @@ def moe_op_probe(plan: Plan, device: str, tokens: list[int], bw: float, reps: in
         named = {name: random_param(plan.module.params[name], dev) for name in node.params.values()}
         if prepare := getattr(pysource, "prepare_params", None):  # the load-time layout its kernels read
             before = torch.cuda.memory_allocated() if cuda else 0
-            prepare(SimpleNamespace(nodes=[node]), named)
+            prepare([SimpleNamespace(name="moe", nodes=[node])], named)
             out["prepare_extra_bytes"] = max(torch.cuda.memory_allocated() - before, 0) if cuda else 0
         params = {slot: named[name] for slot, name in node.params.items()}
         del named

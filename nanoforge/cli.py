@@ -11,7 +11,11 @@ from pathlib import Path
 
 from . import defaults
 from .errors import NanoForgeError
-from .serving.engine_flags import add_engine_flags, add_engine_server_flags, engine_options
+from .serving.engine_flags import (add_engine_flags, add_engine_server_flags, add_model_preset_flag, engine_options,
+                                   model_source)
+from .tools.bench_migration import add_bench_migration_parser
+from .tools.bench_pd import add_bench_pd_parser
+from .tools.bench_serve import add_bench_serve_parser
 
 
 def _kv_pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -40,7 +44,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                           providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
                           attention_dp=a.attention_dp, ffn_ep=a.ffn_ep, max_num_seqs=a.max_num_seqs,
-                          deep_ep_max_tokens=a.deep_ep_max_tokens)
+                          deep_ep_max_tokens=a.deep_ep_max_tokens, speculative=a.speculative,
+                          num_speculative_tokens=a.num_speculative_tokens)
     say = (lambda m: None) if a.quiet else print
     say(f"compiling {a.checkpoint}")
     plan = compile_checkpoint(a.checkpoint, opts, log=say)
@@ -96,11 +101,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(f"deep_ep      {plan.deep_ep.modes}")
     graphs = plan.cuda_graphs
     print("cuda graphs  " + (f"decode batch sizes {', '.join(map(str, graphs.sizes))}" if graphs.sizes
-                             else f"none: {graphs.reason}"))
+                             else f"none: {graphs.reason}")
+          + (f"; verify {', '.join(map(str, graphs.verify_sizes))}" if graphs.verify_sizes else ""))
+    if plan.speculative is not None:
+        sp = plan.speculative
+        print(f"speculative  {sp.method}: {sp.num_tokens} drafts a step from the draft function, its KV in layer(s) "
+              f"{', '.join(map(str, sp.draft_kv_layers))}")
     print(f"memory       weights {_mib(mem.param_bytes)}, KV {mem.kv_bytes_per_token:,} B/token "
           f"(block {kv.block_size}, {_kv_dtype(kv, info.dtype)}, {len(kv.layers)} layers), activations "
           f"{mem.activation_bytes_per_token:,} B/token x {mem.max_num_batched_tokens} tokens "
           f"= {_mib(mem.activation_bytes_per_token * mem.max_num_batched_tokens)}")
+    if kv.state:  # recurrent layers: a fixed state per sequence beside the per-token KV
+        print(f"state        {kv.bytes_per_sequence():,} B/sequence ({len(kv.state)} recurrent layers: "
+              f"{', '.join(sorted({s.kind for s in kv.state}))}, {kv.state[0].dtype}) vs KV "
+              f"{mem.kv_bytes_per_token:,} B/token; one row per running sequence")
+    if blocker := kv.prefix_cache_blocker():
+        print(f"prefix cache off: {blocker}")
     return 0
 
 
@@ -235,24 +251,14 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from .tools.bench_serve import bench_serve, summary_lines, workload_from_flags
-
-    w = workload_from_flags(rate=a.rate, num_prompts=a.num_prompts, concurrency=a.concurrency, duration=a.duration,
-                            input_len=a.input_len, output_len=a.output_len, vocab=a.vocab, seed=a.seed)
-    r = bench_serve(a.url, a.model, w, Path(a.results_dir), a.api_key)
-    print("\n".join(summary_lines(r)) + f"\nwrote {r['path']}")
-    return 0 if r["num_errors"] == 0 and r["leaked_blocks"] in (0, None) else 1
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP server over one in-process engine (its own thread); with --addr or a
     prefill/decode role, an engine server (ZMQ, no HTTP) for `nanoforge route` instead."""
     if a.addr or a.role != "both":
         return _serve_engine(a)
-    if a.registry or a.advertise_addr:
-        raise NanoForgeError("--registry and --advertise-addr are for engine servers: add --addr ADDR "
-                             "(and --role prefill|decode)")
+    if a.registry or a.advertise_addr or a.registry_scope:
+        raise NanoForgeError("--registry, --registry-scope and --advertise-addr are for engine servers: add --addr "
+                             "ADDR (and --role prefill|decode)")
     import signal
 
     import uvicorn
@@ -261,17 +267,29 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serving.inprocess import InProcessClient
     from .serving.openai_api import build_app
 
-    with LLM(a.model, **engine_options(a), **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
-        name = a.served_model_name or Path(a.model).name
+    opts = engine_options(a)
+    model, name = model_source(a.model, a.model_preset, opts)
+    with LLM(model, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
+        name = a.served_model_name or name
         client = InProcessClient(llm.engine, name)
         # uvicorn re-raises a SIGTERM once it has shut down; as SystemExit it unwinds through here,
         # so the engine thread stops and `with LLM` stops the worker ranks
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print(startup_line(name, llm.engine.kv_cache), flush=True)
         try:
             uvicorn.run(build_app(client, llm.tokenizer, name, a.api_key), host=a.host, port=a.port, log_level="info")
         finally:
             client.close()
     return 0
+
+
+def startup_line(name: str, kv_cache: dict) -> str:
+    """What `serve` prints before it listens: the KV cache it got and whether prefix caching is on
+    (an engine turns it off, saying why, for models with per-sequence state)."""
+    state = f", state {kv_cache['state_slots']} sequences x {kv_cache['state_bytes_per_sequence']:,} B" \
+        if "state_slots" in kv_cache else ""
+    return (f"serving {name}: KV cache {kv_cache['tokens']:,} tokens ({kv_cache['dtype']}){state}; "
+            f"prefix caching {kv_cache['prefix_caching']}")
 
 
 def _serve_engine(a: argparse.Namespace) -> int:
@@ -281,13 +299,14 @@ def _serve_engine(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = {**engine_options(a), **_layout(a), **_launch(a)}
+    model, name = model_source(a.model, a.model_preset, opts)
     device = opts.pop("device", None)
     if a.role != "both" and _world_of(a) > 1:
         raise NanoForgeError(f"--role {a.role}: moving KV between engines of a sharded plan is not built yet "
                              "(each rank holds a part of it); serve it with --role both")
-    serve_engine(a.model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name, role=a.role,
+    serve_engine(model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name or name, role=a.role,
                  device=device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
-                 registry=a.registry, advertise_addr=a.advertise_addr, **opts)
+                 registry=a.registry, advertise_addr=a.advertise_addr, registry_scope=a.registry_scope, **opts)
     return 0
 
 
@@ -298,7 +317,7 @@ def _world_of(a: argparse.Namespace) -> int:
     layout = _layout(a)
     if layout:
         return ParallelLayout(**layout).world
-    if (Path(a.model) / "plan.json").is_file():
+    if a.model is not None and (Path(a.model) / "plan.json").is_file():
         from .plan import read_plan
 
         return read_plan(a.model).parallel.world
@@ -319,7 +338,7 @@ def cmd_route(a: argparse.Namespace) -> int:
 
     async def main() -> None:
         router = await Router.connect(a.prefill, a.decode, a.engine, registry_url=a.registry, strategy=a.strategy,
-                                      model_name=a.served_model_name)
+                                      model_name=a.served_model_name, registry_scope=a.registry_scope)
         try:
             app = build_app(router, router.tokenizer, router.model_name, a.api_key)
             await uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).serve()
@@ -349,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-dtype", default="auto", metavar="auto|fp8",
                    help="the paged KV cache: auto = the model's dtype; fp8 = e4m3 with a dynamic f32 scale per token "
                         "and KV head (per token for MLA), about half the bytes per token")
+    c.add_argument("--speculative", metavar="mtp", help="mtp: keep the checkpoint's MTP layer as a draft function "
+                   "the engine speculates with (pass attach_mtp)")
+    c.add_argument("--num-speculative-tokens", type=int, metavar="K", help="MTP drafts per sequence and step "
+                   "(default 3)")
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--pipeline", default="default")
     c.add_argument("--dump-dir", help="write NN_<pass>.ir after every pass, plus index.txt")
@@ -398,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=cmd_generate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
-    s.add_argument("model", help="plan dir, HF checkpoint dir or .gguf file")
+    s.add_argument("model", nargs="?", help="plan dir, HF checkpoint dir or .gguf file (or --model-preset)")
+    add_model_preset_flag(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -416,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", nargs="+", action="extend", default=[], metavar="ADDR",
                    help="engines that serve whole requests (role both)")
     r.add_argument("--registry", help="redis://host:port[/db]: route to the engines registered there")
+    r.add_argument("--registry-scope", metavar="NAME", help="only the engines registered in this scope (default: "
+                   "the unscoped ones)")
     r.add_argument("--strategy", default="round-robin", help="round-robin, least-loaded or prefix-aware")
     r.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     r.add_argument("--port", type=int, default=8000)
@@ -460,21 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "workload flags")
     o.add_argument("--results-dir", default="bench/results")
     o.set_defaults(run=cmd_bench_offline)
-    v = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (Poisson arrivals, "
-                        "or closed loop with --concurrency/--duration)")
-    v.add_argument("--url", default="http://127.0.0.1:8000")
-    v.add_argument("--model", required=True, help="the served model name")
-    v.add_argument("--rate", type=float, help="Poisson: requests per second (default: all at once)")
-    v.add_argument("--num-prompts", type=int, help="Poisson: number of requests (default 64)")
-    v.add_argument("--concurrency", type=int, help="closed loop: clients, each with one request in flight")
-    v.add_argument("--duration", type=float, help="closed loop: seconds to keep sending (in-flight requests finish)")
-    v.add_argument("--input-len", type=int, default=128)
-    v.add_argument("--output-len", type=int, default=64)
-    v.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--api-key")
-    v.add_argument("--results-dir", default="bench/results")
-    v.set_defaults(run=cmd_bench_serve)
+    add_bench_serve_parser(bsub)
+    add_bench_pd_parser(bsub)
+    add_bench_migration_parser(bsub)
     return p
 
 
