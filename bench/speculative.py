@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.kv_fp8_accuracy import smollm2_gguf, write_result  # noqa: E402
 from nanoforge import LLM, SamplingParams  # noqa: E402
+from nanoforge.models.random_checkpoint import preset_checkpoint  # noqa: E402
 from nanoforge.tools.bench_offline import machine_info  # noqa: E402
 
 
@@ -46,6 +47,17 @@ def requests(llm: LLM, n: int) -> list[list[int]]:
     return out
 
 
+def repeating_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
+    """Token prompts for a random-weight preset (no tokenizer): a random 40..100-token passage said
+    three times, so the model's continuation can echo it as the chat workload's answers do."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        passage = torch.randint(0, vocab, (int(torch.randint(40, 101, (1,), generator=g)),), generator=g).tolist()
+        out.append(passage * 3)
+    return out
+
+
 def timed(llm: LLM, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[float, list[list[int]], int]:
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
     llm.engine.reset_prefix_cache()
@@ -60,6 +72,8 @@ def timed(llm: LLM, prompts: list[list[int]], batch: int, max_tokens: int) -> tu
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None)
+    ap.add_argument("--model-preset", default=None, help="random weights of a preset instead of SmolLM2's real "
+                    "ones (where the GGUF cannot travel): acceptance is then whatever the random model repeats")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -67,19 +81,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--out", default="bench/results/speculative")
     a = ap.parse_args()
-    a.gguf = smollm2_gguf(a.gguf)
+    model = preset_checkpoint(a.model_preset, device=a.device) if a.model_preset else smollm2_gguf(a.gguf)
     opts = dict(device=a.device, progress=False, max_num_seqs=max(a.batches))
     if a.device == "cuda":  # the baseline engine and one speculating engine share the card
         opts["kv_cache_memory"] = 4 << 30
-    base = LLM(a.gguf, **opts)
-    prompts = requests(base, a.prompts)
+    base = LLM(model, **opts)
+    prompts = repeating_prompts(base.plan.model.vocab_size, a.prompts) if a.model_preset else requests(base, a.prompts)
     timed(base, prompts[:2], 2, 8)  # warm-up (kernels, graphs)
     rows = []
     for b in a.batches:
         t0, ref, n0 = timed(base, prompts, b, a.max_tokens)
         row = {"batch": b, "baseline": {"seconds": t0, "output_tokens": n0, "tok_s": n0 / t0}}
         for k in a.k:
-            spec = LLM(a.gguf, speculative="ngram", num_speculative_tokens=k, **opts)
+            spec = LLM(model, speculative="ngram", num_speculative_tokens=k, **opts)
             timed(spec, prompts[:2], 2, 8)
             t1, got, n1 = timed(spec, prompts, b, a.max_tokens)
             m = spec.metrics()["speculative"]
@@ -92,11 +106,13 @@ def main() -> None:
             if a.device == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-    result = {"bench": "speculative_ngram", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+    name = f"{a.model_preset} (random weights)" if a.model_preset else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+    workload = f"{len(prompts)} token prompts: a random passage said three times" if a.model_preset else \
+        f"{len(prompts)} chat requests: repeat a docs paragraph with one word replaced"
+    result = {"bench": "speculative_ngram", "model": name,
               "machine": machine_info(a.device), "device": a.device, "dtype": base.plan.model.dtype,
-              "workload": f"{len(prompts)} chat requests: repeat a docs paragraph with one word replaced; greedy, "
-                          f"max_tokens {a.max_tokens}", "rows": rows}
-    write_result(a.out, f"speculative-{a.device}", result)
+              "workload": f"{workload}; greedy, max_tokens {a.max_tokens}", "rows": rows}
+    write_result(a.out, f"speculative-{a.model_preset + '-' if a.model_preset else ''}{a.device}", result)
 
 
 if __name__ == "__main__":

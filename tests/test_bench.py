@@ -37,3 +37,21 @@ def test_moe_parallel_smoke_deepseek_on_real_ranks(tmp_path):
     assert [r[k].get("same_greedy_tokens_as_tp1") for k in ("tp1", "ep2", "ep2-a2a")] == [True] * 3, r
     assert "moe_dispatch=allgather" in r["ep2"]["providers"] and "moe_dispatch=torch" in r["ep2-a2a"]["providers"]
     assert all(len(r[k]["runs"]) == 1 for k in r)  # one timed batch size each
+
+
+def test_speculative_bench_on_a_random_preset_writes_json(tmp_path):
+    """bench/speculative.py --model-preset: the GPU run's form (the real SmolLM2 GGUF cannot travel there),
+    tiny here; greedy tokens with and without prompt lookup must be identical."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(root / "bench" / "speculative.py"), "--model-preset", "llama-tiny", "--prompts", "2",
+            "--batches", "2", "--k", "2", "--max-tokens", "12", "--out", str(tmp_path)]
+    subprocess.run(argv, check=True, timeout=600, capture_output=True)
+    (path,) = tmp_path.glob("speculative-llama-tiny-cpu-*.json")
+    doc = json.loads(path.read_text())
+    row = doc["rows"][0]
+    assert doc["model"] == "llama-tiny (random weights)" and row["batch"] == 2
+    assert row["ngram_k2"]["identical_tokens"] and row["baseline"]["output_tokens"] == 24
