@@ -28,9 +28,12 @@ import torch.distributed as dist
 from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
 from ..plan import Plan
+from .kv_shards import KVShards, kv_parts, one_rank_contract
+from .kv_transfer import KVStore, block_nbytes
 from .launchers import make_launcher
 from .model_runner import RunnerConfig, flat_batch
-from .rank_runner import (OP_STEP, OP_STOP, START_TIMEOUT_S, STEP_TIMEOUT, RankRunner, pack_step, replica_counts)
+from .rank_runner import (OP_KV_READ, OP_KV_WRITE, OP_STEP, OP_STOP, START_TIMEOUT_S, STEP_TIMEOUT, RankRunner,
+                          pack_step, replica_counts)
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("nanoforge.distributed")
@@ -52,6 +55,7 @@ class DistributedRunner(RankRunner):
             raise NanoForgeError("this process already runs a distributed engine (torch.distributed is "
                                  "initialized); close that LLM first")
         self.launcher = None
+        self.module, self._kv = plan.module, None  # the module: which TP part of the KV each rank holds (PD)
         self.error: NanoForgeError | None = None
         self.closed, self.steps, self.lock = False, 0, threading.Lock()
         self.tmp = Path(tempfile.mkdtemp(prefix="nanoforge-ranks-"))
@@ -145,6 +149,53 @@ class DistributedRunner(RankRunner):
             self.error = NanoForgeError("distributed engine stopped: a step was interrupted")
             raise
         return logits, sample_items
+
+    # -- PD: a request's KV in the one-rank layout ---------------------------------------------------
+    def kv_store(self) -> KVStore:
+        """The pool as PD migration sees it: blocks gathered from (scattered to) the ranks of a replica."""
+        if self._kv is None:
+            parts = kv_parts(self.module, self.layout, self.contract)
+            self._shards = KVShards(self.pool, parts, self.tp)
+            self._kv = KVStore(one_rank_contract(self.contract, parts), self.layout.describe(), self.pool,
+                               self.read_kv, self.write_kv, sharded=True)
+        return self._kv
+
+    def _replica_ranks(self, replica: int) -> list[int]:
+        return [r for r in range(self.world) if self.layout.rank_in_group("dp", r)[0] == replica][:self.tp]
+
+    def read_kv(self, replica: int, block_ids: list[int], ready=None) -> list[memoryview]:
+        if ready is not None:
+            ready.synchronize()
+        parts = self._kv_op(OP_KV_READ, replica, block_ids, None)
+        empty = [torch.empty(0, dtype=torch.uint8)] * self.tp
+        return self._shards.combine(empty if parts is None else [parts[r] for r in self._replica_ranks(replica)],
+                                    len(block_ids))
+
+    def write_kv(self, replica: int, block_ids: list[int], buffers: list) -> int:
+        per_tp = self._shards.split(buffers, len(block_ids))  # checks the sizes before any rank is told
+        ranks, zeros = self._replica_ranks(replica), torch.zeros(len(block_ids) * block_nbytes(self.pool),
+                                                                 dtype=torch.uint8)
+        self._kv_op(OP_KV_WRITE, replica, block_ids,
+                    [per_tp[ranks.index(r)] if r in ranks else zeros for r in range(self.world)])
+        return sum(memoryview(b).nbytes for b in buffers)
+
+    def _kv_op(self, op: int, replica: int, block_ids: list[int], outgoing) -> list[torch.Tensor] | None:
+        if not 0 <= replica < self.dp:
+            raise NanoForgeError(f"KV of attention-DP replica {replica}: this engine has {self.dp}")
+        if not block_ids:
+            return None
+        with self.lock:  # between steps: the ranks take the KV op in the same order as everyone
+            if self.error is not None or self.closed:
+                raise self.error or NanoForgeError("the distributed engine is closed")
+            self._check_workers()
+            try:
+                header = [op, 0, 0, self.dp, replica, len(block_ids)] + [0] * (4 * self.dp - 2)
+                dist.broadcast(torch.tensor(header, dtype=torch.long), 0, group=self.control)
+                dist.broadcast(torch.tensor(block_ids, dtype=torch.long), 0, group=self.control)
+                return self.kv_collective(op, replica, block_ids, outgoing)
+            except (RuntimeError, dist.DistError) as e:
+                self._fail(e)
+        return None
 
     # -- failures and shutdown ---------------------------------------------------------------------
     def _check_workers(self) -> None:

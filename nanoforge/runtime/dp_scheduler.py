@@ -3,7 +3,8 @@ requests over its own KV pool, so the driver keeps one Scheduler and BlockManage
 behind the interfaces Engine uses. A new request goes to the replica holding the fewest; a step
 is every replica's batch in turn (ScheduledBatch.replicas says where each ends), run in lockstep
 by DistributedRunner: a replica with nothing to do runs an empty batch, since the MoE layers'
-collectives need every rank each step."""
+collectives need every rank each step. PD: a decode engine places a migrated request on a replica
+before its KV arrives (`place`), and a prefill engine's parked requests keep theirs until released."""
 from __future__ import annotations
 
 from ..errors import NanoForgeError
@@ -62,6 +63,9 @@ class DPBlocks:
 
     def release(self, seq: Sequence) -> None:
         self._of(seq).release(seq)
+        if seq.seq_id in self.sched.detached:  # parked or migrating in: out of every replica now
+            self.sched.detached.discard(seq.seq_id)
+            self.sched.owner.pop(seq.seq_id, None)
 
     def trim(self, seq: Sequence) -> None:
         self._of(seq).trim(seq)
@@ -71,13 +75,31 @@ class DPScheduler:
     def __init__(self, cfg: SchedulerConfig, num_blocks: int, block_size: int, prefix_caching: bool, dp: int):
         self.replicas = [Scheduler(cfg, BlockManager(num_blocks, block_size, prefix_caching)) for _ in range(dp)]
         self.owner: dict[int, int] = {}  # seq_id -> replica
+        self.detached: set[int] = set()  # sequences holding blocks outside the schedulers (PD)
         self.blocks = DPBlocks(self)
 
+    def place(self, seq: Sequence) -> int:
+        """Choose the replica with the fewest sequences (queued, running or holding KV for PD) to own
+        `seq`, without scheduling it: a migrated request's KV is written there first (add_migrated)."""
+        if seq.seq_id not in self.owner:
+            load = [0] * len(self.replicas)
+            for d in self.owner.values():
+                load[d] += 1
+            self.owner[seq.seq_id] = load.index(min(load))
+            self.detached.add(seq.seq_id)
+        return self.owner[seq.seq_id]
+
     def add(self, seq: Sequence) -> None:
-        load = [len(r.running) + len(r.waiting) for r in self.replicas]
-        d = load.index(min(load))
-        self.owner[seq.seq_id] = d
+        self.detached.discard(seq.seq_id)
+        self.owner.pop(seq.seq_id, None)
+        d = self.place(seq)
+        self.detached.discard(seq.seq_id)
         self.replicas[d].add(seq)
+
+    def readmit(self, seq: Sequence) -> None:
+        """A placed sequence (its KV migrated in, or to recompute) goes first in its replica's queue."""
+        self.detached.discard(seq.seq_id)
+        self.replicas[self.place(seq)].readmit(seq)
 
     def schedule(self) -> ScheduledBatch:
         batches = [r.schedule() for r in self.replicas]
@@ -103,3 +125,4 @@ class DPScheduler:
 
     def detach(self, seq: Sequence) -> None:
         self.replicas[self.owner[seq.seq_id]].detach(seq)
+        self.detached.add(seq.seq_id)

@@ -5,18 +5,44 @@ Host-staged: `gather_blocks` copies blocks of every pool tensor to host bytes (o
 tensor, layer by layer), `scatter_blocks` writes such buffers into another pool. Same-host GPU:
 `export_ipc` describes the pool's CUDA storages as msgpack-able CUDA IPC handles (never pickle),
 `open_ipc` maps them in another process and `copy_blocks` copies device to device. Both sides
-have checked that their KV contracts match, so the shapes agree block for block."""
+have checked that their KV contracts match, so the shapes agree block for block.
+
+`KVStore` is the pool as PD reads and writes it, in the one-rank layout: `local_store` for an
+engine of one rank; a sharded engine's DistributedRunner.kv_store() moves the blocks through its
+ranks (kv_shards.py), so engines of different layouts pair."""
 from __future__ import annotations
 
 import socket
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from ..errors import NanoForgeError
+from ..kv_contract import KVContract
 
 Pool = list[tuple[torch.Tensor, ...]]
+
+
+@dataclass
+class KVStore:
+    """Reads and writes of a request's blocks in the one-rank layout. `read(replica, block_ids,
+    ready)` -> one host buffer per pool tensor; `write(replica, block_ids, buffers)` -> bytes
+    written. The replica is the attention-DP replica that owns the request (0 otherwise)."""
+
+    contract: KVContract  # what a one-rank plan of the model holds: what engines compare when they pair
+    layout: str  # the engine's parallel layout, for messages ("one rank", "tp=2", ...)
+    pool: Pool  # this process's pool (rank 0's share of a sharded engine's)
+    read: Callable[[int, list[int], Any], list[memoryview]]
+    write: Callable[[int, list[int], list[Any]], int]
+    sharded: bool = False  # blocks live on several ranks: no CUDA IPC of `pool`
+
+
+def local_store(pool: Pool, contract: KVContract) -> KVStore:
+    """The store of a one-rank engine: its pool, directly."""
+    return KVStore(contract, "one rank", pool, lambda _r, ids, ready: gather_blocks(pool, ids, ready),
+                   lambda _r, ids, bufs: scatter_blocks(pool, ids, bufs))
 
 
 def pool_device(pool: Pool) -> torch.device:

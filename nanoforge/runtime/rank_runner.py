@@ -12,6 +12,11 @@ Per-step protocol, over a gloo group of all ranks (CPU tensors, also under NCCL)
                             on the default group, on the device: an overlapped decode step never
                             waits for the host (NCCL on GPU, gloo on CPU)
 
+PD moves a request's KV between engines through rank 0 (runtime/kv_shards.py): a header with op
+2 (read) or 3 (write), dp, then the replica and K block ids at [4] and [5]; the body is the K ids.
+A read gathers every rank's flat blocks to rank 0 (ranks of other replicas send zeros); a write
+scatters each rank its blocks from rank 0, and the ranks of the replica write them to their pool.
+
 Rank r runs replica dp_index(r): TP plans have one; attention-DP replicas each have a scheduler
 of their own (runtime/dp_scheduler.py) and an idle one runs an empty batch. A TP plan all_gathers
 its logits, so rank 0 has every row; with attention-DP replicas each replica's first rank holds
@@ -34,11 +39,13 @@ import torch.distributed as dist
 from ..models.checkpoint import Checkpoint
 from ..parallel.comm import TorchDistComm
 from ..plan import Plan
+from .kv_shards import pack_local, unpack_local
+from .kv_transfer import block_nbytes
 from .model_runner import ModelRunner, RunnerConfig
 
 log = logging.getLogger("nanoforge.distributed")
 
-OP_STOP, OP_STEP = 0, 1
+OP_STOP, OP_STEP, OP_KV_READ, OP_KV_WRITE = 0, 1, 2, 3
 STEP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("NANOFORGE_DIST_TIMEOUT", 600)))
 IDLE_TIMEOUT = datetime.timedelta(days=30)  # a worker waits this long for the next step (an idle server)
 START_TIMEOUT_S = float(os.environ.get("NANOFORGE_DIST_START_TIMEOUT", 1800))
@@ -85,6 +92,11 @@ class RankRunner(ModelRunner):
             op, flag, _, dp, *sizes = header.tolist()
             if op == OP_STOP:
                 return
+            if op in (OP_KV_READ, OP_KV_WRITE):
+                ids = torch.empty(sizes[1], dtype=torch.long)
+                dist.broadcast(ids, 0, group=self.control)
+                self.kv_collective(op, sizes[0], ids.tolist())
+                continue
             counts = replica_counts(sizes, dp)
             body = torch.empty(sum(body_len(c, flag) for c in counts), dtype=torch.long)
             dist.broadcast(body, 0, group=self.control)
@@ -96,6 +108,24 @@ class RankRunner(ModelRunner):
             logits = self.run_step(tokens, seqs, rows, device_tokens, counts)
             if self.dp > 1:
                 self._gather_logits(logits, [c[3] for c in counts])
+
+    def kv_collective(self, op: int, replica: int, block_ids: list[int],
+                      outgoing: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+        """This rank's part of a KV read (every rank's flat blocks gathered to rank 0, returned
+        there) or write (rank 0 scatters `outgoing`, one buffer per rank) of `replica`'s blocks."""
+        mine, size = self.replica == replica, len(block_ids) * block_nbytes(self.pool)
+        if op == OP_KV_READ:
+            buf = pack_local(self.pool, block_ids) if mine else torch.zeros(size, dtype=torch.uint8)
+            parts = [torch.empty(size, dtype=torch.uint8) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(buf, parts, dst=0, group=self.control)
+            return parts
+        buf = torch.empty(size, dtype=torch.uint8)
+        dist.scatter(buf, outgoing if self.rank == 0 else None, src=0, group=self.control)
+        if mine:
+            unpack_local(self.pool, block_ids, buf)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return None
 
     def leave(self) -> None:
         """Free the process groups. CUDA graphs that captured NCCL collectives go first: with one

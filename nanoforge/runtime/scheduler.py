@@ -45,6 +45,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def readmit(self, seq: Sequence) -> None:
+        """First in line: a sequence whose migrated KV just arrived (or is to be recomputed)."""
+        self.waiting.appendleft(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..errors import NanoForgeError
 from ..runtime.engine import Engine
-from ..runtime.kv_transfer import gather_blocks, generator_state, set_generator_state
+from ..runtime.kv_transfer import generator_state, set_generator_state
 from ..runtime.sequence import Sequence
 from .protocol import GenerateRequest, TokenDelta
 
@@ -90,8 +90,8 @@ class EngineLoop:
                 raise NanoForgeError(f"no parked KV for request {request_id!r} here (never prefilled here, already "
                                      f"released, or expired after {self.kv_park_timeout:g}s)")
             ids = self.engine.kv_block_ids(p.seq, first_block, p.num_tokens)
-            if with_data:
-                bufs = gather_blocks(self.engine.kv_pool(), ids, p.ready)
+            if with_data:  # in the one-rank layout, from every rank of a sharded engine
+                bufs = self.engine.kv_store().read(self.engine.kv_replica(p.seq), ids, p.ready)
             else:  # the puller copies out of our pool itself: the writes must be done
                 bufs = []
                 if p.ready is not None:
@@ -166,7 +166,7 @@ class EngineLoop:
         why = "the KV pool is full" if first is None else "this engine has no migration worker"
         if first is not None and self.migrate is not None:
             try:
-                self.migrate({**job, "first_block": first,
+                self.migrate({**job, "first_block": first, "replica": self.engine.kv_replica(seq),
                               "block_ids": self.engine.kv_block_ids(seq, first, n_kv)})
                 self.migrating[rid] = seq
                 return None

@@ -132,7 +132,9 @@ class EngineServer:
     def _migrate(self, job: dict[str, Any]) -> None:  # engine thread: the worker starts with the first pull
         if self.migrator is None:
             eng = self.loop.engine
-            self.migrator = MigrationWorker(eng.kv_pool(), self.kv_contract, self.loop.migrated, self.kv_transport)
+            store = eng.kv_store()
+            self.migrator = MigrationWorker(eng.kv_pool(), store.contract, self.loop.migrated, self.kv_transport,
+                                            store=store)
         self.migrator.submit(job)
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:  # engine thread
@@ -251,7 +253,8 @@ class EngineServer:
 
     def _ipc(self) -> dict[str, Any] | None:
         """The pool's CUDA IPC handles, exported once, for a decode engine on this host to map."""
-        if self.ipc is None and pool_device(self.loop.engine.kv_pool()).type == "cuda":
+        if self.ipc is None and pool_device(self.loop.engine.kv_pool()).type == "cuda" and \
+                not self.loop.engine.kv_store().sharded:  # rank 0's pool is a part of the KV: pulled over tcp
             try:
                 self.ipc = export_ipc(self.loop.engine.kv_pool())
             except Exception as e:  # decode engines pull over TCP instead (or say why not, with ipc forced)
@@ -303,7 +306,13 @@ def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: 
             "block_size": llm.engine.block_size,
             "model_fingerprint": hashlib.blake2b(fingerprint, digest_size=8).hexdigest()}
     name = model_name or Path(model if isinstance(model, (str, Path)) else llm.checkpoint.path).name
-    server = EngineServer(llm.engine, addr, name, llm.plan.kv_contract, role, info, kv_park_timeout=kv_park_timeout,
+    store = llm.engine.kv_store()  # PD pairs engines by the one-rank contract, whatever their layouts
+    if kv_transport == "ipc" and store.sharded:
+        llm.close()
+        raise NanoForgeError(f"--kv-transport ipc: the KV of this engine is split over its ranks ({store.layout}); "
+                             "use tcp (or auto)")
+    info["kv_layout"] = store.layout
+    server = EngineServer(llm.engine, addr, name, store.contract, role, info, kv_park_timeout=kv_park_timeout,
                           kv_transport=kv_transport, registry=registry, advertise_addr=advertise_addr,
                           registry_scope=registry_scope)
     if threading.current_thread() is threading.main_thread():

@@ -11,7 +11,9 @@ fails the request with the difference ("fatal": recomputing would hide a misconf
 other failure (source gone, no reply within `timeout`, an error reply) is reported as not ok and
 the engine recomputes the prompt itself. Transports differ only in how kv_data lands in the pool:
 host-staged bytes (tcp), or a device copy from the source pool mapped by CUDA IPC (ipc, same
-host); an RDMA transport would register pools at hello the same way."""
+host); an RDMA transport would register pools at hello the same way. Sharded engines on either
+side move KV in the one-rank layout (runtime/kv_shards.py), so prefill and decode layouts differ
+freely (tcp only); contracts are compared in that layout and a mismatch names both layouts."""
 from __future__ import annotations
 
 import itertools
@@ -27,7 +29,7 @@ import zmq
 
 from ..errors import NanoForgeError
 from ..kv_contract import KVContract
-from ..runtime.kv_transfer import Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks
+from ..runtime.kv_transfer import KVStore, Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks
 from .engine_flags import KV_TRANSPORTS as TRANSPORTS
 from .wire import PROTOCOL_VERSION, pack, unpack
 
@@ -40,17 +42,20 @@ class KVTransport(Protocol):
     (HostStaged, CudaIpc; an RDMA transport would be one more class of this shape)."""
     mode: str
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int: ...
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0) -> int: ...
 
 
 class HostStaged:
-    """The blocks' bytes travel in the kv_data frames (ZMQ over TCP), staged in host memory."""
+    """The blocks' bytes travel in the kv_data frames (ZMQ over TCP), staged in host memory, in the
+    one-rank layout: `store` writes them to the ranks of a sharded engine (the job's replica)."""
     mode = "tcp"
 
-    def __init__(self, pool: Pool):
-        self.pool = pool
+    def __init__(self, pool: Pool, store: KVStore | None = None):
+        self.pool, self.store = pool, store
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int:
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0) -> int:
+        if self.store is not None:
+            return self.store.write(replica, dst_ids, frames)
         return scatter_blocks(self.pool, dst_ids, frames)
 
 
@@ -62,19 +67,23 @@ class CudaIpc:
     def __init__(self, pool: Pool, src: Pool):
         self.pool, self.src = pool, src
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int]) -> int:
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0) -> int:
         return copy_blocks(self.src, header["block_ids"], self.pool, dst_ids)
 
 
-def choose_transport(kind: str, pool: Pool, hello: dict[str, Any], addr: str) -> KVTransport:
-    """auto: ipc when both pools are on CUDA on one host (and mapping works), else tcp."""
+def choose_transport(kind: str, pool: Pool, hello: dict[str, Any], addr: str,
+                     store: KVStore | None = None) -> KVTransport:
+    """auto: ipc when both pools are on CUDA on one host (and mapping works), else tcp. A sharded
+    engine on either side moves KV through its ranks: tcp."""
     ipc = hello.get("kv_ipc")
     here, there = socket.gethostname(), hello.get("host")
-    why_not = ("this engine's KV pool is not on CUDA" if pool_device(pool).type != "cuda" else
+    sharded = store is not None and store.sharded
+    why_not = (f"this engine's KV is split over its ranks ({store.layout})" if sharded else  # type: ignore[union-attr]
+               "this engine's KV pool is not on CUDA" if pool_device(pool).type != "cuda" else
                f"the prefill engine at {addr} exports no CUDA pool" if not ipc else
                f"the prefill engine at {addr} runs on host {there!r}, this one on {here!r}" if there != here else None)
     if kind == "tcp" or (kind == "auto" and why_not is not None):
-        return HostStaged(pool)
+        return HostStaged(pool, store)
     if why_not is not None:
         raise NanoForgeError(f"--kv-transport ipc: {why_not}")
     try:
@@ -83,7 +92,7 @@ def choose_transport(kind: str, pool: Pool, hello: dict[str, Any], addr: str) ->
         if kind == "ipc":
             raise NanoForgeError(f"--kv-transport ipc: cannot map the KV pool of {addr}: {e}") from None
         log.warning("CUDA IPC with %s failed (%s); pulling its KV over TCP", addr, e)
-        return HostStaged(pool)
+        return HostStaged(pool, store)
 
 
 @dataclass
@@ -102,12 +111,18 @@ class MigrationWorker:
     the source free the KV, {..., release_only: True}."""
 
     def __init__(self, pool: Pool, kv_contract: KVContract, report: Callable[[dict[str, Any]], None],
-                 transport: str = "auto", timeout: float = 5.0):
+                 transport: str = "auto", timeout: float = 5.0, store: KVStore | None = None):
+        """`store`: the engine's KVStore (Engine.kv_store()); its contract and layout are what a
+        source's hello is checked against. Without it, `pool` of `kv_contract` is written directly."""
         if transport not in TRANSPORTS:
             raise NanoForgeError(f"--kv-transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
+        if store is not None and store.sharded and transport == "ipc":
+            raise NanoForgeError(f"--kv-transport ipc: this engine's KV is split over its ranks ({store.layout}); "
+                                 "use tcp")
         if transport == "ipc" and pool_device(pool).type != "cuda":
             raise NanoForgeError("--kv-transport ipc needs the engine's KV pool on a CUDA device")
-        self.pool, self.contract, self.report = pool, kv_contract, report
+        self.pool, self.contract, self.report, self.store = pool, kv_contract, report, store
+        self.layout = store.layout if store is not None else "one rank"
         self.kind, self.timeout = transport, timeout
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue()
         self.ctx = zmq.Context()
@@ -119,7 +134,7 @@ class MigrationWorker:
         self.wake_lock = threading.Lock()
         self.poller = zmq.Poller()  # the worker thread's
         self.poller.register(self.wake_rx, zmq.POLLIN)
-        self.block_bytes = block_nbytes(pool)
+        self.block_bytes = kv_contract.bytes_per_token() * kv_contract.block_size if store else block_nbytes(pool)
         self.peers: dict[str, _Peer] = {}
         self.inflight: dict[int, tuple[_Peer, dict[str, Any]]] = {}  # kv_pull id -> (peer, job)
         self._ids = itertools.count(1)
@@ -175,7 +190,8 @@ class MigrationWorker:
             except zmq.ZMQError as e:
                 peer.error = f"bad prefill engine address {addr!r}: {e}"
             else:
-                want_ipc = self.kind != "tcp" and pool_device(self.pool).type == "cuda"
+                want_ipc = self.kind != "tcp" and pool_device(self.pool).type == "cuda" and \
+                    not (self.store is not None and self.store.sharded)
                 sock.send(pack({"type": "hello", "protocol_version": PROTOCOL_VERSION, "id": peer.hello_id,
                                 "kv_ipc": want_ipc}))
             self.poller.register(sock, zmq.POLLIN)
@@ -226,7 +242,8 @@ class MigrationWorker:
                 raise NanoForgeError(f"unexpected reply {kind!r} to kv_pull (num_tokens {msg.get('num_tokens')}, "
                                      f"{len(msg.get('block_ids', ()))} blocks; wanted {job['num_tokens']}, "
                                      f"{len(job['block_ids'])})")
-            nbytes = peer.transport.receive(msg, [f.buffer for f in frames[1:]], job["block_ids"])  # type: ignore[union-attr]
+            nbytes = peer.transport.receive(msg, [f.buffer for f in frames[1:]], job["block_ids"],  # type: ignore[union-attr]
+                                            job.get("replica", 0))
         except Exception as e:
             self._done(job, error=f"KV from {peer.addr}: {e}")
             peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
@@ -241,9 +258,10 @@ class MigrationWorker:
             diff = KVContract.from_json(msg.get("kv_contract"), f"hello from {peer.addr}: kv_contract").mismatches(
                 self.contract)
             if diff:
-                raise NanoForgeError(f"prefill engine at {peer.addr} has an incompatible KV cache layout: "
-                                     + "; ".join(diff))
-            peer.transport = choose_transport(self.kind, self.pool, msg, peer.addr)
+                raise NanoForgeError(f"prefill engine at {peer.addr} ({msg.get('kv_layout', 'one rank')}) has an "
+                                     f"incompatible KV cache layout with this engine ({self.layout}), which cannot "
+                                     "be re-split: " + "; ".join(diff))
+            peer.transport = choose_transport(self.kind, self.pool, msg, peer.addr, self.store)
             log.info("KV migration from %s: %s transport", peer.addr, peer.transport.mode)
         except NanoForgeError as e:
             peer.error = str(e)

@@ -117,8 +117,9 @@ class Router:
         diff = KVContract.from_json(ref["kv_contract"], f"engine at {ref_addr}: kv_contract").mismatches(
             KVContract.from_json(hello["kv_contract"], f"engine at {addr}: kv_contract"))
         if diff:
-            return (f"engine at {addr} is incompatible with the engine at {ref_addr}: their KV cache layouts differ "
-                    f"({'; '.join(diff)}; listed as {ref_addr} vs {addr})")
+            return (f"engine at {addr} ({hello.get('kv_layout', 'one rank')}) is incompatible with the engine at "
+                    f"{ref_addr} ({ref.get('kv_layout', 'one rank')}): their KV cache layouts differ and cannot be "
+                    f"re-split ({'; '.join(diff)}; listed as {ref_addr} vs {addr})")
         fa, fb = ref.get("model_fingerprint"), hello.get("model_fingerprint")
         if fa and fb and fa != fb:
             return (f"engine at {addr} serves another checkpoint than the engine at {ref_addr} "
