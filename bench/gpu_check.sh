@@ -10,6 +10,8 @@
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
+#                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
+#                      [gdn_kernels]  (issue 19: GDN decode step Triton vs torch ref, batch 1/64/256; ref prefill tok/s)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
 # flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
@@ -111,6 +113,8 @@ json.dump(row, open(f"{sys.argv[1]}/kv_fp8_offline.json", "w"), indent=1)
 PY
       ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
+    dsa_decode) run dsa_decode python3 bench/dsa_decode.py --out "$OUT/dsa_decode" ;;
+    gdn_kernels) run gdn_kernels python3 bench/gdn_kernels.py --out "$OUT/gdn_kernels" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
     ep8_deepep) run ep8_deepep env NANOFORGE_EP_RANKS=8 OUT="$OUT" python3 -m pytest -m gpu -q -s -p no:cacheprovider \
@@ -188,3 +192,5 @@ grep -hE "^heads .* ctx .* batch" "$OUT/mla.log" 2>/dev/null
 grep -hE "fp8|bf16|speedup" "$OUT/kv_fp8_attention.log" 2>/dev/null | tail -6
 grep -hE "floor|skipped" "$OUT/kv_fp8_decode.log" 2>/dev/null
 grep -hE "^offline kv" "$OUT/kv_fp8_offline.log" 2>/dev/null
+grep -hE "^dsa decode|capture failed" "$OUT/dsa_decode.log" 2>/dev/null
+grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/null

@@ -318,3 +318,14 @@ def test_indexer_matches_hf_module_over_a_paged_cache():
             mine = set(got[i].tolist()) - {-1}
             assert mine == {t for t in want[i].tolist() if t <= i}, i
             assert len(mine) == min(k, i + 1)
+
+
+@pytest.mark.parametrize("arch", list(TOPK))
+def test_cuda_plan_runs_indexer_and_sparse_mla_on_triton_with_graphs(arch, ckpts):
+    """A --device cuda plan (compiled here, no GPU needed) runs both DSA ops on the Triton kernels and plans
+    decode graphs: nothing in it syncs with the host (the indexer's rope frequencies are cached on the device)."""
+    from nanoforge.compiler import CompileOptions, compile_checkpoint
+
+    plan = compile_checkpoint(ckpts[arch], CompileOptions(device="cuda"))
+    assert {n.provider for _, n in plan.module.nodes() if n.op in ("indexer", "sparse_mla")} == {"triton"}
+    assert plan.cuda_graphs.reason is None and plan.cuda_graphs.sizes

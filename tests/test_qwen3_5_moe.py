@@ -192,3 +192,13 @@ def test_gdn_state_carries_across_chunks_and_mixed_batches():
     ctx = make_context([], 128, [(1, 5, [0])])  # a continuation without a state pool is an error, not a restart
     with pytest.raises(NanoForgeError, match="no per-sequence state pool"):
         torch_ref.gdn(qkv[:1], z[:1], b[:1], a[:1], ctx=ctx, **params, **attrs)
+
+
+def test_cuda_plan_runs_gdn_on_triton_with_graphs(ckpt):
+    """A --device cuda plan (compiled here, no GPU needed) runs gdn on the Triton decode kernels and plans
+    decode graphs: nothing in it syncs with the host (the gated rope's frequencies are cached on the device)."""
+    from nanoforge.compiler import CompileOptions, compile_checkpoint
+
+    plan = compile_checkpoint(ckpt, CompileOptions(device="cuda"))
+    assert {n.provider for _, n in plan.module.nodes() if n.op == "gdn"} == {"triton"}
+    assert plan.cuda_graphs.reason is None and plan.cuda_graphs.sizes

@@ -96,3 +96,81 @@ def test_gdn_op_matches_the_reference_on_mixed_and_decode_only_batches(dtype):
         close(got, want, dtype)
         for x, y in zip(ours, ref):
             close(x, y, dtype)
+
+
+# ---- on the GPU (`pytest -m gpu`, bench/gpu_check.sh): Qwen3.5-MoE's real GDN head sizes, bf16 --------------
+BIG = 4096  # a block size that holds every test context in block 0 (gdn reads no KV)
+REAL = dict(layer=0, k_heads=16, v_heads=32, k_head_dim=128, v_head_dim=128, conv_kernel=4, eps=1e-6)  # its config
+
+
+def real_inputs(n: int, slots: int, g: torch.Generator, dtype=torch.bfloat16):
+    hk, hv, dk, dv, kern = (REAL[k] for k in ("k_heads", "v_heads", "k_head_dim", "v_head_dim", "conv_kernel"))
+    c = 2 * hk * dk + hv * dv
+    p = dict(conv=(rnd(c, 1, kern, g=g) / 2).to(dtype), dt_bias=rnd(hv, g=g), A_log=rnd(hv, g=g) / 2,
+             norm=(1 + 0.1 * rnd(dv, g=g)).to(dtype))
+    fused = rnd(n, c + hv * dv + 2 * hv, g=g, dtype=dtype)  # [qkv | z | b | a] as out of the fused in-projection
+    qkv, z, b, a = torch.split(fused, [c, hv * dv, hv, hv], dim=-1)
+    state = (rnd(slots, c, kern - 1, g=g).to(dtype).float(),  # a window holds activations (bf16-exact)
+             rnd(slots, hv, dk, dv, g=g) / 8)
+    return p, (qkv, z, b, a), state
+
+
+def close_report(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = (got.float() - want.float()).abs().max().item()
+    scale = max(want.float().abs().max().item(), 1.0)
+    print(f"{name}: max abs err {err:.3e}, max |ref| {scale:.3e}, tol {tol * scale:.3e}")
+    assert err <= tol * scale, f"{name}: max abs err {err:.3e} > {tol * scale:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_gpu_decode_step_at_real_sizes(batch):
+    """A decode-only step of `batch` sequences (a few fresh, the rest continuing random state rows in a
+    shuffled pool) on CUDA, bf16 activations: output and state rows vs the reference's."""
+    from nanoforge.kernels import torch_ref
+
+    g = torch.Generator().manual_seed(10 + batch)
+    slots_total = batch + 8
+    p, inputs, ours = real_inputs(batch, slots_total, g)
+    ref = tuple(t.clone() for t in ours)
+    slots = torch.randperm(slots_total, generator=g)[:batch].tolist()
+    seqs = [(1, 1 if i % 17 == 3 else 40 + i, [0]) for i in range(batch)]
+    got = G.gdn(*inputs, ctx=make_context([], BIG, seqs, DEV, state=([ours], slots)), **p, **REAL)
+    want = torch_ref.gdn(*inputs, ctx=make_context([], BIG, seqs, DEV, state=([ref], slots)), **p, **REAL)
+    close_report(f"gdn decode batch {batch} output", got, want, 3e-2)
+    close_report(f"gdn decode batch {batch} conv window", ours[0], ref[0], 1e-2)
+    close_report(f"gdn decode batch {batch} delta state", ours[1], ref[1], 3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_mixed_step_and_padding_rows_at_real_sizes():
+    """A mixed step (decode rows beside a 100-token chunk continuing its state and a fresh 70-token prompt),
+    then a decode-only step with CUDA-graph padding rows (state slot -1): they read a zero state, write no
+    state row, and the real rows match the reference."""
+    from nanoforge.kernels import torch_ref
+
+    g = torch.Generator().manual_seed(7)
+    p, _, ours = real_inputs(1, 12, g)
+    ref = tuple(t.clone() for t in ours)
+    seqs, slots = [(1, 50, [0]), (100, 300, [0]), (1, 9, [0]), (70, 70, [0])], [5, 0, 11, 3]
+    _, inputs, _ = real_inputs(sum(q for q, _, _ in seqs), 1, g)
+    got = G.gdn(*inputs, ctx=make_context([], BIG, seqs, DEV, state=([ours], slots)), **p, **REAL)
+    want = torch_ref.gdn(*inputs, ctx=make_context([], BIG, seqs, DEV, state=([ref], slots)), **p, **REAL)
+    close_report("gdn mixed output", got, want, 3e-2)
+    close_report("gdn mixed delta state", ours[1], ref[1], 3e-2)
+    before = tuple(t.clone() for t in ours)
+    _, inputs, _ = real_inputs(6, 1, g)
+    seqs = [(1, 51, [0]), (1, 301, [0]), (1, 10, [0]), (1, 71, [0]), (1, 1, [0]), (1, 1, [0])]  # last two: padding
+    ctx = make_context([], BIG, seqs, DEV, state=([ours], [5, 0, 11, 3, 0, 0]))
+    ctx.state_slots[4:] = -1
+    got = G.gdn(*inputs, ctx=ctx, **p, **REAL)
+    want = torch_ref.gdn(*(t[:4] for t in inputs), ctx=make_context([], BIG, seqs[:4], DEV, state=([ref], [5, 0, 11, 3])),
+                         **p, **REAL)
+    close_report("gdn decode output (real rows)", got[:4], want, 3e-2)
+    close_report("gdn decode delta state", ours[1], ref[1], 3e-2)
+    for untouched in (1, 2, 4, 6, 7, 8, 9, 10):  # rows no sequence owns, padding included
+        assert torch.equal(ours[0][untouched], before[0][untouched]) and torch.equal(ours[1][untouched],
+                                                                                     before[1][untouched])
+    assert torch.isfinite(got[4:]).all()

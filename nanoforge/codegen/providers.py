@@ -80,7 +80,12 @@ def _flash_mla_first(attrs: dict) -> bool:
 
 
 TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe",
-                        "grouped_experts", "linear"})  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
+                        "grouped_experts", "linear",  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
+                        # graph safe in decode-only batches (the only ones captured): gdn's decode rows run the
+                        # conv-update and recurrent-step kernels on device state rows (prefill rows, eager only,
+                        # go through the torch reference's chunked rule); indexer (scores + torch.topk) and
+                        # sparse_mla size their grids from shapes and read rows' sequences on the device
+                        "gdn", "indexer", "sparse_mla"})
 
 PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     Provider("triton", "nanoforge.kernels.triton", TRITON_OPS, _triton_probe),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import fp8
 from .context import BatchContext
-from .rope_math import rope_frequencies
+from .rope_math import rope_frequencies_on
 
 
 def dsa_pool(ctx: BatchContext, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
@@ -53,8 +53,8 @@ def rope_front(x: torch.Tensor, positions: torch.Tensor, heads: int, *, head_dim
                theta: float, scaling: dict | None) -> torch.Tensor:
     """[T, heads, head_dim] with the FIRST rope_dim dims of each head rotated (the indexer's layout; the
     rope op rotates the last ones). Interleaved pairs come out de-interleaved, as transformers does."""
-    inv_freq, attn_factor = rope_frequencies(rope_dim, theta, scaling)
-    freqs = positions.float()[:, None] * inv_freq.to(x.device)[None, :]
+    inv_freq, attn_factor = rope_frequencies_on(rope_dim, theta, scaling, x.device)  # no copy per call: graphs
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = (emb.cos() * attn_factor).to(x.dtype)[:, None], (emb.sin() * attn_factor).to(x.dtype)[:, None]
     t = x.view(x.shape[0], heads, head_dim)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NanoForgeError
-from .rope_math import rope_frequencies
+from .rope_math import rope_frequencies_on
 
 CHUNK = 64  # transformers' torch_chunk_gated_delta_rule default: the same sums in the same order
 
@@ -46,8 +46,8 @@ def gated_qk_norm_rope(q_gate, k, positions, q_norm, k_norm, eps, *, heads, kv_h
     q, gate = halves[..., :d].reshape(t, heads * d), halves[..., d:].reshape(t, heads * d)
     q = offset_rms_norm(q, q_norm, eps, group=d)
     k = offset_rms_norm(k, k_norm, eps, group=k_head_dim)
-    inv_freq, attn_factor = rope_frequencies(rotary_dim, theta, scaling)
-    freqs = positions.float()[:, None] * inv_freq.to(q.device)[None, :]
+    inv_freq, attn_factor = rope_frequencies_on(rotary_dim, theta, scaling, q.device)  # no copy per call: graphs
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = (emb.cos() * attn_factor).to(q.dtype), (emb.sin() * attn_factor).to(q.dtype)
     return _rotate_first(q, cos, sin, heads, d), _rotate_first(k, cos, sin, kv_heads, k_head_dim), gate

@@ -66,5 +66,29 @@ def _frequencies(dim: int, base: float, scaling_items: tuple) -> tuple[torch.Ten
 
 def rope_frequencies(rotary_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """(inv_freq f32[rotary_dim/2], attention_factor multiplying cos and sin)."""
-    items = tuple(sorted((k, v) for k, v in (scaling or {}).items() if not isinstance(v, (list, dict))))
-    return _frequencies(rotary_dim, float(theta), items)
+    return _frequencies(rotary_dim, float(theta), _items(scaling))
+
+
+def _items(scaling: dict | None) -> tuple:
+    return tuple(sorted((k, v) for k, v in (scaling or {}).items() if not isinstance(v, (list, dict))))
+
+
+_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+
+
+def rope_frequencies_on(rotary_dim: int, theta: float, scaling: dict | None,
+                        device: torch.device | str) -> tuple[torch.Tensor, float]:
+    """rope_frequencies with inv_freq already on `device`, copied there once per (key, device): a
+    reference kernel run inside a CUDA graph copies nothing host -> device (a capture forbids it). The
+    first call must be eager (the runner's warm-up before each capture is)."""
+    inv, factor = rope_frequencies(rotary_dim, theta, scaling)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return inv, factor
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (int(rotary_dim), float(theta), _items(scaling), device)
+    hit = _ON_DEVICE.get(key)
+    if hit is None:
+        hit = _ON_DEVICE[key] = inv.to(device)
+    return hit, factor

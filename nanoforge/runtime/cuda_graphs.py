@@ -22,12 +22,15 @@ log = logging.getLogger("nanoforge.graphs")
 class DecodeGraphs:
     """`q_per_seq` > 1: speculative verify steps, every sequence with its token and q_per_seq - 1
     drafts (rows for all of them come back). `hidden` (width, dtype): the function also reads a
-    hidden state per row (an MTP draft head: forward(P, ctx, tokens, positions, hidden, rows))."""
+    hidden state per row (an MTP draft head: forward(P, ctx, tokens, positions, hidden, rows)). `state`: the
+    per-sequence state pool of recurrent layers (gdn); each replay writes the sequences' rows of it into a
+    static slot buffer, padding rows -1 (their kernels read a zero state and store none)."""
 
     def __init__(self, forward: Callable, params: dict, pool: list, block_size: int, sizes: list[int], *,
                  max_model_len: int, device: torch.device, comm: Any = None, q_per_seq: int = 1,
-                 hidden: tuple[int, torch.dtype] | None = None):
+                 hidden: tuple[int, torch.dtype] | None = None, state: list | None = None):
         self.sizes, self.comm, self.q = sorted(sizes), comm, q_per_seq
+        assert not state or q_per_seq == 1, "recurrent state in verify graphs: rejected drafts would corrupt it"
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         n, q = self.sizes[-1], q_per_seq
@@ -40,6 +43,8 @@ class DecodeGraphs:
         self.query_start = torch.arange(0, n * q + 1, q, **i32)
         self.rows = torch.arange(n * q, **i64)
         self.hidden = None if hidden is None else torch.zeros(n * q, hidden[0], dtype=hidden[1], device=device)
+        self.state = state or None
+        self.state_slots = torch.full((n,), -1, **i64) if self.state else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(device)[0]
@@ -49,6 +54,8 @@ class DecodeGraphs:
             ctx = BatchContext(pool, block_size, self.slots[:t], self.query_start[:size + 1],
                                self.context_lens[:size], self.block_tables[:size], q, max_model_len, comm=comm,
                                ep_tokens=t)
+            if self.state:
+                ctx.state, ctx.state_slots = self.state, self.state_slots[:size]  # type: ignore[index]
             extra = () if self.hidden is None else (self.hidden[:t],)
             args = (params, ctx, self.tokens[:t], self.positions[:t], *extra, self.rows[:t])
             with torch.inference_mode():
@@ -85,7 +92,9 @@ class DecodeGraphs:
         pos = np.fromiter((seq.num_computed for seq, _ in batch.items), np.int64, b)
         tokens = None if device_tokens is not None else \
             [t for (seq, _), p in zip(batch.items, pos.tolist()) for t in seq.token_ids[p:p + q]]
-        out = self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens)
+        slots = [seq.state_slot for seq, _ in batch.items] if self.state else None
+        out = self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens,
+                           state_slots=slots)
         return out if isinstance(out, tuple) else (out, None)
 
     def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
@@ -95,6 +104,7 @@ class DecodeGraphs:
         size that holds max(len(seqs), pad_to): every rank of a sharded plan replays the same one,
         its collectives included (an idle attention-DP replica: no sequences, all padding).
         `hidden`: the rows' hidden states, for graphs captured with one."""
+        assert not self.state, "run_flat carries no state slots: graphs of recurrent layers replay through run()"
         pos = np.fromiter((c - 1 for _, c, _ in seqs), np.int64, len(seqs))
         if hidden is not None:
             self.hidden[:len(seqs)].copy_(hidden)  # type: ignore[index]
@@ -102,7 +112,8 @@ class DecodeGraphs:
                             device_tokens, pad_to)
 
     def _replay(self, pos: np.ndarray, tokens: list[int] | None, block_tables: list[list[int]],
-                device_tokens: torch.Tensor | None, pad_to: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
+                device_tokens: torch.Tensor | None, pad_to: int = 0,
+                state_slots: list[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         b, q = len(pos), self.q
         size = self.sizes[bisect.bisect_left(self.sizes, max(b, pad_to))]
         bs = self.block_size
@@ -124,6 +135,11 @@ class DecodeGraphs:
         self.slots[:size * q].copy_(torch.from_numpy(slots), non_blocking=True)
         self.context_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
         self.block_tables[:size, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        if self.state_slots is not None:
+            assert state_slots is not None and len(state_slots) == b, "a state row per sequence"
+            rows_of = np.full(size, -1, np.int64)  # padding rows: no state row
+            rows_of[:b] = state_slots
+            self.state_slots[:size].copy_(torch.from_numpy(rows_of), non_blocking=True)
         graph, out = self.graphs[size]
         for hook in getattr(self.comm, "replay_hooks", ()):  # e.g. DeepEP's switch to low-latency mode
             hook()

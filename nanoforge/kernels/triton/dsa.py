@@ -19,9 +19,11 @@ and its position from context_lens, so nothing is read on the host.
     A tile of ids costs the same whether the ids are near or far: the kernel reads topk entries per
     row whatever the context (dense rows below topk read their -1 padding masked).
 
-Status: checked against the torch reference in the Triton interpreter only (tests/test_triton_dsa.py);
-not yet compiled or timed on a GPU, so the `triton` provider does not list these ops yet. The top-k is
-torch.topk over [T, width] f32 scores (DeepGEMM's MQA-logits kernels and a fused Triton top-k are next).
+Both are listed by the `triton` provider for CUDA plans and are graph safe: grids come from shapes and
+ctx.max_context_len (a graph's is max_model_len), the indexer's rope frequencies are cached on the device
+(rope_math.rope_frequencies_on). Checked against the torch reference in the interpreter
+(tests/test_triton_dsa.py) and, gpu-marked, at real dims on CUDA; bench/dsa_decode.py times them. The top-k
+is torch.topk over [T, width] f32 scores (DeepGEMM's MQA-logits kernels and a fused Triton top-k are next).
 """
 from __future__ import annotations
 

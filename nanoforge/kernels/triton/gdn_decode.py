@@ -11,8 +11,10 @@ reference in kernels/hybrid_ref.py:
                             (+ the gated norm in torch), other rows (prefill chunks) through the reference
 
 State rows come from ctx.state_slots (device i64); a row whose sequence is at position 0 (context of 1)
-starts from zeros. A decode-only batch runs without host syncs. Not registered as a provider yet: the
-chunked prefill kernel is not written and nothing here has run on a GPU (only the interpreter tests).
+starts from zeros; slot -1 (a CUDA graph's padding row) reads a zero state and stores none. A decode-only
+batch runs without host syncs, so the `triton` provider lists `gdn` as graph safe (only decode-only batches
+are captured; runtime/cuda_graphs.py carries the state slots). Mixed steps build their row lists on the
+host and run prefill chunks through the reference: the Triton chunked prefill kernel is not written yet.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def _conv_update_kernel(x_ptr, x_stride, win_ptr, w_ptr, slot_ptr, fresh_ptr, ou
     jm = j < K - 1
     m2 = cm[:, None] & jm[None, :]
     slot = tl.load(slot_ptr + b)
-    keep = tl.load(fresh_ptr + b) == 0  # a sequence at position 0 starts from a zero window
+    live = slot >= 0  # slot -1: a CUDA graph's padding row, which reads zeros and writes no state
+    slot = tl.maximum(slot, 0)
+    keep = (tl.load(fresh_ptr + b) == 0) & live  # a sequence at position 0 starts from a zero window
     base = win_ptr + slot * C * (K - 1) + c[:, None] * (K - 1)
     x = tl.load(x_ptr + b * x_stride + c, mask=cm, other=0.0).to(tl.float32)
     prev = tl.load(base + j[None, :], mask=m2 & keep, other=0.0)
@@ -42,7 +46,7 @@ def _conv_update_kernel(x_ptr, x_stride, win_ptr, w_ptr, slot_ptr, fresh_ptr, ou
     nxt = tl.load(base + j[None, :] + 1, mask=cm[:, None] & (j[None, :] + 1 < K - 1) & keep, other=0.0)
     shifted = tl.where(j[None, :] == K - 2, x[:, None], nxt)
     tl.debug_barrier()  # every read of the window before any write of it
-    tl.store(base + j[None, :], shifted, mask=m2)
+    tl.store(base + j[None, :], shifted, mask=m2 & live)
     y = acc * tl.sigmoid(acc)
     tl.store(out_ptr + b * C + c, y.to(out_ptr.dtype.element_ty), mask=cm)
 
@@ -50,7 +54,8 @@ def _conv_update_kernel(x_ptr, x_stride, win_ptr, w_ptr, slot_ptr, fresh_ptr, ou
 def causal_conv1d_update(x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor,
                          slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """x [B, C] (rows may be strided), window pool [S, C, K-1] f32 (rows `slots` updated in place,
-    read as zeros where `fresh`), weight [C, K]; returns silu(conv) [B, C] in x's dtype."""
+    read as zeros where `fresh`; slot -1 reads zeros and writes nothing), weight [C, K]; returns
+    silu(conv) [B, C] in x's dtype."""
     bsz, c = x.shape
     kern = weight.shape[1]
     assert x.stride(1) == 1 and window.is_contiguous() and kern >= 2
@@ -83,13 +88,15 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, row_stride, a_ptr, b_ptr, ab_stride, 
     decay = tl.exp(-tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * softplus)
     beta = tl.sigmoid(tl.load(b_ptr + bi * ab_stride + hv).to(tl.float32))
     slot = tl.load(slot_ptr + bi)
+    live = slot >= 0  # slot -1: a CUDA graph's padding row (zero state, nothing stored)
+    slot = tl.maximum(slot, 0)
     sp = state_ptr + ((slot * HV + hv) * DK + kk[:, None]) * DV + vv[None, :]
     m2 = km[:, None] & vm[None, :]
-    s = tl.load(sp, mask=m2, other=0.0)
+    s = tl.load(sp, mask=m2 & live, other=0.0)
     s = tl.where(tl.load(fresh_ptr + bi) != 0, 0.0, s) * decay
     delta = (v - tl.sum(s * k[:, None], axis=0)) * beta
     s = s + k[:, None] * delta[None, :]
-    tl.store(sp, s, mask=m2)
+    tl.store(sp, s, mask=m2 & live)
     tl.store(out_ptr + (bi * HV + hv) * DV + vv, tl.sum(s * q[:, None], axis=0), mask=vm)
 
 

@@ -1,0 +1,184 @@
+"""DeepSeek sparse attention decode (issue 20): one DeepSeek-V3.2-shaped layer's attention at real dims
+(128 heads, latent 512 + rope 64, indexer 64 heads x 128, top-k 2048; random weights and a random pool),
+a decode step of `batch` sequences at each context: sparse (the Triton indexer + torch.topk, then the
+Triton sparse MLA over the 2048 picked tokens) vs dense MLA (the Triton paged MLA decode over every
+token), and the indexer + top-k alone. Each step runs inside a CUDA graph, as the engine's decode does
+(a capture that fails is recorded and the step timed eagerly), timed by triton's do_bench (median).
+Goal in the issue: sparse >= 4x faster than dense at 64k.
+
+Memory: the pool holds batch x context tokens of one layer, [latent | rope] bf16 (1152 B) plus the
+indexer's bf16 key (256 B): 16 x 64k tokens = 1.5 GB.
+
+    python bench/dsa_decode.py --out bench/results/dsa_decode          # H100, ~1 min
+    python bench/dsa_decode.py --smoke --out /tmp/dsa                  # CPU, Triton interpreter, tiny dims
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the smoke run: Triton's interpreter, set before any kernel module loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for bench.*
+
+from bench.kv_fp8_accuracy import write_result  # noqa: E402
+from nanoforge.kernels.context import allocate_pool, make_context  # noqa: E402
+from nanoforge.kv_contract import KVContract, KVLayer  # noqa: E402
+from nanoforge.tools.bench_offline import machine_info  # noqa: E402
+
+REAL = dict(hidden=7168, heads=128, nope=128, rope=64, v=128, r=512, index_heads=64, index_dim=128, topk=2048,
+            block=64)
+SMOKE = dict(hidden=64, heads=4, nope=16, rope=8, v=16, r=32, index_heads=8, index_dim=32, topk=16, block=16)
+
+
+def timed_ms(fn, device: torch.device, reps: int, graph: bool = True) -> tuple[float, str | None]:
+    """Median ms of fn: CUDA graph replays (graph=False: eager calls) through do_bench on a GPU, with a note
+    (None, "eager", or the capture's error when it ran eagerly instead); perf_counter over `reps` calls on
+    the CPU."""
+    fn()  # compile, fill caches (rope frequencies) outside any capture
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3, "cpu (no graph)"
+    import triton
+
+    torch.cuda.synchronize()
+    if not graph:
+        return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median"), "eager"
+    err = None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except Exception as exc:  # noqa: BLE001 - recorded: the kernel is not graph safe
+        err = f"capture failed: {type(exc).__name__}: {exc}"[:300]
+        print(f"  {err}", flush=True)
+        torch.cuda.synchronize()
+        run = fn
+    return triton.testing.do_bench(run, warmup=10, rep=reps, return_mode="median"), err
+
+
+def layer_inputs(d: dict, batch: int, device: torch.device, g: torch.Generator) -> dict:
+    """Random activations of one decode step and the layer's random weights (bf16; f32 on the CPU)."""
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def rnd(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=g)).to(device, dt)
+
+    h = d["heads"]
+    return dict(
+        x=rnd(batch, d["hidden"]), q_idx=rnd(batch, d["index_heads"] * d["index_dim"]), k_idx=rnd(batch, d["index_dim"]),
+        weights_proj=rnd(d["index_heads"], d["hidden"], std=d["hidden"] ** -0.5),
+        k_norm=1 + rnd(d["index_dim"], std=0.1), k_norm_bias=rnd(d["index_dim"], std=0.1),
+        q=rnd(batch, h * (d["nope"] + d["rope"])), latent=rnd(batch, d["r"]), k_rope=rnd(batch, d["rope"]),
+        kv_b_proj=rnd(h * (d["nope"] + d["v"]), d["r"], std=d["r"] ** -0.5))
+
+
+def bench_context(d: dict, batch: int, context: int, device: torch.device, reps: int, seed: int = 0) -> dict:
+    from nanoforge.kernels.triton import dsa
+    from nanoforge.kernels.triton.attention import attention as dense_attention
+
+    g = torch.Generator().manual_seed(seed)
+    dt = "bf16" if device.type == "cuda" else "f32"
+    bs, pages = d["block"], -(-context // d["block"])
+    contract = KVContract(bs, dt, (KVLayer(0, "dsa", ((d["r"] + d["rope"],), (d["index_dim"],))),))
+    pool = allocate_pool(contract, batch * pages + 1, device)
+    for t in pool[0]:  # a random cache: what earlier steps would have written
+        t.normal_()
+    order = (torch.randperm(batch * pages, generator=g) + 1).view(batch, pages).tolist()
+    seqs = [(1, context, order[b]) for b in range(batch)]
+    ctx = make_context(pool, bs, seqs, device)
+    dense_ctx = make_context([(pool[0][0],)], bs, seqs, device)  # the same entries as a plain MLA pool
+    w = layer_inputs(d, batch, device, g)
+    idx = dict(heads=d["index_heads"], head_dim=d["index_dim"], rope_dim=d["rope"], style="interleaved",
+               theta=10000.0, topk=d["topk"], scale=d["index_dim"] ** -0.5, eps=1e-6)
+    mla = dict(heads=d["heads"], qk_nope_head_dim=d["nope"], qk_rope_head_dim=d["rope"], v_head_dim=d["v"],
+               kv_lora_rank=d["r"], scale=(d["nope"] + d["rope"]) ** -0.5)
+    pos = torch.full((batch,), context - 1, dtype=torch.long, device=device)
+
+    def indexer():
+        return dsa.indexer(w["x"], w["q_idx"], w["k_idx"], pos, w["weights_proj"], w["k_norm"], w["k_norm_bias"],
+                           ctx=ctx, layer=0, **idx)
+
+    def sparse():
+        ids = indexer()
+        return dsa.sparse_mla(w["q"], w["latent"], w["k_rope"], ids, w["kv_b_proj"], ctx=ctx, layer=0,
+                              topk=d["topk"], **mla)
+
+    def dense():
+        return dense_attention(w["q"], w["latent"], w["k_rope"], ctx=dense_ctx, kind="mla", layer=0,
+                           kv_b_proj=w["kv_b_proj"], **mla)
+
+    row: dict = {"context": context, "batch": batch}
+    if context <= d["topk"]:  # every token selected: sparse must equal dense (a correctness check)
+        row["max_abs_diff_sparse_vs_dense"] = (sparse().float() - dense().float()).abs().max().item()
+    for name, fn in (("dense_mla", dense), ("sparse", sparse), ("indexer_topk", indexer)):
+        ms, note = timed_ms(fn, device, reps)
+        row[f"{name}_ms"] = ms
+        if note:
+            row[f"{name}_note"] = note
+    row["sparse_mla_ms"] = row["sparse_ms"] - row["indexer_topk_ms"]
+    row["speedup_sparse_over_dense"] = row["dense_mla_ms"] / row["sparse_ms"]
+    row["indexer_share_of_sparse"] = row["indexer_topk_ms"] / row["sparse_ms"]
+    cache_bytes = sum(t.numel() * t.element_size() for t in pool[0])
+    row["pool_gib"] = cache_bytes / 2**30
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=None, help="default 8192 32768 65536")
+    ap.add_argument("--batch", type=int, default=None, help="default 16")
+    ap.add_argument("--reps", type=int, default=None, help="do_bench ms per timing on a GPU (default 100)")
+    ap.add_argument("--smoke", action="store_true", help="tiny dims, two contexts, a couple of reps (CPU ok)")
+    ap.add_argument("--out", default="bench/results/dsa_decode")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not a.smoke:
+        ap.error("needs a CUDA GPU (or --smoke for the tiny CPU run)")
+    d = SMOKE if a.smoke else REAL
+    contexts = a.contexts or ([12, 40] if a.smoke else [2048, 8192, 32768, 65536])
+    batch = a.batch or (2 if a.smoke else 16)
+    reps = a.reps or (2 if a.smoke else 100)
+    t0 = time.perf_counter()
+    rows = []
+    for c in contexts:
+        r = bench_context(d, batch, c, device, reps)
+        rows.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # this context's pool, before the next one's
+        check = f" | sparse vs dense max diff {r['max_abs_diff_sparse_vs_dense']:.3g}" \
+            if "max_abs_diff_sparse_vs_dense" in r else ""
+        print(f"dsa decode ctx {c:6d} batch {batch}: dense {r['dense_mla_ms'] * 1e3:8.1f} us | sparse "
+              f"{r['sparse_ms'] * 1e3:8.1f} us (indexer+topk {r['indexer_topk_ms'] * 1e3:.1f} us, sparse mla "
+              f"{r['sparse_mla_ms'] * 1e3:.1f} us) | speedup {r['speedup_sparse_over_dense']:.2f}x{check}", flush=True)
+    import triton
+
+    longest = max(rows, key=lambda r: r["context"])
+    result = {
+        "bench": "dsa_decode", "smoke": a.smoke, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__}, "machine": machine_info(device.type),
+        "config": {**d, "batch": batch, "contexts": contexts, "reps": reps, "dtype": "bf16" if device.type == "cuda" else "f32",
+                   "timing": "CUDA graph replay, triton do_bench median" if device.type == "cuda" else "perf_counter mean"},
+        "rows": rows,
+        "ratio": {"speedup_at_longest_context": longest["speedup_sparse_over_dense"], "context": longest["context"],
+                  "goal": ">= 4x at 65536", "goal_met": longest["context"] >= 65536
+                  and longest["speedup_sparse_over_dense"] >= 4.0},
+        "wall_s": time.perf_counter() - t0,
+    }
+    print(f"dsa decode: speedup {longest['speedup_sparse_over_dense']:.2f}x at {longest['context']} "
+          f"(goal >= 4x at 65536: {'met' if result['ratio']['goal_met'] else 'not met'}), {result['wall_s']:.0f} s")
+    write_result(a.out, "dsa_decode" + ("-smoke" if a.smoke else ""), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
