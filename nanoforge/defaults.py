@@ -12,3 +12,5 @@ GPU_MEMORY_UTILIZATION = 0.9  # share of the card's memory an engine may hold in
 MAX_MODEL_LEN = 4096  # prompt + output when the config gives no max_position_embeddings
 DEEP_EP_MAX_TOKENS = 128  # tokens per rank DeepEP's low-latency buffers hold (0: normal mode only)
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV pool on CPU when neither num_blocks nor kv_cache_memory is given
+MAX_IMAGES_PER_REQUEST = 8  # images one request may carry (vision-language plans)
+IMAGE_CACHE_ENTRIES = 64  # encoded images kept by hash, least recently used dropped first

@@ -117,15 +117,21 @@ class LLM:
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | None = None, images: Seq[Any] | None = None) -> list[RequestOutput]:
+        """`images`: per prompt, a list of PIL images or paths (or None), one per image placeholder token
+        (`<|image_pad|>` for Qwen3-VL) of that prompt, in order; for a single prompt, its list."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+            images = [images] if images is not None else None
+        per_prompt = list(images) if images is not None else [None] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise NanoForgeError(f"{len(per_prompt)} image lists for {len(prompts)} prompts")
         params = sampling_params or SamplingParams()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise NanoForgeError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         ids = [self._require_tokenizer().encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        seqs = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
+        seqs = [self.engine.add_request(i, p, images=im) for i, p, im in zip(ids, plist, per_prompt)]
         show = self.progress if use_tqdm is None else use_tqdm
         # counted in tokens, so one long generation moves the bar too; a sequence that stops early
         # counts the tokens it did not need as done
