@@ -10,6 +10,7 @@ run and records each one's speedup over bf16 (bf16 ms / its ms).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for bench.kernels
 
 from bench.kernels.attention import bench_paged_decode  # noqa: E402
-from nanoforge.kernels.triton import attention as A  # noqa: E402
+A = importlib.import_module("nanoforge.kernels.triton.attention")  # the module (the package's `attention` is the op)
 from nanoforge.tools.bench_offline import machine_info  # noqa: E402
 from nanoforge.tools.roofline import measure_ceilings  # noqa: E402
 

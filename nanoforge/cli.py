@@ -177,8 +177,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
         sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                             max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
         bar = sys.stderr.isatty() and not a.json  # tokens generated, on a terminal
+        if a.image and (a.chat or len(a.prompt) != 1):
+            raise NanoForgeError("--image goes with exactly one --prompt and without --chat (images in chat "
+                                 "messages are not supported yet)")
         if a.chat:
             outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompt], sp, use_tqdm=bar)
+        elif a.image:
+            from .runtime.vision_inputs import IMAGE_PLACEHOLDER
+
+            prompt = a.prompt[0] if IMAGE_PLACEHOLDER in a.prompt[0] else IMAGE_PLACEHOLDER * len(a.image) + a.prompt[0]
+            outs = llm.generate([prompt], sp, use_tqdm=bar, images=[a.image])
         else:
             outs = llm.generate(a.prompt, sp, use_tqdm=bar)
     for prompt, out in zip(a.prompt, outs):
@@ -301,27 +309,10 @@ def _serve_engine(a: argparse.Namespace) -> int:
     opts = {**engine_options(a), **_layout(a), **_launch(a)}
     model, name = model_source(a.model, a.model_preset, opts)
     device = opts.pop("device", None)
-    if a.role != "both" and _world_of(a) > 1:
-        raise NanoForgeError(f"--role {a.role}: moving KV between engines of a sharded plan is not built yet "
-                             "(each rank holds a part of it); serve it with --role both")
     serve_engine(model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name or name, role=a.role,
                  device=device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
                  registry=a.registry, advertise_addr=a.advertise_addr, registry_scope=a.registry_scope, **opts)
     return 0
-
-
-def _world_of(a: argparse.Namespace) -> int:
-    """Ranks the served model needs: the layout flags, or the plan's."""
-    from .facts import ParallelLayout
-
-    layout = _layout(a)
-    if layout:
-        return ParallelLayout(**layout).world
-    if a.model is not None and (Path(a.model) / "plan.json").is_file():
-        from .plan import read_plan
-
-        return read_plan(a.model).parallel.world
-    return 1
 
 
 def cmd_route(a: argparse.Namespace) -> int:
@@ -408,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="plan dir, HF checkpoint dir or .gguf file")
     g.add_argument("--prompt", action="append", default=[])
     g.add_argument("--chat", action="store_true", help="apply the chat template")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the (one) prompt, repeatable; vision-language models. Without its "
+                        "placeholder in the prompt, one per image is put in front of it")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -6,14 +6,16 @@ sweeps set attention.py's override knobs and restore them.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 
 import torch
 import triton
 
-from nanoforge.kernels.triton import attention as A
 from nanoforge.kernels.triton.attention import _num_splits, _pow2, paged_attention
+
+A = importlib.import_module("nanoforge.kernels.triton.attention")  # the module (the package's `attention` is the op)
 
 
 def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,

@@ -364,3 +364,78 @@ OPS.update({op.name: op for op in [
               "gated delta rule with its recurrent state (both in ctx.state[layer], reset at position 0), "
               "gated RMSNorm by silu(z); per-sequence state, no paged KV"),
 ]})
+
+
+# -- vision-language models (Qwen3-VL, models/qwen3_vl.py): the vision tower is its own function `encode`
+# over the patches of a batch of images (leading dim P; M after the 2x2 merge; `grid` is i64[I, 3] of
+# (t, h, w) patches per image); `forward` takes the encoder's outputs through the batch context
+def _patch_embed(i: Types, p, a) -> Types:
+    x, w = i[0], p["weight"]
+    _check(len(w.shape) == 5 and _last(x) == int(w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4]),
+           f"patch_embed: pixels {x} vs conv3d weight {w}")
+    _check(p["bias"].shape == (w.shape[0],), f"patch_embed: bias {p['bias']} vs weight {w}")
+    return [TensorType(w.dtype, (x.shape[0], w.shape[0]))]
+
+
+def _grid_input(op: str, grid: TensorType) -> None:
+    _check(grid.dtype == "i64" and len(grid.shape) == 2 and grid.shape[1] == 3, f"{op}: grid {grid} must be i64[I,3]")
+
+
+def _vision_pos_embed(i: Types, p, a) -> Types:
+    _grid_input("vision_pos_embed", i[1])
+    _check(len(p["weight"].shape) == 2 and p["weight"].shape[1] == _last(i[0]),
+           f"vision_pos_embed: table {p['weight']} vs x {i[0]}")
+    return [i[0]]
+
+
+def _layer_norm(i: Types, p, a) -> Types:
+    _check(p["weight"].shape == (_last(i[0]),) and p["bias"].shape == (_last(i[0]),),
+           f"layer_norm: weight {p['weight']} / bias {p['bias']} vs x {i[0]}")
+    return [i[0]]
+
+
+def _gelu(i: Types, p, a) -> Types:
+    _check(a["approximate"] in ("none", "tanh"), f"gelu: unknown approximate {a['approximate']!r}")
+    return [i[0]]
+
+
+def _vision_attention(i: Types, p, a) -> Types:
+    qkv, h, d = i[0], a["heads"], a["head_dim"]
+    _grid_input("vision_attention", i[1])
+    _check(_last(qkv) == 3 * h * d and d % 4 == 0, f"vision_attention: qkv {qkv} vs 3 x {h} heads x {d}")
+    return [TensorType(qkv.dtype, (qkv.shape[0], h * d))]
+
+
+def _merge_patches(i: Types, p, a) -> Types:
+    return [TensorType(i[0].dtype, ("M", _last(i[0]) * int(a["factor"])))]
+
+
+def _mrope(i: Types, p, a) -> Types:
+    _rope_check(i[0], i[1], a)
+    sec = a["mrope_section"]
+    _check(a["style"] == "neox" and isinstance(sec, list) and len(sec) == 3 and sum(sec) == a["rotary_dim"] // 2,
+           f"mrope: mrope_section {sec} must be 3 sizes summing to rotary_dim/2 = {a['rotary_dim'] // 2} (neox)")
+    return [i[0], i[1]]
+
+
+OPS.update({op.name: op for op in [
+    OpDef("patch_embed", ("pixels",), ("weight", "bias"), infer=_patch_embed,
+          doc="Conv3d with stride = kernel over each flattened (C, t, p, p) patch: one row a patch"),
+    OpDef("vision_pos_embed", ("x", "grid"), ("weight",), attrs=("merge",), infer=_vision_pos_embed,
+          doc="x + the learned square position table bilinearly resampled (align_corners) to each image's "
+              "h x w grid, in merge-block patch order"),
+    OpDef("layer_norm", ("x",), ("weight", "bias"), attrs=("eps",), infer=_layer_norm, doc="LayerNorm over the last dim"),
+    OpDef("gelu", ("x",), attrs=("approximate",), infer=_gelu, doc="GELU, exact or tanh-approximated"),
+    OpDef("vision_attention", ("qkv", "grid"), attrs=("heads", "head_dim", "theta", "merge"), infer=_vision_attention,
+          doc="split [q|k|v], 2-D rotary (row, column of each patch, in merge-block order) on q and k, then "
+              "bidirectional attention within each image frame"),
+    OpDef("merge_patches", ("x",), attrs=("factor",), infer=_merge_patches,
+          doc="concatenate each run of `factor` consecutive patch rows (one merge block) into one row"),
+    OpDef("mrope", ("q", "k", "positions"), attrs=ROPE_ATTRS + ("mrope_section",), infer=_mrope, needs_ctx=True,
+          doc="interleaved multimodal rope: frequency j uses the h (j % 3 == 1) or w (j % 3 == 2) position within "
+              "mrope_section, else t; positions (t, h, w) from ctx.vision, else `positions` on every axis"),
+    OpDef("vision_embed", ("x",), infer=lambda i, p, a: [i[0]], needs_ctx=True,
+          doc="replace the rows of image placeholder tokens with the encoder's embeddings (ctx.vision; none: x)"),
+    OpDef("deepstack_add", ("x",), attrs=("level",), infer=lambda i, p, a: [i[0]], needs_ctx=True,
+          doc="add the encoder's deepstack features of `level` to the rows of image tokens (ctx.vision; none: x)"),
+]})

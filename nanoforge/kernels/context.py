@@ -48,6 +48,9 @@ class BatchContext:
     state: list[tuple[torch.Tensor, ...]] = field(default_factory=list, repr=False)
     state_slots: torch.Tensor | None = None
     state_slot_list: list[int] = field(default_factory=list, repr=False)  # the same on the host
+    # vision-language plans: image-token rows, their embeddings and (t, h, w) rope positions of this step
+    # (runtime/vision_runner.py VisionBatch); None: a text-only step
+    vision: Any = None
 
     @property
     def seqs(self) -> list[SeqSlice]:

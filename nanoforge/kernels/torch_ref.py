@@ -16,7 +16,9 @@ from . import fp8
 from .context import BatchContext
 from .dsa_ref import indexer, sparse_mla  # noqa: F401  (DeepSeek sparse attention, in its own file)
 from .hybrid_ref import gated_qk_norm_rope, gdn, offset_rms_norm, sigmoid_mul  # noqa: F401  (hybrid models' ops)
-from .rope_math import rope_frequencies
+from .rope_math import rope_frequencies_on
+from .vision_ref import (deepstack_add, gelu, layer_norm, merge_patches, mrope, patch_embed,  # noqa: F401
+                         vision_attention, vision_embed, vision_pos_embed)  # (vision-language models' ops)
 
 
 def embed(tokens, weight, vocab_parallel=None, ctx=None, **_):
@@ -97,8 +99,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, h
 
 
 def rope(q, k, positions, *, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim, style, theta, scaling=None, **_):
-    inv_freq, attn_factor = rope_frequencies(rotary_dim, theta, scaling)
-    freqs = positions.float()[:, None] * inv_freq.to(q.device)[None, :]
+    inv_freq, attn_factor = rope_frequencies_on(rotary_dim, theta, scaling, q.device)  # no copy per call: graphs
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = (emb.cos() * attn_factor).to(q.dtype), (emb.sin() * attn_factor).to(q.dtype)
     return (_rotate(q, cos, sin, heads, q_head_dim, rotary_dim, style),

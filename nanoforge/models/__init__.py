@@ -8,7 +8,7 @@ from .. import defaults
 from ..errors import NanoForgeError
 from ..facts import ModelInfo, write
 from ..ir.graph import Module
-from . import deepseek_v3, deepseek_v32, llama, qwen3, qwen3_5_moe, qwen3_moe
+from . import deepseek_v3, deepseek_v32, llama, qwen3, qwen3_5_moe, qwen3_moe, qwen3_vl
 from .common import Config
 from .frontend import TraceModule, trace_forward
 
@@ -22,9 +22,14 @@ ARCHITECTURES: dict[str, Callable[[Config], TraceModule]] = {
     "GlmMoeDsaForCausalLM": deepseek_v32.build_glm5,
     "Qwen3_5MoeForCausalLM": qwen3_5_moe.build,
     "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.build_conditional,
+    "Qwen3VLForConditionalGeneration": qwen3_vl.build,
 }
 TEXT_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {  # a multimodal config's text part
     "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.text_config_of,
+    "Qwen3VLForConditionalGeneration": qwen3_vl.text_config_of,
+}
+ENCODERS: dict[str, Callable[[Module, Any, str], None]] = {  # traces the vision tower into `encode`
+    "Qwen3VLForConditionalGeneration": qwen3_vl.trace_encode,
 }
 DRAFTS: dict[str, Callable[[Config, TraceModule], TraceModule]] = {  # the checkpoint's MTP layer
     "DeepseekV3ForCausalLM": deepseek_v3.build_mtp,
@@ -59,6 +64,8 @@ def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False
                                  "(config.json num_nextn_predict_layers is 0 or absent)")
         mtp = DRAFTS[arch](c, model)
     module = trace_forward(model, dtype, mtp, c.hidden_size)
+    if arch in ENCODERS:
+        ENCODERS[arch](module, model, dtype)
     write(module, ModelInfo(arch, dtype, c.vocab_size, c.hidden_size, c.num_hidden_layers,
                             int(c.get("max_position_embeddings", defaults.MAX_MODEL_LEN)),
                             str(config.get("model_type", "")), int(c.get("num_nextn_predict_layers") or 0),

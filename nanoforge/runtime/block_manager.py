@@ -74,7 +74,7 @@ class BlockManager:
         tokens, bs = seq.token_ids, self.block_size
         limit = (len(tokens) - 1) // bs  # leave at least one token to compute
         parent = b""
-        if self.prefix_caching:
+        if self.prefix_caching and seq.mm is None:  # images are not in the token hashes: no sharing
             self.queries += len(tokens)
             for i in range(limit):
                 chunk = tokens[i * bs:(i + 1) * bs]
@@ -104,7 +104,7 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks that became full (their tokens now have K/V in the pool)."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.mm is not None:
             return
         bs, tokens = self.block_size, seq.token_ids
         for i in range(seq.num_hashed_blocks, seq.num_computed // bs):

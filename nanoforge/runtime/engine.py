@@ -13,6 +13,7 @@ from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .block_manager import BlockManager
+from .kv_transfer import KVStore, local_store
 from .launchers import check_launcher
 from .model_runner import ModelRunner, RunnerConfig
 from .sampler import SampleRequest, sample, sample_plain, sample_plain_device
@@ -113,6 +114,11 @@ class Engine:
                  progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         _check_config(cfg)
+        self.vision_spec = None  # vision-language plans: how their images are preprocessed (vision_inputs.py)
+        if "encode" in plan.module.functions:
+            from .vision_inputs import VisionSpec
+
+            self.vision_spec = VisionSpec.of(plan.config, getattr(ckpt, "path", None))
         spec_cfg = _spec_config(cfg, plan)
         check_state_support(plan.kv_contract, spec_cfg.method, plan.parallel.sharded)
         self.vocab_size = plan.model.vocab_size
@@ -195,6 +201,15 @@ class Engine:
         """The paged KV pool tensors, per attention layer (laid out as the plan's KV contract says)."""
         return self.runner.pool
 
+    def kv_store(self) -> KVStore:
+        """The pool as PD moves it, in the one-rank layout (a sharded engine's goes through its ranks)."""
+        store = getattr(self.runner, "kv_store", None)
+        return store() if store is not None else local_store(self.runner.pool, self.runner.contract)
+
+    def kv_replica(self, seq: Sequence) -> int:
+        """The attention-DP replica whose pool holds `seq`'s KV (0 for other plans)."""
+        return getattr(self.scheduler, "owner", {}).get(seq.seq_id, 0)
+
     def kv_block_ids(self, seq: Sequence, first_block: int, num_tokens: int) -> list[int]:
         """The pool blocks holding tokens first_block * block_size .. num_tokens - 1 of `seq`."""
         return seq.block_table[first_block:self.blocks.blocks_needed(num_tokens)]
@@ -237,12 +252,30 @@ class Engine:
         """Drop a finished sequence from the engine's table (its caller keeps the object)."""
         self.seqs.pop(seq.seq_id, None)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, images: list | None = None) -> Sequence:
+        """`images` (PIL images, paths, bytes or vision_inputs.ImageInput), one per image placeholder token
+        of the prompt, in order; such a request runs without prefix caching."""
+        mm = None
+        if images:
+            prompt_ids, mm = self._with_images(list(prompt_ids), images)
         self._check_request(prompt_ids, params)
         seq = self._new_sequence(list(prompt_ids), params)
+        seq.mm = mm
         self.scheduler.add(seq)
         self.metrics.prompt_tokens += len(prompt_ids)
         return seq
+
+    def _with_images(self, prompt_ids: list[int], images: list) -> tuple[list[int], object]:
+        """(the prompt with its placeholders expanded, the sequence's MultimodalPrompt)."""
+        from .vision_inputs import ImageInput, check_image_count, preprocess
+        from .vision_runner import MultimodalPrompt
+
+        if self.vision_spec is None:
+            raise NanoForgeError("this model takes no images (its plan has no vision encoder)")
+        check_image_count(len(images))
+        inputs = [im if isinstance(im, ImageInput) else preprocess(im, self.vision_spec, f"image {i}")
+                  for i, im in enumerate(images)]
+        return MultimodalPrompt.build(prompt_ids, inputs, self.vision_spec)
 
     def _new_sequence(self, token_ids: list[int], params: SamplingParams, num_prompt: int = 0) -> Sequence:
         seq = Sequence(next(self._ids), token_ids, params, num_prompt=num_prompt)
@@ -485,6 +518,8 @@ class Engine:
         seq = self._new_sequence(list(token_ids), params, num_prompt)
         if params.logprobs is not None:  # the source engine sent those tokens' logprobs
             seq.logprobs = [{"token": 0.0, "top": []} for _ in out]
+        if hasattr(self.scheduler, "place"):  # attention-DP: the replica that will own its KV
+            self.scheduler.place(seq)
         self.blocks.match_prefix(seq)
         first, need = len(seq.block_table), num_kv - seq.num_computed
         if need > 0 and not self.blocks.can_grow(seq, need):
@@ -504,4 +539,4 @@ class Engine:
         else:
             self.blocks.release(seq)
             seq.num_cached = 0
-        self.scheduler.waiting.appendleft(seq)
+        self.scheduler.readmit(seq)

@@ -9,6 +9,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -92,7 +93,17 @@ class ModelRunner:
         self.params = load_params(plan.module, ckpt, self.device, progress=cfg.progress, rank=rank)
         self.forward = compile_function(plan.module, "forward")
         self.hidden: torch.Tensor | None = None  # the last step's final hidden state per row (MTP plans)
-        runs = ["forward"] + (["draft"] if plan.speculative else [])
+        runs = ["forward"] + (["draft"] if plan.speculative else []) + \
+            (["encode"] if "encode" in plan.module.functions else [])
+        self.vision = None  # the image encoder of vision-language plans (vision_runner.py)
+        if "encode" in plan.module.functions:
+            from .vision_runner import VisionEncoder
+
+            if self.world > 1:
+                raise NanoForgeError("vision-language plans run on one rank only (the vision tower is not sharded); "
+                                     "recompile without --tp / --attention-dp / --ffn-ep")
+
+            self.vision = VisionEncoder.of(plan.module, self.params, self.device)
         prepare_params([plan.module.functions[name] for name in runs], self.params)
         num_blocks = cfg.num_blocks if cfg.num_blocks is not None else self._blocks_that_fit(plan)
         self.num_blocks = self._agree_blocks(num_blocks)
@@ -110,7 +121,8 @@ class ModelRunner:
 
             sizes = [s for s in plan.cuda_graphs.sizes if s <= cfg.max_num_seqs] or [1]
             self.graphs = DecodeGraphs(self.forward, self.params, self.pool, self.block_size, sizes,
-                                       max_model_len=cfg.max_model_len, device=self.device, comm=self.comm)
+                                       max_model_len=cfg.max_model_len, device=self.device, comm=self.comm,
+                                       state=self.state)
             q = cfg.verify_drafts + 1
             if cfg.verify_drafts and self.world == 1:  # the plan's sizes for its K, else up to 1024 rows
                 planned = plan.speculative is not None and plan.speculative.num_tokens == cfg.verify_drafts
@@ -191,6 +203,8 @@ class ModelRunner:
     def _graph_plan_reason(self, plan: Plan, enforce_eager: bool) -> str | None:
         if self.device.type != "cuda":
             return "not on a CUDA device"
+        if self.vision is not None:
+            return "a vision-language plan: the graphs do not capture the multimodal rope positions"
         if enforce_eager:
             return "enforce_eager is set"
         info = plan.cuda_graphs
@@ -219,16 +233,22 @@ class ModelRunner:
         self.batches[f"eager: {why}"] += 1
         tokens, seqs, rows = flat_batch(batch, sample_items, device_tokens is not None)
         slots = [seq.state_slot for seq, _ in batch.items] if self.state else None
-        return self.run(tokens, seqs, rows, device_tokens, state_slots=slots), sample_items
+        vision = None
+        if self.vision is not None:
+            from .vision_runner import vision_batch
+
+            vision = vision_batch(batch.items, self.vision, self.device)
+        return self.run(tokens, seqs, rows, device_tokens, state_slots=slots, vision=vision), sample_items
 
     def run(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], rows: list[int],
             device_tokens: torch.Tensor | None = None, ep_tokens: int | None = None,
-            state_slots: list[int] | None = None) -> torch.Tensor:
+            state_slots: list[int] | None = None, vision: Any = None) -> torch.Tensor:
         """The forward over one flat batch (flat_batch's lists); logits of `rows`. `ep_tokens`:
         the most tokens any rank of the EP group runs this step (sharded plans). `state_slots`: each
         sequence's row of the per-sequence state pool (plans with recurrent layers)."""
         state = (self.state, state_slots) if self.state and state_slots is not None else None
         ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm, ep_tokens, state)
+        ctx.vision = vision  # images of a vision-language plan's step (vision_runner.VisionBatch), else None
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
         with torch.inference_mode():

@@ -36,6 +36,7 @@ class Sequence:
     arrival: int = 0  # admission order; the newest running sequence is preempted first
     state_slot: int = -1  # its row of the per-sequence state pool (recurrent layers); -1: none
     draft: Any = None  # the MTP head's latest output for it (runtime/mtp.py DraftState)
+    mm: Any = None  # its images and multimodal rope positions (runtime/vision_runner.py MultimodalPrompt)
 
     def __post_init__(self) -> None:
         self.num_prompt = self.num_prompt or len(self.token_ids)
