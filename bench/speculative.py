@@ -91,7 +91,8 @@ def main() -> None:
     rows = []
     for b in a.batches:
         t0, ref, n0 = timed(base, prompts, b, a.max_tokens)
-        row = {"batch": b, "baseline": {"seconds": t0, "output_tokens": n0, "tok_s": n0 / t0}}
+        row = {"batch": b, "baseline": {"seconds": t0, "output_tokens": n0, "tok_s": n0 / t0,
+                                        "batches": base.metrics()["batches"]}}
         for k in a.k:
             spec = LLM(model, speculative="ngram", num_speculative_tokens=k, **opts)
             timed(spec, prompts[:2], 2, 8)
@@ -99,7 +100,8 @@ def main() -> None:
             m = spec.metrics()["speculative"]
             row[f"ngram_k{k}"] = {"seconds": t1, "output_tokens": n1, "tok_s": n1 / t1, "speedup": t0 / t1,
                                   "identical_tokens": got == ref, "mean_accepted_length": m["mean_accepted_length"],
-                                  "acceptance_rate_per_position": m["acceptance_rate_per_position"]}
+                                  "acceptance_rate_per_position": m["acceptance_rate_per_position"],
+                                  "batches": spec.metrics()["batches"]}  # how steps ran: graphs, or why eager
             print(f"batch {b:>3} k {k}: {n0 / t0:8.1f} -> {n1 / t1:8.1f} tok/s ({t0 / t1:.2f}x), identical "
                   f"{got == ref}, mean accepted length {m['mean_accepted_length']:.2f}", flush=True)
             del spec

@@ -295,10 +295,12 @@ def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: 
     import json
 
     from ..llm import LLM
-    from .registry import check_scope
 
-    if check_scope(registry_scope) is not None and not registry:  # before minutes of loading
-        raise NanoForgeError("--registry-scope needs --registry redis://HOST:PORT")
+    if registry_scope is not None:  # before minutes of loading (registry.py needs redis: only then)
+        from .registry import check_scope
+
+        if check_scope(registry_scope) is not None and not registry:
+            raise NanoForgeError("--registry-scope needs --registry redis://HOST:PORT")
     llm = LLM(model, device=device, progress=False, **engine_opts)
     fingerprint = json.dumps(llm.plan.checkpoint.fingerprint, sort_keys=True).encode()
     info = {"checkpoint_path": str(llm.checkpoint.path), "checkpoint_kind": getattr(llm.checkpoint, "kind", ""),

@@ -52,8 +52,8 @@ def _verify(text: str) -> str:
     pytest.param("weight=$w.weight", "weight=$v.weight",
                  "unknown param $v.weight in forward: %1: f32[T,4] = linear(%0, weight=$v.weight) @model.proj",
                  id="unknown-param"),
-    pytest.param("= rms_norm(%x, weight=$norm.weight) {eps=1e-06}", "= gelu(%x)",
-                 "unknown op 'gelu' in forward: %0: f32[T,8] = gelu(%x) @model.norm", id="unknown-op"),
+    pytest.param("= rms_norm(%x, weight=$norm.weight) {eps=1e-06}", "= swizzle(%x)",
+                 "unknown op 'swizzle' in forward: %0: f32[T,8] = swizzle(%x) @model.norm", id="unknown-op"),
 ])
 def test_errors_name_the_node_and_its_layer(old, new, message):
     text = GOOD.replace(old, new, 1)
