@@ -331,3 +331,20 @@ def test_connecting_to_no_engine_fails_fast_naming_the_address():
     assert time.monotonic() - start < 3.0
     with pytest.raises(NanoForgeError, match="bad engine address"):
         asyncio.run(ZmqEngineClient.connect("nonsense", timeout=1.0))
+
+
+def test_an_engine_without_a_registry_needs_no_redis_package(tmp_path):
+    """The GPU machines have no `redis` package: an engine server that is not asked to register must
+    get as far as loading its model without importing it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "from nanoforge.errors import NanoForgeError\n"
+            "from nanoforge.serving.engine_server import serve_engine\n"
+            "try:\n"
+            f"    serve_engine({str(tmp_path / 'missing')!r}, 'tcp://127.0.0.1:0')\n"
+            "except NanoForgeError as e:\n"
+            "    print('loaded model first:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "loaded model first:" in run.stdout, run.stderr[-2000:]
