@@ -59,9 +59,12 @@ def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False
     model = ARCHITECTURES[arch](c)
     mtp = None
     if draft:
-        if arch not in DRAFTS or not int(c.get("num_nextn_predict_layers") or 0):
+        if not int(c.get("num_nextn_predict_layers") or 0):
             raise NanoForgeError(f"--speculative mtp: this {arch} checkpoint has no MTP layer "
                                  "(config.json num_nextn_predict_layers is 0 or absent)")
+        if arch not in DRAFTS:
+            raise NanoForgeError(f"--speculative mtp: drafting with {arch}'s MTP layer is not built yet "
+                                 f"(built for {', '.join(DRAFTS)}); use --speculative ngram")
         mtp = DRAFTS[arch](c, model)
     module = trace_forward(model, dtype, mtp, c.hidden_size)
     if arch in ENCODERS:
