@@ -31,7 +31,7 @@ from nanoforge.runtime.kv_transfer import KVStore
 from nanoforge.serving.kv_migration import MigrationWorker, _Peer
 from nanoforge.serving.protocol import GenerateRequest
 from nanoforge.serving.router import Router
-from nanoforge.serving.zmq_client import ZmqEngineClient
+from test_pd import _stats
 
 pytestmark = pytest.mark.timeout(180)
 # test_distributed's Qwen3-MoE (sizes divide by 2), with 4 KV heads
@@ -102,17 +102,6 @@ def pd(ckpt):
                 proc.kill()
                 proc.wait()
             Path(proc.log_path).unlink(missing_ok=True)
-
-
-def _stats(addr: str) -> dict:
-    async def main():
-        c = await ZmqEngineClient.connect(addr, timeout=5)
-        try:
-            return await c.stats()
-        finally:
-            c.close()
-
-    return asyncio.run(main())
 
 
 def _wait_idle(addr: str, timeout: float = 10.0) -> dict:
