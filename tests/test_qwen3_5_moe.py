@@ -4,6 +4,8 @@ steps and preemption; the per-sequence state rows (admission, abort); prefix cac
 the conditional-generation checkpoint's text model; the gdn kernel's state carried across chunks."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -136,8 +138,9 @@ def test_what_state_cannot_do_yet_is_refused(ckpt, llm):
 
     with pytest.raises(NanoForgeError, match="rejected drafts would corrupt"):
         LLM(ckpt, progress=False, speculative="ngram")
-    with pytest.raises(NanoForgeError, match="does not migrate with the KV"):
-        EngineServer(llm.engine, "tcp://127.0.0.1:1", "tiny", llm.plan.kv_contract, role="prefill")
+    gpu_engine = SimpleNamespace(kv_pool=lambda: [(torch.empty(1, device="meta"),)])  # PD of state: CPU only
+    with pytest.raises(NanoForgeError, match="migrates with the KV on CPU only"):
+        EngineServer(gpu_engine, "tcp://127.0.0.1:1", "tiny", llm.plan.kv_contract, role="prefill")
 
 
 def test_conditional_generation_checkpoint_text_model_matches_hf(tmp_path, prompts):

@@ -9,12 +9,17 @@ have checked that their KV contracts match, so the shapes agree block for block.
 
 `KVStore` is the pool as PD reads and writes it, in the one-rank layout: `local_store` for an
 engine of one rank; a sharded engine's DistributedRunner.kv_store() moves the blocks through its
-ranks (kv_shards.py), so engines of different layouts pair."""
+ranks (kv_shards.py), so engines of different layouts pair.
+
+Per-sequence state (recurrent layers: kernels/context.allocate_state) is laid out like a pool with
+one row per sequence instead of one block per 16 tokens: `gather_state` / `scatter_state` move a
+parked sequence's row (every recurrent layer's tensors) with the same code, as extra buffers of the
+same kv_data message."""
 from __future__ import annotations
 
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -37,12 +42,13 @@ class KVStore:
     read: Callable[[int, list[int], Any], list[memoryview]]
     write: Callable[[int, list[int], list[Any]], int]
     sharded: bool = False  # blocks live on several ranks: no CUDA IPC of `pool`
+    state: Pool = field(default_factory=list)  # per-sequence state pool, a row per slot ([]: no recurrent layers)
 
 
-def local_store(pool: Pool, contract: KVContract) -> KVStore:
-    """The store of a one-rank engine: its pool, directly."""
+def local_store(pool: Pool, contract: KVContract, state: Pool | None = None) -> KVStore:
+    """The store of a one-rank engine: its pool (and state pool), directly."""
     return KVStore(contract, "one rank", pool, lambda _r, ids, ready: gather_blocks(pool, ids, ready),
-                   lambda _r, ids, bufs: scatter_blocks(pool, ids, bufs))
+                   lambda _r, ids, bufs: scatter_blocks(pool, ids, bufs), state=list(state or []))
 
 
 def pool_device(pool: Pool) -> torch.device:
@@ -97,6 +103,23 @@ def scatter_blocks(pool: Pool, block_ids: list[int], buffers: list[Any]) -> int:
     if pool_device(pool).type == "cuda":  # done before the engine thread may read the blocks
         torch.cuda.synchronize(pool_device(pool))
     return total
+
+
+def gather_state(state: Pool, slot: int, ready: Any = None) -> list[memoryview]:
+    """Host copies of state row `slot` of every recurrent layer's tensors (a sequence's state after
+    its last computed token), as raw bytes; [] for a plan without per-sequence state."""
+    return gather_blocks(state, [slot], ready) if state else []
+
+
+def scatter_state(state: Pool, slot: int, buffers: list[Any]) -> int:
+    """Write gather_state's buffers into row `slot`; returns the bytes written. A count or size
+    that differs from this pool's raises (both sides compared contracts, so a peer that lies)."""
+    n = sum(len(layer) for layer in state)
+    if len(buffers) != n:
+        raise NanoForgeError(f"state data has {len(buffers)} tensors, this engine's state pool {n}")
+    if slot < 0 and n:
+        raise NanoForgeError("state data for a sequence that holds no state row")
+    return scatter_blocks(state, [slot], buffers) if n else 0
 
 
 def copy_blocks(src: Pool, src_ids: list[int], dst: Pool, dst_ids: list[int]) -> int:

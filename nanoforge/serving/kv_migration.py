@@ -4,6 +4,7 @@ msgpack frames, never pickle). On the prefill engine's ROUTER (engine_server.py)
 
   kv_pull {id, request_id, first_block, mode}  ->  kv_data {id, num_tokens, block_ids, nbytes, ...}
                                                    + one raw frame per pool tensor (mode "tcp")
+                                                   + one per state tensor (`state_frames`, any mode)
   kv_ack {request_id}                          ->  kv_released  (the prefill engine frees the blocks)
 
 Before the first pull from a source the worker says hello and compares KV contracts: a mismatch
@@ -13,7 +14,9 @@ the engine recomputes the prompt itself. Transports differ only in how kv_data l
 host-staged bytes (tcp), or a device copy from the source pool mapped by CUDA IPC (ipc, same
 host); an RDMA transport would register pools at hello the same way. Sharded engines on either
 side move KV in the one-rank layout (runtime/kv_shards.py), so prefill and decode layouts differ
-freely (tcp only); contracts are compared in that layout and a mismatch names both layouts."""
+freely (tcp only); contracts are compared in that layout and a mismatch names both layouts.
+Hybrid models' per-sequence state row travels as bytes in the same kv_data message, written into
+the row the job names (`state_slot`)."""
 from __future__ import annotations
 
 import itertools
@@ -29,7 +32,8 @@ import zmq
 
 from ..errors import NanoForgeError
 from ..kv_contract import KVContract
-from ..runtime.kv_transfer import KVStore, Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks
+from ..runtime.kv_transfer import (KVStore, Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks,
+                                     scatter_state)
 from .engine_flags import KV_TRANSPORTS as TRANSPORTS
 from .wire import PROTOCOL_VERSION, pack, unpack
 
@@ -122,6 +126,7 @@ class MigrationWorker:
         if transport == "ipc" and pool_device(pool).type != "cuda":
             raise NanoForgeError("--kv-transport ipc needs the engine's KV pool on a CUDA device")
         self.pool, self.contract, self.report, self.store = pool, kv_contract, report, store
+        self.state = store.state if store is not None else []  # a migrated sequence's state row lands here
         self.layout = store.layout if store is not None else "one rank"
         self.kind, self.timeout = transport, timeout
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -242,14 +247,23 @@ class MigrationWorker:
                 raise NanoForgeError(f"unexpected reply {kind!r} to kv_pull (num_tokens {msg.get('num_tokens')}, "
                                      f"{len(msg.get('block_ids', ()))} blocks; wanted {job['num_tokens']}, "
                                      f"{len(job['block_ids'])})")
-            nbytes = peer.transport.receive(msg, [f.buffer for f in frames[1:]], job["block_ids"],  # type: ignore[union-attr]
-                                            job.get("replica", 0))
+            kv, state = self._split(msg, [f.buffer for f in frames[1:]])
+            transport: KVTransport = peer.transport  # type: ignore[assignment]
+            nbytes = transport.receive(msg, kv, job["block_ids"], job.get("replica", 0))
+            nbytes += scatter_state(self.state, job.get("state_slot", -1), state)
         except Exception as e:
             self._done(job, error=f"KV from {peer.addr}: {e}")
             peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
             return
         peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
         self._done(job, nbytes=nbytes, generator_state=msg.get("generator_state"))
+
+    def _split(self, msg: dict[str, Any], bufs: list[Any]) -> tuple[list[Any], list[Any]]:
+        """kv_data's frames: the KV blocks', then `state_frames` of the sequence's state row."""
+        n = msg.get("state_frames", 0)
+        if type(n) is not int or not 0 <= n <= len(bufs):
+            raise NanoForgeError(f"kv_data with a bad state_frames {n!r}")
+        return bufs[:len(bufs) - n], bufs[len(bufs) - n:]
 
     def _on_hello(self, peer: _Peer, msg: dict[str, Any]) -> None:
         try:
