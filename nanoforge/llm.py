@@ -12,6 +12,7 @@ from .passes.quantize_kv import kv_dtype_of
 from .errors import NanoForgeError
 from .models.checkpoint import Checkpoint, fingerprint_mismatches, open_checkpoint
 from .plan import Plan, machine_mismatches, read_plan
+from .runtime.chat_images import load_offline_image, render_chat, take_images
 from .runtime.engine import Engine, EngineConfig
 from .runtime.sampling_params import SamplingParams
 from .runtime.tokenizer import Tokenizer
@@ -151,11 +152,18 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              tools: list | None = None, use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Content parts may hold images (vision-language models): {"type": "image", "image": a PIL image,
+        path or bytes}, or the OpenAI server's {"type": "image_url", "image_url": {"url": ...}} with a
+        data: URL, a local path or a file:// URL; each leaves the template's image placeholder in place."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self._require_tokenizer()
-        prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True, tools=tools),
-                              add_special_tokens=False) for c in convs]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        prompts, images = [], []
+        for conv in convs:
+            conv, imgs = take_images(conv, load_offline_image)  # type: ignore[arg-type]
+            text = render_chat(tok, conv, len(imgs), add_generation_prompt=True, tools=tools)
+            prompts.append(tok.encode(text, add_special_tokens=False))
+            images.append(imgs or None)
+        return self.generate(prompts, sampling_params, use_tqdm, images=images if any(images) else None)
 
     def last_logits(self, prompts: Seq[Seq[int]]) -> "torch.Tensor":
         """f32[len(prompts), vocab]: the logits after each prompt's last token (one batch)."""

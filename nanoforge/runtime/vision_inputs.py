@@ -20,8 +20,8 @@ import torch
 
 from .. import defaults
 from ..errors import NanoForgeError
+from .chat_images import IMAGE_PLACEHOLDER  # noqa: F401 - Qwen-VL's text for one image, re-exported
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # Qwen-VL's text for one image
 MAX_IMAGE_SIDE = 16384  # pixels, either side, before resizing (decompression bombs are refused by Pillow too)
 
 

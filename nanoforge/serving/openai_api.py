@@ -182,7 +182,8 @@ class OpenAIServer:
                 params = dict(req.params)
                 if params.get("seed") is not None:
                     params["seed"] += j  # n samples of one seeded request differ, and repeat
-                gens.append(GenerateRequest(f"{rid}-{k}", list(ids), params))
+                gens.append(GenerateRequest(f"{rid}-{k}", list(ids), params, images=req.images,
+                                            fit_max_tokens=req.fit_max_tokens))
                 streams.append(ChoiceStream(k, self.tok, params.get("stop", []), req.parse_tools))
         return Fanout(self.client, gens), streams
 
@@ -206,7 +207,7 @@ class OpenAIServer:
         return up
 
     def _usage(self, req: ParsedRequest, streams: list[ChoiceStream]) -> dict[str, Any]:
-        prompt = sum(len(p) for p in req.prompts)
+        prompt = sum(streams[p * req.n].num_prompt or len(ids) for p, ids in enumerate(req.prompts))  # images expanded
         done = sum(cs.num_tokens for cs in streams)
         cached = sum(streams[p * req.n].num_cached for p in range(len(req.prompts)))
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,

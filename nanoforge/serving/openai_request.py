@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NanoForgeError
+from ..runtime.chat_images import decode_data_url, part_url, render_chat, take_images
 from ..runtime.sampling_params import SamplingParams
 
 MAX_N = 128
@@ -35,6 +36,8 @@ class ParsedRequest:
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
     parse_tools: bool = False
+    images: list[bytes] | None = None  # encoded images, one per placeholder of the (one) chat prompt
+    fit_max_tokens: bool = False  # max_tokens defaulted: the engine fits it to the expanded image prompt
 
 
 def _reject_constant(name: str) -> float:
@@ -140,17 +143,31 @@ def _common(body: dict, req: ParsedRequest, max_model_len: int) -> ParsedRequest
     return req
 
 
-def _text_content(content: Any, where: str) -> str:
+def _text_content(content: Any, where: str) -> str | list[dict]:
+    """A string; text parts joined by newlines; or, with images (bare {"type": "image"} parts left by
+    take_images), the list of text and image parts for render_chat."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
-        parts = []
+        parts: list[dict] = []
         for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, f"{where}: only text content parts are supported", param="messages")
-            parts.append(part["text"])
-        return "\n".join(parts)
-    raise APIError(400, f"{where}: 'content' must be a string or an array of text parts", param="messages")
+            if isinstance(part, dict) and part == {"type": "image"}:
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            else:
+                raise APIError(400, f"{where}: only text and image_url content parts are supported", param="messages")
+        if any(p["type"] == "image" for p in parts):
+            return parts
+        return "\n".join(p["text"] for p in parts)
+    raise APIError(400, f"{where}: 'content' must be a string or an array of content parts", param="messages")
+
+
+def _image_bytes(part: dict, where: str) -> bytes:
+    """An image_url part's image: only inline data: URLs (the server fetches nothing)."""
+    if part.get("type") != "image_url":
+        raise NanoForgeError(f"{where}: images are sent as image_url parts with a data: URL")
+    return decode_data_url(part_url(part, where) or "", where)
 
 
 def _message(m: Any, i: int) -> dict[str, Any]:
@@ -182,6 +199,10 @@ def parse_chat(body: dict, tokenizer: Any, max_model_len: int) -> ParsedRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
+    try:
+        messages, images = take_images(messages, _image_bytes)
+    except NanoForgeError as e:
+        raise APIError(400, str(e), param="messages") from None
     msgs = [_message(m, i) for i, m in enumerate(messages)]
     tools = get(body, "tools", list)
     choice = body.get("tool_choice", "auto" if tools else "none")
@@ -195,8 +216,8 @@ def parse_chat(body: dict, tokenizer: Any, max_model_len: int) -> ParsedRequest:
     kwargs = get(body, "chat_template_kwargs", dict, {})
     kwargs = {k: v for k, v in kwargs.items() if k not in RESERVED_TEMPLATE_KEYS and str.isidentifier(k)}
     try:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tools=tools if use_tools else None,
-                                             **kwargs)
+        text = render_chat(tokenizer, msgs, len(images), add_generation_prompt=True,
+                           tools=tools if use_tools else None, **kwargs)
     except NanoForgeError as e:
         raise APIError(400, f"cannot format the messages: {e}", param="messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -208,7 +229,9 @@ def parse_chat(body: dict, tokenizer: Any, max_model_len: int) -> ParsedRequest:
     if top is not None and not want_lp:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     params = sampling_fields(body, max_model_len - len(ids), ("max_completion_tokens", "max_tokens"))
-    req = ParsedRequest([ids], params, logprobs=(top or 0) if want_lp else None, parse_tools=use_tools)
+    req = ParsedRequest([ids], params, logprobs=(top or 0) if want_lp else None, parse_tools=use_tools,
+                        images=images or None, fit_max_tokens=all(body.get(k) is None for k in
+                                                                  ("max_completion_tokens", "max_tokens")))
     return _common(body, req, max_model_len)
 
 

@@ -17,6 +17,10 @@ class GenerateRequest:
     # KV for a decode engine; {"phase": "decode", "source", "source_request_id", "num_prompt",
     # "num_tokens"} continues one whose prompt_ids end with its first token(s), pulling their KV
     pd: dict[str, Any] | None = None
+    # vision-language models: the encoded bytes (png, jpeg, webp, ...) of each image placeholder of the
+    # prompt, in order; they travel as msgpack bin and are opened by the engine (vision_inputs.py)
+    images: list[bytes] | None = None
+    fit_max_tokens: bool = False  # max_tokens was defaulted: the engine lowers it to fit the expanded prompt
 
     def sampling_params(self) -> SamplingParams:
         known = {f.name for f in fields(SamplingParams)}

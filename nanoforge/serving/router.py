@@ -197,6 +197,10 @@ class Router:
             return
         self.requests[rid] = []
         try:
+            if self._pool("prefill") and self._pool("decode") and request.images:
+                yield TokenDelta(rid, finish_reason="error", num_prompt_tokens=len(request.prompt_ids),
+                                 error="image requests are not served with prefill/decode disaggregation yet")
+                return
             if self._pool("prefill") and self._pool("decode"):
                 self.counters["pd_requests"] += 1
                 async with contextlib.aclosing(self._generate_pd(request)) as stream:

@@ -101,6 +101,8 @@ class ZmqEngineClient:
                    "params": dict(request.params)}
             if request.pd is not None:
                 msg["pd"] = dict(request.pd)
+            if request.images:  # msgpack bin, never pickle
+                msg["images"], msg["fit_max_tokens"] = [bytes(b) for b in request.images], request.fit_max_tokens
             frame = pack(msg)
             why = "client is closed" if self.closed else "duplicate request id" if rid in self.queues else None
         except (TypeError, ValueError, OverflowError) as e:  # as the engine loop would answer a bad value
