@@ -204,7 +204,8 @@ class Engine:
     def kv_store(self) -> KVStore:
         """The pool as PD moves it, in the one-rank layout (a sharded engine's goes through its ranks)."""
         store = getattr(self.runner, "kv_store", None)
-        return store() if store is not None else local_store(self.runner.pool, self.runner.contract)
+        return store() if store is not None else \
+            local_store(self.runner.pool, self.runner.contract, getattr(self.runner, "state", None))
 
     def kv_replica(self, seq: Sequence) -> int:
         """The attention-DP replica whose pool holds `seq`'s KV (0 for other plans)."""
@@ -223,6 +224,8 @@ class Engine:
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "prompt_tokens": self.metrics.prompt_tokens, "generated_tokens": self.metrics.generated_tokens,
                 "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions,
+                **({} if (rows := getattr(self.blocks, "state", None)) is None else  # recurrent layers' state rows
+                   {"state_slots_total": rows.num_slots, "state_slots_free": rows.num_free}),
                 **({} if self.spec is None else self.spec.stats.counters())}
 
     def metrics_summary(self) -> dict:
@@ -252,12 +255,18 @@ class Engine:
         """Drop a finished sequence from the engine's table (its caller keeps the object)."""
         self.seqs.pop(seq.seq_id, None)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, images: list | None = None) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, images: list | None = None,
+                    fit_max_tokens: bool = False) -> Sequence:
         """`images` (PIL images, paths, bytes or vision_inputs.ImageInput), one per image placeholder token
-        of the prompt, in order; such a request runs without prefix caching."""
+        of the prompt, in order; such a request runs without prefix caching. `fit_max_tokens`: lower
+        max_tokens to what max_model_len leaves once the placeholders are expanded (the OpenAI server's
+        default max_tokens, which counts the prompt before expansion)."""
         mm = None
         if images:
             prompt_ids, mm = self._with_images(list(prompt_ids), images)
+            if fit_max_tokens and len(prompt_ids) < self.max_model_len:
+                params = replace(params, max_tokens=min(params.max_tokens,
+                                                       self.max_model_len - len(prompt_ids)))
         self._check_request(prompt_ids, params)
         seq = self._new_sequence(list(prompt_ids), params)
         seq.mm = mm
@@ -372,6 +381,8 @@ class Engine:
     def _can_defer(self, batch: ScheduledBatch) -> bool:
         if not self.cfg.overlap_decode or self.keep_logits or self.spec is not None:  # drafts need host tokens
             return False
+        if "state_slots" in self.kv_cache and any(not seq.num_output for seq, _ in batch.items):
+            return False  # a chained step would advance the state of a PD prefill past the token it parks at
         for seq, n in batch.items:
             if n != 1 or seq.num_computed + 1 != len(seq.token_ids) or not seq.params.plain:
                 return False

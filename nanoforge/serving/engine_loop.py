@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..errors import NanoForgeError
 from ..runtime.engine import Engine
-from ..runtime.kv_transfer import generator_state, set_generator_state
+from ..runtime.kv_transfer import gather_state, generator_state, set_generator_state
 from ..runtime.sequence import Sequence
 from .protocol import GenerateRequest, TokenDelta
 
@@ -90,17 +90,23 @@ class EngineLoop:
                 raise NanoForgeError(f"no parked KV for request {request_id!r} here (never prefilled here, already "
                                      f"released, or expired after {self.kv_park_timeout:g}s)")
             ids = self.engine.kv_block_ids(p.seq, first_block, p.num_tokens)
+            store = self.engine.kv_store()
+            if store.state and p.seq.num_computed != p.num_tokens:  # the row cannot go back to num_tokens
+                raise NanoForgeError(f"request {request_id!r}: its state row holds {p.seq.num_computed} tokens, "
+                                     f"not the {p.num_tokens} offered; recompute it")
             if with_data:  # in the one-rank layout, from every rank of a sharded engine
-                bufs = self.engine.kv_store().read(self.engine.kv_replica(p.seq), ids, p.ready)
+                bufs = store.read(self.engine.kv_replica(p.seq), ids, p.ready)
             else:  # the puller copies out of our pool itself: the writes must be done
                 bufs = []
                 if p.ready is not None:
                     p.ready.synchronize()
+            state_bufs = gather_state(store.state, p.seq.state_slot, p.ready)  # bytes whatever the transport
             state = generator_state(p.seq.generator)
-        nbytes = sum(b.nbytes for b in bufs)
+        nbytes = sum(b.nbytes for b in bufs) + sum(b.nbytes for b in state_bufs)
         self.counters["kv_served_bytes"] += nbytes
         return {"num_tokens": p.num_tokens, "block_size": self.engine.block_size, "first_block": first_block,
-                "block_ids": ids, "nbytes": nbytes, "generator_state": state}, bufs
+                "block_ids": ids, "nbytes": nbytes, "generator_state": state,
+                "state_frames": len(state_bufs)}, bufs + state_bufs
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "uptime_s": time.time() - self.started_at, "kv_parked": len(self.parked),
@@ -145,10 +151,13 @@ class EngineLoop:
         rid, pd = req.request_id, req.pd or {}
         if rid in self.live or rid in self.parked or rid in self.migrating:
             return self._reject(req, f"request id {rid!r} is already running")
+        if req.images and pd:  # a decode engine would need the prompt's multimodal positions too
+            return self._reject(req, "image requests are not served with prefill/decode disaggregation yet")
         try:
             if pd.get("phase") == "decode":
                 return self._add_migrated(req, pd)
-            seq = self.engine.add_request(list(req.prompt_ids), req.sampling_params())
+            seq = self.engine.add_request(list(req.prompt_ids), req.sampling_params(), images=req.images,
+                                          fit_max_tokens=req.fit_max_tokens)
         except (NanoForgeError, TypeError, ValueError) as e:
             return self._reject(req, str(e))
         self.live[rid] = seq
@@ -167,7 +176,7 @@ class EngineLoop:
         if first is not None and self.migrate is not None:
             try:
                 self.migrate({**job, "first_block": first, "replica": self.engine.kv_replica(seq),
-                              "block_ids": self.engine.kv_block_ids(seq, first, n_kv)})
+                              "block_ids": self.engine.kv_block_ids(seq, first, n_kv), "state_slot": seq.state_slot})
                 self.migrating[rid] = seq
                 return None
             except Exception as e:  # noqa: BLE001 - the request still runs, recomputed

@@ -2,7 +2,7 @@
 msgpack maps only (never pickle, so a peer can't make it run code). Front ends connect DEALER
 sockets (ZmqEngineClient); each message is one frame, a map with a "type" key:
 
-  in:  hello {protocol_version?, kv_ipc?}  generate {request_id, prompt_ids, params, pd?}
+  in:  hello {protocol_version?, kv_ipc?}  generate {request_id, prompt_ids, params, pd?, images?, fit_max_tokens?}
        abort {request_id}  stats | health  shutdown  kv_pull {request_id, first_block, mode}  kv_ack {request_id}
   out: hello {protocol_version, model_name, max_model_len, kv_contract, pid, instance, role, host, ...}
        deltas {items: [TokenDelta.to_wire(), ...]}   stats | health {EngineLoop.stats(), model info}
@@ -65,7 +65,11 @@ def parse_generate(msg: dict[str, Any]) -> GenerateRequest:
             raise Malformed(f"generate param {k} has the wrong type ({type(v).__name__})")
     if not all(type(t) is int for t in params.get("stop_token_ids", [])):
         raise Malformed("generate param stop_token_ids must be a list of ints")
-    return GenerateRequest(rid, prompt, params, parse_pd(msg.get("pd")))
+    images = msg.get("images")
+    if images is not None and not (isinstance(images, list) and all(isinstance(b, bytes) for b in images)):
+        raise Malformed("generate images must be a list of binary strings (encoded images)")
+    return GenerateRequest(rid, prompt, params, parse_pd(msg.get("pd")), images or None,
+                           msg.get("fit_max_tokens") is True)
 
 
 def parse_pd(pd: Any) -> dict[str, Any] | None:
@@ -86,9 +90,9 @@ class EngineServer:
                  registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None):
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
-        if role != "both" and kv_contract.state:
-            raise NanoForgeError(f"--role {role}: this model's {len(kv_contract.state)} recurrent layers keep "
-                                 "per-sequence state, which does not migrate with the KV yet; serve it with --role both")
+        if role != "both" and kv_contract.state and pool_device(engine.kv_pool()).type != "cpu":
+            raise NanoForgeError(f"--role {role}: this model's {len(kv_contract.state)} recurrent layers keep per-"
+                                 "sequence state, which migrates with the KV on CPU only yet; serve it with --role both")
         if kv_transport not in TRANSPORTS or (kv_transport == "ipc" and pool_device(engine.kv_pool()).type != "cuda"):
             raise NanoForgeError(f"--kv-transport {kv_transport!r}: choose one of {', '.join(TRANSPORTS)} (ipc needs "
                                  "a KV pool on CUDA)")
