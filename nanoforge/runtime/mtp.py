@@ -79,6 +79,11 @@ class MtpDrafter:
         for seq, row, token in zip(heads, rows, drafts):
             seq.draft = DraftState(seq.num_computed - 1, token, state[row])
 
+    @staticmethod
+    def ready(seq: Sequence) -> bool:
+        """Whether the head's output for `seq` is at its last computed position (else no drafts)."""
+        return isinstance(seq.draft, DraftState) and seq.draft.position == seq.num_computed - 1
+
     def chain(self, wanted: list[tuple[Sequence, int]]) -> list[list[int]]:
         """Up to `room` drafts for each (sequence, room) whose state is current (empty if stale);
         the sequences' blocks must already cover num_computed + 1 + room tokens."""
@@ -86,7 +91,7 @@ class MtpDrafter:
         live: list[tuple[int, Sequence, int, torch.Tensor]] = []
         for seq, room in wanted:
             s = seq.draft
-            if not isinstance(s, DraftState) or s.position != seq.num_computed - 1 or room < 1:
+            if not self.ready(seq) or room < 1:
                 out.append([])
                 continue
             out.append([s.token])

@@ -147,7 +147,7 @@ class Speculator:
             left, wanted = budget, []
             for i, room in rooms.items():
                 seq, room = batch.items[i][0], max(min(room, left), 0)
-                if room and blocks.can_grow(seq, 1 + room):
+                if room and self.mtp.ready(seq) and blocks.can_grow(seq, 1 + room):
                     blocks.grow(seq, 1 + room)
                     left -= room
                 else:
