@@ -20,7 +20,7 @@ from nanoforge.compiler import CompileOptions, compile_checkpoint
 from nanoforge.errors import NanoForgeError
 from nanoforge.ir.printer import format_function
 from nanoforge.plan import read_plan
-from test_speculative import abort_half_and_check
+from test_speculative import abort_half_and_check, prefill_then_migrate
 
 VOCAB = tiny_config("deepseek_v3").vocab_size
 
@@ -163,8 +163,6 @@ def test_pd_the_draft_layer_kv_travels_with_the_kv(tiny_ckpt):
     """PD between two MTP engines: the prefill engine's draft head fills its own KV layer over the
     prompt, that layer moves with the others, and from the decode engine's first step on its drafts
     and states are those of one engine running the whole request."""
-    from nanoforge.runtime.kv_transfer import gather_blocks, scatter_blocks
-
     path, prompt = tiny_ckpt("deepseek_v3"), random_prompts(VOCAB, [21], seed=7)[0]
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     opts = dict(dtype="f32", progress=False, num_blocks=64, speculative="mtp", num_speculative_tokens=1)
@@ -175,13 +173,7 @@ def test_pd_the_draft_layer_kv_travels_with_the_kv(tiny_ckpt):
         one.engine.step()
         if ref.draft is not None:
             states[ref.draft.position] = (ref.draft.token, ref.draft.state.clone())
-    seq = a.engine.add_request(prompt, sp)
-    while not seq.num_output:
-        a.engine.step()
-    a.engine.park(seq)
-    moved, _ = b.engine.add_migrated(seq.token_ids, seq.num_prompt, sp, seq.num_computed)
-    scatter_blocks(b.engine.runner.pool, moved.block_table, gather_blocks(a.engine.runner.pool, seq.block_table))
-    b.engine.resume_migrated(moved, seq.num_computed)
+    seq, moved = prefill_then_migrate(a, b, prompt, sp)
     compared = 0
     while b.engine.has_work():
         b.engine.step()

@@ -173,17 +173,11 @@ def test_drafts_without_a_method_are_refused(tiny_ckpt):
         LLM(tiny_ckpt("llama"), progress=False, num_speculative_tokens=2)
 
 
-def test_pd_decode_engine_speculates(tiny_ckpt):
-    """PD: a plain prefill engine hands the KV over; the decode engine verifies drafts and gives one
-    engine's greedy tokens (prompt lookup needs nothing from prefill but the tokens)."""
+def prefill_then_migrate(a: LLM, b: LLM, prompt: list[int], sp: SamplingParams):
+    """PD by hand: `a` prefills `prompt` (its first token sampled) and parks it; its KV blocks are copied
+    into `b`, which resumes it. Returns (a's parked sequence, b's sequence)."""
     from nanoforge.runtime.kv_transfer import gather_blocks, scatter_blocks
 
-    ckpt = tiny_ckpt("qwen3")
-    prompt = _repetitive_prompts(tiny_config("qwen3").vocab_size, 3)[2]
-    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    a = LLM(ckpt, progress=False, num_blocks=64)
-    b = LLM(ckpt, progress=False, num_blocks=64, speculative="ngram")
-    want = a.generate([prompt], sp)[0].token_ids
     seq = a.engine.add_request(prompt, sp)
     while not seq.num_output:
         a.engine.step()
@@ -191,6 +185,19 @@ def test_pd_decode_engine_speculates(tiny_ckpt):
     moved, _ = b.engine.add_migrated(seq.token_ids, seq.num_prompt, sp, seq.num_computed)
     scatter_blocks(b.engine.runner.pool, moved.block_table, gather_blocks(a.engine.runner.pool, seq.block_table))
     b.engine.resume_migrated(moved, seq.num_computed)
+    return seq, moved
+
+
+def test_pd_decode_engine_speculates(tiny_ckpt):
+    """PD: a plain prefill engine hands the KV over; the decode engine verifies drafts and gives one
+    engine's greedy tokens (prompt lookup needs nothing from prefill but the tokens)."""
+    ckpt = tiny_ckpt("qwen3")
+    prompt = _repetitive_prompts(tiny_config("qwen3").vocab_size, 3)[2]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    a = LLM(ckpt, progress=False, num_blocks=64)
+    b = LLM(ckpt, progress=False, num_blocks=64, speculative="ngram")
+    want = a.generate([prompt], sp)[0].token_ids
+    seq, moved = prefill_then_migrate(a, b, prompt, sp)
     b.engine.run_until_done()
     assert moved.output_ids == want and b.metrics()["speculative"]["drafts_accepted"] > 0
     a.engine.release_parked(seq)
