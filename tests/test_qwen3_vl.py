@@ -26,7 +26,8 @@ def _pil_processor(**kw):
     return Qwen2VLImageProcessorPil(**{**PROCESSOR, **kw})
 
 
-def make_tiny_vl(out) -> None:
+def make_tiny_vl(out, moe: bool = False) -> None:
+    """With `moe`, a Qwen3VLMoeForConditionalGeneration: 4 experts top-2 (fused on disk), layer 1 dense."""
     import transformers as tf
 
     tok = make_tokenizer(500)
@@ -37,18 +38,24 @@ def make_tiny_vl(out) -> None:
                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                  "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1])
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
                   spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids[2], video_token_id=ids[3],
-                           vision_start_token_id=ids[0], vision_end_token_id=ids[1])
+    config_cls, model_cls = ((tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeForConditionalGeneration) if moe
+                             else (tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration))
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=ids[2], video_token_id=ids[3],
+                     vision_start_token_id=ids[0], vision_end_token_id=ids[1], tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = tf.Qwen3VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a wrong one shows
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # routers far from uniform, so the top-k choice matters
+                p.copy_(0.5 * torch.randn_like(p))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _pil_processor().save_pretrained(out)

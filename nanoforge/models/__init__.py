@@ -8,7 +8,7 @@ from .. import defaults
 from ..errors import NanoForgeError
 from ..facts import ModelInfo, write
 from ..ir.graph import Module
-from . import deepseek_v3, deepseek_v32, llama, qwen3, qwen3_5_moe, qwen3_moe, qwen3_vl
+from . import deepseek_v3, deepseek_v32, llama, qwen3, qwen3_5_moe, qwen3_moe, qwen3_vl, qwen3_vl_moe
 from .common import Config
 from .frontend import TraceModule, trace_forward
 
@@ -23,13 +23,16 @@ ARCHITECTURES: dict[str, Callable[[Config], TraceModule]] = {
     "Qwen3_5MoeForCausalLM": qwen3_5_moe.build,
     "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.build_conditional,
     "Qwen3VLForConditionalGeneration": qwen3_vl.build,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl_moe.build,
 }
 TEXT_CONFIGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {  # a multimodal config's text part
     "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.text_config_of,
     "Qwen3VLForConditionalGeneration": qwen3_vl.text_config_of,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl_moe.text_config_of,
 }
 ENCODERS: dict[str, Callable[[Module, Any, str], None]] = {  # traces the vision tower into `encode`
     "Qwen3VLForConditionalGeneration": qwen3_vl.trace_encode,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.trace_encode,
 }
 DRAFTS: dict[str, Callable[[Config, TraceModule], TraceModule]] = {  # the checkpoint's MTP layer
     "DeepseekV3ForCausalLM": deepseek_v3.build_mtp,

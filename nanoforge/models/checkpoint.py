@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NanoForgeError
+from .fused_experts import ExpertView, split_fused_experts
 from .tensor_info import TensorInfo
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class Checkpoint:
     config: dict                         # HF-style config (config.json, or synthesized from GGUF metadata)
     tensors: dict[str, TensorInfo]       # every tensor by HF key (empty when opened config_only)
     gguf: GGUFFile | None = field(default=None, repr=False, compare=False)  # open reader, GGUF only
+    views: dict[str, ExpertView] = field(default_factory=dict, repr=False)  # per-expert keys of fused tensors
+    sources: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # the fused tensors themselves
 
     def fingerprint(self) -> dict:
         """Sizes and header hashes of the files that define the model: cheap, data only."""
@@ -57,17 +60,24 @@ class Checkpoint:
         for k in keys:
             if k not in self.tensors:
                 raise NanoForgeError(f"checkpoint {self.path} has no tensor '{k}'")
-        by_file: dict[str, list[str]] = defaultdict(list)
+        derived: dict[str, list[str]] = defaultdict(list)  # fused tensor -> the views of it asked for
         for k in dict.fromkeys(keys):
-            by_file[self.tensors[k].file].append(k)
-        size = {k: _nbytes(self.tensors[k], self.kind) for k in dict.fromkeys(keys)}
+            derived[self.views[k].source if k in self.views else k].append(k)
+        info = {**self.tensors, **self.sources}
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for k in derived:
+            by_file[info[k].file].append(k)
+        size = {k: _nbytes(info[k], self.kind) for k in derived}
         total = sum(size.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {self.path.name}",
                   disable=not progress, leave=False) as bar:
             for file, ks in by_file.items():
                 for k, t in self._read_file(file, ks):
                     bar.update(size[k])
-                    yield k, (t if dtype is None else t.to(dtype))
+                    for want in derived[k]:
+                        view = self.views.get(want)
+                        out = t if view is None else view.take(t[view.expert])
+                        yield want, (out if dtype is None else out.to(dtype))
 
     def no_slices_reason(self) -> str:
         return (f"{self.path.name}: a sharded plan reads slices of tensors, which needs a safetensors checkpoint "
@@ -84,7 +94,17 @@ class Checkpoint:
                 raise NanoForgeError(f"checkpoint {self.path} has no tensor '{k}'")
         from .slice_reader import read_slices
 
-        yield from read_slices(self.path, self.tensors, requests, progress)
+        if not self.views:
+            yield from read_slices(self.path, self.tensors, requests, progress)
+            return
+        raw = [(self.views[k].source, self.views[k].source_rows()) if k in self.views else (k, sl)
+               for k, sl in requests]
+        for i, t in read_slices(self.path, {**self.tensors, **self.sources}, raw, progress):
+            k, sl = requests[i]
+            if k in self.views:  # the expert's rows of the fused tensor, then the view's part and slice
+                t = self.views[k].take(t[0])
+                t = t if sl is None else t[sl].contiguous()
+            yield i, t
 
     def _read_file(self, file: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.kind == "gguf":
@@ -134,7 +154,8 @@ def open_checkpoint(path: str | Path, config_only: bool = False) -> Checkpoint:
         for key, file in _read_json(index).get("weight_map", {}).items():
             if key not in tensors or tensors[key].file != file:
                 raise NanoForgeError(f"{index.name}: says tensor '{key}' is in {file}, but {file} has no such tensor")
-    return Checkpoint(path, "hf", config, tensors)
+    tensors, views, sources = split_fused_experts(tensors, config)
+    return Checkpoint(path, "hf", config, tensors, views=views, sources=sources)
 
 
 def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:

@@ -14,7 +14,7 @@ batch context (runtime/vision_runner.py), so a text-only batch runs the same fun
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import NanoForgeError
 from ..ir.graph import Module, TensorType
@@ -39,11 +39,20 @@ class Qwen3VLTextAttention(Qwen3Attention):
         return self.o_proj(attention(q, k, self.v_proj(x), self.attn))
 
 
+MakeMLP = Callable[[Config, int], TraceModule]  # (text config, layer) -> the layer's MLP
+
+
+def dense_mlp(c: Config, layer: int) -> TraceModule:
+    return GatedMLP(c.hidden_size, c.intermediate_size)
+
+
 class Qwen3VLTextModel(TraceModule):
-    def __init__(self, c: Config, deepstack: int):
+    """`make_mlp` picks each layer's MLP: dense here, sparse MoE for Qwen3-VL-MoE (models/qwen3_vl_moe.py)."""
+
+    def __init__(self, c: Config, deepstack: int, make_mlp: MakeMLP = dense_mlp):
         super().__init__()
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.layers = ModuleList([DecoderLayer(c, Qwen3VLTextAttention(c, i), GatedMLP(c.hidden_size, c.intermediate_size))
+        self.layers = ModuleList([DecoderLayer(c, Qwen3VLTextAttention(c, i), make_mlp(c, i))
                                   for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.deepstack = deepstack
@@ -169,16 +178,16 @@ class Qwen3VLVisionModel(TraceModule):
 
 
 class Qwen3VLModel(TraceModule):
-    def __init__(self, c: Config, v: Config):
+    def __init__(self, c: Config, v: Config, make_mlp: MakeMLP = dense_mlp):
         super().__init__()
         self.visual = Qwen3VLVisionModel(v)
-        self.language_model = Qwen3VLTextModel(c, len(self.visual.indexes))
+        self.language_model = Qwen3VLTextModel(c, len(self.visual.indexes), make_mlp)
 
 
 class Qwen3VLForConditionalGeneration(TraceModule):
-    def __init__(self, c: Config, v: Config):
+    def __init__(self, c: Config, v: Config, make_mlp: MakeMLP = dense_mlp):
         super().__init__()
-        self.model = Qwen3VLModel(c, v)
+        self.model = Qwen3VLModel(c, v, make_mlp)
         tied = c.get("tie_word_embeddings", False)
         self.lm_head = LMHead(self.model.language_model.embed_tokens.weight if tied
                               else ParamSpec((c.vocab_size, c.hidden_size)))
@@ -188,11 +197,12 @@ class Qwen3VLForConditionalGeneration(TraceModule):
         return self.lm_head(self.model.language_model(tokens, positions), rows)
 
 
-def build(c: Config) -> Qwen3VLForConditionalGeneration:
+def build(c: Config, make_mlp: MakeMLP = dense_mlp) -> Qwen3VLForConditionalGeneration:
     vision = c.get("vision_config")
     if not isinstance(vision, dict):
-        raise NanoForgeError("config.json: Qwen3VLForConditionalGeneration needs a 'vision_config' object")
-    return Qwen3VLForConditionalGeneration(c, Config(vision, "config.json vision_config"))
+        arch = (c.get("architectures") or ["Qwen3VLForConditionalGeneration"])[0]
+        raise NanoForgeError(f"config.json: {arch} needs a 'vision_config' object")
+    return Qwen3VLForConditionalGeneration(c, Config(vision, "config.json vision_config"), make_mlp)
 
 
 def trace_encode(module: Module, model: Qwen3VLForConditionalGeneration, dtype: str) -> None:
@@ -209,7 +219,8 @@ def text_config_of(config: dict[str, Any]) -> dict[str, Any]:
     """`text_config` plus the top-level keys the model reads (architectures, tied head, vision_config)."""
     text = config.get("text_config")
     if not isinstance(text, dict):
-        raise NanoForgeError("config.json: Qwen3VLForConditionalGeneration needs a 'text_config' object")
+        arch = (config.get("architectures") or ["Qwen3VLForConditionalGeneration"])[0]
+        raise NanoForgeError(f"config.json: {arch} needs a 'text_config' object")
     top = {k: config[k] for k in ("architectures", "tie_word_embeddings", "vision_config", "image_token_id",
                                   "vision_start_token_id") if k in config}
     return {**text, **top}
