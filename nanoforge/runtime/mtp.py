@@ -77,7 +77,7 @@ class MtpDrafter:
         logits, state = self._run(tokens, seqs, h, rows)
         drafts = logits.argmax(dim=-1).tolist()
         for seq, row, token in zip(heads, rows, drafts):
-            seq.draft = DraftState(seq.num_computed - 1, token, state[row])
+            seq.draft = DraftState(seq.num_computed - 1, token, state[row].clone())  # not a view of all rows
 
     @staticmethod
     def ready(seq: Sequence) -> bool:
