@@ -8,10 +8,7 @@ single token (a decode-shaped step, which overlapped decode must not chain past 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -91,7 +88,7 @@ def test_state_row_migrates_with_the_kv_in_process(ckpt, prompts, want):
 
 
 def test_pd_through_engine_servers_and_the_router_equals_one_engine(ckpt, prompts, want):
-    from nanoforge.serving.engine_server import start_engine_server, wait_engine_ready
+    from nanoforge.serving.engine_server import start_engine_server, stop_engine_server, wait_engine_ready
     from nanoforge.serving.router import Router
     from nanoforge.serving.zmq_client import ZmqEngineClient
 
@@ -141,11 +138,4 @@ def test_pd_through_engine_servers_and_the_router_equals_one_engine(ckpt, prompt
         assert s["prefill"]["kv_served_bytes"] == d["kv_migration_bytes"] > 0
     finally:
         for proc, _ in procs.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except Exception:  # noqa: BLE001
-                    proc.kill()
-                    proc.wait()
-            Path(proc.log_path).unlink(missing_ok=True)
+            stop_engine_server(proc, timeout=10)

@@ -26,7 +26,7 @@ from nanoforge.errors import NanoForgeError
 from nanoforge.kernels.context import allocate_pool
 from nanoforge.kv_contract import KVContract
 from nanoforge.runtime.kv_shards import KVShards, kv_parts, one_rank_contract
-from nanoforge.serving.engine_server import free_tcp_addr, wait_engine_ready
+from nanoforge.serving.engine_server import free_tcp_addr, stop_engine_server, wait_engine_ready
 from nanoforge.runtime.kv_transfer import KVStore
 from nanoforge.serving.kv_migration import MigrationWorker, _Peer
 from nanoforge.serving.protocol import GenerateRequest
@@ -93,15 +93,7 @@ def pd(ckpt):
         yield SimpleNamespace(ref=ref, procs=procs, hello=hello, **{k: addr for k, (_, addr) in procs.items()})
     finally:
         for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            Path(proc.log_path).unlink(missing_ok=True)
+            stop_engine_server(proc, timeout=20)
 
 
 def _wait_idle(addr: str, timeout: float = 10.0) -> dict:

@@ -7,13 +7,10 @@ or of none finds no engine. Bad flags are one-line errors before anything loads.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +19,7 @@ from nanoforge import LLM, SamplingParams, cli
 from nanoforge.errors import NanoForgeError
 from nanoforge.models.presets import PRESETS
 from nanoforge.models.random_checkpoint import preset_checkpoint
-from nanoforge.serving.engine_server import free_tcp_addr, wait_engine_ready
+from nanoforge.serving.engine_server import free_tcp_addr, stop_engine_server, wait_engine_ready
 from nanoforge.serving.protocol import GenerateRequest
 from nanoforge.serving.router import Router
 from nanoforge.serving.zmq_client import ZmqEngineClient
@@ -56,14 +53,7 @@ def scopes(redis_url):
                               **{k: addr for k, (_, addr) in procs.items()})
     finally:
         for p, _ in procs.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            Path(p.log_path).unlink(missing_ok=True)
+            stop_engine_server(p, timeout=20)
 
 
 async def _requests(addr: str) -> int:

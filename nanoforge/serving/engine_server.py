@@ -333,6 +333,20 @@ def free_tcp_addr(host: str = "127.0.0.1") -> str:
         return f"tcp://{host}:{s.getsockname()[1]}"
 
 
+def stop_engine_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM (the server stops its engine and says goodbye to its streams), then SIGKILL after
+    `timeout`; the log start_engine_server wrote goes too."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if getattr(proc, "log_path", None):
+        Path(proc.log_path).unlink(missing_ok=True)  # type: ignore[attr-defined]
+
+
 def start_engine_server(model: str | Path | None, addr: str | None = None, env: dict[str, str] | None = None,
                         **opts: Any) -> tuple[subprocess.Popen, str]:
     """Start `python -m nanoforge.serving.engine_server` without waiting for it; opts are its flags

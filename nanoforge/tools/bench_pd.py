@@ -143,21 +143,10 @@ def deployment(cfg: PDBenchConfig, kind: str, kv_transport: str | None = None,
                 _ready(cfg, e)
         yield engines
     finally:
+        from ..serving.engine_server import stop_engine_server
+
         for e in engines:
-            stop_engine(e.proc)
-
-
-def stop_engine(proc: subprocess.Popen) -> None:
-    """SIGTERM (the server stops its engine and says goodbye to its streams), then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if getattr(proc, "log_path", None):
-        Path(proc.log_path).unlink(missing_ok=True)  # type: ignore[attr-defined]
+            stop_engine_server(e.proc)
 
 
 async def connect_router(engines: list[EngineProc]) -> Any:
