@@ -11,6 +11,8 @@
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
+#                      [pd] [migration]  (issue 18: PD vs co-located under Poisson load; KV migration GB/s tcp/ipc)
+#                      [speculative]  (issue 17: prompt-lookup speculation on SmolLM2-shaped random weights)
 #                      [gdn_kernels]  (issue 19: GDN decode step Triton vs torch ref, batch 1/64/256; ref prefill tok/s)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
@@ -114,6 +116,12 @@ PY
       ;;
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     dsa_decode) run dsa_decode python3 bench/dsa_decode.py --out "$OUT/dsa_decode" ;;
+    pd) run pd python3 -m nanoforge.cli bench pd --device cuda --rate ${PD_RATES:-4 16 64} --num-prompts 128 \
+          --input-len 2048 --output-len 128 --results-dir "$OUT/pd" ;;
+    migration) run migration python3 -m nanoforge.cli bench migration --device cuda --transport tcp ipc \
+                 --prompt-len 4096 --num-prompts 8 --results-dir "$OUT/migration" ;;
+    speculative) run speculative python3 bench/speculative.py --model-preset smollm2-135m --device cuda --prompts 8 \
+                   --batches 1 16 --k 3 --out "$OUT/speculative" ;;
     gdn_kernels) run gdn_kernels python3 bench/gdn_kernels.py --out "$OUT/gdn_kernels" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
