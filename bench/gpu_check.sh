@@ -13,6 +13,8 @@
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
 #                      [pd] [migration]  (issue 18: PD vs co-located under Poisson load; KV migration GB/s tcp/ipc)
 #                      [speculative]  (issue 17: prompt-lookup speculation on SmolLM2-shaped random weights)
+#                      [hybrid_decode]  (issue 19: Qwen3.5-MoE vs Qwen3-30B-A3B-shaped layers, decode step at batch
+#                                    1/64/256 -> $OUT/hybrid_decode/hybrid_vs_moe.json)
 #                      [gdn_kernels]  (issue 19: GDN decode step Triton vs torch ref, batch 1/64/256; ref prefill tok/s)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
@@ -122,6 +124,26 @@ PY
                  --prompt-len 4096 --num-prompts 8 --results-dir "$OUT/migration" ;;
     speculative) run speculative python3 bench/speculative.py --model-preset smollm2-135m --device cuda --prompts 8 \
                    --batches 1 16 --k 3 --out "$OUT/speculative" ;;
+    hybrid_decode)
+      for m in qwen3.5-moe-8l qwen3-30b-a3b-8l; do
+        run "decode_$m" python3 bench/decode_step.py --model "$m" --batch 1 64 256 --context 1024 --out "$OUT/hybrid_decode"
+      done
+      run hybrid_decode python3 - "$OUT/hybrid_decode" <<'PY'
+import glob, json, sys
+runs = {m: json.load(open(sorted(glob.glob(f"{sys.argv[1]}/decode_step-{m}-*.json"))[-1]))
+        for m in ("qwen3.5-moe-8l", "qwen3-30b-a3b-8l")}
+rows = []
+for b in (1, 64, 256):
+    h, q = ({r["batch"]: r for r in runs[m]["rows"]}.get(b, {}) for m in runs)
+    if "step_s" in h and "step_s" in q:
+        rows.append({"batch": b, "qwen3.5_moe_step_ms": 1e3 * h["step_s"], "qwen3_30b_a3b_step_ms": 1e3 * q["step_s"],
+                     "hybrid_over_moe": h["step_s"] / q["step_s"]})
+        print(f"hybrid decode batch {b}: qwen3.5-moe {rows[-1]['qwen3.5_moe_step_ms']:.3f} ms, "
+              f"qwen3-30b-a3b {rows[-1]['qwen3_30b_a3b_step_ms']:.3f} ms -> {rows[-1]['hybrid_over_moe']:.2f}x")
+json.dump({"benchmark": "hybrid_decode", "layers": 8, "context": 1024, "machine": runs["qwen3-30b-a3b-8l"]["machine"],
+           "rows": rows}, open(f"{sys.argv[1]}/hybrid_vs_moe.json", "w"), indent=1)
+PY
+      ;;
     gdn_kernels) run gdn_kernels python3 bench/gdn_kernels.py --out "$OUT/gdn_kernels" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
@@ -202,3 +224,4 @@ grep -hE "floor|skipped" "$OUT/kv_fp8_decode.log" 2>/dev/null
 grep -hE "^offline kv" "$OUT/kv_fp8_offline.log" 2>/dev/null
 grep -hE "^dsa decode|capture failed" "$OUT/dsa_decode.log" 2>/dev/null
 grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/null
+grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null

@@ -11,6 +11,23 @@ _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attenti
           "hidden_act": "silu", "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": None,
           "eos_token_id": None}
 
+# Issue 19's comparison, 8 layers of each at their real sizes (random weights): Qwen3.5-35B-A3B's text
+# model (the pinned transformers' Qwen3_5MoeTextConfig defaults: 3 Gated DeltaNet layers, then one gated
+# full-attention layer) against Qwen3-30B-A3B's config.json (attention in every layer), ~3B active each
+_QWEN3_5_MOE = {"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text",
+                "hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                "linear_num_key_heads": 16, "linear_num_value_heads": 32, "moe_intermediate_size": 512,
+                "shared_expert_intermediate_size": 512, "num_experts": 256, "num_experts_per_tok": 8,
+                "vocab_size": 248320, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+                "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"},
+                "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": None, "eos_token_id": None}
+_QWEN3_30B_A3B = {**_QWEN3, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                  "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+                  "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                  "max_position_embeddings": 40960, "tie_word_embeddings": False}
+
 PRESETS: dict[str, dict] = {
     "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 151936,
@@ -30,4 +47,8 @@ PRESETS: dict[str, dict] = {
     "llama-tiny": {**_LLAMA, "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 3,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024,
                    "max_position_embeddings": 1024, "rope_theta": 100000.0, "tie_word_embeddings": True},
+    "qwen3.5-moe-8l": {**_QWEN3_5_MOE, "num_hidden_layers": 8,
+                       "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+                       + ["full_attention"]},
+    "qwen3-30b-a3b-8l": {**_QWEN3_30B_A3B, "num_hidden_layers": 8},
 }
