@@ -148,8 +148,11 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP server over one in-process engine (its own thread); with --addr or a
-    prefill/decode role, an engine server (ZMQ, no HTTP) for `nanoforge route` instead."""
+    prefill/decode/encode role, an engine server (ZMQ, no HTTP) for `nanoforge route` instead."""
     if a.addr or a.role != "both":
+        if a.allowed_local_media_path:
+            raise NanoForgeError("--allowed-local-media-path is for the HTTP server (serve without --addr, or "
+                                 "route), which reads the files; an engine server gets the images' bytes")
         return _serve_engine(a)
     if a.registry or a.advertise_addr or a.registry_scope:
         raise NanoForgeError("--registry, --registry-scope and --advertise-addr are for engine servers: add --addr "
@@ -159,9 +162,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from .llm import LLM
+    from .runtime.chat_images import check_media_dir
     from .serving.inprocess import InProcessClient
     from .serving.openai_api import build_app
 
+    check_media_dir(a.allowed_local_media_path)  # before the model loads
     opts = engine_options(a)
     model, name = model_source(a.model, a.model_preset, opts)
     with LLM(model, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
@@ -172,7 +177,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(startup_line(name, llm.engine.kv_cache), flush=True)
         try:
-            uvicorn.run(build_app(client, llm.tokenizer, name, a.api_key), host=a.host, port=a.port, log_level="info")
+            app = build_app(client, llm.tokenizer, name, a.api_key, a.allowed_local_media_path)
+            uvicorn.run(app, host=a.host, port=a.port, log_level="info")
         finally:
             client.close()
     return 0
@@ -198,6 +204,7 @@ def _serve_engine(a: argparse.Namespace) -> int:
     device = opts.pop("device", None)
     serve_engine(model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name or name, role=a.role,
                  device=device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
+                 kv_pull_timeout=a.kv_pull_timeout,
                  registry=a.registry, advertise_addr=a.advertise_addr, registry_scope=a.registry_scope, **opts)
     return 0
 
@@ -210,21 +217,30 @@ def cmd_route(a: argparse.Namespace) -> int:
 
     from .serving.openai_api import build_app
     from .serving.router import Router
+    from .runtime.chat_images import check_media_dir
     from .serving.routing import make_strategy
 
     make_strategy(a.strategy)  # an unknown name fails before any connection
+    check_media_dir(a.allowed_local_media_path)  # and a bad directory
 
     async def main() -> None:
-        router = await Router.connect(a.prefill, a.decode, a.engine, registry_url=a.registry, strategy=a.strategy,
-                                      model_name=a.served_model_name, registry_scope=a.registry_scope)
+        router = await Router.connect(a.prefill, a.decode, a.engine, encode=a.encode, registry_url=a.registry,
+                                      strategy=a.strategy, model_name=a.served_model_name,
+                                      registry_scope=a.registry_scope)
         try:
-            app = build_app(router, router.tokenizer, router.model_name, a.api_key)
+            app = build_app(router, router.tokenizer, router.model_name, a.api_key, a.allowed_local_media_path)
             await uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).serve()
         finally:
             router.close()
 
     asyncio.run(main())
     return 0
+
+
+def add_media_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allowed-local-media-path", metavar="DIR", help="chat image_url parts may name files under DIR "
+                   "(file:// URLs or paths; relative ones to DIR), read by this server; without it only data: URLs. "
+                   "http(s) URLs are never fetched")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--served-model-name", help="the model name clients send (default: the path's last part)")
+    add_media_flag(s)
     add_engine_flags(s)
     s.add_argument("--addr", help="run an engine server at this ZMQ address (tcp://HOST:PORT) instead of HTTP; "
                    "a prefill or decode role implies one (default tcp://127.0.0.1:5555)")
@@ -328,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     r.add_argument("--served-model-name", help="the model name clients send (default: the engines')")
+    r.add_argument("--encode", nargs="+", action="extend", default=[], metavar="ADDR",
+                   help="encode engines (serve --role encode): a request's images are encoded there and their "
+                        "embeddings go to the prefill (or both) engine; without one, that engine encodes them")
+    add_media_flag(r)
     r.set_defaults(run=cmd_route)
 
     b = sub.add_parser("bench", help="benchmarks")

@@ -1,5 +1,5 @@
 """`make demo` only needs the venv: it must not install OS packages (apt-get needs root) for the
-redis-server that only the tests use; `make test` still sets that up."""
+redis-server and libibverbs that only the tests use; `make test` still sets them up."""
 from __future__ import annotations
 
 import shutil
@@ -29,3 +29,4 @@ def test_demo_installs_no_redis_and_no_os_packages():
 def test_test_still_sets_up_redis_server():
     out = dry_run("test")
     assert "redis-server" in out and "apt-get install" in out and "pytest" in out
+    assert "apt-get install -y -qq libibverbs1 libnuma1" in out

@@ -87,6 +87,52 @@ def test_state_row_migrates_with_the_kv_in_process(ckpt, prompts, want):
     assert st["kv_blocks_free"] == st["kv_blocks_total"] and st["state_slots_free"] == st["state_slots_total"]
 
 
+def test_state_row_migrates_over_dlslime_in_process(ckpt, prompts, want):
+    """--kv-transport dlslime: the decode side reads the blocks and the state row out of the prefill
+    engine's registered regions (dlslime's TCP mode on loopback), one batch per request."""
+    try:
+        from nanoforge.runtime.kv_dlslime import KVExport, KVReader, load
+        load()
+    except Exception as e:  # noqa: BLE001 - no wheel, or no libibverbs
+        pytest.skip(str(e))
+    a = LLM(ckpt, progress=False, max_prefill_chunk=16, max_num_batched_tokens=64)
+    b = LLM(ckpt, progress=False)
+    ea, eb = a.engine, b.engine
+    export = KVExport(ea.kv_pool(), ea.kv_store().state, "127.0.0.1")
+    reader = KVReader(eb.kv_pool(), eb.kv_store().state)
+    sp = SamplingParams(max_tokens=NEW, **GREEDY)
+    deltas: list[TokenDelta] = []
+    loop = EngineLoop(ea, deltas.extend, kv_park_timeout=30).start()
+    moved = []
+    try:
+        answer = export.answer(reader.offer())
+        assert [n for n, _ in answer["regions"]][-9:] == ["kv.3"] + [f"state.{i}" for i in range(8)]
+        reader.connect(answer)
+        for i, p in enumerate(prompts):
+            loop.submit(GenerateRequest(f"r{i}", p, {"max_tokens": NEW, **GREEDY}, {"phase": "prefill"}))
+        _wait(lambda: len(deltas) == len(prompts))
+        first = {d.request_id: d for d in deltas}
+        for i, p in enumerate(prompts):
+            d = first[f"r{i}"]
+            header, bufs = loop.read_parked(f"r{i}", 0, with_data=False, state_data=False)
+            assert bufs == [] and header["state_frames"] == 0 and header["state_slot"] >= 0
+            seq, at = eb.add_migrated(p + d.token_ids, len(p), sp, len(p))
+            assert reader.read(header["block_ids"], seq.block_table, header["state_slot"], seq.state_slot,
+                               time.monotonic() + 10) == header["nbytes"] > 0
+            loop.release(f"r{i}")
+            eb.resume_migrated(seq, len(p))
+            moved.append(seq)
+        eb.run_until_done()
+        assert [s.output_ids for s in moved] == want
+        _wait(lambda: not loop.stats()["kv_parked"])
+    finally:
+        loop.stop()
+        reader.close()
+        export.close()
+    st = eb.stats()
+    assert st["kv_blocks_free"] == st["kv_blocks_total"] and st["state_slots_free"] == st["state_slots_total"]
+
+
 def test_pd_through_engine_servers_and_the_router_equals_one_engine(ckpt, prompts, want):
     from nanoforge.serving.engine_server import start_engine_server, stop_engine_server, wait_engine_ready
     from nanoforge.serving.router import Router

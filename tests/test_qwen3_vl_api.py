@@ -127,6 +127,9 @@ def test_images_travel_to_an_engine_server_over_zmq(vl):
 
 @pytest.mark.parametrize("url, status, why", [
     ("https://example.com/cat.png", 400, "not fetched by this server"),
+    ("file:///etc/hostname", 400, "'file:///etc/hostname' is not read by this server (its operator can allow a "
+                                  "directory with --allowed-local-media-path DIR)"),
+    ("cat.png", 400, "'cat.png' is not read by this server"),  # a plain path, without the flag
     ("data:image/png;base64,@@@not base64@@@", 400, "not valid base64"),
     ("data:text/plain;base64,aGVsbG8=", 400, "not an image type"),
     ("data:image/png;base64," + base64.b64encode(b"hello, not a png").decode(), 400, "not a readable image"),

@@ -90,11 +90,9 @@ def merge_patches(x, factor, **_):
 
 def _mrope_axes(half: int, section: list[int], device) -> torch.Tensor:
     """Which position axis (0 t, 1 h, 2 w) each of the half rotary frequencies reads (interleaved)."""
-    j = torch.arange(half, device=device)
-    axis = torch.zeros(half, dtype=torch.long, device=device)
-    axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
-    axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
-    return axis
+    j = torch.arange(half, device=device)  # torch.where, not a masked store: no host sync inside a CUDA graph
+    axis = torch.where((j % 3 == 1) & (j < 3 * section[1]), 1, 0)
+    return torch.where((j % 3 == 2) & (j < 3 * section[2]), 2, axis)
 
 
 def _rotate(x, cos, sin, heads: int, head_dim: int, rotary_dim: int):

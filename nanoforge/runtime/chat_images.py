@@ -13,6 +13,7 @@ import binascii
 import re
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
 
 from .. import defaults
 from ..errors import NanoForgeError
@@ -60,6 +61,68 @@ def decode_data_url(url: str, where: str) -> bytes:
         raise NanoForgeError(f"{where}: the image data is not valid base64 ({e})") from None
     if not data:
         raise NanoForgeError(f"{where}: the image data is empty")
+    return data
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+MEDIA_FLAG = "--allowed-local-media-path"
+
+
+def check_media_dir(path: str | Path | None) -> Path | None:
+    """The operator's --allowed-local-media-path, resolved; None: no local file is read."""
+    if path is None:
+        return None
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise NanoForgeError(f"{MEDIA_FLAG} {str(path)!r}: not a directory")
+    return root.resolve()
+
+
+def image_url_bytes(part: dict, where: str, media_dir: Path | None = None) -> bytes:
+    """An OpenAI server's image_url part: a data: URL; or, only where the operator allowed a directory
+    (check_media_dir), a file:// URL or a plain path (relative ones: to that directory) of a file under it.
+    http(s) URLs are refused: the server fetches nothing from the network."""
+    if part.get("type") != "image_url":
+        raise NanoForgeError(f"{where}: images are sent as image_url parts with a data: URL")
+    url = part_url(part, where) or ""
+    if url[:7].lower() == "file://" or (url and not _SCHEME.match(url)):
+        return _local_file(url, where, media_dir)
+    return decode_data_url(url, where)
+
+
+def _local_file(url: str, where: str, media_dir: Path | None) -> bytes:
+    shown = f"{url[:200]!r}{'...' if len(url) > 200 else ''}"
+    if media_dir is None:
+        raise NanoForgeError(f"{where}: the local file {shown} is not read by this server (its operator can allow "
+                             f"a directory with {MEDIA_FLAG} DIR); send the image inline as a data:image/png;base64,"
+                             "... URL")
+    if url[:7].lower() == "file://":
+        u = urlsplit(url)
+        if u.netloc not in ("", "localhost") or u.query or u.fragment:
+            raise NanoForgeError(f"{where}: {shown} must be a file:///absolute/path URL (no host, query or fragment)")
+        raw = unquote(u.path)
+    else:
+        raw = url
+    if "\0" in raw:
+        raise NanoForgeError(f"{where}: {shown} is not a valid path")
+    path = Path(raw) if Path(raw).is_absolute() else media_dir / raw
+    try:  # symlinks resolved first, so one pointing out of the directory is outside it
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:
+        raise NanoForgeError(f"{where}: {shown} cannot be resolved ({e})") from None
+    if not real.is_relative_to(media_dir):
+        raise NanoForgeError(f"{where}: {shown} is outside {MEDIA_FLAG} {media_dir}")
+    if not real.is_file():
+        raise NanoForgeError(f"{where}: {shown}: no such file under {MEDIA_FLAG} {media_dir}")
+    size = real.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise NanoForgeError(f"{where}: {shown} is too large ({size >> 20} MiB; at most {MAX_IMAGE_BYTES >> 20} MiB)")
+    try:
+        data = real.read_bytes()
+    except OSError as e:
+        raise NanoForgeError(f"{where}: {shown} cannot be read ({e.strerror or e})") from None
+    if not data:
+        raise NanoForgeError(f"{where}: {shown} is empty")
     return data
 
 

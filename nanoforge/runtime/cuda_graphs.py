@@ -81,6 +81,8 @@ class DecodeGraphs:
             return "the batch has prefill tokens" if not batch.drafts or q > 1 else "speculative verify rows"
         if len(batch.items) > self.sizes[-1]:
             return f"{len(batch.items)} sequences exceed the largest graph ({self.sizes[-1]})"
+        if any(seq.mm is not None and seq.num_computed < seq.num_prompt for seq, _ in batch.items):
+            return "an image request's prompt tokens"  # image rows and their (t, h, w) positions: eager
         return None
 
     def run(self, batch: ScheduledBatch, device_tokens: torch.Tensor | None = None
@@ -93,8 +95,11 @@ class DecodeGraphs:
         tokens = None if device_tokens is not None else \
             [t for (seq, _), p in zip(batch.items, pos.tolist()) for t in seq.token_ids[p:p + q]]
         slots = [seq.state_slot for seq, _ in batch.items] if self.state else None
+        # a vision-language plan's generated tokens sit at index + delta on all three rope axes (its
+        # MultimodalPrompt): that is the plain rope position the graph's mrope reads
+        shift = np.fromiter((seq.mm.delta if seq.mm is not None else 0 for seq, _ in batch.items), np.int64, b)
         out = self._replay(pos, tokens, [seq.block_table for seq, _ in batch.items], device_tokens,
-                           state_slots=slots)
+                           state_slots=slots, shift=shift)
         return out if isinstance(out, tuple) else (out, None)
 
     def run_flat(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]],
@@ -112,8 +117,9 @@ class DecodeGraphs:
                             device_tokens, pad_to)
 
     def _replay(self, pos: np.ndarray, tokens: list[int] | None, block_tables: list[list[int]],
-                device_tokens: torch.Tensor | None, pad_to: int = 0,
-                state_slots: list[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+                device_tokens: torch.Tensor | None, pad_to: int = 0, state_slots: list[int] | None = None,
+                shift: np.ndarray | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """`shift`: per sequence, what its rope positions add to its KV positions (0 where None)."""
         b, q = len(pos), self.q
         size = self.sizes[bisect.bisect_left(self.sizes, max(b, pad_to))]
         bs = self.block_size
@@ -127,6 +133,8 @@ class DecodeGraphs:
             host_tokens[:b * q] = tokens
         rows = (pos[:, None] + np.arange(q)[None, :]).reshape(-1)  # each sequence's q positions
         positions[:b * q], lens[:b] = rows, pos + q
+        if shift is not None:
+            positions[:b * q] += np.repeat(shift, q)
         slots[:b * q] = tables[np.repeat(np.arange(b), q), rows // bs].astype(np.int64) * bs + rows % bs
         self.tokens[:size * q].copy_(torch.from_numpy(host_tokens), non_blocking=True)
         if device_tokens is not None:

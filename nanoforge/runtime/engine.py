@@ -226,6 +226,8 @@ class Engine:
                 "steps": self.metrics.steps, "preemptions": self.scheduler.num_preemptions,
                 **({} if (rows := getattr(self.blocks, "state", None)) is None else  # recurrent layers' state rows
                    {"state_slots_total": rows.num_slots, "state_slots_free": rows.num_free}),
+                **({} if (vision := getattr(self.runner, "vision", None)) is None else  # images run through the tower
+                   {"images_encoded": vision.encoded}),
                 **({} if self.spec is None else self.spec.stats.counters())}
 
     def metrics_summary(self) -> dict:
@@ -257,10 +259,11 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, images: list | None = None,
                     fit_max_tokens: bool = False) -> Sequence:
-        """`images` (PIL images, paths, bytes or vision_inputs.ImageInput), one per image placeholder token
-        of the prompt, in order; such a request runs without prefix caching. `fit_max_tokens`: lower
-        max_tokens to what max_model_len leaves once the placeholders are expanded (the OpenAI server's
-        default max_tokens, which counts the prompt before expansion)."""
+        """`images` (PIL images, paths, bytes, vision_inputs.ImageInput, or an encode engine's embedding maps:
+        image_embeds.py), one per image placeholder token of the prompt, in order; such a request runs
+        without prefix caching. `fit_max_tokens`: lower max_tokens to what max_model_len leaves once the
+        placeholders are expanded (the OpenAI server's default max_tokens, which counts the prompt before
+        expansion)."""
         mm = None
         if images:
             prompt_ids, mm = self._with_images(list(prompt_ids), images)
@@ -282,6 +285,11 @@ class Engine:
         if self.vision_spec is None:
             raise NanoForgeError("this model takes no images (its plan has no vision encoder)")
         check_image_count(len(images))
+        if any(isinstance(im, dict) for im in images):  # an encode engine's embeddings (EPD): no tower runs here
+            from .image_embeds import image_from_wire
+
+            images = [image_from_wire(im, self.vision_spec, self.runner.vision, f"image_embeds[{i}]")
+                      for i, im in enumerate(images)]
         inputs = [im if isinstance(im, ImageInput) else preprocess(im, self.vision_spec, f"image {i}")
                   for i, im in enumerate(images)]
         return MultimodalPrompt.build(prompt_ids, inputs, self.vision_spec)
@@ -511,13 +519,22 @@ class Engine:
         self.seqs.pop(seq.seq_id, None)
         self.blocks.release(seq)
 
-    def add_migrated(self, token_ids: list[int], num_prompt: int, params: SamplingParams,
-                     num_kv: int) -> tuple[Sequence, int | None]:
+    def add_migrated(self, token_ids: list[int], num_prompt: int, params: SamplingParams, num_kv: int, *,
+                     images: list | None = None, fit_max_tokens: bool = False) -> tuple[Sequence, int | None]:
         """A request prefilled on another engine: token_ids = prompt + the tokens it sampled there,
         the first num_kv of which have KV over there. Blocks for them are allocated here (prefix
         cache hits first) but the sequence is not scheduled until resume_migrated. Returns it and
         the first block to pull (earlier ones were cached here); when the pool cannot hold the KV
-        now, the sequence is queued to recompute instead and the block is None."""
+        now, the sequence is queued to recompute instead and the block is None. With `images` (as
+        add_request takes them) the prompt's placeholders are expanded here as there (num_prompt and
+        num_kv count the prompt before and after expansion): its rope positions come from them, and a
+        recompute (a failed pull, a preemption) runs them through the encoder, or uses their embeddings."""
+        mm = None
+        if images and 0 < num_prompt < len(token_ids):
+            expanded, mm = self._with_images(list(token_ids[:num_prompt]), images)
+            token_ids, num_prompt = expanded + list(token_ids[num_prompt:]), len(expanded)
+            if fit_max_tokens and num_prompt < self.max_model_len:
+                params = replace(params, max_tokens=min(params.max_tokens, self.max_model_len - num_prompt))
         if not 0 < num_prompt < len(token_ids) or not 0 < num_kv < len(token_ids):
             raise NanoForgeError(f"migrated request: num_prompt ({num_prompt}) and num_tokens ({num_kv}) must be "
                                  f"in [1, {len(token_ids) - 1}] for {len(token_ids)} tokens")
@@ -527,6 +544,7 @@ class Engine:
             raise NanoForgeError(f"migrated request: output ids must be in [0, {self.vocab_size}) and "
                                  f"{len(token_ids)} tokens below max_model_len {self.max_model_len}")
         seq = self._new_sequence(list(token_ids), params, num_prompt)
+        seq.mm = mm  # before match_prefix: a sequence with images shares no cached blocks
         if params.logprobs is not None:  # the source engine sent those tokens' logprobs
             seq.logprobs = [{"token": 0.0, "top": []} for _ in out]
         if hasattr(self.scheduler, "place"):  # attention-DP: the replica that will own its KV

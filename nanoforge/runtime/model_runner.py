@@ -203,8 +203,6 @@ class ModelRunner:
     def _graph_plan_reason(self, plan: Plan, enforce_eager: bool) -> str | None:
         if self.device.type != "cuda":
             return "not on a CUDA device"
-        if self.vision is not None:
-            return "a vision-language plan: the graphs do not capture the multimodal rope positions"
         if enforce_eager:
             return "enforce_eager is set"
         info = plan.cuda_graphs

@@ -59,12 +59,14 @@ class VisionSpec:
 @dataclass(frozen=True, eq=False)
 class ImageInput:
     """One preprocessed image: pixels f32[P, C*t*p*p] (P = t*h*w patches, merge-block order), its grid,
-    the hash its embeddings are cached under, and how many placeholder tokens it takes."""
+    the hash its embeddings are cached under, and how many placeholder tokens it takes. An image an encode
+    engine ran (EPD, image_embeds.py) has no pixels but its `embeds`: the encoder's outputs, used as they are."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     grid: tuple[int, int, int]
     hash: str
     num_tokens: int
+    embeds: tuple[torch.Tensor, ...] | None = None
 
 
 def open_image(image: Any, where: str = "image"):

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..codegen.pysource import compile_function
+from ..codegen.pysource import compile_function, prepare_params
+from ..ir.graph import Module
+from ..models.weights import load_params
 from .vision_inputs import ImageInput, VisionSpec, expand_placeholders, image_spans, mrope_positions
 
 
@@ -61,14 +63,29 @@ class VisionEncoder:
     capacity: int = defaults.IMAGE_CACHE_ENTRIES
     cache: OrderedDict = field(default_factory=OrderedDict)
     encoded: int = 0  # images run through the encoder (cache misses)
+    widths: list[int] = field(default_factory=list)  # of each output: what embeddings made elsewhere must match
 
     @classmethod
     def of(cls, module, params: dict[str, torch.Tensor], device: torch.device) -> "VisionEncoder":
         dtype = next(p for p in params.values() if p.is_floating_point()).dtype
-        return cls(compile_function(module, "encode"), params, device, dtype)
+        widths = [int(v.type.shape[1]) for v in module.functions["encode"].outputs]
+        return cls(compile_function(module, "encode"), params, device, dtype, widths=widths)
+
+    @classmethod
+    def load(cls, module, ckpt, device: torch.device, progress: bool = False) -> "VisionEncoder":
+        """The encoder alone (an encode engine): only the params `encode` reads are loaded, no KV pool."""
+        fn = module.functions["encode"]
+        used = {name for node in fn.nodes for name in node.params.values()}
+        sub = Module(dict(module.meta), {k: p for k, p in module.params.items() if k in used}, {"encode": fn})
+        params = load_params(sub, ckpt, device, progress=progress)
+        prepare_params([fn], params)
+        return cls.of(sub, params, device)
 
     def embeddings(self, image: ImageInput) -> tuple[torch.Tensor, ...]:
-        """(merged embeddings [num_tokens, hidden], deepstack features...) of one image."""
+        """(merged embeddings [num_tokens, hidden], deepstack features...) of one image; an image that
+        comes with its embeddings (an encode engine ran it) is never run through the tower here."""
+        if image.embeds is not None:
+            return image.embeds
         hit = self.cache.get(image.hash)
         if hit is not None:
             self.cache.move_to_end(image.hash)

@@ -10,17 +10,23 @@ from typing import Any
 from .. import defaults
 from ..errors import NanoForgeError
 
-KV_TRANSPORTS = ("auto", "tcp", "ipc")
+KV_TRANSPORTS = ("auto", "tcp", "ipc", "dlslime")
 
 
 def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
+    p.add_argument("--role", choices=["both", "prefill", "decode", "encode"], default="both",
                    help="prefill: keep each PD request's KV after its first token for a decode engine to pull; "
-                        "decode: pull it; both: whole requests")
+                        "decode: pull it; both: whole requests; encode: a vision-language model's vision tower "
+                        "only, turning a router's images into embeddings for the prefill engines (EPD)")
     p.add_argument("--kv-park-timeout", type=float, default=30.0,
                    help="seconds a prefilled request's KV waits to be pulled before it is freed (default %(default)s)")
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
-                   help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto")
+                   help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto, or "
+                        "dlslime (RDMA reads where the host has a NIC, dlslime's TCP mode otherwise; give it to the "
+                        "prefill engine too, which then registers its KV pool for decode engines to read)")
+    p.add_argument("--kv-pull-timeout", type=float, default=5.0,
+                   help="seconds a decode engine waits for a request's KV (plus its bytes at 0.5 GB/s) before it "
+                        "recomputes the prompt itself (default %(default)s)")
     p.add_argument("--registry", help="redis://host:port[/db]: heartbeat this engine's record there for routers")
     p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
     p.add_argument("--registry-scope", metavar="NAME", help="with --registry: register in this scope; only routers "

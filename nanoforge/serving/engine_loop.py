@@ -80,9 +80,11 @@ class EngineLoop:
         """The migration worker's report: {request_id, ok, num_tokens, bytes, seconds, error, ...}."""
         self.inbox.put(("migrated", result))
 
-    def read_parked(self, request_id: str, first_block: int, with_data: bool = True) -> tuple[dict, list]:
+    def read_parked(self, request_id: str, first_block: int, with_data: bool = True,
+                    state_data: bool = True) -> tuple[dict, list]:
         """(header, buffers) answering a kv_pull, from the I/O thread: the parked request's blocks
-        from first_block on, copied to host bytes unless the puller maps our pool itself (IPC).
+        from first_block on, copied to host bytes unless the puller maps our pool itself (IPC) or
+        reads it (dlslime, which reads the state row too: state_data False, the header names it).
         Holding parked_lock keeps the engine thread from freeing (and reusing) them meanwhile."""
         with self.parked_lock:
             p = self.parked.get(request_id)
@@ -100,13 +102,17 @@ class EngineLoop:
                 bufs = []
                 if p.ready is not None:
                     p.ready.synchronize()
-            state_bufs = gather_state(store.state, p.seq.state_slot, p.ready)  # bytes whatever the transport
+            state_bufs = gather_state(store.state, p.seq.state_slot, p.ready) if state_data else []
             state = generator_state(p.seq.generator)
-        nbytes = sum(b.nbytes for b in bufs) + sum(b.nbytes for b in state_bufs)
+            slot = p.seq.state_slot if store.state else -1
+        nbytes = sum(b.nbytes for b in bufs) if with_data else \
+            len(ids) * store.contract.bytes_per_token() * store.contract.block_size  # what the puller copies or reads
+        nbytes += sum(b.nbytes for b in state_bufs) if state_data else store.contract.bytes_per_sequence() * (slot >= 0)
         self.counters["kv_served_bytes"] += nbytes
+        extra = {} if state_data else {"state_slot": slot}
         return {"num_tokens": p.num_tokens, "block_size": self.engine.block_size, "first_block": first_block,
                 "block_ids": ids, "nbytes": nbytes, "generator_state": state,
-                "state_frames": len(state_bufs)}, bufs + state_bufs
+                "state_frames": len(state_bufs), **extra}, bufs + state_bufs
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "uptime_s": time.time() - self.started_at, "kv_parked": len(self.parked),
@@ -151,12 +157,10 @@ class EngineLoop:
         rid, pd = req.request_id, req.pd or {}
         if rid in self.live or rid in self.parked or rid in self.migrating:
             return self._reject(req, f"request id {rid!r} is already running")
-        if req.images and pd:  # a decode engine would need the prompt's multimodal positions too
-            return self._reject(req, "image requests are not served with prefill/decode disaggregation yet")
         try:
             if pd.get("phase") == "decode":
                 return self._add_migrated(req, pd)
-            seq = self.engine.add_request(list(req.prompt_ids), req.sampling_params(), images=req.images,
+            seq = self.engine.add_request(list(req.prompt_ids), req.sampling_params(), images=req.media,
                                           fit_max_tokens=req.fit_max_tokens)
         except (NanoForgeError, TypeError, ValueError) as e:
             return self._reject(req, str(e))
@@ -168,7 +172,8 @@ class EngineLoop:
 
     def _add_migrated(self, req: GenerateRequest, pd: dict[str, Any]) -> None:
         rid, n_kv = req.request_id, pd["num_tokens"]
-        seq, first = self.engine.add_migrated(list(req.prompt_ids), pd["num_prompt"], req.sampling_params(), n_kv)
+        seq, first = self.engine.add_migrated(list(req.prompt_ids), pd["num_prompt"], req.sampling_params(), n_kv,
+                                              images=req.media, fit_max_tokens=req.fit_max_tokens)
         self.live[rid], self.sent[rid] = seq, seq.num_output  # the prefill engine sent those tokens
         job = {"request_id": rid, "source": pd["source"], "source_request_id": pd["source_request_id"],
                "num_tokens": n_kv}

@@ -2,13 +2,17 @@
 msgpack maps only (never pickle, so a peer can't make it run code). Front ends connect DEALER
 sockets (ZmqEngineClient); each message is one frame, a map with a "type" key:
 
-  in:  hello {protocol_version?, kv_ipc?}  generate {request_id, prompt_ids, params, pd?, images?, fit_max_tokens?}
+  in:  hello {protocol_version?, kv_ipc?}
+       generate {request_id, prompt_ids, params, pd?, images? | image_embeds?, fit_max_tokens?}
        abort {request_id}  stats | health  shutdown  kv_pull {request_id, first_block, mode}  kv_ack {request_id}
   out: hello {protocol_version, model_name, max_model_len, kv_contract, pid, instance, role, host, ...}
        deltas {items: [TokenDelta.to_wire(), ...]}   stats | health {EngineLoop.stats(), model info}
        shutdown {ok}   error {error, request_id?}   kv_released {request_id}
        kv_data {num_tokens, block_ids, nbytes, ...} + one raw frame per KV pool tensor (the one
-       multipart reply: the blocks' bytes, host-staged; none for mode "ipc")
+       multipart reply: the blocks' bytes, host-staged; none for mode "ipc" or "dlslime")
+  dlslime (--kv-transport dlslime): a decode engine's hello carries kv_dlslime {kind, id, endpoint?}; the
+       reply's kv_dlslime says where it reads this pool's registered regions (or {error}), and a
+       kv_pull of mode "dlslime" names the blocks and the state row ("state_slot") it then reads
 Requests that expect a reply may carry an "id"; the reply echoes it. ZMQ sockets are not thread-safe,
 so only the I/O loop (the main thread) touches the ROUTER: the engine thread hands its deltas over
 through a queue and wakes the loop through an inproc PAIR socket of its own. PD: see engine_loop.py
@@ -34,6 +38,7 @@ import zmq
 
 from ..errors import NanoForgeError
 from ..kv_contract import KVContract
+from ..runtime.kv_dlslime import KVExport, check_usable
 from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
@@ -65,11 +70,15 @@ def parse_generate(msg: dict[str, Any]) -> GenerateRequest:
             raise Malformed(f"generate param {k} has the wrong type ({type(v).__name__})")
     if not all(type(t) is int for t in params.get("stop_token_ids", [])):
         raise Malformed("generate param stop_token_ids must be a list of ints")
-    images = msg.get("images")
+    images, embeds = msg.get("images"), msg.get("image_embeds")
     if images is not None and not (isinstance(images, list) and all(isinstance(b, bytes) for b in images)):
         raise Malformed("generate images must be a list of binary strings (encoded images)")
+    if embeds is not None and not (isinstance(embeds, list) and all(isinstance(e, dict) for e in embeds)):
+        raise Malformed("generate image_embeds must be a list of maps (an encode engine's answer)")
+    if images and embeds:
+        raise Malformed("generate takes images or image_embeds, not both")
     return GenerateRequest(rid, prompt, params, parse_pd(msg.get("pd")), images or None,
-                           msg.get("fit_max_tokens") is True)
+                           msg.get("fit_max_tokens") is True, embeds or None)
 
 
 def parse_pd(pd: Any) -> dict[str, Any] | None:
@@ -87,7 +96,8 @@ def parse_pd(pd: Any) -> dict[str, Any] | None:
 class EngineServer:
     def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: KVContract, role: str = "both",
                  info: dict[str, Any] | None = None, *, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
-                 registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None):
+                 registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None,
+                 kv_pull_timeout: float = 5.0):
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
         if role != "both" and kv_contract.state and pool_device(engine.kv_pool()).type != "cpu":
@@ -96,8 +106,11 @@ class EngineServer:
         if kv_transport not in TRANSPORTS or (kv_transport == "ipc" and pool_device(engine.kv_pool()).type != "cuda"):
             raise NanoForgeError(f"--kv-transport {kv_transport!r}: choose one of {', '.join(TRANSPORTS)} (ipc needs "
                                  "a KV pool on CUDA)")
-        if kv_park_timeout <= 0:
-            raise NanoForgeError(f"--kv-park-timeout must be > 0 seconds; got {kv_park_timeout}")
+        if kv_park_timeout <= 0 or kv_pull_timeout <= 0:
+            raise NanoForgeError(f"--kv-park-timeout and --kv-pull-timeout must be > 0 seconds; got {kv_park_timeout} "
+                                 f"and {kv_pull_timeout}")
+        if kv_transport == "dlslime":  # dlslime imports and can move this pool (CUDA needs an RDMA NIC)
+            check_usable(engine.kv_pool())
         self.addr, self.stopping = addr, False
         self.kv_contract = kv_contract
         self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract.to_json(),
@@ -105,6 +118,7 @@ class EngineServer:
                      "protocol_version": PROTOCOL_VERSION, **(info or {})}
         self.publisher = self._publisher(registry, advertise_addr or addr, registry_scope) if registry else None
         self.kv_transport, self.migrator, self.ipc = kv_transport, None, None
+        self.kv_pull_timeout, self.dlslime = kv_pull_timeout, None  # dlslime: KVExport, at the first offer
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a delta frame for a slow front end
@@ -138,7 +152,7 @@ class EngineServer:
             eng = self.loop.engine
             store = eng.kv_store()
             self.migrator = MigrationWorker(eng.kv_pool(), store.contract, self.loop.migrated, self.kv_transport,
-                                            store=store)
+                                            self.kv_pull_timeout, store=store)
         self.migrator.submit(job)
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:  # engine thread
@@ -226,6 +240,8 @@ class EngineServer:
                 if v != PROTOCOL_VERSION:
                     raise Malformed(f"protocol version {v!r} is not supported (this engine speaks {PROTOCOL_VERSION})")
                 extra = {"kv_ipc": self._ipc()} if msg.get("kv_ipc") else {}
+                if msg.get("kv_dlslime") is not None:
+                    extra["kv_dlslime"] = self._dlslime(msg["kv_dlslime"])
                 self._reply(ident, {**self.info, **extra, "type": "hello", "id": msg.get("id")})
             elif kind == "kv_pull":
                 self._kv_pull(ident, msg)
@@ -249,9 +265,10 @@ class EngineServer:
 
     def _kv_pull(self, ident: bytes, msg: dict[str, Any]) -> None:
         rid, first, mode = msg.get("request_id"), msg.get("first_block", 0), msg.get("mode", "tcp")
-        if not isinstance(rid, str) or type(first) is not int or first < 0 or mode not in ("tcp", "ipc"):
-            raise Malformed("kv_pull needs request_id: a string, first_block: an int >= 0, mode: 'tcp' or 'ipc'")
-        header, bufs = self.loop.read_parked(rid, first, with_data=mode == "tcp")
+        if not isinstance(rid, str) or type(first) is not int or first < 0 or mode not in ("tcp", "ipc", "dlslime"):
+            raise Malformed("kv_pull needs request_id: a string, first_block: an int >= 0, mode: 'tcp', 'ipc' or "
+                            "'dlslime'")
+        header, bufs = self.loop.read_parked(rid, first, with_data=mode == "tcp", state_data=mode != "dlslime")
         header.update(type="kv_data", id=msg.get("id"), request_id=rid)
         self.sock.send_multipart([ident, pack(header), *bufs], copy=False)
 
@@ -265,6 +282,21 @@ class EngineServer:
                 log.warning("cannot export the KV pool for CUDA IPC: %s", e)
         return self.ipc
 
+    def _dlslime(self, offer: Any) -> dict[str, Any]:
+        """Where a decode engine reads this pool over dlslime (registered at the first offer), or
+        {error}. Only with --kv-transport dlslime: dlslime's TCP endpoint serves raw memory."""
+        if self.kv_transport != "dlslime":
+            return {"error": f"the prefill engine at {self.addr} does not export its KV pool over dlslime (start it "
+                             "with --kv-transport dlslime too)"}
+        try:
+            if self.dlslime is None:
+                eng = self.loop.engine
+                self.dlslime = KVExport(eng.kv_pool(), eng.kv_store().state, dlslime_host(self.addr))
+            return self.dlslime.answer(offer)
+        except Exception as e:  # the decode engine fails the requests with it
+            log.warning("dlslime offer refused: %s", e)
+            return {"error": f"prefill engine at {self.addr}: {e}"}
+
     def _close(self) -> None:
         """Stop the engine, flush what it produced, fail what is still running, close the sockets."""
         if self.publisher is not None:  # routers drop this engine now rather than at the TTL
@@ -272,6 +304,8 @@ class EngineServer:
         self.loop.stop()
         if self.migrator is not None:  # after the engine thread, its only caller
             self.migrator.stop()
+        if self.dlslime is not None:
+            self.dlslime.close()
         self._send_deltas()
         for rid, ident in list(self.routes.items()):
             d = TokenDelta(rid, finish_reason="error", error=f"engine at {self.addr} is shutting down")
@@ -290,41 +324,60 @@ class EngineServer:
 def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: str = "both",
                  device: str | None = None, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
                  registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None,
-                 **engine_opts: Any) -> None:
+                 kv_pull_timeout: float = 5.0, **engine_opts: Any) -> None:
     """Load `model` (plan dir, checkpoint, or a Checkpoint object such as a preset's random
     weights) and serve it at `addr` until shutdown; engine_opts are LLM keyword arguments
     (EngineConfig fields, dtype, block_size). With `registry` (a Redis URL) the engine heartbeats
-    its record there, in `registry_scope`, under `advertise_addr` (default: addr)."""
-    import hashlib
-    import json
-
+    its record there, in `registry_scope`, under `advertise_addr` (default: addr). Role "encode": the
+    vision tower alone (encode_server.py)."""
     from ..llm import LLM
+    from .encode_server import model_fingerprint, serve_encoder
 
     if registry_scope is not None:  # before minutes of loading (registry.py needs redis: only then)
         from .registry import check_scope
 
         if check_scope(registry_scope) is not None and not registry:
             raise NanoForgeError("--registry-scope needs --registry redis://HOST:PORT")
+    if kv_transport == "dlslime":  # a missing wheel fails now, not after loading the model
+        from ..runtime.kv_dlslime import load
+
+        load()
+    if role == "encode":
+        return serve_encoder(model, addr, model_name=model_name, device=device, registry=registry,
+                             advertise_addr=advertise_addr, registry_scope=registry_scope, **engine_opts)
     llm = LLM(model, device=device, progress=False, **engine_opts)
-    fingerprint = json.dumps(llm.plan.checkpoint.fingerprint, sort_keys=True).encode()
     info = {"checkpoint_path": str(llm.checkpoint.path), "checkpoint_kind": getattr(llm.checkpoint, "kind", ""),
             "max_num_seqs": llm.engine.cfg.max_num_seqs,
             "block_size": llm.engine.block_size,
-            "model_fingerprint": hashlib.blake2b(fingerprint, digest_size=8).hexdigest()}
+            "model_fingerprint": model_fingerprint(llm.plan)}
     name = model_name or Path(model if isinstance(model, (str, Path)) else llm.checkpoint.path).name
     store = llm.engine.kv_store()  # PD pairs engines by the one-rank contract, whatever their layouts
-    if kv_transport == "ipc" and store.sharded:
+    if kv_transport in ("ipc", "dlslime") and store.sharded:
         llm.close()
-        raise NanoForgeError(f"--kv-transport ipc: the KV of this engine is split over its ranks ({store.layout}); "
-                             "use tcp (or auto)")
+        raise NanoForgeError(f"--kv-transport {kv_transport}: the KV of this engine is split over its ranks "
+                             f"({store.layout}); use tcp (or auto)")
     info["kv_layout"] = store.layout
     server = EngineServer(llm.engine, addr, name, store.contract, role, info, kv_park_timeout=kv_park_timeout,
                           kv_transport=kv_transport, registry=registry, advertise_addr=advertise_addr,
-                          registry_scope=registry_scope)
+                          registry_scope=registry_scope, kv_pull_timeout=kv_pull_timeout)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, server.request_stop)
         signal.signal(signal.SIGINT, server.request_stop)
     server.serve()
+
+
+def dlslime_host(addr: str) -> str:
+    """The IP dlslime's TCP endpoint binds beside the engine's ZMQ address: the same host (so an
+    engine bound to 127.0.0.1 keeps its raw-memory port on loopback too)."""
+    if addr.startswith("tcp://"):
+        host = addr[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host in ("*", "0.0.0.0", "::"):
+            return "0.0.0.0"
+        try:
+            return socket.gethostbyname(host)
+        except OSError as e:
+            raise NanoForgeError(f"--kv-transport dlslime: cannot resolve the host of {addr}: {e}") from None
+    return "127.0.0.1"  # ipc:// and inproc:// engines: local peers only
 
 
 def free_tcp_addr(host: str = "127.0.0.1") -> str:
@@ -422,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         device = opts.pop("device", None)
         serve_engine(model, a.addr, model_name=a.model_name or name, role=a.role, device=device,
                      kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport, registry=a.registry,
-                     advertise_addr=a.advertise_addr, registry_scope=a.registry_scope, **opts)
+                     advertise_addr=a.advertise_addr, registry_scope=a.registry_scope,
+                     kv_pull_timeout=a.kv_pull_timeout, **opts)
     except NanoForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,8 +11,11 @@ Before the first pull from a source the worker says hello and compares KV contra
 fails the request with the difference ("fatal": recomputing would hide a misconfiguration). Any
 other failure (source gone, no reply within `timeout`, an error reply) is reported as not ok and
 the engine recomputes the prompt itself. Transports differ only in how kv_data lands in the pool:
-host-staged bytes (tcp), or a device copy from the source pool mapped by CUDA IPC (ipc, same
-host); an RDMA transport would register pools at hello the same way. Sharded engines on either
+host-staged bytes (tcp), a device copy from the source pool mapped by CUDA IPC (ipc, same host), or
+reads of the source pool's dlslime regions (dlslime: RDMA, or dlslime's TCP mode; the offer and
+the answer ride in the hello, runtime/kv_dlslime.py). A dlslime read that fails or passes the
+deadline breaks its reader: that request is recomputed and the next one says hello anew (on a new
+socket; the old one stays until its pulls in flight are answered). Sharded engines on either
 side move KV in the one-rank layout (runtime/kv_shards.py), so prefill and decode layouts differ
 freely (tcp only); contracts are compared in that layout and a mismatch names both layouts.
 Hybrid models' per-sequence state row travels as bytes in the same kv_data message, written into
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import socket
 import threading
@@ -32,6 +36,7 @@ import zmq
 
 from ..errors import NanoForgeError
 from ..kv_contract import KVContract
+from ..runtime.kv_dlslime import KVReader, load as load_dlslime
 from ..runtime.kv_transfer import (KVStore, Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks,
                                      scatter_state)
 from .engine_flags import KV_TRANSPORTS as TRANSPORTS
@@ -43,10 +48,12 @@ SLOWEST_BYTES_PER_S = 5e8  # a pull may take timeout + its bytes at this rate be
 
 class KVTransport(Protocol):
     """How pulled KV reaches this engine's pool; the pull protocol is the same for every one
-    (HostStaged, CudaIpc; an RDMA transport would be one more class of this shape)."""
+    (HostStaged, CudaIpc, DlslimeReads). `deadline` (time.monotonic()) bounds a transport that
+    waits on the network; `state_slot` is this engine's state row for a transport that reads it."""
     mode: str
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0) -> int: ...
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0, *,
+                deadline: float = math.inf, state_slot: int = -1) -> int: ...
 
 
 class HostStaged:
@@ -57,7 +64,8 @@ class HostStaged:
     def __init__(self, pool: Pool, store: KVStore | None = None):
         self.pool, self.store = pool, store
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0) -> int:
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0, *,
+                deadline: float = math.inf, state_slot: int = -1) -> int:
         if self.store is not None:
             return self.store.write(replica, dst_ids, frames)
         return scatter_blocks(self.pool, dst_ids, frames)
@@ -71,8 +79,30 @@ class CudaIpc:
     def __init__(self, pool: Pool, src: Pool):
         self.pool, self.src = pool, src
 
-    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0) -> int:
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0, *,
+                deadline: float = math.inf, state_slot: int = -1) -> int:
         return copy_blocks(self.src, header["block_ids"], self.pool, dst_ids)
+
+
+class DlslimeReads:
+    """dlslime: kv_data names the source blocks and state row, and the reader pulls them out of
+    the prefill pool's registered regions into this pool (one batch of reads per request), by the
+    job's deadline; `broken` once a read failed or stalled (its endpoint is shut down)."""
+    mode = "dlslime"
+
+    def __init__(self, reader: KVReader):
+        self.reader = reader
+
+    @property
+    def broken(self) -> bool:
+        return self.reader.broken is not None
+
+    def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0, *,
+                deadline: float = math.inf, state_slot: int = -1) -> int:
+        src_slot = header.get("state_slot", -1)
+        if not isinstance(header.get("block_ids"), list) or type(src_slot) is not int:
+            raise NanoForgeError("kv_data for a dlslime pull needs block_ids: a list and state_slot: an int")
+        return self.reader.read(header["block_ids"], dst_ids, src_slot, state_slot, deadline)
 
 
 def choose_transport(kind: str, pool: Pool, hello: dict[str, Any], addr: str,
@@ -106,6 +136,7 @@ class _Peer:
     hello_id: int
     transport: KVTransport | None = None  # set by the hello reply
     error: str | None = None  # fatal for every request from this source
+    reader: KVReader | None = None  # dlslime: made before the hello, which carries its offer
     waiting: list[dict[str, Any]] = field(default_factory=list)  # jobs that arrived before the hello reply
 
 
@@ -125,6 +156,11 @@ class MigrationWorker:
                                  "use tcp")
         if transport == "ipc" and pool_device(pool).type != "cuda":
             raise NanoForgeError("--kv-transport ipc needs the engine's KV pool on a CUDA device")
+        if transport == "dlslime":
+            if store is not None and store.sharded:
+                raise NanoForgeError(f"--kv-transport dlslime: this engine's KV is split over its ranks "
+                                     f"({store.layout}); use tcp")
+            load_dlslime()
         self.pool, self.contract, self.report, self.store = pool, kv_contract, report, store
         self.state = store.state if store is not None else []  # a migrated sequence's state row lands here
         self.layout = store.layout if store is not None else "one rank"
@@ -160,6 +196,9 @@ class MigrationWorker:
             self.wake_tx.send(b"", zmq.NOBLOCK)
         self.thread.join(timeout=5)
         if not self.thread.is_alive():
+            for peer in self.peers.values():
+                if peer.reader is not None:
+                    peer.reader.close()
             self.ctx.destroy(linger=0)
 
     # -- the worker thread ----------------------------------------------------------------------
@@ -195,19 +234,38 @@ class MigrationWorker:
             except zmq.ZMQError as e:
                 peer.error = f"bad prefill engine address {addr!r}: {e}"
             else:
-                want_ipc = self.kind != "tcp" and pool_device(self.pool).type == "cuda" and \
+                want_ipc = self.kind in ("auto", "ipc") and pool_device(self.pool).type == "cuda" and \
                     not (self.store is not None and self.store.sharded)
-                sock.send(pack({"type": "hello", "protocol_version": PROTOCOL_VERSION, "id": peer.hello_id,
-                                "kv_ipc": want_ipc}))
+                hello = {"type": "hello", "protocol_version": PROTOCOL_VERSION, "id": peer.hello_id, "kv_ipc": want_ipc}
+                try:
+                    if self.kind == "dlslime":  # our end first: an RDMA offer carries its queue pair
+                        peer.reader = KVReader(self.pool, self.state)
+                        hello["kv_dlslime"] = peer.reader.offer()
+                except Exception as e:
+                    peer.error = f"--kv-transport dlslime: cannot open a dlslime endpoint: {e}"
+                else:
+                    sock.send(pack(hello))
             self.poller.register(sock, zmq.POLLIN)
             self.peers[addr] = peer
         return peer
 
     def _drop(self, peer: _Peer) -> None:
         """Forget a source that stopped answering or was refused; a later request reconnects."""
-        self.peers.pop(peer.addr, None)
+        if self.peers.get(peer.addr) is peer:
+            del self.peers[peer.addr]
         self.poller.unregister(peer.sock)
         peer.sock.close(linger=0)
+        if peer.reader is not None:
+            peer.reader.close()
+
+    def _retire(self, peer: _Peer) -> None:
+        """A source whose transport broke: later requests say hello anew on a socket of their own;
+        this one closes once its pulls in flight are answered or expired (their acks sent)."""
+        if self.peers.get(peer.addr) is peer:
+            del self.peers[peer.addr]
+        if not any(p is peer for p, _ in self.inflight.values()) and not peer.sock.closed:
+            self.poller.unregister(peer.sock)
+            peer.sock.close(linger=1000)  # the kv_acks just sent still go out
 
     def _start(self, job: dict[str, Any]) -> None:
         peer = self._peer(job["source"])
@@ -249,14 +307,20 @@ class MigrationWorker:
                                      f"{len(job['block_ids'])})")
             kv, state = self._split(msg, [f.buffer for f in frames[1:]])
             transport: KVTransport = peer.transport  # type: ignore[assignment]
-            nbytes = transport.receive(msg, kv, job["block_ids"], job.get("replica", 0))
-            nbytes += scatter_state(self.state, job.get("state_slot", -1), state)
+            nbytes = transport.receive(msg, kv, job["block_ids"], job.get("replica", 0), deadline=job["deadline"],
+                                       state_slot=job.get("state_slot", -1))
+            if "state_slot" not in msg:  # the row came as bytes (tcp, ipc); dlslime read it with the blocks
+                nbytes += scatter_state(self.state, job.get("state_slot", -1), state)
         except Exception as e:
             self._done(job, error=f"KV from {peer.addr}: {e}")
             peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
+            if getattr(peer.transport, "broken", False):
+                self._retire(peer)
             return
         peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))
         self._done(job, nbytes=nbytes, generator_state=msg.get("generator_state"))
+        if self.peers.get(peer.addr) is not peer:  # retired: close once idle
+            self._retire(peer)
 
     def _split(self, msg: dict[str, Any], bufs: list[Any]) -> tuple[list[Any], list[Any]]:
         """kv_data's frames: the KV blocks', then `state_frames` of the sequence's state row."""
@@ -275,7 +339,8 @@ class MigrationWorker:
                 raise NanoForgeError(f"prefill engine at {peer.addr} ({msg.get('kv_layout', 'one rank')}) has an "
                                      f"incompatible KV cache layout with this engine ({self.layout}), which cannot "
                                      "be re-split: " + "; ".join(diff))
-            peer.transport = choose_transport(self.kind, self.pool, msg, peer.addr, self.store)
+            peer.transport = self._dlslime(peer, msg) if self.kind == "dlslime" else \
+                choose_transport(self.kind, self.pool, msg, peer.addr, self.store)
             log.info("KV migration from %s: %s transport", peer.addr, peer.transport.mode)
         except NanoForgeError as e:
             peer.error = str(e)
@@ -289,16 +354,31 @@ class MigrationWorker:
         if peer.error is not None:  # jobs already queued fail with it; a later one asks again
             self._drop(peer)
 
+    def _dlslime(self, peer: _Peer, hello: dict[str, Any]) -> KVTransport:
+        """Connect the peer's reader to the prefill engine's answer (its regions, where to read)."""
+        answer = hello.get("kv_dlslime")
+        if answer is None or peer.reader is None:
+            raise NanoForgeError(f"--kv-transport dlslime: the prefill engine at {peer.addr} does not offer its KV "
+                                 "pool over dlslime (an older engine?)")
+        if isinstance(answer, dict) and answer.get("error"):
+            raise NanoForgeError(f"--kv-transport dlslime: {answer['error']}")
+        host = peer.addr[len("tcp://"):].rsplit(":", 1)[0].strip("[]") if peer.addr.startswith("tcp://") else None
+        try:
+            peer.reader.connect(answer, host)
+        except Exception as e:  # dlslime's own errors too: the requests from this source fail with it
+            raise NanoForgeError(f"--kv-transport dlslime with the prefill engine at {peer.addr}: {e}") from None
+        return DlslimeReads(peer.reader)
+
     def _expire(self) -> None:
         now = time.monotonic()
         late = [mid for mid, (_, job) in self.inflight.items() if now > job["deadline"]]
-        dead: dict[str, _Peer] = {}
+        dead: dict[int, _Peer] = {}
         for mid in late:
             peer, job = self.inflight.pop(mid)
             self._done(job, error=f"no KV from the prefill engine at {peer.addr} within "
                                   f"{job['deadline'] - job['t0']:.1f}s")
             peer.sock.send(pack({"type": "kv_ack", "request_id": job["source_request_id"]}))  # if it comes back
-            dead[peer.addr] = peer
+            dead[id(peer)] = peer
         for peer in list(self.peers.values()):
             expired = [j for j in peer.waiting if now > j["deadline"]]
             if expired:
@@ -306,9 +386,11 @@ class MigrationWorker:
                 for job in expired:
                     self._done(job, error=f"the prefill engine at {peer.addr} did not answer hello within "
                                           f"{self.timeout:g}s")
-                dead[peer.addr] = peer
+                dead[id(peer)] = peer
         for peer in dead.values():
-            if peer.addr in self.peers and not peer.waiting and not any(p is peer for p, _ in self.inflight.values()):
+            if self.peers.get(peer.addr) is not peer:  # retired after a broken read: close once idle
+                self._retire(peer)
+            elif not peer.waiting and not any(p is peer for p, _ in self.inflight.values()):
                 self._drop(peer)
 
     def _done(self, job: dict[str, Any], nbytes: int = 0, error: str | None = None, fatal: bool = False,

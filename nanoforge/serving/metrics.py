@@ -95,7 +95,9 @@ class ServerMetrics:
                         "preemptions": "Sequences preempted for lack of KV blocks.", "steps": "Engine steps.",
                         "aborted": "Requests aborted in the engine.",
                         "rejected": "Requests the engine refused as invalid (the client's fault: answered HTTP 400).",
-                        "errors": "Requests failed in the engine (a failed step, a lost KV pull), not refused ones."}
+                        "errors": "Requests failed in the engine (a failed step, a lost KV pull), not refused ones.",
+                        "images_encoded": "Images run through a vision tower (an encode engine's or the engine's own).",
+                        "image_cache_hits": "Images an encode engine had encoded before (its cache by image hash)."}
             for key, help_ in counters.items():
                 if key in stats:
                     metric(f"engine_{key}", "counter", help_, [f"{m}_engine_{key}_total{{{model}}} {_num(stats[key])}"])

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime.chat_images import check_media_dir
 from .metrics import ServerMetrics
 from .openai_output import ChoiceStream, TokenNames, Update, chat_logprobs, completion_logprobs
 from .openai_request import APIError, ParsedRequest, check_model, load_body, parse_chat, parse_completion
@@ -128,7 +130,9 @@ def _error_status(cs: ChoiceStream) -> APIError:
     why = cs.error or "request aborted by the engine"
     if cs.num_tokens == 0 and cs.error and not why.startswith(("engine step failed", "engine unavailable")):
         return APIError(400, why)
-    return APIError(500 if cs.error else 503, why, "server_error" if cs.error else "service_unavailable")
+    if cs.error and not why.startswith("engine unavailable"):
+        return APIError(500, why, "server_error")
+    return APIError(503, why, "service_unavailable")  # aborted, or an engine (e.g. an encode engine) gone
 
 
 class _CountRequests:
@@ -345,9 +349,12 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
 
-def build_app(client: EngineClient, tokenizer: Any, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(client: EngineClient, tokenizer: Any, model_name: str, api_key: str | None = None,
+              allowed_local_media_path: str | Path | None = None) -> FastAPI:
     """The app over `client`; `tokenizer` renders chat templates and decodes output (text prompts
-    and chat need one). With api_key set, /v1/* wants `Authorization: Bearer <api_key>`."""
+    and chat need one). With api_key set, /v1/* wants `Authorization: Bearer <api_key>`. With
+    allowed_local_media_path, chat image_url parts may be file:// URLs or paths of files under it."""
+    media_dir = check_media_dir(allowed_local_media_path)
     app = FastAPI(title="NanoForge", docs_url=None, redoc_url=None, openapi_url=None)
     srv = app.state.server = OpenAIServer(client, tokenizer, model_name, api_key)
     app.add_middleware(_CountRequests, metrics=srv.metrics)
@@ -375,7 +382,7 @@ def build_app(client: EngineClient, tokenizer: Any, model_name: str, api_key: st
         body = await srv.body(request)
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so chat is not available", param="messages")
-        return await srv.run(request, parse_chat(body, tokenizer, client.max_model_len), chat=True)
+        return await srv.run(request, parse_chat(body, tokenizer, client.max_model_len, media_dir), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

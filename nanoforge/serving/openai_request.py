@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import NanoForgeError
-from ..runtime.chat_images import decode_data_url, part_url, render_chat, take_images
+from ..runtime.chat_images import image_url_bytes, render_chat, take_images
 from ..runtime.sampling_params import SamplingParams
 
 MAX_N = 128
@@ -163,13 +164,6 @@ def _text_content(content: Any, where: str) -> str | list[dict]:
     raise APIError(400, f"{where}: 'content' must be a string or an array of content parts", param="messages")
 
 
-def _image_bytes(part: dict, where: str) -> bytes:
-    """An image_url part's image: only inline data: URLs (the server fetches nothing)."""
-    if part.get("type") != "image_url":
-        raise NanoForgeError(f"{where}: images are sent as image_url parts with a data: URL")
-    return decode_data_url(part_url(part, where) or "", where)
-
-
 def _message(m: Any, i: int) -> dict[str, Any]:
     """One chat message, normalized for HF templates: text content, tool-call arguments as dicts."""
     where = f"messages[{i}]"
@@ -195,12 +189,13 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     return out
 
 
-def parse_chat(body: dict, tokenizer: Any, max_model_len: int) -> ParsedRequest:
+def parse_chat(body: dict, tokenizer: Any, max_model_len: int, media_dir: Path | None = None) -> ParsedRequest:
+    """`media_dir`: the operator's --allowed-local-media-path (image_url parts may name files under it)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
     try:
-        messages, images = take_images(messages, _image_bytes)
+        messages, images = take_images(messages, lambda part, where: image_url_bytes(part, where, media_dir))
     except NanoForgeError as e:
         raise APIError(400, str(e), param="messages") from None
     msgs = [_message(m, i) for i, m in enumerate(messages)]

@@ -21,6 +21,14 @@ class GenerateRequest:
     # prompt, in order; they travel as msgpack bin and are opened by the engine (vision_inputs.py)
     images: list[bytes] | None = None
     fit_max_tokens: bool = False  # max_tokens was defaulted: the engine lowers it to fit the expanded prompt
+    # EPD: instead of `images`, what an encode engine made of them (runtime/image_embeds.py maps: grid, hash,
+    # dtype, shapes and raw bytes per encoder output), so this engine's vision tower does not run again
+    image_embeds: list[dict[str, Any]] | None = None
+
+    @property
+    def media(self) -> list[Any] | None:
+        """What the engine takes as the request's images: the embeddings when it has them, else the bytes."""
+        return self.image_embeds or self.images
 
     def sampling_params(self) -> SamplingParams:
         known = {f.name for f in fields(SamplingParams)}

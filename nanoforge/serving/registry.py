@@ -28,7 +28,7 @@ from nanoforge.errors import NanoForgeError
 
 log = logging.getLogger("nanoforge.serving")
 
-ROLES = ("both", "prefill", "decode")
+ROLES = ("both", "prefill", "decode", "encode")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -51,7 +51,7 @@ class EngineRecord:
 
     instance: str  # uuid hex from the engine's hello; unique per engine process
     addr: str  # ZMQ address, e.g. tcp://10.0.0.5:5557
-    role: str  # "both" | "prefill" | "decode"
+    role: str  # "both" | "prefill" | "decode" | "encode"
     model_name: str
     pid: int = 0
     host: str = ""

@@ -2,7 +2,10 @@
 OpenAI API as `nanoforge serve`. With prefill and decode engines, a request is prefilled on one
 (which samples its first token and parks the KV), streamed its first token, then continued on a
 decode engine that pulls the KV from the prefill engine (serving/kv_migration.py); with only
-"both" engines, whole requests are routed. Engines come from address lists or a Redis registry
+"both" engines, whole requests are routed. EPD: with encode engines (encode_server.py), a request that
+carries images has them encoded there first and goes on with the embeddings instead (so no prefill engine
+runs its vision tower); text-only requests skip them, and a dead encode engine fails image requests only.
+Engines come from address lists or a Redis registry
 (added when they appear, dropped when their heartbeat lapses). Every engine must serve the same
 checkpoint with the same KV contract: checked at connect, naming both engines and the difference.
 Needs no torch: it only moves token ids and msgpack frames."""
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 from ..errors import NanoForgeError
@@ -22,12 +25,14 @@ from .routing import EngineLoad, make_strategy
 from .zmq_client import ZmqEngineClient
 
 log = logging.getLogger("nanoforge.serving")
-ROLES = ("both", "prefill", "decode")
+ROLES = ("both", "prefill", "decode", "encode")
+ENCODE_TIMEOUT = 120.0  # seconds one request's images may take on an encode engine that still answers pings
 # engine stats that add up over engines
 SUM_KEYS = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "prefix_cache_queries",
             "prefix_cache_hits", "prompt_tokens", "generated_tokens", "steps", "preemptions", "requests", "finished",
             "aborted", "rejected", "errors", "kv_migrations", "kv_migration_bytes", "kv_migration_seconds",
-            "kv_migration_fallbacks", "kv_parked", "kv_served_bytes", "kv_park_expired")
+            "kv_migration_fallbacks", "kv_parked", "kv_served_bytes", "kv_park_expired", "images_encoded",
+            "image_cache_hits")
 PER_ENGINE_KEYS = ("kv_usage", "num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total", "kv_parked",
                    "kv_migrations", "kv_migration_bytes")
 
@@ -51,15 +56,17 @@ class Router:
         self.engines: dict[str, _Engine] = {}  # by address
         self.strategies: dict[str, Any] = {}  # one per pool ("prefill", "decode", "both", "any")
         self.ref: tuple[str, dict[str, Any]] | None = None  # the first engine's hello: all must match it
+        self.fingerprint: tuple[str, Any, Any] | None = None  # (addr, checkpoint, fingerprint) of the first encode engine
         self.requests: dict[str, list[_Engine]] = {}  # request id -> engines it is running on
-        self.counters = {"pd_requests": 0, "plain_requests": 0, "engines_removed": 0}
+        self.counters = {"pd_requests": 0, "plain_requests": 0, "engines_removed": 0, "encode_requests": 0,
+                         "encode_failures": 0}
         self.watcher: Any = None
         self._watch: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, prefill: list[str] = (), decode: list[str] = (), engines: list[str] = (),  # type: ignore[assignment]
-                      *, registry_url: str | None = None, strategy: str = "round-robin", model_name: str | None = None,
-                      timeout: float = 10.0, wait_for_engines: float = 10.0,
+                      *, encode: list[str] = (), registry_url: str | None = None,  # type: ignore[assignment]
+                      strategy: str = "round-robin", model_name: str | None = None, timeout: float = 10.0, wait_for_engines: float = 10.0,
                       registry_scope: str | None = None) -> "Router":
         """Connect to every listed engine (and those the registry holds in `registry_scope`; None:
         the unscoped ones), or raise naming what is wrong."""
@@ -73,13 +80,15 @@ class Router:
             if bool(prefill) != bool(decode):
                 raise NanoForgeError("PD routing needs both --prefill and --decode engines "
                                      f"(got {len(prefill)} prefill, {len(decode)} decode)")
-            for role, addrs in (("prefill", prefill), ("decode", decode), ("both", engines)):
+            for role, addrs in (("prefill", prefill), ("decode", decode), ("both", engines), ("encode", encode)):
                 for addr in addrs:
                     await self.add_engine(addr, role)
             if registry_url:
                 await self._start_registry(registry_url, wait_for_engines, registry_scope)
-            if not self.engines:
-                raise NanoForgeError("no engines: give --prefill and --decode addresses, --engine, or --registry")
+            if not self._pool("any"):
+                raise NanoForgeError("no engines: give --prefill and --decode addresses, --engine, or --registry"
+                                     + (" (encode engines only encode images; requests need one of those)"
+                                        if self.engines else ""))
         except BaseException:
             self.close()
             raise
@@ -100,18 +109,33 @@ class Router:
         if problem:
             client.close()
             raise NanoForgeError(problem)
+        if (role == "encode") != (hello.get("role") == "encode"):  # one runs the vision tower only
+            client.close()
+            raise NanoForgeError(f"engine at {addr} is a{'n' if hello.get('role', 'both') == 'encode' else ''} "
+                                 f"{hello.get('role', 'both')} engine; it cannot be routed as {role}")
         if hello.get("role", "both") not in (role, "both"):
             log.warning("engine at %s says it is a %s engine; routing it as %s", addr, hello.get("role"), role)
-        if self.ref is None:
-            self.ref = (addr, hello)
-            self.model_name = self.model_name or client.model_name
+        if role == "encode":
+            self.fingerprint = self.fingerprint or (addr, hello.get("checkpoint_path"), hello.get("model_fingerprint"))
+        else:
+            if self.ref is None:
+                self.ref = (addr, hello)
+                self.model_name = self.model_name or client.model_name
+            self.max_model_len = min(self.max_model_len or client.max_model_len, client.max_model_len)
         self.tokenizer = self.tokenizer or client.tokenizer
-        self.max_model_len = min(self.max_model_len or client.max_model_len, client.max_model_len)
         self.engines[addr] = _Engine(client, role, EngineLoad(addr))
         log.info("routing to the %s engine at %s", role, addr)
 
     def _incompatible(self, addr: str, hello: dict[str, Any]) -> str | None:
-        if self.ref is None:
+        """Why an engine cannot join the others: another checkpoint, or (not for an encode engine, which
+        keeps no KV) another KV cache layout."""
+        first = self.fingerprint if self.ref is None else \
+            (self.ref[0], self.ref[1].get("checkpoint_path"), self.ref[1].get("model_fingerprint"))
+        if first is not None and first[2] and hello.get("model_fingerprint") and \
+                first[2] != hello.get("model_fingerprint"):
+            return (f"engine at {addr} serves another checkpoint than the engine at {first[0]} "
+                    f"({hello.get('checkpoint_path')} vs {first[1]})")
+        if self.ref is None or hello.get("role") == "encode":
             return None
         ref_addr, ref = self.ref
         diff = KVContract.from_json(ref["kv_contract"], f"engine at {ref_addr}: kv_contract").mismatches(
@@ -120,10 +144,6 @@ class Router:
             return (f"engine at {addr} ({hello.get('kv_layout', 'one rank')}) is incompatible with the engine at "
                     f"{ref_addr} ({ref.get('kv_layout', 'one rank')}): their KV cache layouts differ and cannot be "
                     f"re-split ({'; '.join(diff)}; listed as {ref_addr} vs {addr})")
-        fa, fb = ref.get("model_fingerprint"), hello.get("model_fingerprint")
-        if fa and fb and fa != fb:
-            return (f"engine at {addr} serves another checkpoint than the engine at {ref_addr} "
-                    f"({hello.get('checkpoint_path')} vs {ref.get('checkpoint_path')})")
         return None
 
     def remove_engine(self, addr: str, why: str) -> None:
@@ -167,7 +187,8 @@ class Router:
 
     # -- the EngineClient protocol -----------------------------------------------------------------
     def _pool(self, role: str) -> list[_Engine]:
-        return [e for e in self.engines.values() if e.role == role or role == "any"]
+        """The engines of a role; "any": every engine that serves requests (not the encode engines)."""
+        return [e for e in self.engines.values() if e.role == role or (role == "any" and e.role != "encode")]
 
     def _choose(self, pool: str, prompt: list[int]) -> _Engine | None:
         engines = self._pool(pool)
@@ -197,10 +218,12 @@ class Router:
             return
         self.requests[rid] = []
         try:
-            if self._pool("prefill") and self._pool("decode") and request.images:
-                yield TokenDelta(rid, finish_reason="error", num_prompt_tokens=len(request.prompt_ids),
-                                 error="image requests are not served with prefill/decode disaggregation yet")
-                return
+            if request.images and self._pool("encode"):  # EPD: the images' embeddings travel instead
+                embeds, failed = await self._encode(request)
+                if failed is not None:
+                    yield failed
+                    return
+                request = replace(request, images=None, image_embeds=embeds)
             if self._pool("prefill") and self._pool("decode"):
                 self.counters["pd_requests"] += 1
                 async with contextlib.aclosing(self._generate_pd(request)) as stream:
@@ -220,12 +243,34 @@ class Router:
         finally:
             self.requests.pop(rid, None)
 
+    async def _encode(self, req: GenerateRequest) -> tuple[list[dict] | None, TokenDelta | None]:
+        """(the encode engine's map per image, None), or (None, the error delta ending the request): an
+        image it cannot read is the client's fault (a 400); an encode engine that is gone or failed is
+        the service's ("engine unavailable": a 503), named."""
+        rid, n, images = req.request_id, len(req.prompt_ids), list(req.images or ())
+        e: _Engine = self._choose("encode", req.prompt_ids)  # type: ignore[assignment]
+        self.counters["encode_requests"] += 1
+        with self._on(rid, e):
+            try:
+                reply = await e.client.encode(images, ENCODE_TIMEOUT)
+            except NanoForgeError as ex:
+                self.counters["encode_failures"] += 1
+                return None, TokenDelta(rid, finish_reason="error", num_prompt_tokens=n,
+                                        error=f"engine unavailable: the encode engine at {e.addr} did not encode "
+                                              f"the request's images ({ex})")
+        items = reply.get("items")
+        if reply.get("error") or not isinstance(items, list) or len(items) != len(images):
+            why = reply.get("error") or f"the encode engine at {e.addr} answered {len(items or [])} of {len(images)} images"
+            return None, TokenDelta(rid, finish_reason="error", num_prompt_tokens=n, error=str(why))
+        return items, None
+
     async def _generate_pd(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
         rid, prompt, n = req.request_id, list(req.prompt_ids), len(req.prompt_ids)
         p = self._choose("prefill", prompt)
+        media = {"images": req.images, "image_embeds": req.image_embeds, "fit_max_tokens": req.fit_max_tokens}
         first: TokenDelta | None = None
         with self._on(rid, p):  # type: ignore[arg-type]
-            stream = p.client.generate(GenerateRequest(rid, prompt, req.params, {"phase": "prefill"}))  # type: ignore[union-attr]
+            stream = p.client.generate(GenerateRequest(rid, prompt, req.params, {"phase": "prefill"}, **media))  # type: ignore[union-attr]
             async with contextlib.aclosing(stream):
                 async for d in stream:
                     if d.finish_reason == "prefilled":
@@ -239,16 +284,18 @@ class Router:
         if first is None:
             return
         ended = False
+        n = first.num_prompt_tokens or n  # with images: the prompt as the prefill engine expanded it
         try:
             yield TokenDelta(rid, first.token_ids, first.logprobs, None, n, first.num_cached_tokens)
             dec = self._choose("decode", prompt)
             if dec is None:
                 yield TokenDelta(rid, finish_reason="error", num_prompt_tokens=n, error="no decode engine available")
                 return
-            pd = {"phase": "decode", "source": p.addr, "source_request_id": rid, "num_prompt": n,  # type: ignore[union-attr]
+            # num_prompt: the prompt sent (a decode engine expands its image placeholders as the prefill one did)
+            pd = {"phase": "decode", "source": p.addr, "source_request_id": rid, "num_prompt": len(prompt),  # type: ignore[union-attr]
                   "num_tokens": first.kv["num_tokens"]}  # type: ignore[index]
             with self._on(rid, dec):
-                stream = dec.client.generate(GenerateRequest(rid, prompt + first.token_ids, req.params, pd))
+                stream = dec.client.generate(GenerateRequest(rid, prompt + first.token_ids, req.params, pd, **media))
                 async with contextlib.aclosing(stream):
                     async for d in stream:
                         d.num_prompt_tokens, d.num_cached_tokens = n, first.num_cached_tokens

@@ -45,6 +45,7 @@ class ZmqEngineClient:
             self.sock.setsockopt(opt, v)
         self.queues: dict[str, asyncio.Queue[TokenDelta]] = {}
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.watched: set[int] = set()  # pending calls the watchdog guards as it guards streams (encode)
         self._ids = itertools.count(1)
         self._heard = time.monotonic()  # last frame from the engine, or when requests started waiting
         self._tasks: list[asyncio.Task] = []
@@ -102,7 +103,11 @@ class ZmqEngineClient:
             if request.pd is not None:
                 msg["pd"] = dict(request.pd)
             if request.images:  # msgpack bin, never pickle
-                msg["images"], msg["fit_max_tokens"] = [bytes(b) for b in request.images], request.fit_max_tokens
+                msg["images"] = [bytes(b) for b in request.images]
+            if request.image_embeds:  # an encode engine's maps, passed on as they came
+                msg["image_embeds"] = list(request.image_embeds)
+            if request.media:
+                msg["fit_max_tokens"] = request.fit_max_tokens
             frame = pack(msg)
             why = "client is closed" if self.closed else "duplicate request id" if rid in self.queues else None
         except (TypeError, ValueError, OverflowError) as e:  # as the engine loop would answer a bad value
@@ -133,6 +138,15 @@ class ZmqEngineClient:
         reply = await self._request({"type": "stats"}, self.request_timeout)
         return {k: v for k, v in reply.items() if k not in _REPLY_KEYS}
 
+    async def encode(self, images: list[bytes], timeout: float = 120.0) -> dict[str, Any]:
+        """An encode engine's answer for these images (encode_server.py): {"items": [one map per image]},
+        or {"error": why} for an image it cannot read. A dead engine raises, as a silent one does after
+        dead_after seconds (the watchdog pings while it encodes), or one that takes over `timeout`."""
+        if not self.queues and not self.watched:
+            self._heard = max(self._heard, time.monotonic())
+        reply = await self._request({"type": "encode", "images": [bytes(b) for b in images]}, timeout, watch=True)
+        return {k: v for k, v in reply.items() if k not in _REPLY_KEYS}
+
     async def shutdown(self) -> None:
         """Ask the engine server to stop (it fails its running requests first)."""
         await self._request({"type": "shutdown"}, self.request_timeout)
@@ -157,12 +171,15 @@ class ZmqEngineClient:
         if not fut.done():
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    async def _request(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _request(self, msg: dict[str, Any], timeout: float, watch: bool = False) -> dict[str, Any]:
+        """The reply to `msg`; with `watch`, the watchdog fails it too once the engine is silent too long."""
         if self.closed:
             raise NanoForgeError(f"client for {self.addr} is closed")
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
+        if watch:
+            self.watched.add(rid)
         try:
             self._post({**msg, "id": rid})
             return await asyncio.wait_for(fut, timeout)
@@ -171,6 +188,7 @@ class ZmqEngineClient:
                                     f"{timeout:g}s") from None
         finally:
             self.pending.pop(rid, None)
+            self.watched.discard(rid)
 
     async def _reader(self) -> None:
         while True:
@@ -213,12 +231,12 @@ class ZmqEngineClient:
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(min(self.ping_every, self.dead_after / 4))
-            if not self.queues:
+            if not self.queues and not self.watched:
                 continue
             silent = time.monotonic() - self._heard
             if silent >= self.dead_after:
                 log.error("engine at %s unreachable for %.1fs; failing %d requests", self.addr, silent,
-                          len(self.queues))
+                          len(self.queues) + len(self.watched))
                 self._fail_all(f"engine at {self.addr} unreachable (no answer for {silent:.1f}s)")
                 self._heard = time.monotonic()
             elif silent >= self.ping_every:

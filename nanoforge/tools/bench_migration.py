@@ -6,7 +6,9 @@ Per transport, one prefill and one decode engine (bench pd's deployment); prompt
 asking for 2 tokens, so every migration runs alone. The decode engine's counters give each pull's
 bytes and its seconds from kv_pull sent to the blocks written (the prefill side's gather, the
 transfer, the scatter). Transports: `tcp` (host-staged bytes over ZMQ on tcp://127.0.0.1), `unix`
-(the same bytes over a ZMQ ipc:// unix socket), `ipc` (CUDA IPC device copy; --device cuda only).
+(the same bytes over a ZMQ ipc:// unix socket), `ipc` (CUDA IPC device copy; --device cuda only),
+`dlslime` (the decode engine reads the prefill pool's registered regions: RDMA where the host has a
+NIC, dlslime's TCP mode on 127.0.0.1 otherwise, host memory only).
 Each pull records the 1-minute load average: on a shared machine other processes only slow pulls
 down, so the best pull (also reported) is the least disturbed one, the median the typical one.
 """
@@ -28,7 +30,7 @@ from .bench_pd import (MIGRATION_KEYS, PDBenchConfig, add_engine_bench_flags, co
                        deployment, one_request, wait_idle, write_result)
 
 # name -> (the decode engine's --kv-transport, the engines' ZMQ endpoint kind)
-TRANSPORTS = {"tcp": ("tcp", "tcp"), "unix": ("tcp", "unix"), "ipc": ("ipc", "tcp")}
+TRANSPORTS = {"tcp": ("tcp", "tcp"), "unix": ("tcp", "unix"), "ipc": ("ipc", "tcp"), "dlslime": ("dlslime", "tcp")}
 PD_ONLY = ("rates", "num_prompts", "input_len", "output_len", "kv_transport")  # bench pd's workload, unused here
 
 
@@ -70,6 +72,10 @@ def bench_migration(cfg: PDBenchConfig, transports: list[str], prompt_len: int, 
     if "ipc" in transports and cfg.device != "cuda":
         raise NanoForgeError("bench migration: --transport ipc is a CUDA IPC device copy and needs --device cuda; "
                              "on CPU use tcp or unix")
+    if "dlslime" in transports:  # a missing wheel fails here, not in an engine's log
+        from ..runtime.kv_dlslime import load
+
+        load()
     if prompt_len < 1 or num_prompts < 1:
         raise NanoForgeError(f"bench migration: --prompt-len and --num-prompts must be >= 1, got {prompt_len} and "
                              f"{num_prompts}")
@@ -112,8 +118,8 @@ def add_bench_migration_parser(bsub: Any) -> None:
     p = bsub.add_parser("migration", help="GB/s of PD KV migration per transport, one long prompt at a time")
     add_engine_bench_flags(p)
     p.add_argument("--transport", nargs="+", choices=list(TRANSPORTS), metavar="T",
-                   help="tcp (ZMQ over TCP), unix (ZMQ over a unix socket), ipc (CUDA IPC; --device cuda); "
-                        "default: tcp unix on CPU, tcp ipc on CUDA")
+                   help="tcp (ZMQ over TCP), unix (ZMQ over a unix socket), ipc (CUDA IPC; --device cuda), "
+                        "dlslime (RDMA or dlslime's TCP mode); default: tcp unix on CPU, tcp ipc on CUDA")
     p.add_argument("--prompt-len", type=int, default=4096, help="tokens per prompt (default %(default)s)")
     p.add_argument("--num-prompts", type=int, default=3, help="migrations per transport (default %(default)s)")
     p.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")

@@ -97,7 +97,7 @@ def engine_flags(cfg: PDBenchConfig, role: str, mem: float, kv_transport: str | 
     flags = {"model_preset": cfg.model if cfg.model in PRESETS else None, "role": role, "device": cfg.device,
              "dtype": cfg.dtype, "max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
              "num_blocks": cfg.num_blocks, "enforce_eager": cfg.enforce_eager}
-    if role == "decode":
+    if role == "decode" or (kv_transport or cfg.kv_transport) == "dlslime":  # dlslime: both ends register the pool
         flags["kv_transport"] = kv_transport or cfg.kv_transport
     if cfg.device == "cuda":
         flags["gpu_memory_utilization"] = round(mem, 4)
@@ -133,7 +133,8 @@ def deployment(cfg: PDBenchConfig, kind: str, kv_transport: str | None = None,
                                   addrs.get("both")))
         else:
             half = cfg.gpu_memory_utilization / 2
-            engines.append(_start(cfg, "prefill", engine_flags(cfg, "prefill", half), 0.5, addrs.get("prefill")))
+            engines.append(_start(cfg, "prefill", engine_flags(cfg, "prefill", half, kv_transport), 0.5,
+                                  addrs.get("prefill")))
             if cfg.device == "cuda":  # its memory is taken before the decode engine sizes its own
                 _ready(cfg, engines[0])
             engines.append(_start(cfg, "decode", engine_flags(cfg, "decode", cfg.gpu_memory_utilization,
