@@ -6,8 +6,21 @@ token), and the indexer + top-k alone. Each step runs inside a CUDA graph, as th
 (a capture that fails is recorded and the step timed eagerly), timed by triton's do_bench (median).
 Goal in the issue: sparse >= 4x faster than dense at 64k.
 
+With the GPU libraries importable on an SM90 card, the same run adds (each in a CUDA graph as above):
+  * dense_flash_mla: FlashMLA's dense decode (libs/flash_mla_decode.py) over the same pool, the fastest
+    dense baseline there is;
+  * sparse_flash_mla: the Triton indexer + FlashMLA's SM90 sparse kernel (libs/flash_mla_sparse.py),
+    what a bf16 plan runs where flash_mla imports;
+  * over an FP8 copy of the layer's pool (--kv-dtype fp8: e4m3 entries and keys, an f32 scale per token):
+    indexer_deep_gemm (DeepGEMM's fp8_paged_mqa_logits + torch.topk, libs/deep_gemm_indexer.py) beside
+    indexer_triton_fp8 (the Triton indexer on the same keys), and sparse_fp8 = DeepGEMM's indexer + the
+    Triton sparse MLA over FP8 entries, what an FP8-KV plan runs. FlashMLA's sparse kernel reads bf16
+    entries only, so no plan runs DeepGEMM's indexer with it yet: est_deep_gemm_plus_flash_mla adds the
+    parts (indexer_deep_gemm + sparse_flash_mla - indexer_topk) as an estimate, not a timing.
+A library that does not import (or another GPU) is recorded in `libs` with the reason.
+
 Memory: the pool holds batch x context tokens of one layer, [latent | rope] bf16 (1152 B) plus the
-indexer's bf16 key (256 B): 16 x 64k tokens = 1.5 GB.
+indexer's bf16 key (256 B): 16 x 64k tokens = 1.5 GB; the FP8 copy 0.7 GB more.
 
     python bench/dsa_decode.py --out bench/results/dsa_decode          # H100, ~1 min
     python bench/dsa_decode.py --smoke --out /tmp/dsa                  # CPU, Triton interpreter, tiny dims
@@ -15,6 +28,7 @@ indexer's bf16 key (256 B): 16 x 64k tokens = 1.5 GB.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -82,7 +96,40 @@ def layer_inputs(d: dict, batch: int, device: torch.device, g: torch.Generator) 
         kv_b_proj=rnd(h * (d["nope"] + d["v"]), d["r"], std=d["r"] ** -0.5))
 
 
-def bench_context(d: dict, batch: int, context: int, device: torch.device, reps: int, seed: int = 0) -> dict:
+LIBS = ("flash_mla_decode", "flash_mla_sparse", "deep_gemm_indexer")
+
+
+def load_libs(device: torch.device) -> tuple[dict, dict]:
+    """The library adapters that run here ({name: module}) and why the others do not ({name: reason})."""
+    mods, why = {}, {}
+    for name in LIBS:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+            why[name] = "needs an SM90 GPU"
+            continue
+        try:
+            mods[name] = importlib.import_module(f"nanoforge.kernels.libs.{name}")
+        except ImportError as exc:
+            why[name] = str(exc)[:300]
+    return mods, why
+
+
+def fp8_copy(d: dict, pages: int, batch: int, device: torch.device, g: torch.Generator):
+    """An FP8 DSA pool as --kv-dtype fp8 plans hold it (e4m3 entries and keys, f32 scales; keys fused with
+    their scales per block, context.allocate_pool) with random contents."""
+    contract = KVContract(d["block"], "fp8_e4m3", (KVLayer(0, "dsa", ((d["r"] + d["rope"],), (d["index_dim"],)), "",
+                                                          ((1,), (1,))),), "f32")
+    pool = allocate_pool(contract, batch * pages + 1, device)
+    entry, keys, entry_scale, key_scale = pool[0]
+    entry.view(torch.uint8).random_(0, 0x70)  # finite e4m3 codes of either magnitude up to 120
+    keys.copy_(torch.randn(keys.shape, generator=g).to(torch.bfloat16) if device.type != "cuda"
+               else torch.randn(keys.shape, device=device, dtype=torch.bfloat16))  # a GB of keys: made on the card
+    entry_scale.uniform_(0.004, 0.02)
+    key_scale.uniform_(0.5, 1.5)
+    return pool
+
+
+def bench_context(d: dict, batch: int, context: int, device: torch.device, reps: int, seed: int = 0,
+                  libs: dict | None = None) -> dict:
     from nanoforge.kernels.triton import dsa
     from nanoforge.kernels.triton.attention import attention as dense_attention
 
@@ -117,10 +164,33 @@ def bench_context(d: dict, batch: int, context: int, device: torch.device, reps:
         return dense_attention(w["q"], w["latent"], w["k_rope"], ctx=dense_ctx, kind="mla", layer=0,
                            kv_b_proj=w["kv_b_proj"], **mla)
 
+    libs = libs or {}
+    runs = [("dense_mla", dense), ("sparse", sparse), ("indexer_topk", indexer)]
+    if "flash_mla_decode" in libs:
+        runs.append(("dense_flash_mla", lambda: libs["flash_mla_decode"].attention(
+            w["q"], w["latent"], w["k_rope"], ctx=dense_ctx, kind="mla", layer=0, kv_b_proj=w["kv_b_proj"], **mla)))
+    if "flash_mla_sparse" in libs:
+        def sparse_flash():
+            return libs["flash_mla_sparse"].sparse_mla(w["q"], w["latent"], w["k_rope"], indexer(), w["kv_b_proj"],
+                                                        ctx=ctx, layer=0, topk=d["topk"], **mla)
+        runs.append(("sparse_flash_mla", sparse_flash))
+    if "deep_gemm_indexer" in libs:
+        fp8_ctx = make_context(fp8_copy(d, pages, batch, device, g), bs, seqs, device)
+
+        def index_on(module, c):
+            return lambda: module.indexer(w["x"], w["q_idx"], w["k_idx"], pos, w["weights_proj"], w["k_norm"],
+                                          w["k_norm_bias"], ctx=c, layer=0, **idx)
+        index_dg = index_on(libs["deep_gemm_indexer"], fp8_ctx)
+        runs += [("indexer_deep_gemm", index_dg), ("indexer_triton_fp8", index_on(dsa, fp8_ctx)),
+                 ("sparse_fp8", lambda: dsa.sparse_mla(w["q"], w["latent"], w["k_rope"], index_dg(), w["kv_b_proj"],
+                                                       ctx=fp8_ctx, layer=0, topk=d["topk"], **mla))]
     row: dict = {"context": context, "batch": batch}
     if context <= d["topk"]:  # every token selected: sparse must equal dense (a correctness check)
         row["max_abs_diff_sparse_vs_dense"] = (sparse().float() - dense().float()).abs().max().item()
-    for name, fn in (("dense_mla", dense), ("sparse", sparse), ("indexer_topk", indexer)):
+        if "flash_mla_sparse" in libs:
+            diff = sparse_flash().float() - dense().float()
+            row["max_abs_diff_sparse_flash_mla_vs_dense"] = diff.abs().max().item()
+    for name, fn in runs:
         ms, note = timed_ms(fn, device, reps)
         row[f"{name}_ms"] = ms
         if note:
@@ -128,6 +198,17 @@ def bench_context(d: dict, batch: int, context: int, device: torch.device, reps:
     row["sparse_mla_ms"] = row["sparse_ms"] - row["indexer_topk_ms"]
     row["speedup_sparse_over_dense"] = row["dense_mla_ms"] / row["sparse_ms"]
     row["indexer_share_of_sparse"] = row["indexer_topk_ms"] / row["sparse_ms"]
+    dense_ms, flash_ms = row["dense_mla_ms"], row.get("sparse_flash_mla_ms")
+    if flash_ms is not None:
+        row["sparse_mla_flash_ms"] = flash_ms - row["indexer_topk_ms"]
+        row["speedup_sparse_flash_mla_over_dense"] = dense_ms / flash_ms
+        if "dense_flash_mla_ms" in row:
+            row["speedup_sparse_flash_mla_over_dense_flash_mla"] = row["dense_flash_mla_ms"] / flash_ms
+    if "indexer_deep_gemm_ms" in row:
+        row["speedup_sparse_fp8_over_dense"] = dense_ms / row["sparse_fp8_ms"]
+        if flash_ms is not None:
+            est = row["est_deep_gemm_plus_flash_mla_ms"] = row["indexer_deep_gemm_ms"] + row["sparse_mla_flash_ms"]
+            row["est_speedup_deep_gemm_plus_flash_mla_over_dense"] = dense_ms / est
     cache_bytes = sum(t.numel() * t.element_size() for t in pool[0])
     row["pool_gib"] = cache_bytes / 2**30
     return row
@@ -149,9 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     batch = a.batch or (2 if a.smoke else 16)
     reps = a.reps or (2 if a.smoke else 100)
     t0 = time.perf_counter()
+    libs, libs_missing = load_libs(device)
+    for name, why in libs_missing.items():
+        print(f"dsa decode: {name} not timed ({why})", flush=True)
     rows = []
     for c in contexts:
-        r = bench_context(d, batch, c, device, reps)
+        r = bench_context(d, batch, c, device, reps, libs=libs)
         rows.append(r)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # this context's pool, before the next one's
@@ -160,6 +244,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"dsa decode ctx {c:6d} batch {batch}: dense {r['dense_mla_ms'] * 1e3:8.1f} us | sparse "
               f"{r['sparse_ms'] * 1e3:8.1f} us (indexer+topk {r['indexer_topk_ms'] * 1e3:.1f} us, sparse mla "
               f"{r['sparse_mla_ms'] * 1e3:.1f} us) | speedup {r['speedup_sparse_over_dense']:.2f}x{check}", flush=True)
+        lib_parts = [f"{k[:-3]} {r[k] * 1e3:.1f} us" for k in ("dense_flash_mla_ms", "sparse_flash_mla_ms",
+                                                               "indexer_deep_gemm_ms", "indexer_triton_fp8_ms",
+                                                               "sparse_fp8_ms") if k in r]
+        if lib_parts:
+            ratios = [f"{k[8:]} {r[k]:.2f}x" for k in r
+                      if k.startswith(("speedup_sparse_", "est_speedup")) and k != "speedup_sparse_over_dense"]
+            print(f"dsa decode ctx {c:6d} libs: {' | '.join(lib_parts)} | {' | '.join(ratios)}", flush=True)
     import triton
 
     longest = max(rows, key=lambda r: r["context"])
@@ -171,11 +262,19 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "ratio": {"speedup_at_longest_context": longest["speedup_sparse_over_dense"], "context": longest["context"],
                   "goal": ">= 4x at 65536", "goal_met": longest["context"] >= 65536
-                  and longest["speedup_sparse_over_dense"] >= 4.0},
+                  and longest["speedup_sparse_over_dense"] >= 4.0,
+                  **{k: longest[k] for k in longest if k.startswith(("speedup_sparse_", "est_speedup_"))
+                     and k != "speedup_sparse_over_dense"}},
+        "libs": {**{name: "timed" for name in libs}, **libs_missing},
         "wall_s": time.perf_counter() - t0,
     }
     print(f"dsa decode: speedup {longest['speedup_sparse_over_dense']:.2f}x at {longest['context']} "
           f"(goal >= 4x at 65536: {'met' if result['ratio']['goal_met'] else 'not met'}), {result['wall_s']:.0f} s")
+    if "speedup_sparse_flash_mla_over_dense" in longest:
+        vs_flash = longest.get("speedup_sparse_flash_mla_over_dense_flash_mla")
+        print(f"dsa decode: with FlashMLA's sparse kernel {longest['speedup_sparse_flash_mla_over_dense']:.2f}x over the "
+              f"Triton dense decode at {longest['context']}" + (f", {vs_flash:.2f}x over FlashMLA's dense decode"
+                                                                if vs_flash else ""))
     write_result(a.out, "dsa_decode" + ("-smoke" if a.smoke else ""), result)
     return result
 

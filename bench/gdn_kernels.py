@@ -4,10 +4,14 @@ defaults: 16 key heads, 32 value heads, head dims 128, conv kernel 4), bf16 acti
   * decode step (us) of one gdn layer's core for batch 1 / 64 / 256: the Triton step kernels (conv update +
     recurrent delta rule + the gated norm in torch) replayed from a CUDA graph, vs the torch reference
     (hybrid_ref.gdn: a Python loop over sequences, eager, as the torch provider runs it)
-  * prefill throughput (tokens/s) of the torch reference's chunked rule over one fresh 4096-token prompt
-    (the Triton chunked prefill kernel is not written yet; prefill rows run this reference today)
+  * prefill throughput (tokens/s) of one fresh prompt of 4096 / 16384 tokens through the gdn op's prefill
+    path (kernels/triton/gdn_prefill.py: varlen conv, the chunked rule's two kernels, the gated norm in
+    torch; eager; its host tables are made once a step for all gdn layers, so outside the timing) for
+    chunks of 32 / 64 / 128 tokens (and, at the default chunk, 16 / 32 / 64 value dims per program of the
+    sequential kernel), vs the torch reference's chunked rule; the fastest setting per prompt length is
+    printed last (gdn_prefill.CHUNK / BLOCK_V should follow it)
 
-Timed by triton's do_bench (median). Inputs are random; state rows continue random states.
+Timed by triton's do_bench (median). Inputs are random; decode state rows continue random states.
 
     python bench/gdn_kernels.py --out bench/results/gdn_kernels     # H100, < 1 min
     python bench/gdn_kernels.py --smoke --out /tmp/gdn              # CPU, Triton interpreter, tiny dims
@@ -93,22 +97,58 @@ def bench_decode(sizes: dict, batch: int, device: torch.device, reps: int) -> di
     return row
 
 
-def bench_prefill(sizes: dict, tokens: int, device: torch.device, reps: int) -> dict:
+def bench_prefill(sizes: dict, tokens: int, device: torch.device, reps: int,
+                  settings: list[tuple[int, int]]) -> list[dict]:
+    """One fresh `tokens`-token prompt: the torch reference, then the Triton path per (chunk, block_v),
+    each checked against the reference's output first."""
     from nanoforge.kernels import hybrid_ref
+    from nanoforge.kernels.triton import gdn_prefill
 
     g = torch.Generator().manual_seed(tokens)
     attrs = dict(layer=0, eps=1e-6, **sizes)
     params, inputs, state = gdn_inputs(sizes, tokens, 1, device, g)
     ctx = make_context([], BIG_BLOCK, [(tokens, tokens, [0])], device, state=([state], [0]))
-    ms, note = timed_ms(lambda: hybrid_ref.gdn(*inputs, ctx=ctx, **params, **attrs), device, reps, graph=False)
-    return {"tokens": tokens, "chunk": hybrid_ref.CHUNK, "torch_ref_ms": ms, "torch_ref_tokens_per_s": tokens / (ms * 1e-3),
-            "note": note}
+    want = hybrid_ref.gdn(*inputs, ctx=ctx, **params, **attrs).float()
+    ref_ms, note = timed_ms(lambda: hybrid_ref.gdn(*inputs, ctx=ctx, **params, **attrs), device, reps, graph=False)
+    rows = [{"tokens": tokens, "kernel": "torch_ref", "chunk": hybrid_ref.CHUNK, "ms": ref_ms,
+             "tokens_per_s": tokens / (ref_ms * 1e-3), "note": note}]
+    for chunk, block_v in settings:
+        tables = gdn_prefill.prefill_tables([(0, tokens, 0, True)], chunk, device)  # made once a step, as the op
+
+        def run(tables=tables, block_v=block_v):
+            return gdn_prefill.gdn_prefill(*inputs, params, attrs, pool=state, tables=tables, block_v=block_v)
+
+        row = {"tokens": tokens, "kernel": "triton", "chunk": chunk, "block_v": block_v}
+        try:
+            got = run().float()
+            row["max_rel_diff_vs_reference"] = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+            ms, note = timed_ms(run, device, reps, graph=False)
+        except Exception as exc:  # noqa: BLE001 - recorded (e.g. out of shared memory), the others still run
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"gdn prefill {tokens} tokens chunk {chunk} block_v {block_v}: {row['error']}", flush=True)
+            rows.append(row)
+            continue
+        row.update(ms=ms, tokens_per_s=tokens / (ms * 1e-3), speedup_over_ref=ref_ms / ms, note=note)
+        rows.append(row)
+    return rows
+
+
+def print_prefill(rows: list[dict]) -> None:
+    ref = rows[0]
+    print(f"gdn prefill {ref['tokens']} tokens torch_ref (chunk {ref['chunk']}): {ref['ms']:.2f} ms, "
+          f"{ref['tokens_per_s']:.0f} tokens/s", flush=True)
+    for r in rows[1:]:
+        if "ms" in r:
+            print(f"gdn prefill {r['tokens']} tokens triton chunk {r['chunk']:3d} block_v {r['block_v']:2d}: "
+                  f"{r['ms']:.3f} ms, {r['tokens_per_s']:.0f} tokens/s, {r['speedup_over_ref']:.1f}x ref | "
+                  f"max rel diff {r['max_rel_diff_vs_reference']:.2e}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 64 256")
-    ap.add_argument("--prefill-tokens", type=int, default=None, help="default 4096")
+    ap.add_argument("--prefill-tokens", type=int, nargs="+", default=None, help="default 4096 16384")
+    ap.add_argument("--chunks", type=int, nargs="+", default=None, help="prefill chunk sizes (default 32 64 128)")
     ap.add_argument("--reps", type=int, default=None, help="do_bench ms per timing on a GPU (default 100)")
     ap.add_argument("--smoke", action="store_true", help="tiny head sizes, small batches, a couple of reps (CPU ok)")
     ap.add_argument("--out", default="bench/results/gdn_kernels")
@@ -116,9 +156,18 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not a.smoke:
         ap.error("needs a CUDA GPU (or --smoke for the tiny CPU run)")
+    bad = [c for c in a.chunks or [] if c < 16 or c & (c - 1)]
+    if bad:
+        ap.error(f"--chunks {bad}: each must be a power of two >= 16")
+    from nanoforge.kernels.triton import gdn_prefill
+
     sizes, source = (SMOKE, "smoke sizes") if a.smoke else real_sizes()
     batches = a.batch or ([1, 4] if a.smoke else [1, 64, 256])
-    tokens = a.prefill_tokens or (128 if a.smoke else 4096)
+    token_counts = a.prefill_tokens or ([48] if a.smoke else [4096, 16384])
+    chunks = a.chunks or ([16, 32] if a.smoke else [32, 64, 128])
+    block_vs = [16] if a.smoke else [16, 32, 64]
+    settings = [(c, gdn_prefill.BLOCK_V) for c in chunks]
+    settings += [(gdn_prefill.CHUNK, bv) for bv in block_vs if (gdn_prefill.CHUNK, bv) not in settings]
     reps = a.reps or (2 if a.smoke else 100)
     t0 = time.perf_counter()
     decode = []
@@ -127,20 +176,33 @@ def main(argv: list[str] | None = None) -> dict:
         decode.append(r)
         print(f"gdn decode batch {b:4d}: triton {r['triton_us']:9.1f} us | torch_ref {r['torch_ref_us']:10.1f} us | "
               f"{r['speedup_triton_over_ref']:.1f}x | max rel diff {r['max_rel_diff_vs_reference']:.2e}", flush=True)
-    prefill = bench_prefill(sizes, tokens, device, reps)
-    print(f"gdn prefill {tokens} tokens (torch reference, chunk {prefill['chunk']}): {prefill['torch_ref_ms']:.2f} ms, "
-          f"{prefill['torch_ref_tokens_per_s']:.0f} tokens/s", flush=True)
+    prefill, best = [], {}
+    for tokens in token_counts:
+        rows = bench_prefill(sizes, tokens, device, reps, settings)
+        print_prefill(rows)
+        prefill += rows
+        timed = [r for r in rows[1:] if "ms" in r]
+        if timed:
+            best[tokens] = min(timed, key=lambda r: r["ms"])
+    for tokens, r in best.items():
+        print(f"gdn prefill {tokens} tokens fastest: chunk {r['chunk']} block_v {r['block_v']} "
+              f"({r['tokens_per_s']:.0f} tokens/s, {r['speedup_over_ref']:.1f}x ref; defaults chunk "
+              f"{gdn_prefill.CHUNK} block_v {gdn_prefill.BLOCK_V})", flush=True)
     import triton
 
     result = {
-        "bench": "gdn_kernels", "smoke": a.smoke, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "bench": "gdn_kernels", "smoke": a.smoke,
+        "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "triton": triton.__version__}, "machine": machine_info(device.type),
-        "config": {**sizes, "sizes_from": source, "batches": batches, "prefill_tokens": tokens, "reps": reps,
+        "config": {**sizes, "sizes_from": source, "batches": batches, "prefill_tokens": token_counts,
+                   "prefill_settings": settings, "reps": reps,
                    "dtype": "bf16 activations, f32 state" if device.type == "cuda" else "f32",
-                   "timing": "triton: CUDA graph replay; torch_ref: eager; do_bench median" if device.type == "cuda"
-                   else "perf_counter mean"},
+                   "timing": "decode: triton CUDA graph replay, torch_ref eager; prefill: eager; do_bench median"
+                   if device.type == "cuda" else "perf_counter mean"},
         "decode": decode, "prefill": prefill,
-        "ratio": {f"triton_speedup_batch_{r['batch']}": r["speedup_triton_over_ref"] for r in decode},
+        "prefill_fastest": {str(t): {k: r[k] for k in ("chunk", "block_v", "tokens_per_s")} for t, r in best.items()},
+        "ratio": {**{f"triton_speedup_batch_{r['batch']}": r["speedup_triton_over_ref"] for r in decode},
+                  **{f"triton_prefill_speedup_{t}_tokens": r["speedup_over_ref"] for t, r in best.items()}},
         "wall_s": time.perf_counter() - t0,
     }
     write_result(a.out, "gdn_kernels" + ("-smoke" if a.smoke else ""), result)

@@ -6,7 +6,9 @@
 #                      [mla]  (MLA decode, DeepSeek-V3 absorbed shapes: FlashMLA vs Triton -> $OUT/mla_decode-*.json)
 #                      [deepseek_layers]  (DeepSeek-V3 layers at real size, FP8 vs bf16: decode floor, prefill TFLOP/s)
 #                      [fp8_moe]  (DeepSeek-V3's block-FP8 experts: DeepGEMM FP8 grouped vs Triton bf16, T 1..4096;
-#                                  ~45 GB of GPU memory -> $OUT/fp8_moe.json)
+#                                  ~45 GB of GPU memory -> $OUT/fp8_moe.json; then fp8_moe_small)
+#                      [fp8_moe_small]  (the same experts at T 1..64: Triton small-batch FP8 kernels vs DeepGEMM
+#                                  masked, tile sweep; 12 GB, < 1 min -> $OUT/fp8_moe_small.json)
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
@@ -15,7 +17,9 @@
 #                      [speculative]  (issue 17: prompt-lookup speculation on SmolLM2-shaped random weights)
 #                      [hybrid_decode]  (issue 19: Qwen3.5-MoE vs Qwen3-30B-A3B-shaped layers, decode step at batch
 #                                    1/64/256 -> $OUT/hybrid_decode/hybrid_vs_moe.json)
-#                      [gdn_kernels]  (issue 19: GDN decode step Triton vs torch ref, batch 1/64/256; ref prefill tok/s)
+#                      [gdn_kernels]  (issue 19: GDN decode step Triton vs torch ref, batch 1/64/256; prefill tok/s
+#                                      Triton chunk 32/64/128 vs torch ref, 4k/16k tokens)
+#                      [vision]  (issue 21: Qwen3-VL-8B vision tower img/s ours vs HF; image TTFT co-located vs EPD)
 #                      [ep8_deepep] [ep8_dsv3] [ep8_qwen3]  (8 GPUs, issue 7: one per run call)
 # (default: all but libs and compare). libs: the library adapters' GPU tests (flashinfer, deep_gemm,
 # flash_mla; each skipped when it does not import). compare: triton vs flashinfer paged decode and
@@ -90,7 +94,8 @@ for r in rows:
 with open(f"{sys.argv[1]}/fp8_moe.json", "w") as fh:
     json.dump(rows, fh, indent=1)
 PY
-    ;;
+      run fp8_moe_small python3 -c "from bench.kernels.libs import run_fp8_experts_small as r; r('$OUT')" ;;
+    fp8_moe_small) run fp8_moe_small python3 -c "from bench.kernels.libs import run_fp8_experts_small as r; r('$OUT')" ;;
     # issue 16, FP8 KV vs bf16 KV in the same run: paged decode attention at 4k, Qwen3-8B decode at 32k
     # (batch 16; bf16 KV may not fit an 80 GB card: the row says so), the reference offline workload
     kv_fp8_attention) run kv_fp8_attention python3 bench/attention.py --kv-dtype both --contexts 4096 \
@@ -145,6 +150,7 @@ json.dump({"benchmark": "hybrid_decode", "layers": 8, "context": 1024, "machine"
 PY
       ;;
     gdn_kernels) run gdn_kernels python3 bench/gdn_kernels.py --out "$OUT/gdn_kernels" ;;
+    vision) run vision python3 bench/vision.py --device cuda --out "$OUT/vision" ;;
     # issue 7, an 8-GPU host, one stage per run call (each fits the 10-minute limit): DeepEP EP8 latency,
     # then DeepSeek-V3 (3 layers, ~51 GB: the 1-GPU reference fits) and Qwen3-30B-A3B layers, tp=1 vs 8x8
     ep8_deepep) run ep8_deepep env NANOFORGE_EP_RANKS=8 OUT="$OUT" python3 -m pytest -m gpu -q -s -p no:cacheprovider \
@@ -218,6 +224,7 @@ grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null
 grep -hE "passed|failed|error" "$OUT/libs.log" 2>/dev/null | tail -2
 grep -hE "^(decode ctx|moe T|[a-z_]+ skipped:)" "$OUT/compare.log" 2>/dev/null
 grep -hE "^fp8 moe T|^fp8_moe skipped" "$OUT/fp8_moe.log" 2>/dev/null
+grep -hE "^fp8 moe small" "$OUT/fp8_moe_small.log" 2>/dev/null
 grep -hE "^heads .* ctx .* batch" "$OUT/mla.log" 2>/dev/null
 grep -hE "fp8|bf16|speedup" "$OUT/kv_fp8_attention.log" 2>/dev/null | tail -6
 grep -hE "floor|skipped" "$OUT/kv_fp8_decode.log" 2>/dev/null
@@ -225,3 +232,4 @@ grep -hE "^offline kv" "$OUT/kv_fp8_offline.log" 2>/dev/null
 grep -hE "^dsa decode|capture failed" "$OUT/dsa_decode.log" 2>/dev/null
 grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/null
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
+grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null

@@ -37,5 +37,8 @@ def test_gdn_kernels_smoke(tmp_path):
     r = smoke("gdn_kernels.py", tmp_path)
     assert r["smoke"] and [row["batch"] for row in r["decode"]] == [1, 4]
     assert all(row["max_rel_diff_vs_reference"] < 1e-4 and row["triton_us"] > 0 for row in r["decode"])
-    assert r["prefill"]["torch_ref_tokens_per_s"] > 0
+    ref, *triton_rows = r["prefill"]
+    assert ref["kernel"] == "torch_ref" and ref["tokens_per_s"] > 0
+    assert [(row["chunk"], row["block_v"]) for row in triton_rows] == [(16, 32), (32, 32), (64, 16)]
+    assert all(row["max_rel_diff_vs_reference"] < 1e-4 and row["tokens_per_s"] > 0 for row in triton_rows)
     assert {"card", "versions", "config", "ratio", "machine"} <= set(r)

@@ -41,7 +41,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **over):
+    """`over`: config fields to change (tests/test_gpu_dsa_libs.py: the dims the GPU libraries take)."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, moe_intermediate_size=48,
@@ -50,6 +51,7 @@ def tiny_config(arch: str):
                   n_shared_experts=1, norm_topk_prob=True, index_topk=TOPK[arch], index_head_dim=16,
                   index_n_heads=8, max_position_embeddings=512, bos_token_id=0, eos_token_id=2, pad_token_id=None,
                   initializer_range=0.12, tie_word_embeddings=False)
+    common.update(over)
     if arch == "deepseek_v32":  # YaRN: the indexer's rope carries the attention factor too
         return tf.DeepseekV32Config(
             v_head_dim=16, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2, rms_norm_eps=1e-6,
@@ -62,14 +64,14 @@ def tiny_config(arch: str):
         **common)
 
 
-def make_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
+def make_checkpoint(arch: str, out: Path, seed: int = 0, **over) -> Path:
     """Seeded random weights as HF initialises them (std 0.12), every norm weight (RMSNorm and the
     indexer's LayerNorm) 1 + 0.1 randn, LayerNorm biases and router score biases 0.1 randn."""
     import transformers as tf
 
     torch.manual_seed(seed)
     with _quiet_transformers():
-        model = tf.AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+        model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, **over), dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, mod in model.named_modules():

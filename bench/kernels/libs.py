@@ -2,7 +2,10 @@
 kernels' benchmarks: bench_flashinfer_decode (vs bench/kernels/attention.py's bench_paged_decode)
 and bench_deep_gemm_grouped (vs bench/kernels/moe.py's bench_moe); bench/gpu_check.sh stage
 `compare` runs both. bench_deep_gemm_fp8_grouped: DeepSeek-V3's block-FP8 routed experts on
-DeepGEMM's FP8 grouped GEMMs vs the Triton bf16 fused experts (stage `fp8_moe`). The adapters are
+DeepGEMM's FP8 grouped GEMMs vs the Triton bf16 fused experts (stage `fp8_moe`);
+bench_fp8_experts_small: the same experts at decode sizes, Triton's small-batch FP8 kernels
+(kernels/triton/moe_fp8.py) vs DeepGEMM's masked GEMMs, with a tile sweep (stage `fp8_moe_small`,
+also run at the end of `fp8_moe`). The adapters are
 imported inside the functions, so this module imports without the libraries (calling a function
 without its library raises the adapter's ImportError).
 """
@@ -183,3 +186,129 @@ def bench_deep_gemm_fp8_grouped(Ts: int | Sequence[int] = (1, 64, 128, 4096), E:
         del outs
         torch.cuda.empty_cache()
     return rows
+
+
+# SmallCfg fields: block_m, gu_block_n, dn_block_n, num_warps, num_stages; the first is small_config's default
+SMALL_SWEEP = ((16, 64, 64, 4, 4), (16, 32, 64, 4, 4), (16, 128, 128, 8, 4), (16, 64, 128, 4, 3),
+               (16, 32, 32, 4, 4), (16, 128, 64, 4, 4))
+
+
+def bench_fp8_experts_small(Ts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), E: int = 256, top_k: int = 8,
+                            H: int = 7168, I: int = 2048, *, configs: int = 4, sweep_ts: Sequence[int] = (1, 16),
+                            seed: int = 0) -> dict:
+    """Small-batch W8A8 experts (triton/moe_fp8.py) against DeepGEMM's masked grouped GEMMs on DeepSeek-V3's
+    routed experts (defaults: 256 x gate/up [2048, 7168] + down [7168, 2048] e4m3, f32 128x128 scales: 11 GB,
+    built from random bytes in about a second), softmax top-k routing renormalized, CUDA-graph-replayed
+    median ms of one layer's experts per T (routing outside the timing). Each replay streams the routed
+    experts from HBM (they are far beyond L2). Per T:
+      triton_small  moe_fp8.fused_experts_fp8 with its small_config (what the provider runs up to SMALL_MAX_T)
+      deep_gemm     deep_gemm_ops.fused_experts with small_max_t=0: the masked layout (T <= MASKED_MAX_T)
+    gbps = bytes of the experts the routing touches (e4m3 + scales) / ms; rel_diff = ||small - deep_gemm|| /
+    ||deep_gemm|| (the same W8A8 math: summation order and roundings only). `sweep`: the first `configs`
+    of SMALL_SWEEP at sweep_ts (the first is the default table's). crossover_t: the largest T up to which
+    triton_small beat deep_gemm at every measured T (the candidate for deep_gemm_ops.SMALL_MAX_T)."""
+    from triton.testing import do_bench_cudagraph
+
+    from nanoforge.kernels.triton import moe_fp8
+    from nanoforge.kernels.triton.moe import select_experts
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def stack(n, k):  # e4m3 values N(0, 1) (|x| < 448: no saturation), scales ~ k^-0.5: weights ~ N(0, 1/k)
+        q = torch.empty(E, n, k, dtype=torch.float8_e4m3fn, device=dev)
+        for e0 in range(0, E, 32):
+            q[e0:e0 + 32] = torch.randn(min(32, E - e0), n, k, device=dev, dtype=torch.bfloat16, generator=g)
+        s = (torch.rand(E, -(-n // 128), -(-k // 128), device=dev, generator=g) + 0.5) * k ** -0.5
+        return q, s
+
+    (gq, gs), (uq, us), (dq, ds) = stack(I, H), stack(I, H), stack(H, I)
+    scales = (gs, us, ds)
+    router = torch.randn(E, H, device=dev, dtype=torch.bfloat16, generator=g) * H ** -0.5
+    try:
+        from nanoforge.kernels.libs import deep_gemm_ops as D
+        dg_error = None
+    except ImportError as exc:  # the Triton numbers stand alone
+        D, dg_error = None, f"{type(exc).__name__}: {exc}"[:300]
+    out: dict = {"device": torch.cuda.get_device_name(dev), "E": E, "top_k": top_k, "H": H, "I": I, "rows": [],
+                 "sweep": []}
+    if D is not None:
+        out["small_max_t"] = D.SMALL_MAX_T
+
+    def problem(T):
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g)
+        weights, ids = select_experts(x, router, None, num_experts=E, top_k=top_k, scoring="softmax")
+        active = int((torch.bincount(ids.reshape(-1), minlength=E) > 0).sum())  # host sync: setup only
+        return x, weights, ids, active * (3 * H * I + 4 * (gs[0].numel() + us[0].numel() + ds[0].numel())), active
+
+    def timed(fn):
+        res = fn().float()  # compile / JIT + warm up outside the capture
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, return_mode="median"), res
+
+    for T in Ts:
+        x, weights, ids, nbytes, active = problem(T)
+        row = dict(T=T, active_experts=active, touched_bytes=nbytes,
+                   small_config=list(moe_fp8.small_config(T * top_k, E)))
+        outs = {}
+        runs = {"triton_small": lambda: moe_fp8.fused_experts_fp8(x, weights, ids, gq, uq, dq, scales, num_experts=E,
+                                                                   renormalize=True)}
+        if D is not None:
+            runs["deep_gemm"] = lambda: D.fused_experts(x, weights, ids, gq, uq, dq, num_experts=E, scales=scales,
+                                                        renormalize=True, small_max_t=0)
+        else:
+            row["deep_gemm_error"] = dg_error
+        for name, fn in runs.items():
+            try:
+                ms, outs[name] = timed(fn)
+                row[f"{name}_ms"], row[f"{name}_gbps"] = ms, nbytes / ms * 1e-6
+            except Exception as exc:  # noqa: BLE001 - a comparison: say why a variant is missing
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if len(outs) == 2:
+            row["rel_diff"] = ((outs["triton_small"] - outs["deep_gemm"]).norm() / outs["deep_gemm"].norm()).item()
+        if "triton_small_ms" in row and "deep_gemm_ms" in row:
+            row["speedup_vs_deep_gemm"] = row["deep_gemm_ms"] / row["triton_small_ms"]
+        out["rows"].append(row)
+    for T in sweep_ts:
+        x, weights, ids, nbytes, _ = problem(T)
+        for cfg in SMALL_SWEEP[:configs]:
+            c = moe_fp8.SmallCfg(*cfg)
+            try:
+                ms, _ = timed(lambda: moe_fp8.fused_experts_fp8(x, weights, ids, gq, uq, dq, scales, num_experts=E,
+                                                                 renormalize=True, config=c))
+                out["sweep"].append(dict(T=T, config=list(cfg), ms=ms, gbps=nbytes / ms * 1e-6))
+            except Exception as exc:  # noqa: BLE001 - e.g. a tile that does not fit shared memory
+                out["sweep"].append(dict(T=T, config=list(cfg), error=f"{type(exc).__name__}: {exc}"[:200]))
+    crossover = 0
+    for r in out["rows"]:
+        if r.get("speedup_vs_deep_gemm", 0) <= 1:
+            break
+        crossover = r["T"]
+    out["crossover_t"] = crossover if D is not None else None
+    return out
+
+
+def run_fp8_experts_small(out_dir: str) -> dict:
+    """bench/gpu_check.sh stage fp8_moe_small (and the end of stage fp8_moe): bench_fp8_experts_small at
+    DeepSeek-V3's size, one line per T and per swept config, JSON to out_dir/fp8_moe_small.json."""
+    import json
+    import time
+
+    t0 = time.time()
+    res = bench_fp8_experts_small()
+    res["wall_s"] = time.time() - t0
+    for r in res["rows"]:
+        line = f"fp8 moe small T {r['T']:3d} ({r['active_experts']} experts):"
+        for k in ("triton_small", "deep_gemm"):
+            line += (f" {k} {r[k + '_ms'] * 1e3:.1f} us {r[k + '_gbps']:.0f} GB/s |" if k + "_ms" in r
+                     else f" {k} failed: {r.get(k + '_error', '?')[:80]} |")
+        print(line + f" speedup {r.get('speedup_vs_deep_gemm', float('nan')):.2f} "
+                     f"rel_diff {r.get('rel_diff', float('nan')):.4f}", flush=True)
+    for s in res["sweep"]:
+        print(f"fp8 moe small sweep T {s['T']:3d} cfg {s['config']}: "
+              + (f"{s['ms'] * 1e3:.1f} us {s['gbps']:.0f} GB/s" if "ms" in s else f"failed: {s['error'][:80]}"))
+    print(f"fp8 moe small: crossover T {res['crossover_t']} (SMALL_MAX_T {res.get('small_max_t')}), "
+          f"{res['wall_s']:.0f} s")
+    with open(f"{out_dir}/fp8_moe_small.json", "w") as fh:
+        json.dump(res, fh, indent=1)
+    return res

@@ -56,13 +56,17 @@ def _cpu_probe(target: Target) -> str | None:
     return None if target.device == "cpu" else "runs on the CPU target only"
 
 
-def _lib_probe(name: str) -> Callable[[Target], str | None]:
+def _lib_probe(name: str, adapter: str | None = None) -> Callable[[Target], str | None]:
     """Probe of a third-party kernel library (kernels/libs): cheap target checks, then a
-    lookup, then the adapter's import with its version check; never raises."""
+    lookup, then the adapter's import with its version check; never raises. `adapter`: another
+    adapter module of the same library than its Lib's."""
     def probe(target: Target) -> str | None:
+        from dataclasses import replace
+
         from ..kernels import libs
 
-        return libs.probe(libs.LIBS[name], target)
+        lib = libs.LIBS[name]
+        return libs.probe(replace(lib, adapter=adapter) if adapter else lib, target)
 
     probe.__name__ = f"_{name}_probe"
     return probe
@@ -79,11 +83,38 @@ def _flash_mla_first(attrs: dict) -> bool:
             and attrs.get("out_dtype") == "bf16" and attrs.get("heads", 0) >= FLASH_MLA_MIN_HEADS)
 
 
+def _flash_mla_sparse_refuses(op: str, attrs: dict) -> str | None:
+    """Why FlashMLA's SM90 sparse kernel cannot run a sparse_mla node (kernels/libs/flash_mla_sparse.py)."""
+    if op != "sparse_mla":
+        return None
+    if attrs.get("kv_dtype"):
+        return (f"its sparse kernel reads bf16 entries (the plan keeps KV in {attrs['kv_dtype']}; the pinned "
+                "FlashMLA's FP8 sparse decode wants DeepSeek's 656-byte layout)")
+    if attrs.get("kv_lora_rank") != 512 or attrs.get("qk_rope_head_dim") != 64:
+        return (f"its sparse kernel takes a latent of 512 + rope 64 (this layer: {attrs.get('kv_lora_rank')} + "
+                f"{attrs.get('qk_rope_head_dim')})")
+    if attrs.get("out_dtype", "bf16") != "bf16":
+        return f"its sparse kernel runs bf16 (the plan runs {attrs['out_dtype']})"
+    return None
+
+
+def _deep_gemm_indexer_refuses(op: str, attrs: dict) -> str | None:
+    """Why DeepGEMM's paged MQA logits cannot score an indexer node (kernels/libs/deep_gemm_indexer.py)."""
+    if op != "indexer":
+        return None
+    if attrs.get("kv_dtype") != "fp8_e4m3":
+        return "its paged MQA logits read FP8 keys with per-token scales (compile with --kv-dtype fp8)"
+    if attrs.get("head_dim") != 128 or not 0 < attrs.get("heads", 0) <= 64:
+        return (f"its SM90 paged MQA logits take index head dim 128 and at most 64 heads (this layer: "
+                f"{attrs.get('heads')} x {attrs.get('head_dim')})")
+    return None
+
+
 TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe",
                         "grouped_experts", "linear",  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
                         # graph safe in decode-only batches (the only ones captured): gdn's decode rows run the
                         # conv-update and recurrent-step kernels on device state rows (prefill rows, eager only,
-                        # go through the torch reference's chunked rule); indexer (scores + torch.topk) and
+                        # go through the chunked kernels of gdn_prefill.py); indexer (scores + torch.topk) and
                         # sparse_mla size their grids from shapes and read rows' sequences on the device
                         "gdn", "indexer", "sparse_mla"})
 
@@ -111,10 +142,12 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
     # first for the W8A8 FP8 linears (H100: 0.75-1.9x bf16 cuBLAS, the Triton W8A8 GEMM 0.08-0.99x;
     # bench/results/fp8/), which its adapter sends to fp8_gemm_nt or, off its checked shapes, to Triton;
     # and for W8A8 block-FP8 MoE experts (moe / grouped_experts, act_quant=128): m-grouped FP8 GEMMs
-    # (masked layout for decode, contiguous above; graph safe), off SM90 or its shapes Triton's experts
+    # (masked layout for decode, contiguous above; graph safe), off SM90 or its shapes Triton's experts;
+    # batches of up to deep_gemm_ops.SMALL_MAX_T tokens run its experts on triton/moe_fp8.py instead
     Provider("deep_gemm", "nanoforge.kernels.libs.deep_gemm_ops", frozenset({"linear", "moe", "grouped_experts"}),
              _lib_probe("deep_gemm"), first_for=lambda op, attrs: attrs.get("act_quant") == 128,
-             first_note="W8A8 block-FP8 GEMMs (fp8_gemm_nt, m-grouped FP8 experts; bench/results/fp8/)"),
+             first_note="W8A8 block-FP8 GEMMs (fp8_gemm_nt, m-grouped FP8 experts; experts of batches up to 32 "
+                        "tokens on the Triton small-batch FP8 kernels; bench/results/fp8/)"),
     # first for MLA attention: absorbed decode on FlashMLA's dense SM90 kernel (64-token pages, so
     # plan_memory picks block 64 for its plans), prefill and mixed steps on the Triton kernel
     Provider("flash_mla", "nanoforge.kernels.libs.flash_mla_decode", frozenset({"attention"}), _lib_probe("flash_mla"),
@@ -123,6 +156,23 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              refuses=_bf16_kv_only("the pinned FlashMLA's dense decode reads bf16 latents only"),
              first_note=f"MLA decode with >= {FLASH_MLA_MIN_HEADS} heads on FlashMLA's dense SM90 kernel "
                         "(2.6-3.5x Triton's at batch >= 32 on an H100: bench/kernels/mla_decode.py)"),
+    # first for sparse_mla (DeepSeek-V3.2, GLM-5) where it fits: FlashMLA's SM90 sparse kernel (bf16
+    # [latent 512 | rope 64] rows by flat pool index, heads padded to 64 / 128; any block size), decode
+    # and prefill rows alike; the Triton kernel where it does not (kernels/libs/flash_mla_sparse.py).
+    # bench/dsa_decode.py times it beside Triton's sparse and both dense decodes.
+    Provider("flash_mla_sparse", "nanoforge.kernels.libs.flash_mla_sparse", frozenset({"sparse_mla"}),
+             _lib_probe("flash_mla", "nanoforge.kernels.libs.flash_mla_sparse"),
+             first_for=lambda op, attrs: _flash_mla_sparse_refuses(op, attrs) is None,
+             refuses=_flash_mla_sparse_refuses,
+             first_note="DSA's sparse MLA on FlashMLA's SM90 sparse kernel (DeepSeek's own; bench/dsa_decode.py)"),
+    # first for the indexer of --kv-dtype fp8 plans: decode steps score on DeepGEMM's paged FP8 MQA logits
+    # (the kernel DeepSeek's inference runs; 64-token pages on SM90, so plan_memory picks block 64),
+    # prefill and mixed steps on the Triton kernel (kernels/libs/deep_gemm_indexer.py)
+    Provider("deep_gemm_indexer", "nanoforge.kernels.libs.deep_gemm_indexer", frozenset({"indexer"}),
+             _lib_probe("deep_gemm", "nanoforge.kernels.libs.deep_gemm_indexer"),
+             first_for=lambda op, attrs: _deep_gemm_indexer_refuses(op, attrs) is None,
+             refuses=_deep_gemm_indexer_refuses, block_sizes={"indexer": (64,)},
+             first_note="FP8 indexer keys scored on DeepGEMM's fp8_paged_mqa_logits in decode steps"),
     # forced as a trio (select_kernels); graph-safe in low-latency mode, which every captured batch
     # uses (plan_deep_ep: max_num_seqs <= the cap; with the cap 0 it records why there are no graphs)
     Provider("deep_ep", "nanoforge.kernels.libs.deep_ep_ops",

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ..kv_contract import KVContract
+from .dsa_layouts import alloc_index_keys
+from .fp8 import FP8
 
 
 @dataclass
@@ -81,7 +83,8 @@ def allocate_pool(contract: KVContract, num_blocks: int,
     [num_blocks, block_size, *shape], then (quantized KV) one per scale shape in the scale dtype:
     GQA (k, v) or (k, v, k_scale, v_scale), MLA (entry,) or (entry, scale), DSA (entry, index_k) or
     (entry, index_k, entry_scale, index_k_scale). Indexed by the
-    attention node's `layer` attr."""
+    attention node's `layer` attr. An FP8 DSA layer's index_k and index_k_scale are views of one buffer,
+    per block the keys then their f32 scales (dsa_layouts.alloc_index_keys: DeepGEMM's paged layout)."""
     dtype, bs = TORCH_DTYPES[contract.dtype], contract.block_size
     scale_dtype = TORCH_DTYPES[contract.scale_dtype] if contract.scale_dtype else None
     pool: list[tuple[torch.Tensor, ...]] = []
@@ -89,6 +92,9 @@ def allocate_pool(contract: KVContract, num_blocks: int,
         assert layer.layer == i, "KV contract layers must be numbered 0..L-1"
         values = [torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer.shapes]
         scales = [torch.ones(num_blocks, bs, *shape, dtype=scale_dtype, device=device) for shape in layer.scale_shapes]
+        if layer.kind == "dsa" and scales and dtype == FP8 and scale_dtype == torch.float32 \
+                and tuple(layer.scale_shapes[1]) == (1,) and len(layer.shapes[1]) == 1 and layer.shapes[1][0] % 4 == 0:
+            values[1], scales[1] = alloc_index_keys(num_blocks, bs, layer.shapes[1][0], device)
         pool.append(tuple(values + scales))
     return pool
 

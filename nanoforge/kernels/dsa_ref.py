@@ -30,23 +30,27 @@ def dsa_pool(ctx: BatchContext, layer: int) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, scale: torch.Tensor | None) -> None:
-    """values [T, D] into pool rows `slots` (-1: skip); FP8 with a scale per token when `scale` is given."""
-    keep = slots >= 0
-    flat = cache.view(-1, cache.shape[-1])
+    """values [T, D] into pool rows `slots` (-1: skip); FP8 with a scale per token when `scale` is given.
+    Indexed by (block, offset), not through a flat view: an FP8 pool's indexer keys and scales are strided
+    views of one buffer (context.allocate_pool)."""
+    keep = slots[slots >= 0]
+    blk, off = keep // cache.shape[1], keep % cache.shape[1]
+    rows = values[slots >= 0]
     if scale is None:
-        flat[slots[keep]] = values[keep].to(cache.dtype)
+        cache[blk, off] = rows.to(cache.dtype)
         return
-    q, s = fp8.quantize_kv(values[keep][:, None, :])
-    flat[slots[keep]] = q[:, 0]
-    scale.view(-1)[slots[keep]] = s[:, 0]
+    q, s = fp8.quantize_kv(rows[:, None, :])
+    cache[blk, off] = q[:, 0]
+    scale[blk, off] = s
 
 
 def read(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Pool rows `slots` [L, D] in `dtype`, dequantized when the pool holds FP8 with scales."""
-    rows = cache.view(-1, cache.shape[-1])[slots]
+    blk, off = slots // cache.shape[1], slots % cache.shape[1]
+    rows = cache[blk, off]
     if scale is None:
         return rows.to(dtype)
-    return fp8.dequantize_kv(rows[:, None, :], scale.view(-1)[slots][:, None], dtype)[:, 0]
+    return fp8.dequantize_kv(rows[:, None, :], scale[blk, off], dtype)[:, 0]
 
 
 def rope_front(x: torch.Tensor, positions: torch.Tensor, heads: int, *, head_dim: int, rope_dim: int, style: str,

@@ -1,4 +1,6 @@
-"""Adapters over third-party kernel libraries (FlashInfer, DeepGEMM, FlashMLA, DeepEP), one module each.
+"""Adapters over third-party kernel libraries (FlashInfer, DeepGEMM, FlashMLA, DeepEP), one module each
+(and one per further use of a library: flash_mla_sparse.py and deep_gemm_indexer.py for DeepSeek sparse
+attention, probed through providers._lib_probe with their own adapter).
 
 Each module imports its library at import time and raises ImportError naming the installed and
 the required version when the build is not the one checked on the GPU machines

@@ -22,9 +22,13 @@ experts). bf16: m_grouped_bf16_gemm_nt_contiguous. Block FP8 (DeepSeek-V3's e4m3
 128x128 `w_*_scale_inv`) in a W8A8 plan (attr act_quant=128, as for linears): x quantized once per
 token and 128 columns, h = silu(g) * u quantized the same way before the down GEMM, the checkpoint's
 scales as stored, on m_grouped_fp8_gemm_nt_contiguous (prefill, T > MASKED_MAX_T) or _masked
-(decode). Against weight-only experts (widened weights, bf16 x and h) that is 4-5% relative
-(Frobenius, random layers; one W8A8 linear: 2.6%, triton/fp8_gemm.py). Weight-only plans, and shapes
-or GPUs these kernels were not checked on (`experts_ok`), get the Triton provider's experts.
+(decode), except at T <= SMALL_MAX_T tokens: there triton/moe_fp8.py's small-batch kernels run the same
+W8A8 math reading only the routed experts' tiles (the masked GEMM streams 8 experts at ~1.2 TB/s on one
+token: bench/results/fp8/; bench/kernels/libs.py's bench_fp8_experts_small times both), H and I of any
+size (`small_experts_ok`; DeepGEMM's need multiples of 128). Against
+weight-only experts (widened weights, bf16 x and h) that is 4-5% relative (Frobenius, random layers;
+one W8A8 linear: 2.6%, triton/fp8_gemm.py). Weight-only plans, and shapes or GPUs these kernels were
+not checked on (`experts_ok`), get the Triton provider's experts.
 `fused_experts` says what was read in the wheel.
 """
 from __future__ import annotations
@@ -39,7 +43,7 @@ deep_gemm = import_library(DEEP_GEMM)
 if (_err := version_error(DEEP_GEMM, getattr(deep_gemm, "__version__", None))) is not None:
     raise _err
 
-__all__ = ["linear", "gemm_ok", "fp8_gemm_ok", "bf16_experts_ok", "fp8_experts_ok", "experts_ok",
+__all__ = ["linear", "gemm_ok", "fp8_gemm_ok", "bf16_experts_ok", "fp8_experts_ok", "small_experts_ok", "experts_ok",
            "contiguous_layout", "masked_layout", "fused_experts", "grouped_experts", "moe"]
 
 
@@ -97,6 +101,8 @@ def linear(x, weight, bias=None, weight_scale_inv=None, fp8_block=None, act_quan
 # ---------------------------------------------------------------------------------------------
 # MoE experts: layouts. Both are built on the device with shapes from T alone: no host sync.
 # ---------------------------------------------------------------------------------------------
+SMALL_MAX_T = 32  # FP8 experts: up to this many tokens the Triton small-batch kernels (triton/moe_fp8.py), above
+# them DeepGEMM's grouped GEMMs. A first guess (H100): re-pick it from bench_fp8_experts_small's crossover
 MASKED_MAX_T = 128  # FP8 experts: up to this many rows the masked layout (decode), above it the contiguous one
 MASKED_M = 128  # rows per expert in the masked buffers: >= MASKED_MAX_T (top-k ids are distinct, so an expert
 # gets a row at most once), and a multiple of every BLOCK_M SM90's masked GEMM picks (64 or 128 in DeepGEMM's
@@ -228,12 +234,13 @@ def _fp8_experts(x, ids, gate, up, down, *, w13, num_experts, expected_m):
 
 
 def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, renormalize=False, norm_eps=0.0,
-                  scale=1.0, scales=None, w13=None, w13_scale_inv=None, routed_experts=None):
+                  scale=1.0, scales=None, w13=None, w13_scale_inv=None, routed_experts=None, small_max_t=None):
     """triton moe.fused_experts' contract on DeepGEMM: sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
     w = weights (/ (sum + norm_eps) if renormalize) * scale rounded to x.dtype, for ids < num_experts
     (others add nothing). x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I]; w13 = cat([w_gate, w_up], 1)
     (and its scales for FP8: cat along dim 1, so I % 128 == 0) runs gate+up as one GEMM. `scales`
-    (gate, up, down f32 128x128 scales) selects the W8A8 path (`_fp8_experts`); expected_m, the masked
+    (gate, up, down f32 128x128 scales) selects the W8A8 path: up to `small_max_t` tokens (default
+    SMALL_MAX_T) triton/moe_fp8.py's fused_experts_fp8, above `_fp8_experts`; expected_m, the masked
     GEMM's config hint, is T * top_k / routed_experts (the model's expert count; default num_experts).
 
     Read in the tokenspeed-deepgemm 2.5.0.post20260424 wheel: deep_gemm/__init__.py exports
@@ -253,6 +260,13 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, renorma
     if T == 0:  # an idle EP rank's empty batch launches nothing
         return torch.zeros_like(x)
     top_k = ids.shape[1]
+    if scales is not None and T <= (SMALL_MAX_T if small_max_t is None else small_max_t):
+        from ..triton.moe_fp8 import fused_experts_fp8, small_fp8_ok
+
+        # w13 is not needed there: gate and up tiles are read side by side from w_gate and w_up
+        if small_fp8_ok(x, w_gate, w_up, w_down, scales, [128, 128]):
+            return fused_experts_fp8(x, weights, ids, w_gate, w_up, w_down, scales, num_experts=num_experts,
+                                     renormalize=renormalize, norm_eps=norm_eps, scale=scale)
     if scales is None:
         y = _bf16_experts(x, ids, w_gate, w_up, w_down, w13=w13, num_experts=num_experts)
     else:
@@ -295,14 +309,28 @@ def bf16_experts_ok(x, w_gate, w_up, w_down) -> bool:
             and H % 64 == 0 and I % 64 == 0 and all(w.is_contiguous() for w in (w_gate, w_up, w_down)))
 
 
+def small_experts_ok(x, w_gate, w_up, w_down, scales, block) -> bool:
+    """Whether triton/moe_fp8.py's small-batch kernels take these FP8 experts at this batch on SM90: up
+    to SMALL_MAX_T tokens of bf16 x, 128x128 blocks, any H and I (partial blocks included)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] <= SMALL_MAX_T
+            and torch.cuda.get_device_capability(x.device) == (9, 0)):
+        return False
+    from ..triton.moe_fp8 import small_fp8_ok
+
+    return small_fp8_ok(x, w_gate, w_up, w_down, scales, block)
+
+
 def experts_ok(x, w_gate, w_up, w_down, attrs: dict) -> bool:
-    """Whether the DeepGEMM experts run this node; else the Triton provider's. Block-FP8 experts only in
-    a W8A8 plan (attr act_quant=128, set by quantize_weights): the FP8 GEMMs quantize the activations,
-    so a weight-only plan keeps the widened experts' math."""
+    """Whether the DeepGEMM experts run this node (or, at small batches, the Triton small-batch FP8
+    kernels, whose shape rules are looser); else the Triton provider's. Block-FP8 experts only in a W8A8
+    plan (attr act_quant=128, set by quantize_weights): the FP8 GEMMs quantize the activations, so a
+    weight-only plan keeps the widened experts' math."""
     scales = _scales(attrs)
     if scales is None:
         return bf16_experts_ok(x, w_gate, w_up, w_down)
-    return attrs.get("act_quant") == 128 and fp8_experts_ok(x, w_gate, w_up, w_down, scales, attrs.get("fp8_block"))
+    block = attrs.get("fp8_block")
+    return attrs.get("act_quant") == 128 and (fp8_experts_ok(x, w_gate, w_up, w_down, scales, block)
+                                              or small_experts_ok(x, w_gate, w_up, w_down, scales, block))
 
 
 def moe(x, router, w_gate, w_up, w_down, score_bias=None, *, num_experts, top_k, scoring, norm_topk_prob=False,

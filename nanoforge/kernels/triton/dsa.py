@@ -193,8 +193,10 @@ def indexer(x, q, k, positions, weights_proj, k_norm, k_norm_bias, *, ctx, layer
 
 
 def sparse_mla(q, latent, k_rope, token_ids, kv_b_proj, *, ctx, layer, heads, qk_nope_head_dim, qk_rope_head_dim,
-               v_head_dim, kv_lora_rank, scale, **_):
-    """torch_ref.sparse_mla's contract, in absorbed form: W_uk folded into the queries, W_uv after."""
+               v_head_dim, kv_lora_rank, scale, attend=None, **_):
+    """torch_ref.sparse_mla's contract, in absorbed form: W_uk folded into the queries, W_uv after.
+    `attend`: another kernel for the latent attention, attend(q_full, cache, token_ids, rows, ctx, scale=)
+    -> [T, H, r] (libs/flash_mla_sparse.py); None: sparse_latent_attention."""
     T, h, nope, vd, r = q.shape[0], heads, qk_nope_head_dim, v_head_dim, kv_lora_rank
     cache, cache_scale, _, _ = dsa_pool(ctx, layer)
     store_kv(cache, None, torch.cat([latent, k_rope], dim=-1), None, ctx.slot_mapping, k_scale=cache_scale)
@@ -203,5 +205,8 @@ def sparse_mla(q, latent, k_rope, token_ids, kv_b_proj, *, ctx, layer, heads, qk
     q_lat = torch.bmm(qh[..., :nope].transpose(0, 1), w[:, :nope, :])  # [h, T, r]
     q_full = torch.cat([q_lat.transpose(0, 1), qh[..., nope:]], dim=-1).contiguous()
     rows = row_positions(ctx.query_start, ctx.context_lens, T)
-    o_lat = sparse_latent_attention(q_full, cache, cache_scale, token_ids, rows, ctx.block_tables, r=r, scale=scale)
+    if attend is not None:
+        o_lat = attend(q_full, cache, token_ids, rows, ctx, scale=scale)
+    else:
+        o_lat = sparse_latent_attention(q_full, cache, cache_scale, token_ids, rows, ctx.block_tables, r=r, scale=scale)
     return torch.bmm(o_lat.transpose(0, 1), w[:, nope:, :].transpose(1, 2)).transpose(0, 1).reshape(T, h * vd)

@@ -8,13 +8,14 @@ reference in kernels/hybrid_ref.py:
                             writes the sequence's f32 state row in place; one program per (sequence,
                             value head, block of value dims) since the rule is separable along them
   gdn                       the `gdn` op with torch_ref's signature: decode rows through the two kernels
-                            (+ the gated norm in torch), other rows (prefill chunks) through the reference
+                            (+ the gated norm in torch), prefill sequences through gdn_prefill.py's
+                            varlen conv and chunked delta rule
 
 State rows come from ctx.state_slots (device i64); a row whose sequence is at position 0 (context of 1)
 starts from zeros; slot -1 (a CUDA graph's padding row) reads a zero state and stores none. A decode-only
 batch runs without host syncs, so the `triton` provider lists `gdn` as graph safe (only decode-only batches
-are captured; runtime/cuda_graphs.py carries the state slots). Mixed steps build their row lists on the
-host and run prefill chunks through the reference: the Triton chunked prefill kernel is not written yet.
+are captured; runtime/cuda_graphs.py carries the state slots). Mixed and prefill steps build their row
+lists on the host (never captured) and run their prefill sequences through gdn_prefill.py.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import hybrid_ref
+from . import gdn_prefill
 
 
 @triton.jit
@@ -127,23 +129,37 @@ def _decode_rows(qkv, z, b, a, params: dict, attrs: dict, *, pool: tuple, slots:
 
 
 def gdn(qkv, z, b, a, *, conv, dt_bias, A_log, norm, ctx, layer, **attrs):
-    """The gdn op: a decode-only batch entirely on the device; in a mixed step the decode rows here and
-    the prefill chunks through the torch reference (its chunked rule), each reading its own state row."""
+    """The gdn op: a decode-only batch entirely on the device; in a mixed or prefill step the prefill
+    sequences through the chunked kernels (gdn_prefill.py) and the decode rows through the step kernels,
+    each sequence reading and writing its own state row."""
     params = {"conv": conv, "dt_bias": dt_bias, "A_log": A_log, "norm": norm}
     if not ctx.state:
         return hybrid_ref.gdn(qkv, z, b, a, ctx=ctx, layer=layer, **params, **attrs)  # it explains what is missing
     pool = ctx.state[layer]
     if ctx.max_query_len <= 1:
         return _decode_rows(qkv, z, b, a, params, attrs, pool=pool, slots=ctx.state_slots, fresh=ctx.context_lens == 1)
-    seqs = ctx.seqs
-    decode = [i for i, s in enumerate(seqs) if s.q_len == 1]
-    out = qkv.new_empty(qkv.shape[0], attrs["v_heads"] * attrs["v_head_dim"])
-    hybrid_ref.run_sequences((qkv, z, b, a), params, attrs, ctx, layer,
-                             [i for i, s in enumerate(seqs) if s.q_len != 1], out)
-    if decode:
-        rows = torch.tensor([seqs[i].q_start for i in decode], device=qkv.device)
-        fresh = torch.tensor([seqs[i].ctx_len == 1 for i in decode], device=qkv.device)
-        slots = ctx.state_slots[torch.tensor(decode, device=qkv.device)]
+    tables, decode = _step_rows(ctx, qkv.device)
+    out = gdn_prefill.gdn_prefill(qkv, z, b, a, params, attrs, pool=pool, tables=tables)  # decode rows: below
+    if decode is not None:
+        rows, slots, fresh = decode
         out[rows] = _decode_rows(qkv[rows], z[rows], b[rows], a[rows], params, attrs, pool=pool, slots=slots,
                                  fresh=fresh)
     return out
+
+
+def _step_rows(ctx, device: torch.device) -> tuple:
+    """The step's prefill tables and decode rows (rows, state slots, fresh), made on the host by the first
+    gdn layer and shared by the others through ctx.scratch: two host-to-device copies a step, not a layer."""
+    hit = ctx.scratch.get("gdn_rows")
+    if hit is None:
+        seqs, slot_of = ctx.seqs, ctx.state_slot_list
+        tables = gdn_prefill.prefill_tables([(s.q_start, s.q_len, slot_of[i], s.ctx_len == s.q_len)
+                                             for i, s in enumerate(seqs) if s.q_len > 1], gdn_prefill.CHUNK, device)
+        decode = [i for i, s in enumerate(seqs) if s.q_len == 1]
+        rows = None
+        if decode:
+            cols = torch.tensor([[seqs[i].q_start for i in decode], decode, [seqs[i].ctx_len == 1 for i in decode]],
+                                device=device)
+            rows = (cols[0], ctx.state_slots[cols[1]], cols[2] != 0)
+        hit = ctx.scratch["gdn_rows"] = (tables, rows)
+    return hit
