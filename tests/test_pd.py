@@ -12,23 +12,20 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import uvicorn
 import zmq
 
 from hf_fixtures import random_prompts, tiny_config
+from serving_fixtures import http_router
 from nanoforge import LLM, SamplingParams, cli
 from nanoforge.errors import NanoForgeError
 from nanoforge.serving.engine_server import free_tcp_addr, start_engine_server, wait_engine_ready
@@ -241,50 +238,11 @@ def test_whole_requests_go_to_engines_listed_with_engine(pd):
 
 
 # -- (b) the OpenAI API over the router ----------------------------------------------------------
-@contextmanager
-def _http_router(**kw):
-    """uvicorn on a free port in a thread whose event loop also owns the Router's sockets."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    box: dict = {}
-    ready = threading.Event()
-
-    async def main():
-        router = await Router.connect(**kw)
-        box["server"] = uvicorn.Server(uvicorn.Config(build_app(router, router.tokenizer, "tiny", api_key="k"),
-                                                      log_level="warning", lifespan="off"))
-        ready.set()
-        try:
-            await box["server"].serve(sockets=[sock])
-        finally:
-            router.close()
-
-    def run():
-        try:
-            asyncio.run(main())
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            box["error"] = e
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait(30)
-    if "error" in box:
-        raise box["error"]
-    while not box["server"].started:
-        assert thread.is_alive(), box.get("error")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        box["server"].should_exit = True
-        thread.join(timeout=10)
-
-
 def test_openai_chat_through_the_router_and_migration_metrics(pd):
     messages = [{"role": "user", "content": "Hello, how are you today?"}]
     want = pd.ref.chat(messages, SamplingParams(temperature=0, max_tokens=12))[0]
-    with _http_router(prefill=[pd.prefill], decode=[pd.decode]) as url:
+    with http_router(lambda router: build_app(router, router.tokenizer, "tiny", api_key="k"),
+                     prefill=[pd.prefill], decode=[pd.decode]) as url:
         oa = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30)
         r = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
         streamed = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
@@ -319,8 +277,11 @@ def test_an_engine_with_another_kv_layout_is_refused_with_the_difference(pd, cap
         try:
             pdd = {"phase": "decode", "source": pd.prefill, "source_request_id": "nope", "num_prompt": 5,
                    "num_tokens": 5}
-            return [[d async for d in c.generate(GenerateRequest(rid, [1, 2, 3, 4, 5, 6], {"max_tokens": 3}, pdd))]
-                    for rid in ("x", "y")]  # the second asks the source again, with the same answer
+            outs = []
+            for rid in ("x", "y"):  # the second asks the source again, with the same answer
+                outs.append([d async for d in c.generate(GenerateRequest(rid, [1, 2, 3, 4, 5, 6], {"max_tokens": 3},
+                                                                           pdd))])
+            return outs
         finally:
             c.close()
 

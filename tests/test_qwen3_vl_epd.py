@@ -12,16 +12,11 @@ import io
 import os
 import re
 import signal
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 PIL = pytest.importorskip("PIL")
 
@@ -37,6 +32,7 @@ from nanoforge.serving.openai_api import build_app  # noqa: E402
 from nanoforge.serving.protocol import GenerateRequest  # noqa: E402
 from nanoforge.serving.router import Router  # noqa: E402
 from nanoforge.serving.zmq_client import ZmqEngineClient  # noqa: E402
+from serving_fixtures import http_router  # noqa: E402
 from test_qwen3_vl import images, make_tiny_vl  # noqa: E402
 from test_qwen3_vl_api import data_url, image_chat  # noqa: E402
 
@@ -190,44 +186,10 @@ def test_pd_without_an_encode_engine_encodes_on_the_prefill_engine(epd):
     assert stats(epd.prefill)["images_encoded"] == before + 2 and stats(epd.decode)["images_encoded"] == 0
 
 
-@contextmanager
-def http_router(media_dir=None, **kw):
-    """The OpenAI app over a Router, served by uvicorn in a thread whose event loop owns the Router."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    box: dict = {}
-    ready = threading.Event()
-
-    async def main():
-        router = await Router.connect(**kw)
-        app = build_app(router, router.tokenizer, "tiny-vl", allowed_local_media_path=media_dir)
-        box["server"] = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        ready.set()
-        try:
-            await box["server"].serve(sockets=[sock])
-        finally:
-            router.close()
-
-    def serve():
-        try:
-            asyncio.run(main())
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            box["error"] = e
-            ready.set()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    ready.wait(30)
-    if "error" in box:
-        raise box["error"]
-    while not box["server"].started:
-        assert thread.is_alive(), box.get("error")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        box["server"].should_exit = True
-        thread.join(timeout=10)
+def epd_http(media_dir=None, **kw):
+    """The OpenAI app (local media under media_dir allowed) over a Router of these engines."""
+    return http_router(lambda router: build_app(router, router.tokenizer, "tiny-vl", allowed_local_media_path=media_dir),
+                       **kw)
 
 
 def post(url: str, messages: list[dict]) -> httpx.Response:
@@ -241,7 +203,7 @@ def test_openai_api_over_epd_reads_local_files_only_under_the_allowed_directory(
     epd.images[0].save(media / "noise.png")
     epd.images[0].save(outside)
     (media / "escape.png").symlink_to(outside)
-    with http_router(media, prefill=[epd.prefill], decode=[epd.decode], encode=[epd.encode]) as url:
+    with epd_http(media, prefill=[epd.prefill], decode=[epd.decode], encode=[epd.encode]) as url:
         for u in (data_url(epd.images[0]), f"file://{media / 'noise.png'}", str(media / "noise.png"), "noise.png"):
             r = post(url, image_chat(u))
             assert r.status_code == 200, (u, r.text)
@@ -264,7 +226,7 @@ def test_openai_api_over_epd_reads_local_files_only_under_the_allowed_directory(
 def test_a_killed_encode_engine_fails_image_requests_and_text_goes_on(epd):
     """Last in the module: it kills the shared encode engine."""
     proc, _ = epd.procs["encode"]
-    with http_router(prefill=[epd.prefill], decode=[epd.decode], encode=[epd.encode]) as url:
+    with epd_http(prefill=[epd.prefill], decode=[epd.decode], encode=[epd.encode]) as url:
         assert post(url, image_chat(data_url(epd.images[1]))).status_code == 200
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -1,0 +1,53 @@
+"""The OpenAI app over a Router, served for a test: shared by the PD and EPD tests."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import uvicorn
+
+from nanoforge.serving.router import Router
+
+
+@contextmanager
+def http_router(make_app: Callable[[Router], object], **router_kw):
+    """uvicorn on a free port in a thread whose event loop also owns the Router's sockets; yields the
+    base URL. `make_app(router)` builds the app (build_app with the test's own options)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    box: dict = {}
+    ready = threading.Event()
+
+    async def main():
+        router = await Router.connect(**router_kw)
+        box["server"] = uvicorn.Server(uvicorn.Config(make_app(router), log_level="warning", lifespan="off"))
+        ready.set()
+        try:
+            await box["server"].serve(sockets=[sock])
+        finally:
+            router.close()
+
+    def serve():
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            box["error"] = e
+            ready.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(30)
+    if "error" in box:
+        raise box["error"]
+    while not box["server"].started:
+        assert thread.is_alive(), box.get("error")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        box["server"].should_exit = True
+        thread.join(timeout=10)
