@@ -133,7 +133,7 @@ def test_forced_provider_wins_over_rank():
 
 @pytest.mark.parametrize("text, force, message", [
     pytest.param(DENSE, {"linear": "cuda"}, "--provider linear=cuda: unknown provider; known: triton, allgather, cpu, torch, "
-                 "flashinfer, deep_gemm, flash_mla, deep_ep", id="unknown"),
+                 "flashinfer, deep_gemm, flash_mla, flash_mla_sparse, deep_gemm_indexer, deep_ep", id="unknown"),
     pytest.param(DENSE, {"linear": "triton"}, "--provider linear=triton: needs a CUDA target (compile with --device "
                  "cuda)", id="cannot-run-here"),
     pytest.param(DENSE, {"linear": "allgather"}, "--provider linear=allgather: allgather does not implement linear",
