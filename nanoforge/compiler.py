@@ -11,7 +11,7 @@ from . import defaults
 from .errors import NanoForgeError
 from .facts import Target
 from .ir.graph import Module
-from .models import DTYPES, trace_model
+from .models import DTYPES, check_draft_weights, trace_model
 from .models.checkpoint import Checkpoint, open_checkpoint
 from .models.quant import WeightQuant, weight_quant_of
 from .models.weights import check_bindings
@@ -116,6 +116,8 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
     dtype = resolve_dtype(opts.dtype, ckpt.config)
     module = trace_model(ckpt.config, dtype, draft=mtp_tokens(opts) > 0)
     if not opts.config_only:  # each tensor by name while params are still one per key (before fusions)
+        if "draft" in module.functions:
+            check_draft_weights(module, ckpt.tensors)
         check_bindings(module, ckpt, storage=False)
     t_trace = time.perf_counter()
     if opts.pipeline not in PIPELINES:

@@ -102,3 +102,40 @@ def hf_qwen3_5(ckpt_dir: Path, conditional: bool = False):
         model = cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager",
                                     experts_implementation="eager")
     return model.eval()
+
+
+def add_mtp_layer(ckpt_dir: Path, seed: int = 0) -> Path:
+    """Give the checkpoint at `ckpt_dir` (in place) the MTP layer real Qwen3.5 checkpoints ship and
+    transformers drops (see models/qwen3_5_moe.Qwen3_5MoeMTP): config `mtp_num_hidden_layers: 1` and random
+    `mtp.*` tensors in model.safetensors. `mtp.layers.0` copies the key names and shapes of the first
+    full-attention layer; matrices normal(0, INIT_STD), every (1 + w) norm weight NORM_WEIGHT_STD * randn."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt_dir = Path(ckpt_dir)
+    config_path = ckpt_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config", config)
+    text["mtp_num_hidden_layers"] = 1
+    config_path.write_text(json.dumps(config, indent=2))
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    assert len(files) == 1, "the tiny checkpoints are one safetensors file"
+    tensors = load_file(str(files[0]))
+    g = torch.Generator().manual_seed(seed + 3_000_017)
+
+    def rand(shape) -> torch.Tensor:
+        return (NORM_WEIGHT_STD if len(shape) == 1 else INIT_STD) * torch.randn(shape, generator=g)
+
+    full = text["layer_types"].index("full_attention")
+    src = next(f"{p}layers.{full}." for p in ("model.", "model.language_model.") if f"{p}layers.{full}.mlp.gate.weight"
+               in tensors)
+    h = text["hidden_size"]
+    for k in sorted(tensors):
+        if k.startswith(src):
+            tensors["mtp.layers.0." + k[len(src):]] = rand(tuple(tensors[k].shape))
+    tensors["mtp.fc.weight"] = rand((h, 2 * h))
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        tensors[f"mtp.{name}.weight"] = rand((h,))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(files[0]), metadata={"format": "pt"})
+    return ckpt_dir

@@ -98,6 +98,35 @@ def test_gdn_op_matches_the_reference_on_mixed_and_decode_only_batches(dtype):
             close(x, y, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gdn_op_verify_rows_keep_each_rows_state_as_the_reference(dtype):
+    """A speculative verify step (ctx.state_history): two sequences with 1 + 3 and 1 + 1 rows beside a decode
+    row and a prefill chunk. The kernels' chain of decode steps (each reading the previous row's state,
+    writing its own) gives the reference's outputs, slots (the state after the last row) and history rows
+    (the states after the others); rows no sequence owns stay as they were."""
+    from nanoforge.kernels import torch_ref
+
+    g = torch.Generator().manual_seed(3)
+    p = params(g)
+    ours = pool(12, g)
+    ref = tuple(t.clone() for t in ours)
+    before = tuple(t.clone() for t in ours)
+    seqs, slots = [(4, 20, [0]), (1, 9, [0]), (2, 7, [0]), (5, 30, [0])], [1, 3, 0, 2]
+    history = [6, -1, 9, -1]  # rows 6..8 for the first sequence's 3 drafts, row 9 for the third's one
+    n = sum(q for q, _, _ in seqs)
+    qkv, z = rnd(n, C, g=g, dtype=dtype), rnd(n, HV * DV, g=g, dtype=dtype)
+    b, a = rnd(n, HV, g=g, dtype=dtype), rnd(n, HV, g=g, dtype=dtype)
+    outs = []
+    for state in (ours, ref):
+        ctx = make_context([], 64, seqs, DEV, state=([state], slots))
+        ctx.state_history = history
+        outs.append((G.gdn if state is ours else torch_ref.gdn)(qkv, z, b, a, ctx=ctx, **p, **ATTRS))
+    close(outs[0], outs[1], dtype)
+    for x, y, old in zip(ours, ref, before):
+        close(x[:10], y[:10], dtype)
+        assert torch.equal(x[4:6], old[4:6]) and torch.equal(x[10:], old[10:])
+
+
 # ---- on the GPU (`pytest -m gpu`, bench/gpu_check.sh): Qwen3.5-MoE's real GDN head sizes, bf16 --------------
 BIG = 4096  # a block size that holds every test context in block 0 (gdn reads no KV)
 REAL = dict(layer=0, k_heads=16, v_heads=32, k_head_dim=128, v_head_dim=128, conv_kernel=4, eps=1e-6)  # its config

@@ -50,6 +50,10 @@ class BatchContext:
     state: list[tuple[torch.Tensor, ...]] = field(default_factory=list, repr=False)
     state_slots: torch.Tensor | None = None
     state_slot_list: list[int] = field(default_factory=list, repr=False)  # the same on the host
+    # speculative verify rows (a token and its d drafts): per sequence the first of d extra pool rows that
+    # keep the state after each of its first d rows (the last row's goes to its slot), so the runtime can
+    # roll the slot back to the last accepted token; -1 (or empty): the sequence keeps no per-row states
+    state_history: list[int] = field(default_factory=list, repr=False)
     # vision-language plans: image-token rows, their embeddings and (t, h, w) rope positions of this step
     # (runtime/vision_runner.py VisionBatch); None: a text-only step
     vision: Any = None

@@ -7,7 +7,10 @@ A gdn layer's state per sequence is two rows of ctx.state[layer]: the last conv_
 of the causal conv (f32 copies of activations, so exact) and the delta rule's f32 matrix per value
 head [k_head_dim, v_head_dim]. A sequence whose rows start at position 0 starts from zeros, so a
 preempted or reused slot never leaks; one that continues reads its slot, and without a state pool
-that is an error, never a silent restart.
+that is an error, never a silent restart. A speculative verify sequence (ctx.state_history[i] >= 0: its
+token and d drafts) runs one recurrent step a row, as decode steps would, and leaves the state after each
+of its first d rows in the pool rows state_history[i] + 0 .. d - 1 and the state after its last row in
+its slot; the runtime copies the accepted row's state into the slot once it knows which one that is.
 """
 from __future__ import annotations
 
@@ -150,10 +153,14 @@ def run_sequences(inputs: tuple, params: dict, attrs: dict, ctx, layer: int, whi
     """The rows of sequences `which` of the flat batch through gdn_sequence into `out`, each sequence
     from its state row (zeros at position 0) and back to it."""
     pool = ctx.state[layer] if ctx.state else None
-    seqs = ctx.seqs
+    seqs, history = ctx.seqs, ctx.state_history
     for i in which:
         s = seqs[i]
         rows = slice(s.q_start, s.q_start + s.q_len)
+        if history and history[i] >= 0:
+            out[rows] = verify_rows(tuple(t[rows] for t in inputs), params, attrs, pool, ctx.state_slot_list[i],
+                                    history[i])
+            continue
         fresh = s.ctx_len == s.q_len
         if pool is None and not fresh:
             raise NanoForgeError(f"gdn layer {layer}: a sequence continues at position {s.ctx_len - s.q_len} but "
@@ -173,3 +180,17 @@ def gdn(qkv, z, b, a, *, conv, dt_bias, A_log, norm, ctx, layer, **attrs):
     out = qkv.new_empty(qkv.shape[0], attrs["v_heads"] * attrs["v_head_dim"])
     run_sequences((qkv, z, b, a), params, attrs, ctx, layer, list(range(len(ctx.seqs))), out)
     return out
+
+
+def verify_rows(inputs: tuple, params: dict, attrs: dict, pool: tuple, slot: int, first: int) -> torch.Tensor:
+    """A verify step's rows of one sequence (never fresh), a recurrent step each from its slot's state:
+    the state after row j < n - 1 goes to pool row first + j, after the last row to the slot."""
+    n, out, src = inputs[0].shape[0], [], slot
+    for j in range(n):
+        y, window, rec = gdn_sequence(*(t[j:j + 1] for t in inputs), params, attrs, (pool[0][src], pool[1][src]))
+        dst = first + j if j < n - 1 else slot
+        pool[0][dst] = window.to(pool[0].dtype)
+        pool[1][dst] = rec.to(pool[1].dtype)
+        out.append(y)
+        src = dst
+    return torch.cat(out)

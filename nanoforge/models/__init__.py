@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from .. import defaults
 from ..errors import NanoForgeError
@@ -37,7 +37,10 @@ ENCODERS: dict[str, Callable[[Module, Any, str], None]] = {  # traces the vision
 DRAFTS: dict[str, Callable[[Config, TraceModule], TraceModule]] = {  # the checkpoint's MTP layer
     "DeepseekV3ForCausalLM": deepseek_v3.build_mtp,
     "KimiK2ForCausalLM": deepseek_v3.build_mtp,
+    "Qwen3_5MoeForCausalLM": qwen3_5_moe.build_mtp,
+    "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.build_mtp,
 }
+MTP_LAYER_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")  # DeepSeek's name, Qwen3.5's
 DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
@@ -51,6 +54,21 @@ def architecture_of(config: dict[str, Any]) -> str:
     return archs[0]
 
 
+def mtp_layers(c: Config) -> int:
+    """The MTP layers the config says the checkpoint ships (0: none)."""
+    return max(int(c.get(k) or 0) for k in MTP_LAYER_KEYS)
+
+
+def check_draft_weights(module: Module, keys: Collection[str]) -> None:
+    """One line when the checkpoint ships none of its MTP layer's own tensors although its config counts
+    the layer (transformers' save_pretrained drops `mtp.*` / DeepSeek's extra layer)."""
+    own = {k for n in module.functions["draft"].nodes for p in n.params.values() for k in module.params[p].keys} - \
+        {k for n in module.functions["forward"].nodes for p in n.params.values() for k in module.params[p].keys}
+    if own and not own & set(keys):
+        raise NanoForgeError(f"--speculative mtp: the config counts an MTP layer but the checkpoint has none of its "
+                             f"tensors (no '{min(own)}'; a transformers re-save drops them): use the original weights")
+
+
 def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False) -> Module:
     """Build the architecture's model from its HF config and trace it into an IR module; with `draft`,
     also the checkpoint's MTP layer into a `draft` function."""
@@ -62,9 +80,9 @@ def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False
     model = ARCHITECTURES[arch](c)
     mtp = None
     if draft:
-        if not int(c.get("num_nextn_predict_layers") or 0):
+        if not mtp_layers(c):
             raise NanoForgeError(f"--speculative mtp: this {arch} checkpoint has no MTP layer "
-                                 "(config.json num_nextn_predict_layers is 0 or absent)")
+                                 f"(config.json {' / '.join(MTP_LAYER_KEYS)} is 0 or absent)")
         if arch not in DRAFTS:
             raise NanoForgeError(f"--speculative mtp: drafting with {arch}'s MTP layer is not built yet "
                                  f"(built for {', '.join(DRAFTS)}); use --speculative ngram")
@@ -74,6 +92,6 @@ def trace_model(config: dict[str, Any], dtype: str = "bf16", draft: bool = False
         ENCODERS[arch](module, model, dtype)
     write(module, ModelInfo(arch, dtype, c.vocab_size, c.hidden_size, c.num_hidden_layers,
                             int(c.get("max_position_embeddings", defaults.MAX_MODEL_LEN)),
-                            str(config.get("model_type", "")), int(c.get("num_nextn_predict_layers") or 0),
+                            str(config.get("model_type", "")), mtp_layers(c),
                             round((time.perf_counter() - start) * 1000, 1)))
     return module

@@ -7,7 +7,8 @@ are gated full attention (`self_attn`: q_proj gives a query and a sigmoid gate p
 q/k norms, rope on the first `partial_rotary_factor` of each head). Every layer's MLP is a softmax
 top-k MoE with normalised weights plus a sigmoid-gated shared expert. Every RMSNorm but the GDN's
 gated one scales by (1 + weight). Attention layers number the KV pool 0.., GDN layers the state pool 0..
-Text only: positions are 1-D, which makes the multimodal rope (mrope) plain rope.
+Text only: positions are 1-D, which makes the multimodal rope (mrope) plain rope. The checkpoint's MTP
+layer (`mtp.*`, see Qwen3_5MoeMTP) traces into the `draft` function when asked.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..errors import NanoForgeError
 from .common import Config, GatedMLP, StackedExperts, attention, rope_attrs
-from .frontend import Embedding, LMHead, Linear, ModuleList, ParamSpec, Sym, TraceModule
+from .frontend import Embedding, LMHead, Linear, ModuleList, ParamSpec, Sym, TraceModule, concat
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -194,3 +195,55 @@ def text_config_of(config: dict[str, Any]) -> dict[str, Any]:
         raise NanoForgeError("config.json: Qwen3_5MoeForConditionalGeneration needs a 'text_config' object")
     top = {k: config[k] for k in ("architectures", "tie_word_embeddings") if k in config}
     return {**text, **top}
+
+
+class Qwen3_5MoeMTP(TraceModule):
+    """The multi-token-prediction layer of Qwen3.5 checkpoints (Qwen3-Next's has the same form), which
+    transformers does not load (`_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]`), so there is no HF reference for it. For
+    position i it reads the target's final hidden state h_i (the input of lm_head, after model.norm) and
+    the token t_{i+1}, and predicts t_{i+2}:
+
+        x = fc([pre_fc_norm_embedding(embed(t_{i+1})) | pre_fc_norm_hidden(h_i)])     fc: [H, 2H], no bias
+        x = mtp.norm(layers.0(x))        layers.0: a full-attention decoder layer with its MoE MLP
+        logits = lm_head(x)              embed_tokens and lm_head shared with the main model
+
+    Keys: mtp.fc.weight, mtp.pre_fc_norm_{embedding,hidden}.weight, mtp.layers.0.<the names of a
+    model.layers.N full-attention layer>, mtp.norm.weight, at the top level in both the causal-LM and the
+    conditional-generation checkpoints. Every norm is the (1 + w) RMSNorm. The attention layer takes the
+    next KV-pool index after the model's attention layers; its rope positions are the target's (row i at
+    position i). Confirmed against vLLM's qwen3_5_mtp.py / qwen3_next_mtp.py (Qwen3_5MultiTokenPredictor:
+    the concat order [embedding | hidden], fc without bias, one `full_attention` Qwen3_5DecoderLayer per
+    mtp_num_hidden_layers, Qwen3_5RMSNorm = (1 + w), the `mtp.` key remap and the shared embedding and head)
+    and the public config.json files (`mtp_num_hidden_layers: 1`, `mtp_use_dedicated_embeddings: false`).
+    Returns (logits, the normed state a next draft step chains on)."""
+
+    def __init__(self, c: Config, main: Qwen3_5MoeForCausalLM, embed: Embedding):
+        super().__init__()
+        layers = int(c.get("mtp_num_hidden_layers", 0))
+        if layers != 1:
+            raise NanoForgeError(f"--speculative mtp: mtp_num_hidden_layers {layers}: drafting is built for one MTP "
+                                 "layer (chained on itself), as Qwen3.5 checkpoints ship")
+        if c.get("mtp_use_dedicated_embeddings", False):
+            raise NanoForgeError("--speculative mtp: mtp_use_dedicated_embeddings is true; drafting is built for an MTP "
+                                 "layer that shares the model's embedding")
+        self.prefix = "mtp"
+        h, eps = c.hidden_size, c.rms_norm_eps
+        self.fc = Linear(2 * h, h)
+        self.pre_fc_norm_embedding = OffsetRMSNorm(h, eps)
+        self.pre_fc_norm_hidden = OffsetRMSNorm(h, eps)
+        self.layers = ModuleList([Qwen3_5MoeDecoderLayer(c, "full_attention", layer_types(c).count("full_attention"))])
+        self.norm = OffsetRMSNorm(h, eps)
+        object.__setattr__(self, "embed", embed)  # shared, bound with the main model
+        object.__setattr__(self, "head", LMHead(main.lm_head.weight))
+
+    def forward(self, tokens: Sym, positions: Sym, hidden: Sym, rows: Sym) -> tuple[Sym, Sym]:
+        x = self.fc(concat(self.pre_fc_norm_embedding(self.embed(tokens)), self.pre_fc_norm_hidden(hidden)))
+        for layer in self.layers:
+            x = layer(x, positions)
+        x = self.norm(x)
+        return self.head(x, rows), x
+
+
+def build_mtp(c: Config, main: Qwen3_5MoeForCausalLM) -> Qwen3_5MoeMTP:
+    text = main.model if isinstance(main.model, Qwen3_5MoeTextModel) else main.model.language_model
+    return Qwen3_5MoeMTP(c, main, text.embed_tokens)

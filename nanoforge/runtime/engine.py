@@ -120,7 +120,7 @@ class Engine:
 
             self.vision_spec = VisionSpec.of(plan.config, getattr(ckpt, "path", None))
         spec_cfg = _spec_config(cfg, plan)
-        check_state_support(plan.kv_contract, spec_cfg.method, plan.parallel.sharded)
+        check_state_support(plan.kv_contract, plan.parallel.sharded)
         self.vocab_size = plan.model.vocab_size
         model_len = cfg.max_model_len or plan.model.max_position_embeddings
         bs = plan.kv_contract.block_size
@@ -146,6 +146,8 @@ class Engine:
             Speculator(spec_cfg, getattr(self.runner, "drafter", None) if spec_cfg.method == "mtp" else None)
         if self.spec is not None:  # verify graphs take exactly K drafts a sequence
             self.spec.uniform = getattr(self.runner, "verify_graphs", None) is not None
+            if plan.kv_contract.state:  # recurrent state: back to the last accepted token after each verify
+                self.spec.rollback = self.runner.rollback_states
         num_blocks = self.runner.num_blocks if runner is None else (num_blocks or 1)
         if num_blocks < 1:
             raise NanoForgeError("no memory left for the KV cache: lower max_num_batched_tokens or raise "

@@ -16,6 +16,7 @@ import torch
 from .. import defaults
 from ..codegen.pysource import compile_function, prepare_params
 from ..errors import NanoForgeError
+from ..kv_contract import KVContract
 from ..kernels.context import TORCH_DTYPES, allocate_pool, allocate_state, make_context
 from ..passes.quantize_kv import FP8_MIN_SM
 from ..models.checkpoint import Checkpoint
@@ -108,8 +109,9 @@ class ModelRunner:
         num_blocks = cfg.num_blocks if cfg.num_blocks is not None else self._blocks_that_fit(plan)
         self.num_blocks = self._agree_blocks(num_blocks)
         self.pool = allocate_pool(self.contract, max(self.num_blocks, 1), self.device)
-        # recurrent layers' per-sequence state: a row per seat (the engine's BlockManager hands them out)
-        self.state = allocate_state(self.contract, cfg.max_num_seqs, self.device)
+        # recurrent layers' per-sequence state: a row per seat (the engine's BlockManager hands them out),
+        # and with speculation K more per seat, the states after a verify step's rows (rollback_states)
+        self.state = allocate_state(self.contract, state_rows(self.contract, cfg), self.device)
         self.warmup_s = self._warmup(cfg.max_num_batched_tokens, cfg.max_num_seqs) if self.device.type == "cuda" \
             else 0.0
         self.batches = Counter()  # "graph" or the reason a batch ran eagerly
@@ -124,7 +126,11 @@ class ModelRunner:
                                        max_model_len=cfg.max_model_len, device=self.device, comm=self.comm,
                                        state=self.state)
             q = cfg.verify_drafts + 1
-            if cfg.verify_drafts and self.world == 1:  # the plan's sizes for its K, else up to 1024 rows
+            if cfg.verify_drafts and self.state:
+                log.info("verify steps run eagerly: this plan's recurrent layers keep a state per draft row "
+                         "(%.1f MiB of state rows for them)", self.contract.bytes_per_sequence() *
+                         cfg.max_num_seqs * cfg.verify_drafts / 2**20)
+            elif cfg.verify_drafts and self.world == 1:  # the plan's sizes for its K, else up to 1024 rows
                 planned = plan.speculative is not None and plan.speculative.num_tokens == cfg.verify_drafts
                 verify = list(plan.cuda_graphs.verify_sizes) if planned else [s for s in sizes if s * q <= 1024]
                 self.verify_graphs = DecodeGraphs(
@@ -195,7 +201,7 @@ class ModelRunner:
             8 * cfg.max_num_seqs * plan.model.vocab_size
         reserve = 1 << 30  # CUDA graph pool, library workspaces
         budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activations - reserve - \
-            self.contract.bytes_per_sequence() * cfg.max_num_seqs  # the per-sequence state pool
+            self.contract.bytes_per_sequence() * state_rows(self.contract, cfg)  # the per-sequence state pool
         block_bytes = mem.kv_bytes_per_token * self.block_size
         log.info("KV cache: %.2f GiB for %d blocks", max(budget, 0) / 2**30, max(budget, 0) // block_bytes)
         return max(budget, 0) // block_bytes
@@ -231,21 +237,27 @@ class ModelRunner:
         self.batches[f"eager: {why}"] += 1
         tokens, seqs, rows = flat_batch(batch, sample_items, device_tokens is not None)
         slots = [seq.state_slot for seq, _ in batch.items] if self.state else None
+        history = [self.history_row(seq.state_slot) if batch.drafts.get(i) else -1
+                   for i, (seq, _) in enumerate(batch.items)] if self.state and batch.drafts else None
         vision = None
         if self.vision is not None:
             from .vision_runner import vision_batch
 
             vision = vision_batch(batch.items, self.vision, self.device)
-        return self.run(tokens, seqs, rows, device_tokens, state_slots=slots, vision=vision), sample_items
+        return self.run(tokens, seqs, rows, device_tokens, state_slots=slots, vision=vision,
+                        state_history=history), sample_items
 
     def run(self, tokens: list[int], seqs: list[tuple[int, int, list[int]]], rows: list[int],
             device_tokens: torch.Tensor | None = None, ep_tokens: int | None = None,
-            state_slots: list[int] | None = None, vision: Any = None) -> torch.Tensor:
+            state_slots: list[int] | None = None, vision: Any = None, *,
+            state_history: list[int] | None = None) -> torch.Tensor:
         """The forward over one flat batch (flat_batch's lists); logits of `rows`. `ep_tokens`:
         the most tokens any rank of the EP group runs this step (sharded plans). `state_slots`: each
-        sequence's row of the per-sequence state pool (plans with recurrent layers)."""
+        sequence's row of the per-sequence state pool (plans with recurrent layers); `state_history`:
+        for a verify step, each sequence's first row for the states after its rows (-1: none)."""
         state = (self.state, state_slots) if self.state and state_slots is not None else None
         ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm, ep_tokens, state)
+        ctx.state_history = list(state_history or [])
         ctx.vision = vision  # images of a vision-language plan's step (vision_runner.VisionBatch), else None
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
@@ -253,3 +265,26 @@ class ModelRunner:
             out = self.forward(self.params, ctx, token_ids, as_tensor(positions_of(seqs)), as_tensor(rows))
         logits, self.hidden = out if isinstance(out, tuple) else (out, None)
         return logits
+
+    def history_row(self, slot: int) -> int:
+        """The first of the K state rows of `slot` that keep a verify step's per-row states."""
+        assert self.cfg.verify_drafts and 0 <= slot < self.cfg.max_num_seqs, f"no state history for slot {slot}"
+        return self.cfg.max_num_seqs + slot * self.cfg.verify_drafts
+
+    def rollback_states(self, verified: list[tuple[int, int, int]]) -> None:
+        """After a verify step: (state slot, drafts, drafts accepted) per verified sequence. Its slot
+        holds the state after all its rows; where a draft was rejected, the state after the last
+        accepted row (a history row) replaces it, so the state never includes a rejected draft."""
+        moves = [(self.history_row(slot) + accepted, slot) for slot, drafts, accepted in verified if accepted < drafts]
+        if not self.state or not moves:
+            return
+        src, dst = (torch.tensor(x, dtype=torch.long, device=self.device) for x in zip(*moves))
+        for tensors in self.state:
+            for t in tensors:
+                t.index_copy_(0, dst, t.index_select(0, src))
+
+
+def state_rows(contract: KVContract, cfg: RunnerConfig) -> int:
+    """Rows of the per-sequence state pool: one per seat, and with speculation K more per seat (the
+    states after each draft row of a verify step, kept until the step's acceptance is known)."""
+    return cfg.max_num_seqs * (1 + cfg.verify_drafts) if contract.state else 0

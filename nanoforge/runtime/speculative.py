@@ -9,7 +9,8 @@ kept with probability p_j(t) and, on the first rejection, a token is drawn from 
 (renormalized): the standard rejection rule for a one-hot draft distribution, which leaves every
 emitted token distributed as the target's. Afterwards the sequence keeps the K/V of the accepted
 positions only; blocks grown for rejected ones go back to the free list unregistered, so they
-never enter the prefix cache.
+never enter the prefix cache. A plan with recurrent layers (Gated DeltaNet) kept the state after each
+verify row; `rollback` puts the one after the last accepted row in the sequence's slot.
 
 Drafts come from `ngram` (prompt lookup): the tokens that followed the most recent earlier
 occurrence of the sequence's last n tokens, longest n first. No extra weights, and it pays off
@@ -134,6 +135,9 @@ class Speculator:
             raise ValueError("an mtp Speculator needs the plan's drafter, and only it")
         self.cfg, self.stats, self.mtp = cfg, SpecStats(), mtp
         self.uniform = False  # give every decode row exactly K drafts (the runner has verify graphs)
+        # plans with per-sequence recurrent state: told (state slot, drafts, accepted) of each verified
+        # sequence after a verify step, to roll its state back to the last accepted token (the runner's)
+        self.rollback: Callable[[list[tuple[int, int, int]]], None] | None = None
 
     def propose(self, batch, blocks, budget: int, max_model_len: int) -> None:
         """Append drafts to the decode rows of `batch` (sequence tokens and blocks grow with them,
@@ -189,7 +193,7 @@ class Speculator:
         caller samples those), the sequences verified here and the tokens they got."""
         from .sampler import logprob_info, processed_logits
 
-        rest_rows, rest_items, done, row, emitted = [], [], [], 0, 0
+        rest_rows, rest_items, done, row, emitted, verified = [], [], [], 0, 0, []
         greedy_rows = logits.argmax(dim=-1).tolist() if all(
             batch.items[i][0].params.greedy and batch.items[i][0].params.plain for i in batch.drafts) else None
         for i in sample_items:
@@ -223,6 +227,7 @@ class Speculator:
             row += d + 1
             accepted = len(tokens) - 1
             self.stats.record(d, accepted, len(tokens))
+            verified.append((seq.state_slot, d, accepted))  # before append: a finish gives the slot back
             del seq.token_ids[base + accepted:]  # K/V stays for the input token and the accepted drafts
             seq.num_computed += 1 + accepted
             blocks.trim(seq)
@@ -235,5 +240,7 @@ class Speculator:
                 if seq.finish_reason is not None:
                     break
             done.append(seq)
+        if self.rollback is not None and verified:
+            self.rollback(verified)
         keep = torch.tensor(rest_rows, dtype=torch.long, device=logits.device)
         return logits.index_select(0, keep), rest_items, done, emitted

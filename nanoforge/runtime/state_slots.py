@@ -24,13 +24,11 @@ class StateSlots:
         self.free.append(slot)
 
 
-def check_state_support(contract: KVContract, speculative: str | None, sharded: bool) -> None:
-    """Refuse, in one line, what per-sequence state cannot do yet (never run it wrong)."""
+def check_state_support(contract: KVContract, sharded: bool) -> None:
+    """Refuse, in one line, what per-sequence state cannot do yet (never run it wrong). Speculation
+    works: verify steps keep the state after each draft row and roll back to the last accepted one."""
     if not contract.state:
         return
-    if speculative:
-        raise NanoForgeError(f"--speculative {speculative}: this plan's {len(contract.state)} recurrent layers keep "
-                             "per-sequence state, which rejected drafts would corrupt (no state rollback yet)")
     if sharded:
         raise NanoForgeError(f"this plan's {len(contract.state)} recurrent layers keep per-sequence state, which "
                              "sharded plans do not handle yet; compile it for one rank")

@@ -63,6 +63,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         sp = plan.speculative
         print(f"speculative  {sp.method}: {sp.num_tokens} drafts a step from the draft function, its KV in layer(s) "
               f"{', '.join(map(str, sp.draft_kv_layers))}")
+        if plan.kv_contract.state:  # verify steps keep each draft row's state; the slot takes the accepted one's
+            print(f"             {len(plan.kv_contract.state)} recurrent layers roll back to the last accepted token "
+                  f"({sp.num_tokens} extra state rows a sequence; verify steps run eagerly)")
     print(f"memory       weights {mib(mem.param_bytes)}, KV {mem.kv_bytes_per_token:,} B/token "
           f"(block {kv.block_size}, {_kv_dtype(kv, info.dtype)}, {len(kv.layers)} layers), activations "
           f"{mem.activation_bytes_per_token:,} B/token x {mem.max_num_batched_tokens} tokens "
