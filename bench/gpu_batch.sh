@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call, several gpu_check.sh stages, each under its own time limit, results packed into
-# $OUT/results.tgz (the device machine hands back at most 8 files):
+# $OUT/results.tgz, refreshed after each stage (the device machine hands back at most 8 files):
 #   bench/gpu_batch.sh tests:220 fp8_moe_small:70 dsa_decode:100
 # (GPU_TEST_FILES picks the test files of the `tests` stage, as for gpu_check.sh.)
 set -uo pipefail
@@ -16,5 +16,5 @@ for spec in "$@"; do
   WHEEL_DIRS=/nonexistent OUT="$WORK" timeout "$limit" bench/gpu_check.sh "$stage" > "$WORK/stage-$stage.txt" 2>&1
   echo "== stage $stage: rc=$? in $((SECONDS - t0))s (limit ${limit}s)"
   sed -n '/^== summary/,$p' "$WORK/stage-$stage.txt" | tail -n +2
+  tar czf "$DEST/results.tgz" -C "$WORK" .  # after every stage: a call cut short still brings back the rest
 done
-tar czf "$DEST/results.tgz" -C "$WORK" .
