@@ -7,7 +7,7 @@ defaults: 16 key heads, 32 value heads, head dims 128, conv kernel 4), bf16 acti
   * prefill throughput (tokens/s) of one fresh prompt of 4096 / 16384 tokens through the gdn op's prefill
     path (kernels/triton/gdn_prefill.py: varlen conv, the chunked rule's two kernels, the gated norm in
     torch; eager; its host tables are made once a step for all gdn layers, so outside the timing) for
-    chunks of 32 / 64 / 128 tokens (and, at the default chunk, 16 / 32 / 64 value dims per program of the
+    chunks of 32 / 64 tokens (and, at the default chunk, 16 / 32 value dims per program of the
     sequential kernel), vs the torch reference's chunked rule; the fastest setting per prompt length is
     printed last (gdn_prefill.CHUNK / BLOCK_V should follow it)
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 64 256")
     ap.add_argument("--prefill-tokens", type=int, nargs="+", default=None, help="default 4096 16384")
-    ap.add_argument("--chunks", type=int, nargs="+", default=None, help="prefill chunk sizes (default 32 64 128)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=None, help="prefill chunk sizes (default 32 64)")
     ap.add_argument("--reps", type=int, default=None, help="do_bench ms per timing on a GPU (default 100)")
     ap.add_argument("--smoke", action="store_true", help="tiny head sizes, small batches, a couple of reps (CPU ok)")
     ap.add_argument("--out", default="bench/results/gdn_kernels")
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     sizes, source = (SMOKE, "smoke sizes") if a.smoke else real_sizes()
     batches = a.batch or ([1, 4] if a.smoke else [1, 64, 256])
     token_counts = a.prefill_tokens or ([48] if a.smoke else [4096, 16384])
-    chunks = a.chunks or ([16, 32] if a.smoke else [32, 64, 128])
-    block_vs = [16] if a.smoke else [16, 32, 64]
+    chunks = a.chunks or ([16, 32] if a.smoke else [32, 64])
+    block_vs = [16] if a.smoke else [16, 32]
     settings = [(c, gdn_prefill.BLOCK_V) for c in chunks]
     settings += [(gdn_prefill.CHUNK, bv) for bv in block_vs if (gdn_prefill.CHUNK, bv) not in settings]
     reps = a.reps or (2 if a.smoke else 100)

@@ -20,16 +20,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import openai
 import pytest
 import zmq
 
 from hf_fixtures import random_prompts, tiny_config
-from serving_fixtures import http_router
 from nanoforge import LLM, SamplingParams, cli
 from nanoforge.errors import NanoForgeError
 from nanoforge.serving.engine_server import free_tcp_addr, start_engine_server, wait_engine_ready
-from nanoforge.serving.openai_api import build_app
 from nanoforge.serving.protocol import GenerateRequest, TokenDelta
 from nanoforge.serving.router import Router
 from nanoforge.serving.wire import pack, unpack
@@ -239,6 +236,9 @@ def test_whole_requests_go_to_engines_listed_with_engine(pd):
 
 # -- (b) the OpenAI API over the router ----------------------------------------------------------
 def test_openai_chat_through_the_router_and_migration_metrics(pd):
+    openai = pytest.importorskip("openai")  # here, not at import: the GPU machines (no openai, fastapi or
+    from serving_fixtures import http_router  # uvicorn there) run this file's PD tests through test_pd_dlslime
+    from nanoforge.serving.openai_api import build_app
     messages = [{"role": "user", "content": "Hello, how are you today?"}]
     want = pd.ref.chat(messages, SamplingParams(temperature=0, max_tokens=12))[0]
     with http_router(lambda router: build_app(router, router.tokenizer, "tiny", api_key="k"),

@@ -194,7 +194,7 @@ def test_kernels_compile_for_sm90_within_shared_memory():
 # ---- on the GPU (`pytest -m gpu`, bench/gpu_check.sh): Qwen3.5-MoE's real GDN head sizes, bf16 --------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("chunk", [32, 64, 128])
+@pytest.mark.parametrize("chunk", [32, 64])
 def test_gpu_prefill_at_real_sizes(chunk):
     """Five sequences (37 to 2100 rows, two continuing random states, shuffled slots) at real head sizes:
     bf16 activations, tf32 products, f32 state; vs the f32 reference with bf16 tolerances."""

@@ -36,7 +36,9 @@ import triton.language as tl
 
 from .. import hybrid_ref
 
-CHUNK = 64  # tokens per chunk; the gdn op's default, chosen by bench/gdn_kernels.py (chunk 32 / 64 / 128)
+CHUNK = 64  # tokens per chunk; the gdn op's default, chosen by bench/gdn_kernels.py (H100: chunk 64 2.8-3.0M
+# tokens/s a layer at real head sizes, chunk 32 2.75-2.87M; chunk 128, or block_v 64, needs 288-368 KiB of shared
+# memory at head dim 128, over the H100's 227 KiB: refused below)
 BLOCK_V = 32  # value dims per program of the sequential state kernel: more programs for one long prompt
 
 
@@ -55,8 +57,9 @@ class PrefillTables:
 
 def prefill_tables(rows: list[tuple[int, int, int, bool]], chunk: int, device: torch.device) -> PrefillTables:
     """Tables of the sequences `rows` = (first row, rows, state slot, fresh), in one host-to-device copy."""
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"gdn prefill chunk {chunk}: must be a power of two >= 16")
+    if chunk not in (16, 32, 64):
+        raise ValueError(f"gdn prefill chunk {chunk}: must be 16, 32 or 64 (128 needs more shared memory than "
+                         "an H100 has at head dim 128)")
     seq = np.asarray(rows, np.int64).reshape(-1, 4)
     if (seq[:, 1] < 1).any() or (seq[:, 2] < 0).any():
         raise ValueError(f"gdn prefill: every sequence needs rows and a state slot, got (rows, slot) "
@@ -250,8 +253,9 @@ def chunk_gated_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params:
     dtype, the tables' rows filled (others unset)."""
     hk, hv, dk, dv = (attrs[n] for n in ("k_heads", "v_heads", "k_head_dim", "v_head_dim"))
     rows, bt = x.shape[0], tables.chunk
-    if block_v < 16 or block_v & (block_v - 1):
-        raise ValueError(f"gdn prefill block_v {block_v}: must be a power of two >= 16")
+    if block_v not in (16, 32):
+        raise ValueError(f"gdn prefill block_v {block_v}: must be 16 or 32 (64 needs more shared memory than an "
+                         "H100 has at chunk 64)")
     assert x.stride(1) == 1 and a.stride() == b.stride() and a.stride(1) == 1 and state.is_contiguous()
     out = torch.empty(rows, hv, dv, dtype=x.dtype, device=x.device)
     if not tables.num_seqs:
