@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from ..errors import NanoForgeError
+from .sockets import bind_router, drain_router, wake_pair
 from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
 
 log = logging.getLogger("nanoforge.serving")
@@ -62,19 +63,8 @@ class EncodeServer:
             self.publisher = RegistryPublisher(registry, EngineRecord.from_hello(self.info, where, self.info["host"]),
                                                scope=registry_scope)
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        for opt, v in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 500), (zmq.ROUTER_HANDOVER, 1)):
-            self.sock.setsockopt(opt, v)  # as engine_server.py: never drop a reply, keep a reconnecting peer
-        try:
-            self.sock.bind(addr)
-        except zmq.ZMQError as e:
-            self.ctx.destroy(linger=0)
-            raise NanoForgeError(f"encode server cannot bind {addr}: {e}") from None
-        wake = f"inproc://nanoforge-encode-wake-{id(self)}"
-        self.wake_rx = self.ctx.socket(zmq.PAIR)
-        self.wake_rx.bind(wake)
-        self.wake_tx = self.ctx.socket(zmq.PAIR)  # the worker thread's
-        self.wake_tx.connect(wake)
+        self.sock = bind_router(self.ctx, addr, "encode server")
+        self.wake_rx, self.wake_tx = wake_pair(self.ctx, f"encode-wake-{id(self)}")  # wake_tx: the worker's
         self.jobs: queue.Queue[tuple[bytes, Any, list[bytes]] | None] = queue.Queue()
         self.replies: queue.Queue[tuple[bytes, dict[str, Any]]] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="nanoforge-encode", daemon=True)
@@ -101,12 +91,7 @@ class EncodeServer:
                         break
                     self.sock.send_multipart([ident, pack(msg)])
                 if self.sock in events:
-                    for _ in range(256):
-                        try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._handle(frames[0], frames[1:])
+                    drain_router(self.sock, self._handle)
         finally:
             self._close()
 

@@ -43,6 +43,7 @@ from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
 from .protocol import GenerateRequest, TokenDelta
+from .sockets import bind_router, drain_router, wake_pair
 from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
 
 log = logging.getLogger("nanoforge.serving")
@@ -120,21 +121,8 @@ class EngineServer:
         self.kv_transport, self.migrator, self.ipc = kv_transport, None, None
         self.kv_pull_timeout, self.dlslime = kv_pull_timeout, None  # dlslime: KVExport, at the first offer
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a delta frame for a slow front end
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a front end that reconnects keeps its identity and streams
-        try:
-            self.sock.bind(addr)
-        except zmq.ZMQError as e:
-            self.ctx.destroy(linger=0)
-            raise NanoForgeError(f"engine server cannot bind {addr}: {e}") from None
-        wake = f"inproc://nanoforge-wake-{id(self)}"
-        self.wake_rx = self.ctx.socket(zmq.PAIR)
-        self.wake_rx.bind(wake)
-        self.wake_tx = self.ctx.socket(zmq.PAIR)  # used by the engine thread only
-        self.wake_tx.connect(wake)
+        self.sock = bind_router(self.ctx, addr, "engine server")
+        self.wake_rx, self.wake_tx = wake_pair(self.ctx, f"wake-{id(self)}")  # wake_tx: the engine thread's
         self.outbox: queue.Queue[list[TokenDelta]] = queue.Queue()
         self.routes: dict[str, bytes] = {}  # live request id -> the front end that sent it
         self.loop = EngineLoop(engine, self._on_deltas, kv_park_timeout)
@@ -180,12 +168,7 @@ class EngineServer:
                         self.wake_rx.recv()
                 self._send_deltas()
                 if self.sock in events:
-                    for _ in range(256):  # bounded, so deltas keep flowing under a flood of requests
-                        try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._handle(frames[0], frames[1:])
+                    drain_router(self.sock, self._handle)  # bounded: deltas keep flowing under a flood
         finally:
             self._close()
 

@@ -40,6 +40,7 @@ from ..runtime.kv_dlslime import KVReader, load as load_dlslime
 from ..runtime.kv_transfer import (KVStore, Pool, block_nbytes, copy_blocks, open_ipc, pool_device, scatter_blocks,
                                      scatter_state)
 from .engine_flags import KV_TRANSPORTS as TRANSPORTS
+from .sockets import wake_pair
 from .wire import PROTOCOL_VERSION, pack, unpack
 
 log = logging.getLogger("nanoforge.serving")
@@ -167,11 +168,7 @@ class MigrationWorker:
         self.kind, self.timeout = transport, timeout
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue()
         self.ctx = zmq.Context()
-        wake = f"inproc://nanoforge-migrate-{id(self)}"
-        self.wake_rx = self.ctx.socket(zmq.PAIR)
-        self.wake_rx.bind(wake)
-        self.wake_tx = self.ctx.socket(zmq.PAIR)
-        self.wake_tx.connect(wake)
+        self.wake_rx, self.wake_tx = wake_pair(self.ctx, f"migrate-{id(self)}")
         self.wake_lock = threading.Lock()
         self.poller = zmq.Poller()  # the worker thread's
         self.poller.register(self.wake_rx, zmq.POLLIN)

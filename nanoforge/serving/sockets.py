@@ -1,0 +1,45 @@
+"""The ZMQ sockets every server loop here builds the same way: a ROUTER that never drops a reply,
+an inproc PAIR that lets a worker thread wake the loop, and a bounded drain of the ROUTER."""
+from __future__ import annotations
+
+from typing import Callable
+
+import zmq
+
+from ..errors import NanoForgeError
+
+
+def bind_router(ctx: zmq.Context, addr: str, what: str) -> zmq.Socket:
+    """A ROUTER bound at `addr`: no high-water marks (a slow front end never loses a frame) and
+    handover (a front end that reconnects keeps its identity and streams). On failure the context is
+    destroyed and the error names `what` and the address."""
+    sock = ctx.socket(zmq.ROUTER)
+    for opt, v in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 500), (zmq.ROUTER_HANDOVER, 1)):
+        sock.setsockopt(opt, v)
+    try:
+        sock.bind(addr)
+    except zmq.ZMQError as e:
+        ctx.destroy(linger=0)
+        raise NanoForgeError(f"{what} cannot bind {addr}: {e}") from None
+    return sock
+
+
+def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """(rx the loop polls, tx another thread sends a frame on to wake it), over a fresh inproc address."""
+    addr = f"inproc://nanoforge-{name}"
+    rx = ctx.socket(zmq.PAIR)
+    rx.bind(addr)
+    tx = ctx.socket(zmq.PAIR)
+    tx.connect(addr)
+    return rx, tx
+
+
+def drain_router(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None], limit: int = 256) -> None:
+    """Handle up to `limit` waiting messages (identity, body frames): bounded, so a flood of requests
+    never starves what the loop does between polls."""
+    for _ in range(limit):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        handle(frames[0], frames[1:])
