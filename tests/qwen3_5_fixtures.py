@@ -139,3 +139,39 @@ def add_mtp_layer(ckpt_dir: Path, seed: int = 0) -> Path:
         tensors[f"mtp.{name}.weight"] = rand((h,))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(files[0]), metadata={"format": "pt"})
     return ckpt_dir
+
+
+# --- Qwen3-Next: the same layer types, fused GDN projections, some dense MLPs ----------------------
+
+NEXT_DENSE = [1, 5]  # mlp_only_layers: one GDN layer and one attention layer get a SwiGLU MLP of width 40
+
+
+def make_qwen3_next_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3NextForCausalLM (seeded; save_pretrained plus a tokenizer): the Qwen3.5 sizes above, with
+    `mlp_only_layers` NEXT_DENSE and `norm_topk_prob` false (Qwen3.5 always renormalises). On disk each GDN
+    layer has `linear_attn.in_proj_qkvz.weight` [Hk * (2 Dk + 2 r Dv), H] and `in_proj_ba.weight` [2 Hv, H]
+    grouped by key head (r = 2 value heads per key head); returns out_dir."""
+    import transformers as tf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    base = tiny_text_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_types", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "num_experts",
+            "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "initializer_range", "hidden_act",
+            "attention_bias", "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id")
+    config = tf.Qwen3NextConfig(**{k: base[k] for k in keep}, intermediate_size=40, mlp_only_layers=NEXT_DENSE,
+                                decoder_sparse_step=1, norm_topk_prob=False)
+    with _quiet_transformers():
+        model = tf.Qwen3NextForCausalLM(config).to(torch.float32)
+    model.eval()
+    _randomize_norms(model, seed)
+    model.generation_config = tf.GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID,
+                                                  pad_token_id=ENDOFTEXT_ID)
+    with _quiet_transformers():
+        model.save_pretrained(out_dir, safe_serialization=True)
+    make_tokenizer(VOCAB).save_pretrained(out_dir)
+    return out_dir

@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, Callable[[Config], TraceModule]] = {
     "GlmMoeDsaForCausalLM": deepseek_v32.build_glm5,
     "Qwen3_5MoeForCausalLM": qwen3_5_moe.build,
     "Qwen3_5MoeForConditionalGeneration": qwen3_5_moe.build_conditional,
+    "Qwen3NextForCausalLM": qwen3_5_moe.build_next,
     "Qwen3VLForConditionalGeneration": qwen3_vl.build,
     "Qwen3VLMoeForConditionalGeneration": qwen3_vl_moe.build,
 }

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..errors import NanoForgeError
 from .fused_experts import ExpertView, split_fused_experts
+from .fused_gdn import RowsView, split_fused_gdn
 from .tensor_info import TensorInfo
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class Checkpoint:
     config: dict                         # HF-style config (config.json, or synthesized from GGUF metadata)
     tensors: dict[str, TensorInfo]       # every tensor by HF key (empty when opened config_only)
     gguf: GGUFFile | None = field(default=None, repr=False, compare=False)  # open reader, GGUF only
-    views: dict[str, ExpertView] = field(default_factory=dict, repr=False)  # per-expert keys of fused tensors
+    views: dict[str, ExpertView | RowsView] = field(default_factory=dict, repr=False)  # keys cut from fused tensors
     sources: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # the fused tensors themselves
 
     def fingerprint(self) -> dict:
@@ -76,7 +77,7 @@ class Checkpoint:
                     bar.update(size[k])
                     for want in derived[k]:
                         view = self.views.get(want)
-                        out = t if view is None else view.take(t[view.expert])
+                        out = t if view is None else view.cut(t[view.source_rows()])
                         yield want, (out if dtype is None else out.to(dtype))
 
     def no_slices_reason(self) -> str:
@@ -101,8 +102,8 @@ class Checkpoint:
                for k, sl in requests]
         for i, t in read_slices(self.path, {**self.tensors, **self.sources}, raw, progress):
             k, sl = requests[i]
-            if k in self.views:  # the expert's rows of the fused tensor, then the view's part and slice
-                t = self.views[k].take(t[0])
+            if k in self.views:  # the view's rows of the fused tensor, then the view's part and slice
+                t = self.views[k].cut(t)
                 t = t if sl is None else t[sl].contiguous()
             yield i, t
 
@@ -155,7 +156,8 @@ def open_checkpoint(path: str | Path, config_only: bool = False) -> Checkpoint:
             if key not in tensors or tensors[key].file != file:
                 raise NanoForgeError(f"{index.name}: says tensor '{key}' is in {file}, but {file} has no such tensor")
     tensors, views, sources = split_fused_experts(tensors, config)
-    return Checkpoint(path, "hf", config, tensors, views=views, sources=sources)
+    tensors, gdn_views, gdn_sources = split_fused_gdn(tensors, config)
+    return Checkpoint(path, "hf", config, tensors, views={**views, **gdn_views}, sources={**sources, **gdn_sources})
 
 
 def fingerprint_mismatches(expected: dict, actual: dict) -> list[str]:

@@ -37,6 +37,10 @@ class ExpertView:
     def source_rows(self) -> tuple[slice, slice, slice]:
         return slice(self.expert, self.expert + 1), slice(None), slice(None)
 
+    def cut(self, part: torch.Tensor) -> torch.Tensor:
+        """This view of the source read with source_rows() (the expert's [1, ., .] rows)."""
+        return self.take(part[0])
+
 
 def _transposed(info: TensorInfo, out: int, inp: int) -> bool:
     """Whether a fused [E, ., .] tensor of (out, in) matrices is stored (in, out); any other shape is an error."""

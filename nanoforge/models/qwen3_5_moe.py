@@ -9,10 +9,17 @@ top-k MoE with normalised weights plus a sigmoid-gated shared expert. Every RMSN
 gated one scales by (1 + weight). Attention layers number the KV pool 0.., GDN layers the state pool 0..
 Text only: positions are 1-D, which makes the multimodal rope (mrope) plain rope. The checkpoint's MTP
 layer (`mtp.*`, see Qwen3_5MoeMTP) traces into the `draft` function when asked.
+
+Qwen3NextForCausalLM (build_next) is the same model but for three things: its checkpoint fuses the GDN
+input projections (`in_proj_qkvz`, `in_proj_ba`, read as Qwen3.5's four by models/fused_gdn.py), some
+layers may have a dense SwiGLU MLP (`mlp_only_layers` / `decoder_sparse_step`, Qwen2-MoE's rule), and the
+router's `norm_topk_prob` is configurable. The rest (norms, gated attention, partial rope, the gated
+delta rule, the sigmoid-gated shared expert) is the same code in transformers (Qwen3.5-MoE's classes
+derive from Qwen3-Next's).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import NanoForgeError
 from .common import Config, GatedMLP, StackedExperts, attention, rope_attrs
@@ -106,14 +113,15 @@ class Qwen3_5MoeAttention(TraceModule):
 
 
 class Qwen3_5MoeSparseMoeBlock(TraceModule):
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, norm_topk_prob: bool = True):
         super().__init__()
         e = int(c.num_experts)
         self.gate = WeightOnly((e, c.hidden_size))
         self.experts = StackedExperts(e, c.hidden_size, c.moe_intermediate_size)
         self.shared_expert = GatedMLP(c.hidden_size, c.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(c.hidden_size, 1)
-        self.attrs = dict(num_experts=e, top_k=c.num_experts_per_tok, scoring="softmax", norm_topk_prob=True)
+        self.attrs = dict(num_experts=e, top_k=c.num_experts_per_tok, scoring="softmax",
+                          norm_topk_prob=norm_topk_prob)
 
     def forward(self, x: Sym) -> Sym:
         routed = x.tracer.emit("moe", [x], self.experts.params(self.gate.weight), **self.attrs)
@@ -122,14 +130,14 @@ class Qwen3_5MoeSparseMoeBlock(TraceModule):
 
 
 class Qwen3_5MoeDecoderLayer(TraceModule):
-    def __init__(self, c: Config, kind: str, index: int):
+    def __init__(self, c: Config, kind: str, index: int, mlp: TraceModule | None = None):
         super().__init__()
         if kind == "linear_attention":
             self.linear_attn = Qwen3_5MoeGatedDeltaNet(c, index)
         else:
             self.self_attn = Qwen3_5MoeAttention(c, index)
         self.kind = kind
-        self.mlp = Qwen3_5MoeSparseMoeBlock(c)
+        self.mlp = mlp if mlp is not None else Qwen3_5MoeSparseMoeBlock(c)
         self.input_layernorm = OffsetRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = OffsetRMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -139,13 +147,35 @@ class Qwen3_5MoeDecoderLayer(TraceModule):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+MakeMlp = Callable[[int], TraceModule]  # layer number -> its MLP
+
+
+def qwen3_next_mlps(c: Config) -> MakeMlp:
+    """Qwen3-Next's MLP of each layer (Qwen3NextDecoderLayer): a MoE block unless the layer is in
+    `mlp_only_layers`, the config has no experts, or it is not every `decoder_sparse_step`-th layer;
+    then a SwiGLU MLP of `intermediate_size`."""
+    step, only = c.get("decoder_sparse_step", 1), c.get("mlp_only_layers", [])
+    if not isinstance(step, int) or step < 1:
+        raise NanoForgeError(f"config.json: decoder_sparse_step {step!r} must be a positive integer")
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+        raise NanoForgeError(f"config.json: mlp_only_layers {only!r} must be a list of layer numbers")
+    norm = bool(c.get("norm_topk_prob", True))
+
+    def make(i: int) -> TraceModule:
+        if i not in only and int(c.get("num_experts", 0)) > 0 and (i + 1) % step == 0:
+            return Qwen3_5MoeSparseMoeBlock(c, norm)
+        return GatedMLP(c.hidden_size, c.intermediate_size)
+    return make
+
+
 class Qwen3_5MoeTextModel(TraceModule):
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, make_mlp: MakeMlp | None = None):
         super().__init__()
         types = layer_types(c)
         index = [types[:i].count(t) for i, t in enumerate(types)]  # KV-pool / state-pool number of each layer
+        mlps = [make_mlp(i) if make_mlp else None for i in range(len(types))]
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.layers = ModuleList([Qwen3_5MoeDecoderLayer(c, t, n) for t, n in zip(types, index)])
+        self.layers = ModuleList([Qwen3_5MoeDecoderLayer(c, t, n, m) for t, n, m in zip(types, index, mlps)])
         self.norm = OffsetRMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, tokens: Sym, positions: Sym) -> Sym:
@@ -179,6 +209,12 @@ class Qwen3_5MoeForCausalLM(TraceModule):
 
 def build(c: Config) -> Qwen3_5MoeForCausalLM:
     text = Qwen3_5MoeTextModel(c)
+    return Qwen3_5MoeForCausalLM(c, text, text.embed_tokens)
+
+
+def build_next(c: Config) -> Qwen3_5MoeForCausalLM:
+    """Qwen3NextForCausalLM: the Qwen3.5-MoE text model with Qwen3-Next's MLP rules (module docstring)."""
+    text = Qwen3_5MoeTextModel(c, qwen3_next_mlps(c))
     return Qwen3_5MoeForCausalLM(c, text, text.embed_tokens)
 
 
