@@ -83,6 +83,13 @@ def make_qwen3_5_checkpoint(out_dir: Path, seed: int = 0, conditional: bool = Fa
                                                                                vision_config=vision))
         else:
             model = tf.AutoModelForCausalLM.from_config(text, dtype=torch.float32)
+    return _save(model, out_dir, seed)
+
+
+def _save(model, out_dir: Path, seed: int) -> Path:
+    """Random norm gains (HF initialises them to 0 / 1), the chat ids, then the checkpoint and tokenizer."""
+    import transformers as tf
+
     model.eval()
     _randomize_norms(model, seed)
     model.generation_config = tf.GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID,
@@ -167,11 +174,4 @@ def make_qwen3_next_checkpoint(out_dir: Path, seed: int = 0) -> Path:
                                 decoder_sparse_step=1, norm_topk_prob=False)
     with _quiet_transformers():
         model = tf.Qwen3NextForCausalLM(config).to(torch.float32)
-    model.eval()
-    _randomize_norms(model, seed)
-    model.generation_config = tf.GenerationConfig(bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID,
-                                                  pad_token_id=ENDOFTEXT_ID)
-    with _quiet_transformers():
-        model.save_pretrained(out_dir, safe_serialization=True)
-    make_tokenizer(VOCAB).save_pretrained(out_dir)
-    return out_dir
+    return _save(model, out_dir, seed)

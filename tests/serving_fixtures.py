@@ -1,4 +1,4 @@
-"""The OpenAI app over a Router, served for a test: shared by the PD and EPD tests."""
+"""Serving helpers shared by the PD and EPD tests: an engine server's stats, the OpenAI app over a Router."""
 from __future__ import annotations
 
 import asyncio
@@ -8,15 +8,28 @@ import time
 from contextlib import contextmanager
 from typing import Callable
 
-import uvicorn
-
 from nanoforge.serving.router import Router
+from nanoforge.serving.zmq_client import ZmqEngineClient
+
+
+def engine_stats(addr: str) -> dict:
+    """One stats request to the engine server at addr."""
+    async def main():
+        c = await ZmqEngineClient.connect(addr, timeout=5)
+        try:
+            return await c.stats()
+        finally:
+            c.close()
+
+    return asyncio.run(main())
 
 
 @contextmanager
 def http_router(make_app: Callable[[Router], object], **router_kw):
     """uvicorn on a free port in a thread whose event loop also owns the Router's sockets; yields the
     base URL. `make_app(router)` builds the app (build_app with the test's own options)."""
+    import uvicorn  # here: the GPU machines run the PD tests without the HTTP stack
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     box: dict = {}

@@ -24,6 +24,7 @@ import pytest
 import zmq
 
 from hf_fixtures import random_prompts, tiny_config
+from serving_fixtures import engine_stats as _stats, http_router
 from nanoforge import LLM, SamplingParams, cli
 from nanoforge.errors import NanoForgeError
 from nanoforge.serving.engine_server import free_tcp_addr, start_engine_server, wait_engine_ready
@@ -79,17 +80,6 @@ def pd(tiny_ckpt, request):
                 proc.kill()
                 proc.wait()
             Path(proc.log_path).unlink(missing_ok=True)
-
-
-def _stats(addr: str) -> dict:
-    async def main():
-        c = await ZmqEngineClient.connect(addr, timeout=5)
-        try:
-            return await c.stats()
-        finally:
-            c.close()
-
-    return asyncio.run(main())
 
 
 def _wait_idle(addr: str, timeout: float = 8.0) -> dict:
@@ -237,7 +227,7 @@ def test_whole_requests_go_to_engines_listed_with_engine(pd):
 # -- (b) the OpenAI API over the router ----------------------------------------------------------
 def test_openai_chat_through_the_router_and_migration_metrics(pd):
     openai = pytest.importorskip("openai")  # here, not at import: the GPU machines (no openai, fastapi or
-    from serving_fixtures import http_router  # uvicorn there) run this file's PD tests through test_pd_dlslime
+    # uvicorn there) run this file's PD tests through test_pd_dlslime
     from nanoforge.serving.openai_api import build_app
     messages = [{"role": "user", "content": "Hello, how are you today?"}]
     want = pd.ref.chat(messages, SamplingParams(temperature=0, max_tokens=12))[0]

@@ -32,7 +32,7 @@ from nanoforge.serving.openai_api import build_app  # noqa: E402
 from nanoforge.serving.protocol import GenerateRequest  # noqa: E402
 from nanoforge.serving.router import Router  # noqa: E402
 from nanoforge.serving.zmq_client import ZmqEngineClient  # noqa: E402
-from serving_fixtures import http_router  # noqa: E402
+from serving_fixtures import engine_stats as stats, http_router  # noqa: E402
 from test_qwen3_vl import images, make_tiny_vl  # noqa: E402
 from test_qwen3_vl_api import data_url, image_chat  # noqa: E402
 
@@ -72,17 +72,6 @@ def epd(tmp_path_factory):
     finally:
         for proc, _ in procs.values():
             stop_engine_server(proc, timeout=10)
-
-
-def stats(addr: str) -> dict:
-    async def main():
-        c = await ZmqEngineClient.connect(addr, timeout=5)
-        try:
-            return await c.stats()
-        finally:
-            c.close()
-
-    return asyncio.run(main())
 
 
 async def run(router: Router, rid: str, prompt: list[int], imgs: list | None) -> tuple[list[int], object]:

@@ -30,7 +30,7 @@ from typing import Any
 import zmq
 
 from ..errors import NanoForgeError
-from .sockets import bind_router, drain_router, wake_pair
+from .sockets import bind_router, run_loop, wake_pair
 from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
 
 log = logging.getLogger("nanoforge.serving")
@@ -74,29 +74,23 @@ class EncodeServer:
         self.worker.start()
         if self.publisher is not None:
             self.publisher.start()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.wake_rx, zmq.POLLIN)
         log.info("encode server %s ready at %s (pid %d)", self.info.get("model_name"), self.addr, os.getpid())
         try:
-            while not self.stopping:
-                events = dict(poller.poll(100))
-                if self.wake_rx in events:
-                    while self.wake_rx.poll(0):
-                        self.wake_rx.recv()
-                while True:
-                    try:
-                        ident, msg = self.replies.get_nowait()
-                    except queue.Empty:
-                        break
-                    self.sock.send_multipart([ident, pack(msg)])
-                if self.sock in events:
-                    drain_router(self.sock, self._handle)
+            run_loop(self.sock, self.wake_rx, lambda: self.stopping, self._flush_replies, self._handle)
         finally:
             self._close()
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
+
+    def _flush_replies(self) -> None:
+        """Send what the worker thread finished."""
+        while True:
+            try:
+                ident, msg = self.replies.get_nowait()
+            except queue.Empty:
+                return
+            self.sock.send_multipart([ident, pack(msg)])
 
     def stats(self) -> dict[str, Any]:
         return {**self.encoder.stats(), **self.counters, "num_waiting": self.jobs.qsize(),

@@ -43,7 +43,7 @@ from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
 from .protocol import GenerateRequest, TokenDelta
-from .sockets import bind_router, drain_router, wake_pair
+from .sockets import bind_router, run_loop, wake_pair
 from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
 
 log = logging.getLogger("nanoforge.serving")
@@ -155,20 +155,10 @@ class EngineServer:
         self.loop.start()
         if self.publisher is not None:
             self.publisher.start()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.wake_rx, zmq.POLLIN)
         log.info("engine server %s ready at %s (pid %d), prefix caching %s", self.info["model_name"], self.addr,
                  os.getpid(), getattr(self.loop.engine, "kv_cache", {}).get("prefix_caching", "on"))
         try:
-            while not self.stopping:
-                events = dict(poller.poll(100))
-                if self.wake_rx in events:
-                    while self.wake_rx.poll(0):
-                        self.wake_rx.recv()
-                self._send_deltas()
-                if self.sock in events:
-                    drain_router(self.sock, self._handle)  # bounded: deltas keep flowing under a flood
+            run_loop(self.sock, self.wake_rx, lambda: self.stopping, self._send_deltas, self._handle)
         finally:
             self._close()
 

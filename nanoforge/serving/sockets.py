@@ -43,3 +43,21 @@ def drain_router(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None],
         except zmq.Again:
             return
         handle(frames[0], frames[1:])
+
+
+def run_loop(sock: zmq.Socket, wake_rx: zmq.Socket, stopping: Callable[[], bool], flush: Callable[[], None],
+             handle: Callable[[bytes, list[bytes]], None]) -> None:
+    """A server's I/O loop until stopping(): wait (100 ms at most) for a request or a wake-up from its
+    worker thread, send what the worker produced (flush), then handle the waiting requests (bounded,
+    so replies keep flowing under a flood)."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(wake_rx, zmq.POLLIN)
+    while not stopping():
+        events = dict(poller.poll(100))
+        if wake_rx in events:
+            while wake_rx.poll(0):
+                wake_rx.recv()
+        flush()
+        if sock in events:
+            drain_router(sock, handle)
