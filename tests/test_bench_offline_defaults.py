@@ -104,3 +104,16 @@ def test_cpu_suite_writes_each_workload_and_a_summary(tmp_path, monkeypatch, cap
     for row in s["workloads"].values():
         assert row["ratio"] > 0 and len(row["ratio_per_repeat"]) == 2 and (res / row["result"]).is_file()
     assert "ragged-qwen3-tiny" in capsys.readouterr().out
+
+
+def test_roofline_decode_is_bound_by_bandwidth_or_matmuls_whichever_is_slower():
+    """A small batch reads the weights once per step (bandwidth); 32 rows of a 135M-parameter model
+    on a CPU are 8.6 GFLOP a step, far slower than reading 540 MB at 32 GB/s."""
+    from nanoforge.tools.roofline import simulate_ceiling
+
+    def decode_s(batch: int) -> float:
+        return simulate_ceiling([64] * batch, [10] * batch, weight_bytes=540e6, kv_bytes_per_token=0,
+                                flops_per_token=270e6, bandwidth=32e9, flops=174e9, max_num_seqs=256)["decode_s"]
+
+    assert decode_s(1) == pytest.approx(10 * 540e6 / 32e9)
+    assert decode_s(32) == pytest.approx(10 * 32 * 270e6 / 174e9)
