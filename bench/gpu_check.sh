@@ -124,7 +124,7 @@ PY
     moe_parallel) run moe_parallel python3 bench/moe_parallel.py --out "$OUT" ;;
     dsa_decode) run dsa_decode python3 bench/dsa_decode.py --out "$OUT/dsa_decode" ;;
     pd) run pd python3 -m nanoforge.cli bench pd --device cuda --rate ${PD_RATES:-4 16 64} --num-prompts 128 \
-          --input-len 2048 --output-len 128 --results-dir "$OUT/pd" ;;
+          --input-len 2048 --output-len 128 ${PD_MPS:+--mps-split $PD_MPS} --results-dir "$OUT/pd" ;;
     migration) run migration python3 -m nanoforge.cli bench migration --device cuda --transport tcp ipc \
                  --prompt-len 4096 --num-prompts 8 --results-dir "$OUT/migration" ;;
     speculative) run speculative python3 bench/speculative.py --model-preset smollm2-135m --device cuda --prompts 8 \

@@ -6,6 +6,8 @@ no block is left held, and PD's greedy tokens equal the co-located engine's."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import math
 from pathlib import Path
 
@@ -55,6 +57,44 @@ def test_bench_pd_refuses_bad_flags_before_starting_engines(tmp_path, kw, flag):
     with pytest.raises(NanoForgeError, match=f"bench pd: {flag} must be") as e:
         bench_pd(PDBenchConfig("qwen3-tiny", **kw), tmp_path)
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kw, match", [({"mps_split": 50}, "--mps-split 50: MPS shares a GPU; it needs --device cuda"),
+                                       ({"mps_split": 100, "device": "cuda"}, "--mps-split must be the prefill engine's "
+                                        "percent of the SMs, 1..99; got 100")])
+def test_bench_pd_refuses_a_bad_mps_split_before_starting_engines(tmp_path, kw, match):
+    with pytest.raises(NanoForgeError, match=re.escape(match)):
+        bench_pd(PDBenchConfig("qwen3-tiny", **kw), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_mps_daemon_without_the_control_binary_is_a_clear_error(monkeypatch):
+    from nanoforge.tools import mps
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(NanoForgeError, match="nvidia-cuda-mps-control is not on PATH"):
+        with mps.mps_daemon():
+            pass
+
+
+def test_mps_daemon_is_told_to_quit_and_clients_get_their_share(monkeypatch, tmp_path):
+    """A stand-in control binary records its calls: `-d` starts, `quit` on stdin at exit, the pipe
+    directory private to the run and removed after."""
+    from nanoforge.tools import mps
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin" / mps.CONTROL
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$* $(/bin/cat -) $CUDA_MPS_PIPE_DIRECTORY" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    with mps.mps_daemon() as env:
+        pipe = env["CUDA_MPS_PIPE_DIRECTORY"]
+        assert os.path.isdir(pipe) and mps.client_env(env, 30)["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    calls = log.read_text().splitlines()
+    assert calls[0].split()[0] == "-d" and calls[0].split()[-1] == pipe
+    assert calls[1].split()[:1] == ["quit"] and calls[1].split()[-1] == pipe
+    assert not os.path.exists(pipe)
 
 
 def test_bench_migration_ipc_needs_cuda(tmp_path):

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from .. import defaults
 from ..errors import NanoForgeError
 from .bench_serve import RequestTiming, ServeWorkload, poisson_arrivals, summarize
+from .mps import check_split, client_env, mps_daemon
 
 RATIO_KEYS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"))
 
@@ -54,6 +55,7 @@ class PDBenchConfig:
     cores: int | None = None  # CPU: a deployment's threads (default: every core)
     enforce_eager: bool = False
     startup_timeout: float = 600.0
+    mps_split: int | None = None  # CUDA: PD engines under a private MPS daemon, prefill on this % of SMs (tools/mps.py)
 
     def validate(self) -> None:
         checks = [("--rate", self.rates, bool(self.rates) and all(0 < r for r in self.rates), "one or more rates > 0"),
@@ -67,6 +69,7 @@ class PDBenchConfig:
         for flag, value, ok, need in checks:
             if not ok:
                 raise NanoForgeError(f"bench pd: {flag} must be {need}, got {value}")
+        check_split(self.mps_split, self.device)
 
     def threads(self, share: float) -> int:
         return max(1, int((self.cores or os.cpu_count() or 1) * share))
@@ -104,11 +107,12 @@ def engine_flags(cfg: PDBenchConfig, role: str, mem: float, kv_transport: str | 
     return flags
 
 
-def _start(cfg: PDBenchConfig, role: str, flags: dict[str, Any], threads: float, addr: str | None) -> EngineProc:
+def _start(cfg: PDBenchConfig, role: str, flags: dict[str, Any], threads: float, addr: str | None,
+           env: dict[str, str] | None = None) -> EngineProc:
     from ..models.presets import PRESETS
     from ..serving.engine_server import start_engine_server
 
-    env = {"OMP_NUM_THREADS": str(cfg.threads(threads))} if cfg.device == "cpu" else None
+    env = {"OMP_NUM_THREADS": str(cfg.threads(threads))} if cfg.device == "cpu" else env
     proc, addr = start_engine_server(None if cfg.model in PRESETS else cfg.model, addr, env=env, **flags)
     proc.flags = {**{k: v for k, v in flags.items() if v is not None}, **(env or {})}  # type: ignore[attr-defined]
     return EngineProc(role, proc, addr)
@@ -127,27 +131,32 @@ def deployment(cfg: PDBenchConfig, kind: str, kv_transport: str | None = None,
     and stop them on exit; `addrs` may give each role's ZMQ address (default: a free TCP port)."""
     engines: list[EngineProc] = []
     addrs = addrs or {}
-    try:
-        if kind == "colocated":
-            engines.append(_start(cfg, "both", engine_flags(cfg, "both", cfg.gpu_memory_utilization), 1.0,
-                                  addrs.get("both")))
-        else:
-            half = cfg.gpu_memory_utilization / 2
-            engines.append(_start(cfg, "prefill", engine_flags(cfg, "prefill", half, kv_transport), 0.5,
-                                  addrs.get("prefill")))
-            if cfg.device == "cuda":  # its memory is taken before the decode engine sizes its own
-                _ready(cfg, engines[0])
-            engines.append(_start(cfg, "decode", engine_flags(cfg, "decode", cfg.gpu_memory_utilization,
-                                                              kv_transport), 0.5, addrs.get("decode")))
-        for e in engines:
-            if not e.hello:
-                _ready(cfg, e)
-        yield engines
-    finally:
-        from ..serving.engine_server import stop_engine_server
+    with contextlib.ExitStack() as stack:
+        mps = stack.enter_context(mps_daemon()) if kind == "pd" and cfg.mps_split else None
+        env = {r: client_env(mps, p) for r, p in (("prefill", cfg.mps_split), ("decode", 100 - cfg.mps_split))} \
+            if mps is not None and cfg.mps_split else {}
+        try:
+            if kind == "colocated":
+                engines.append(_start(cfg, "both", engine_flags(cfg, "both", cfg.gpu_memory_utilization), 1.0,
+                                      addrs.get("both")))
+            else:
+                half = cfg.gpu_memory_utilization / 2
+                engines.append(_start(cfg, "prefill", engine_flags(cfg, "prefill", half, kv_transport), 0.5,
+                                      addrs.get("prefill"), env.get("prefill")))
+                if cfg.device == "cuda":  # its memory is taken before the decode engine sizes its own
+                    _ready(cfg, engines[0])
+                engines.append(_start(cfg, "decode", engine_flags(cfg, "decode", cfg.gpu_memory_utilization,
+                                                                  kv_transport), 0.5, addrs.get("decode"),
+                                      env.get("decode")))
+            for e in engines:
+                if not e.hello:
+                    _ready(cfg, e)
+            yield engines
+        finally:  # before the MPS daemon (if any) is told to quit
+            from ..serving.engine_server import stop_engine_server
 
-        for e in engines:
-            stop_engine_server(e.proc)
+            for e in engines:
+                stop_engine_server(e.proc)
 
 
 async def connect_router(engines: list[EngineProc]) -> Any:
@@ -349,4 +358,7 @@ def add_bench_pd_parser(bsub: Any) -> None:
     p.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto", help="how the decode engine pulls KV")
+    p.add_argument("--mps-split", type=int, metavar="P", help="CUDA: run the PD engines under a private MPS daemon, "
+                   "the prefill engine on P%% of the SMs and the decode engine on the rest, so decode steps do not "
+                   "wait for the prefill engine's time slice (default: no MPS, time-sliced)")
     p.set_defaults(run=cmd_bench_pd)
