@@ -33,6 +33,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     opts = CompileOptions(dtype=a.dtype, device=a.device, pipeline=a.pipeline, disable_passes=a.disable_pass,
                           dump_dir=a.dump_dir, verify_each_pass=a.verify_each_pass, config_only=a.config_only,
                           quantize=a.quantize, fp8_activations=a.fp8_activations, kv_dtype=a.kv_dtype,
+                          index_kv_dtype=a.index_kv_dtype,
                           block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                           providers=_kv_pairs(a.provider, "--provider"), tp=a.tp,
                           attention_dp=a.attention_dp, ffn_ep=a.ffn_ep, max_num_seqs=a.max_num_seqs,
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-dtype", default="auto", metavar="auto|fp8",
                    help="the paged KV cache: auto = the model's dtype; fp8 = e4m3 with a dynamic f32 scale per token "
                         "and KV head (per token for MLA), about half the bytes per token")
+    c.add_argument("--index-kv-dtype", default="auto", metavar="auto|fp8",
+                   help="DeepSeek-V3.2 / GLM-5: the sparse-attention indexer's key cache; auto = as --kv-dtype; fp8 "
+                        "= e4m3 with an f32 scale per token while MLA's latents keep --kv-dtype (as the real model)")
     c.add_argument("--speculative", metavar="mtp", help="mtp: keep the checkpoint's MTP layer as a draft function "
                    "the engine speculates with (pass attach_mtp)")
     c.add_argument("--num-speculative-tokens", type=int, metavar="K", help="MTP drafts per sequence and step "

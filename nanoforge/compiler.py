@@ -26,6 +26,7 @@ class CompileOptions:
     quantize: str = "auto"  # auto: as shipped (an explicit dtype widens FP8); none; fp8 (passes/quantize_weights)
     fp8_activations: str = "auto"  # FP8 linears' inputs: dynamic (per token x 128) | none | auto (dynamic on CUDA)
     kv_dtype: str = "auto"  # the paged KV cache: auto (the model's dtype) | fp8 (e4m3 + scales; passes/quantize_kv)
+    index_kv_dtype: str = "auto"  # DSA indexer keys: auto (as kv_dtype) | fp8 (e4m3 + scales, latents as kv_dtype)
     device: str = "cpu"
     pipeline: str = "default"
     disable_passes: list[str] = field(default_factory=list)
@@ -74,7 +75,7 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
     act = opts.fp8_activations == "dynamic" or (opts.fp8_activations == "auto" and target.device == "cuda")
     quant = quantize_weights.Options("fp8" if shipped else "none", mode, *((shipped.block, shipped.keep) if shipped
                                                                             else ()), act_quant=128 if act else 0)
-    return {"attach_mtp": attach_mtp.Options(mtp_tokens(opts)), "quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target),
+    return {"attach_mtp": attach_mtp.Options(mtp_tokens(opts)), "quantize_weights": quant, "quantize_kv": quantize_kv.Options(opts.kv_dtype, target, opts.index_kv_dtype),
             "shard_tp": shard_tp.Options(opts.tp),
             "shard_ep": shard_ep.Options(opts.attention_dp, opts.ffn_ep),
             "fuse_elementwise": fuse_elementwise.Options(),
@@ -125,6 +126,8 @@ def compile_checkpoint(path: str | Path, opts: CompileOptions, log: Callable[[st
     asks = [("shard_tp", f"--tp {opts.tp}", opts.tp > 1),
             ("shard_ep", f"--ffn-ep {max(opts.ffn_ep, opts.attention_dp)}", max(opts.ffn_ep, opts.attention_dp) > 1),
             ("quantize_kv", f"--kv-dtype {opts.kv_dtype}", quantize_kv.kv_dtype_of(opts.kv_dtype) is not None),
+            ("quantize_kv", f"--index-kv-dtype {opts.index_kv_dtype}",
+             quantize_kv.kv_dtype_of(opts.index_kv_dtype, "--index-kv-dtype") is not None),
             ("attach_mtp", "--speculative mtp", mtp_tokens(opts) > 0)]
     for name, flag, asked in asks:
         if asked and (name in opts.disable_passes or name not in PIPELINES[opts.pipeline]):

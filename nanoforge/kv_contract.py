@@ -6,8 +6,10 @@ connect), and what `inspect` shows. One token's entry in layer L is one row in e
 layer's pool tensors, of the shapes listed; a block holds `block_size` tokens.
 
 Besides per-token entries: per-token scales beside quantized values (FP8 KV: `scale_shapes` and
-`scale_dtype`) and fixed-size per-sequence state (Gated DeltaNet layers' conv window and recurrent
-state: `state`, one row per running sequence in a pool of its own, kernels/context.allocate_state)."""
+`scale_dtype`), per-tensor dtypes where a layer's tensors differ (a DSA layer's FP8 indexer keys beside
+model-dtype latents, `--index-kv-dtype fp8`: `KVLayer.dtypes`) and fixed-size per-sequence state (Gated
+DeltaNet layers' conv window and recurrent state: `state`, one row per running sequence in a pool of its
+own, kernels/context.allocate_state)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ class KVLayer:
     # the sparse-attention indexer's key (DeepSeek-V3.2, GLM-5)
     shapes: tuple[tuple[int, ...], ...]  # one token's entry in each pool tensor of the layer
     source: str = ""  # the HF module, for messages
-    scale_shapes: tuple[tuple[int, ...], ...] = ()  # one token's scales beside each tensor (quantized KV)
+    scale_shapes: tuple[tuple[int, ...], ...] = ()  # one token's scales beside each FP8 tensor, in order
+    dtypes: tuple[str, ...] = ()  # per tensor where they are not all the contract's dtype (DSA: bf16 latents,
+    # FP8 indexer keys); empty: every tensor in KVContract.dtype
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,27 @@ class KVContract:
     scale_dtype: str | None = None  # of the scales, when the values are quantized
     state: tuple[SequenceState, ...] = ()
 
+    def tensor_dtypes(self, layer: KVLayer) -> tuple[str, ...]:
+        """The dtype of each of the layer's pool tensors (values; their scales are in scale_dtype)."""
+        return layer.dtypes or (self.dtype,) * len(layer.shapes)
+
+    def index_dtype(self) -> str | None:
+        """The dtype of the DSA layers' indexer keys (None: no such layer)."""
+        dsa = next((layer for layer in self.layers if layer.kind == "dsa"), None)
+        return self.tensor_dtypes(dsa)[1] if dsa else None
+
+    def dtype_label(self) -> str:
+        """The pool's dtypes in words, for inspect and the engine's metrics."""
+        scales = f" + {self.scale_dtype} scales" if self.scale_dtype else ""
+        index = self.index_dtype()
+        if index is not None and index != self.dtype:
+            return f"{self.dtype}, indexer keys {index}{scales}"
+        return self.dtype + scales
+
     def bytes_per_token(self) -> int:
-        value, scale = DTYPE_BYTES[self.dtype], DTYPE_BYTES[self.scale_dtype] if self.scale_dtype else 0
-        return sum(value * prod(s) for layer in self.layers for s in layer.shapes) + \
+        scale = DTYPE_BYTES[self.scale_dtype] if self.scale_dtype else 0
+        return sum(DTYPE_BYTES[d] * prod(s) for layer in self.layers
+                   for s, d in zip(layer.shapes, self.tensor_dtypes(layer))) + \
             sum(scale * prod(s) for layer in self.layers for s in layer.scale_shapes)
 
     def bytes_per_sequence(self) -> int:
@@ -73,8 +95,10 @@ class KVContract:
         if len(self.layers) != len(other.layers):
             out.append(f"attention layers: {len(self.layers)} vs {len(other.layers)}")
         for x, y in zip(self.layers, other.layers):
-            if (x.kind, x.shapes, x.scale_shapes) != (y.kind, y.shapes, y.scale_shapes):
-                out.append(f"layer {x.layer}: {x.kind} {_shapes(x)} vs {y.kind} {_shapes(y)}")
+            if (x.kind, x.shapes, x.scale_shapes, self.tensor_dtypes(x)) != \
+                    (y.kind, y.shapes, y.scale_shapes, other.tensor_dtypes(y)):
+                out.append(f"layer {x.layer}: {x.kind} {_shapes(x)} {'/'.join(self.tensor_dtypes(x))} vs "
+                           f"{y.kind} {_shapes(y)} {'/'.join(other.tensor_dtypes(y))}")
                 break
         if [(s.kind, s.shapes, s.dtype) for s in self.state] != [(s.kind, s.shapes, s.dtype) for s in other.state]:
             out.append(f"per-sequence state: {len(self.state)} vs {len(other.state)} entries, or their shapes differ")
@@ -86,8 +110,9 @@ class KVContract:
             if not data[key]:
                 del data[key]
         for layer in data["layers"]:
-            if not layer["scale_shapes"]:
-                del layer["scale_shapes"]
+            for key in ("scale_shapes", "dtypes"):
+                if not layer[key]:
+                    del layer[key]
         return data
 
     @classmethod

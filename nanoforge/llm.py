@@ -68,6 +68,7 @@ def open_model(model: str | Path | Checkpoint, checkpoint: str | Path | None = N
 class LLM:
     def __init__(self, model: str | Path | Checkpoint, *, checkpoint: str | Path | None = None, dtype: str = "auto",
                  quantize: str = "auto", fp8_activations: str = "auto", kv_dtype: str = "auto",
+                 index_kv_dtype: str = "auto",
                  block_size: int | None = None, device: str | None = None, progress: bool = True, tp: int | None = None,
                  attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
                  **engine_options: Any):
@@ -80,7 +81,7 @@ class LLM:
         cfg = EngineConfig(**engine_options)
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, quantize=quantize, fp8_activations=fp8_activations, device=device or "cpu",
-                              kv_dtype=kv_dtype, block_size=block_size,
+                              kv_dtype=kv_dtype, index_kv_dtype=index_kv_dtype, block_size=block_size,
                               **({"speculative": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
                                  if cfg.speculative == "mtp" else {}),
                               max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
@@ -93,6 +94,11 @@ class LLM:
         if kv_dtype != "auto" and self.plan.kv_contract.dtype != kv_dtype_of(kv_dtype):
             raise NanoForgeError(f"--kv-dtype {kv_dtype}: {model} is a plan with {self.plan.kv_contract.dtype} KV; "
                                  f"recompile the checkpoint with --kv-dtype {kv_dtype}")
+        if index_kv_dtype != "auto" and self.plan.kv_contract.index_dtype() != kv_dtype_of(index_kv_dtype,
+                                                                                         "--index-kv-dtype"):
+            raise NanoForgeError(f"--index-kv-dtype {index_kv_dtype}: {model} is a plan with "
+                                 f"{self.plan.kv_contract.index_dtype() or 'no'} indexer keys; recompile the "
+                                 f"checkpoint with --index-kv-dtype {index_kv_dtype}")
         cfg.device = self.plan.target.device
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(self.checkpoint)

@@ -28,8 +28,10 @@ def test_dsa_decode_smoke(tmp_path):
     r = smoke("dsa_decode.py", tmp_path)
     assert r["smoke"] and [row["context"] for row in r["rows"]] == [12, 40]
     assert r["rows"][0]["max_abs_diff_sparse_vs_dense"] < 1e-4  # context <= top-k: sparse is dense MLA
+    assert r["rows"][0]["max_abs_diff_sparse_fp8_index_vs_dense"] < 1e-4  # FP8 indexer keys too
     for row in r["rows"]:
         assert row["dense_mla_ms"] > 0 and row["sparse_ms"] > 0 and row["indexer_topk_ms"] > 0
+        assert row["sparse_fp8_index_ms"] > 0 and row["speedup_sparse_fp8_index_over_dense"] > 0
     assert {"card", "versions", "config", "ratio", "machine"} <= set(r)
 
 

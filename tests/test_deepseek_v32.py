@@ -3,7 +3,8 @@
 the torch reference against transformers. Tiny random checkpoints (save_pretrained) with `index_topk`
 well below the prompts, so most queries attend to a real top-k subset: batched prompts with chunked
 prefill give HF's greedy tokens, and a dense variant of the same weights does not (so the comparison
-sees the selection); prefix caching and a PD move of the blocks change nothing."""
+sees the selection); prefix caching and a PD move of the blocks change nothing, with the indexer's keys
+in the model's dtype or (`--index-kv-dtype fp8`) in FP8 beside model-dtype latents."""
 from __future__ import annotations
 
 import json
@@ -184,22 +185,24 @@ def test_batched_chunked_greedy_equals_hf_and_dense_does_not(arch, ckpts, tmp_pa
     assert rel[0] < 1e-4 and (rel[1:] > 0.05).all(), rel  # 5 tokens <= top-k: dense already
 
 
+@pytest.mark.parametrize("index_kv", ["auto", "fp8"])
 @pytest.mark.parametrize("arch", list(TOPK))
-def test_prefix_caching_on_equals_off(arch, ckpts):
+def test_prefix_caching_on_equals_off(arch, index_kv, ckpts):
     base = random_prompts(VOCAB, [40, 7, 11], seed=4)
     prompts = [base[0], base[0][:33] + base[1], base[0][:17] + base[2]]
     sp, runs = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), {}
     for on in (True, False):
-        llm = LLM(ckpts[arch], progress=False, prefix_caching=on, max_prefill_chunk=16)
+        llm = LLM(ckpts[arch], progress=False, prefix_caching=on, max_prefill_chunk=16, index_kv_dtype=index_kv)
         outs = [llm.generate([p], sp)[0] for p in prompts]  # one after another: later ones find blocks
         runs[on] = [o.token_ids for o in outs]
         assert [o.num_cached_tokens for o in outs] == ([0, 32, 16] if on else [0, 0, 0])
     assert runs[True] == runs[False]
 
 
-def test_pd_move_of_entries_and_indexer_keys_equals_one_engine(ckpts):
+@pytest.mark.parametrize("index_kv", ["auto", "fp8"])
+def test_pd_move_of_entries_and_indexer_keys_equals_one_engine(index_kv, ckpts):
     ck = ckpts["glm_moe_dsa"]
-    a, b = LLM(ck, progress=False, num_blocks=32), LLM(ck, progress=False, num_blocks=32)
+    a, b = (LLM(ck, progress=False, num_blocks=32, index_kv_dtype=index_kv) for _ in range(2))
     prompt = random_prompts(VOCAB, [37], seed=3)[0]
     want = a.generate([prompt], GREEDY)[0].token_ids
     ea, eb = a.engine, b.engine
@@ -209,8 +212,14 @@ def test_pd_move_of_entries_and_indexer_keys_equals_one_engine(ckpts):
     assert ea.park(seq) is None
     moved, _ = eb.add_migrated(seq.token_ids, seq.num_prompt, GREEDY, seq.num_computed)
     bufs = gather_blocks(ea.runner.pool, seq.block_table)
-    assert len(bufs) == 5  # layers 0 and 2: entry + indexer keys; the shared layer 1: entry
-    assert scatter_blocks(eb.runner.pool, moved.block_table, bufs) == 3 * 16 * 4 * (3 * 40 + 2 * 16)
+    if index_kv == "auto":
+        assert len(bufs) == 5  # layers 0 and 2: entry + indexer keys; the shared layer 1: entry
+        assert scatter_blocks(eb.runner.pool, moved.block_table, bufs) == 3 * 16 * 4 * (3 * 40 + 2 * 16)
+    else:  # layers 0 and 2 add their keys' scales: f32 entries, e4m3 keys, f32 scales
+        assert len(bufs) == 7
+        assert scatter_blocks(eb.runner.pool, moved.block_table, bufs) == 3 * 16 * (4 * 3 * 40 + 2 * (16 + 4))
+        assert "scale_dtype: None vs 'f32'" in LLM(ck, progress=False, num_blocks=8).plan.kv_contract.mismatches(
+            a.plan.kv_contract)  # a router refuses to pair it with a model-dtype-keys engine
     eb.resume_migrated(moved, seq.num_computed)
     eb.run_until_done()
     assert moved.output_ids == want
@@ -244,6 +253,60 @@ def test_fp8_kv_scales_both_caches_and_equals_rounded_values(ckpts, monkeypatch)
     want = LLM(ck, progress=False).last_logits(prompts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert ((got - plain).norm(dim=-1) / plain.norm(dim=-1)).min() > 1e-3
+
+
+def test_fp8_indexer_keys_beside_model_dtype_latents(ckpts, tmp_path, monkeypatch, capsys):
+    """--index-kv-dtype fp8: the indexer's keys in e4m3 with an f32 scale per token, MLA's latents in the
+    model's dtype (f32 here): the dump, inspect and the contract say so and the plan round-trips; the logits
+    equal the model-dtype pool's with only the indexer keys rounded through FP8 the same way; contexts within
+    index_topk are dense (no key is read), so their greedy tokens equal HF's. (Past index_topk the rounding
+    may flip which tokens make the top-k: tokens need not equal HF's there.)"""
+    from nanoforge import cli
+    from nanoforge.kernels import fp8
+
+    ck, plan_dir, dumps = ckpts["deepseek_v32"], tmp_path / "plan", tmp_path / "dumps"
+    assert cli.main(["compile", str(ck), "-o", str(plan_dir), "--index-kv-dtype", "fp8", "--dump-dir", str(dumps),
+                     "-q"]) == 0
+    (dump,) = dumps.glob("*quantize_kv.ir")
+    lines = dump.read_text().splitlines()
+    assert sum('= indexer(' in x and 'kv_dtype="fp8_e4m3", kv_scale="per token"' in x for x in lines) == 3
+    assert sum('= sparse_mla(' in x for x in lines) == 3 and not any('= sparse_mla(' in x and "kv_dtype" in x
+                                                                    for x in lines)
+    capsys.readouterr()
+    assert cli.main(["inspect", str(plan_dir)]) == 0
+    assert "KV 540 B/token (block 16, f32, indexer keys fp8_e4m3 + f32 scales: " in capsys.readouterr().out
+    assert cli.main(["compile", str(ck), "-o", str(tmp_path / "bad"), "--index-kv-dtype", "int4"]) == 2
+    assert "error: --index-kv-dtype 'int4': choose auto" in capsys.readouterr().err
+    llm, fresh = LLM(plan_dir, progress=False, index_kv_dtype="fp8"), LLM(ck, progress=False, index_kv_dtype="fp8")
+    contract = llm.plan.kv_contract
+    assert contract == fresh.plan.kv_contract and KVContract.from_json(contract.to_json()) == contract
+    assert contract.layers == tuple(KVLayer(i, "dsa", ((40,), (16,)), f"model.layers.{i}.self_attn", ((1,),),
+                                            ("f32", "fp8_e4m3")) for i in range(3))
+    assert contract.dtype == "f32" and contract.scale_dtype == "f32" and contract.index_dtype() == "fp8_e4m3"
+    assert contract.bytes_per_token() == 3 * (4 * 40 + 16 + 4)
+    assert [t.dtype for t in llm.engine.runner.pool[0]] == [torch.float32, torch.float8_e4m3fn, torch.float32]
+    assert llm.metrics()["kv_cache"]["dtype"] == "f32, indexer keys fp8_e4m3 + f32 scales"
+    plain = LLM(ck, progress=False)
+    with pytest.raises(NanoForgeError, match="--index-kv-dtype fp8: .* is a plan with f32 indexer keys; recompile"):
+        plain.plan.save(tmp_path / "plain")
+        LLM(tmp_path / "plain", progress=False, index_kv_dtype="fp8")
+    short = random_prompts(VOCAB, [3, 4], seed=7)  # + 5 tokens: every step's context <= index_topk 8
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    hf = hf_model(ck)
+    assert [o.token_ids for o in llm.generate(short, sp)] == [hf_greedy(hf, p, 5) for p in short]
+    prompts = random_prompts(VOCAB, [13, 40], seed=5)
+    got, unrounded = llm.last_logits(prompts), plain.last_logits(prompts)
+    store = dsa_ref.store
+
+    def rounded_keys(cache, slots, values, scale):
+        if values.shape[-1] == 16:  # the indexer's keys (MLA's entries are 40 wide)
+            q, s = fp8.quantize_kv(values[:, None, :])
+            values = fp8.dequantize_kv(q, s, values.dtype)[:, 0]
+        store(cache, slots, values, scale)
+
+    monkeypatch.setattr(dsa_ref, "store", rounded_keys)
+    torch.testing.assert_close(got, LLM(ck, progress=False).last_logits(prompts), rtol=1e-5, atol=1e-5)
+    assert ((got - unrounded).norm(dim=-1) / unrounded.norm(dim=-1)).max() > 1e-3  # the rounding shows
 
 
 def test_block_fp8_checkpoint_as_shipped_gives_hf_tokens_on_its_dequantized_weights(ckpts, tmp_path):
@@ -322,12 +385,14 @@ def test_indexer_matches_hf_module_over_a_paged_cache():
             assert len(mine) == min(k, i + 1)
 
 
+@pytest.mark.parametrize("index_kv", ["auto", "fp8"])
 @pytest.mark.parametrize("arch", list(TOPK))
-def test_cuda_plan_runs_indexer_and_sparse_mla_on_triton_with_graphs(arch, ckpts):
+def test_cuda_plan_runs_indexer_and_sparse_mla_on_triton_with_graphs(arch, index_kv, ckpts):
     """A --device cuda plan (compiled here, no GPU needed) runs both DSA ops on the Triton kernels and plans
     decode graphs: nothing in it syncs with the host (the indexer's rope frequencies are cached on the device)."""
     from nanoforge.compiler import CompileOptions, compile_checkpoint
 
-    plan = compile_checkpoint(ckpts[arch], CompileOptions(device="cuda"))
+    plan = compile_checkpoint(ckpts[arch], CompileOptions(device="cuda", index_kv_dtype=index_kv))
+    assert plan.kv_contract.index_dtype() == ("fp8_e4m3" if index_kv == "fp8" else "f32")
     assert {n.provider for _, n in plan.module.nodes() if n.op in ("indexer", "sparse_mla")} == {"triton"}
     assert plan.cuda_graphs.reason is None and plan.cuda_graphs.sizes

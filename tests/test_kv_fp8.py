@@ -179,6 +179,17 @@ def test_cli_compile_inspect_and_bad_flags(tiny_ckpt, tmp_path):
     assert not (tmp_path / "p2").exists()
     with pytest.raises(NanoForgeError, match="--kv-dtype fp8 needs the quantize_kv pass"):
         compile_checkpoint(ck, CompileOptions(kv_dtype="fp8", disable_passes=["quantize_kv"]))
+    # --index-kv-dtype (DeepSeek-V3.2 / GLM-5's indexer keys: tests/test_deepseek_v32.py) reaches the engine from
+    # generate / serve, and a model without an indexer says so in one line naming the flag
+    from nanoforge.cli import build_parser
+    from nanoforge.serving.engine_flags import engine_options
+
+    for cmd in (["generate", ck, "--prompt", "x"], ["serve", ck]):
+        assert engine_options(build_parser().parse_args(cmd + ["--index-kv-dtype", "fp8"]))["index_kv_dtype"] == "fp8"
+    for kv in ("auto", "fp8"):
+        with pytest.raises(NanoForgeError, match=r"^--index-kv-dtype fp8: LlamaForCausalLM has no sparse-attention "
+                                                 r"indexer \(DeepSeek-V3.2 / GLM-5 do\); use --kv-dtype fp8$"):
+            LLM(ck, progress=False, kv_dtype=kv, index_kv_dtype="fp8")
 
 
 def test_sharded_plans_with_fp8_kv_match_unsharded(ckpt):  # noqa: F811

@@ -301,3 +301,61 @@ def test_dsa_plans_pick_the_libraries_and_say_why(fakes, monkeypatch):
     assert plan.kv_contract.block_size == 64  # DeepGEMM's SM90 pages
     with pytest.raises(NanoForgeError, match=r"--provider sparse_mla=flash_mla_sparse: its sparse kernel reads bf16"):
         _dsa_plan(monkeypatch, kv_dtype="fp8", providers={"sparse_mla": "flash_mla_sparse"})
+    # FP8 indexer keys beside bf16 latents (as DeepSeek-V3.2 stores them): both libraries in one plan
+    plan, used = _dsa_plan(monkeypatch, index_kv_dtype="fp8")
+    assert used == {"indexer": {"deep_gemm_indexer"}, "sparse_mla": {"flash_mla_sparse"}}, used
+    kv = plan.kv_contract
+    assert kv.block_size == 64 and kv.dtype == "bf16" and kv.scale_dtype == "f32"
+    assert {(layer.dtypes, layer.scale_shapes) for layer in kv.layers} == {(("bf16", "fp8_e4m3"), ((1,),))}
+
+
+def test_both_adapters_on_one_pool_of_bf16_latents_and_fp8_indexer_keys(fakes):
+    """--index-kv-dtype fp8's pool (bf16 [latent | rope] entries, e4m3 keys fused with their f32 scales): a
+    decode step runs the indexer on (stand-in) DeepGEMM and sparse MLA on (stand-in) FlashMLA over it, storing
+    what the reference stores, the picks as good as the reference's, the attention output the reference's
+    over those picks."""
+    sparse, index = (importlib.import_module(name) for name in ADAPTERS)
+    g = torch.Generator().manual_seed(10)
+    bs, nb, heads, d, topk, hidden = 64, 12, 8, 128, 16, 48
+    contract = KVContract(bs, "bf16", (KVLayer(0, "dsa", ((576,), (d,)), "", ((1,),), ("bf16", "fp8_e4m3")),), "f32")
+    pools = [allocate_pool(contract, nb), allocate_pool(contract, nb)]
+    assert [t.dtype for t in pools[0][0]] == [torch.bfloat16, FP8, torch.float32]
+    assert L.fused_index_cache(pools[0][0][1], pools[0][0][2]) is not None
+    seqs = shuffled_seqs([(1, 150), (1, 9), (1, 64), (1, 300)], bs, nb, g)
+    prefix = make_context(pools[0], bs, [(c - 1, c - 1, b) for _, c, b in seqs])
+    n = prefix.slot_mapping.shape[0]
+    dsa_ref.store(pools[0][0][0], prefix.slot_mapping, 0.5 * torch.randn(n, 576, generator=g), None)
+    dsa_ref.store(pools[0][0][1], prefix.slot_mapping, torch.randn(n, d, generator=g), pools[0][0][2])
+    for a, b in zip(*(p[0] for p in pools)):
+        b.copy_(a)
+    ctx, ref_ctx = (make_context(p, bs, seqs) for p in pools)
+    T = len(seqs)
+    assert index.takes(ctx, 0, heads, d, T) and sparse.takes(ctx, 0, torch.bfloat16, 512, 64)
+    x, q, k = (torch.randn(T, w, generator=g) for w in (hidden, heads * d, d))
+    params = (torch.randn(heads, hidden, generator=g), 1 + 0.1 * torch.randn(d, generator=g),
+              0.1 * torch.randn(d, generator=g))
+    attrs = dict(heads=heads, head_dim=d, rope_dim=64, style="interleaved", theta=10000.0, topk=topk,
+                 scale=d ** -0.5, eps=1e-6)
+    pos = torch.tensor([c - 1 for _, c, _ in seqs])
+    ids = index.indexer(x, q, k, pos, *params, ctx=ctx, layer=0, **attrs)
+    want_ids = dsa_ref.indexer(x, q, k, pos, *params, ctx=ref_ctx, layer=0, **attrs)
+    assert [int((r >= 0).sum()) for r in ids] == [int((r >= 0).sum()) for r in want_ids] == [16, 9, 16, 16]
+    qr = dsa_ref.rope_front(q, pos, heads, head_dim=d, rope_dim=64, style="interleaved", theta=10000.0, scaling=None)
+    w = torch.nn.functional.linear(x, params[0]) * heads ** -0.5
+    _, no_scale, keys, scales = dsa_ref.dsa_pool(ref_ctx, 0)
+    assert no_scale is None and keys.dtype == FP8 and scales.dtype == torch.float32
+    for s in ref_ctx.seqs:
+        t = s.q_start
+        ref = dsa_ref.index_scores(qr[t:t + 1], dsa_ref.read(keys, ref_ctx.context_slots(s), scales, torch.float32),
+                                   w[t:t + 1], attrs["scale"])[0]
+        ours, theirs = (ref[r[r >= 0].long()].sort().values for r in (ids[t], want_ids[t]))
+        assert ((ours - theirs).abs().max() / theirs.abs().max()) < 0.1  # e4m3 q: ~3% of the top score each
+    mla = dict(heads=heads, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, kv_lora_rank=512,
+               scale=96 ** -0.5, topk=topk)
+    bf = lambda *shape, std=1.0: (std * torch.randn(*shape, generator=g)).to(torch.bfloat16)  # noqa: E731
+    q_mla, latent, k_rope, kv_b = bf(T, heads * 96), bf(T, 512), bf(T, 64), bf(heads * 64, 512, std=0.05)
+    got = sparse.sparse_mla(q_mla, latent, k_rope, ids, kv_b, ctx=ctx, layer=0, **mla)
+    want = dsa_ref.sparse_mla(q_mla, latent, k_rope, ids, kv_b, ctx=ref_ctx, layer=0, **mla)
+    for a, b in zip(pools[0][0], pools[1][0]):  # the step's entry and key stored alike, scales included
+        assert torch.equal(a.view(torch.uint8) if a.dtype == FP8 else a, b.view(torch.uint8) if b.dtype == FP8 else b)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.float().abs().max().item())

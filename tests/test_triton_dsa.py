@@ -1,7 +1,8 @@
 """The Triton DeepSeek-sparse-attention kernels (kernels/triton/dsa.py) against the torch reference
 (kernels/dsa_ref.py), in the interpreter on CPU: fresh random inputs, a shuffled paged pool, one mixed
 batch of a prefill chunk over a cached prefix, a decode row, verify-like rows and a context below
-top-k (dense); model-dtype and FP8 pools."""
+top-k (dense); model-dtype and FP8 pools, and model-dtype entries beside FP8 indexer keys
+(--index-kv-dtype fp8)."""
 from __future__ import annotations
 
 import pytest
@@ -19,11 +20,19 @@ IDX = dict(heads=8, head_dim=32, rope_dim=8, style="neox", theta=10000.0, topk=T
 MLA = dict(heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, kv_lora_rank=32, scale=0.2)
 
 
-def batch(dtype: str, g: torch.Generator):
+KV = ["f32", "fp8_e4m3", "fp8_index"]  # fp8_index: f32 entries, e4m3 indexer keys with their scales
+
+
+def batch(kv: str, g: torch.Generator):
     """A pool holding each sequence's cached prefix (random, as earlier steps would have left it) and
     the context of this step; two copies, so each provider stores into its own."""
-    contract = KVContract(BS, dtype, (KVLayer(0, "dsa", ((40,), (32,)), "", ((1,), (1,)) if dtype == "fp8_e4m3"
-                                              else ()),), "f32" if dtype == "fp8_e4m3" else None)
+    if kv == "fp8_index":
+        layer, dtype, scale_dtype = KVLayer(0, "dsa", ((40,), (32,)), "", ((1,),), ("f32", "fp8_e4m3")), "f32", "f32"
+    else:
+        fp8 = kv == "fp8_e4m3"
+        layer, dtype, scale_dtype = KVLayer(0, "dsa", ((40,), (32,)), "", ((1,), (1,)) if fp8 else ()), kv, \
+            "f32" if fp8 else None
+    contract = KVContract(BS, dtype, (layer,), scale_dtype)
     pools = [allocate_pool(contract, NB), allocate_pool(contract, NB)]
     blocks = torch.randperm(NB, generator=g).tolist()
     seqs, at = [], 0
@@ -34,9 +43,10 @@ def batch(dtype: str, g: torch.Generator):
     ctxs = [make_context(p, BS, seqs) for p in pools]
     prefix = make_context(pools[0], BS, [(c - q, c - q, b) for q, c, b in seqs if c > q])
     fill = torch.randn(int(sum(c - q for q, c, _ in seqs)), 40, generator=g)
-    dsa_ref.store(pools[0][0][0], prefix.slot_mapping, fill, pools[0][0][2] if len(pools[0][0]) > 2 else None)
-    dsa_ref.store(pools[0][0][1], prefix.slot_mapping, fill[:, :32] * 2, pools[0][0][3] if len(pools[0][0]) > 2
-                  else None)
+    entry, entry_scale, keys, key_scale = dsa_ref.dsa_pool(prefix, 0)
+    assert (entry_scale is None) == (entry.dtype != torch.float8_e4m3fn) and (key_scale is None) == (kv == "f32")
+    dsa_ref.store(entry, prefix.slot_mapping, fill, entry_scale)
+    dsa_ref.store(keys, prefix.slot_mapping, fill[:, :32] * 2, key_scale)
     for a, b in zip(pools[0][0], pools[1][0]):
         b.copy_(a)
     return ctxs, pools
@@ -46,7 +56,7 @@ def positions(ctx) -> torch.Tensor:
     return torch.cat([torch.arange(s.ctx_len - s.q_len, s.ctx_len) for s in ctx.seqs])
 
 
-@pytest.mark.parametrize("kv", ["f32", "fp8_e4m3"])
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_indexer_scores_topk_and_store_match_reference(kv, dtype):
     g = torch.Generator().manual_seed(1)
@@ -97,7 +107,7 @@ def random_ids(pos: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("kv", ["f32", "fp8_e4m3"])
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sparse_mla_matches_reference(kv, dtype):
     g = torch.Generator().manual_seed(2)

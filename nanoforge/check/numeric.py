@@ -11,7 +11,7 @@ from ..ir.graph import Function, Module
 from ..ir.printer import format_node
 from ..kernels import fp8
 from ..models.weights import quant_of
-from ..passes.quantize_kv import kv_dtype_of_module
+from ..passes.quantize_kv import index_kv_dtype_of_module, kv_dtype_of_module
 from .recorded import random_params, run_recorded
 from .simulate import key_tensors, run_ranks
 
@@ -61,10 +61,10 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _with_reference(before: Module, after: Module, params: dict[str, torch.Tensor]):
     """(name, rewritten function, the original's recorded values) for every function both have. The
     original runs with the rewritten one's KV dtype (quantize_kv), so only the rewrite is compared."""
-    kv = kv_dtype_of_module(after)
+    kv, index = kv_dtype_of_module(after), index_kv_dtype_of_module(after)
     for fn_name, fn in after.functions.items():
         if fn_name in before.functions:
-            yield fn_name, fn, run_recorded(before, fn_name, params, kv_dtype=kv)
+            yield fn_name, fn, run_recorded(before, fn_name, params, kv_dtype=kv, index_dtype=index)
 
 
 LAYOUT_OPS = ("moe_dispatch", "grouped_experts")  # rows in the dispatching provider's order: compared after combine

@@ -30,12 +30,15 @@ def random_params(module: Module, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def run_recorded(module: Module, fn_name: str, params: dict[str, torch.Tensor], seed: int = 0,
-                 comm: Any = None, kv_dtype: str | None = None) -> dict[str, torch.Tensor]:
+                 comm: Any = None, kv_dtype: str | None = None,
+                 index_dtype: str | None = None) -> dict[str, torch.Tensor]:
     """Value name -> tensor for every node output of one forward over a fresh 2-prompt batch
     (`comm`: this rank's collectives, when the module is one rank of a sharded plan). The KV pool
-    is f32 unless `kv_dtype` or the module's attention (quantize_kv) asks for FP8."""
+    is f32 unless `kv_dtype` or the module's attention (quantize_kv) asks for FP8; DSA indexer keys as
+    `index_dtype` or the module's indexers ask, else as the pool."""
     fn: Function = module.functions[fn_name]
-    contract = kv_contract(module, block_size=4, kv_dtype=kv_dtype or kv_dtype_of_module(module) or "f32")
+    contract = kv_contract(module, block_size=4, kv_dtype=kv_dtype or kv_dtype_of_module(module) or "f32",
+                           index_dtype=index_dtype)
     blocks_per_seq = [(n + 3) // 4 for n in SEQ_LENS]
     pool = allocate_pool(contract, sum(blocks_per_seq))
     seqs, first = [], 0

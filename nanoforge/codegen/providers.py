@@ -103,7 +103,8 @@ def _deep_gemm_indexer_refuses(op: str, attrs: dict) -> str | None:
     if op != "indexer":
         return None
     if attrs.get("kv_dtype") != "fp8_e4m3":
-        return "its paged MQA logits read FP8 keys with per-token scales (compile with --kv-dtype fp8)"
+        return ("its paged MQA logits read FP8 keys with per-token scales (compile with --index-kv-dtype fp8, "
+                "or --kv-dtype fp8)")
     if attrs.get("head_dim") != 128 or not 0 < attrs.get("heads", 0) <= 64:
         return (f"its SM90 paged MQA logits take index head dim 128 and at most 64 heads (this layer: "
                 f"{attrs.get('heads')} x {attrs.get('head_dim')})")
@@ -165,7 +166,8 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              first_for=lambda op, attrs: _flash_mla_sparse_refuses(op, attrs) is None,
              refuses=_flash_mla_sparse_refuses,
              first_note="DSA's sparse MLA on FlashMLA's SM90 sparse kernel (DeepSeek's own; bench/dsa_decode.py)"),
-    # first for the indexer of --kv-dtype fp8 plans: decode steps score on DeepGEMM's paged FP8 MQA logits
+    # first for the indexer of --kv-dtype fp8 or --index-kv-dtype fp8 plans (the latter keep bf16 latents for
+    # flash_mla_sparse beside the FP8 keys): decode steps score on DeepGEMM's paged FP8 MQA logits
     # (the kernel DeepSeek's inference runs; 64-token pages on SM90, so plan_memory picks block 64),
     # prefill and mixed steps on the Triton kernel (kernels/libs/deep_gemm_indexer.py)
     Provider("deep_gemm_indexer", "nanoforge.kernels.libs.deep_gemm_indexer", frozenset({"indexer"}),

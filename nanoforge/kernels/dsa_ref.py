@@ -4,9 +4,10 @@ relu per head, f32 head weights, top-k over the causal tokens; MLA expanded thro
 unselected tokens masked out. torch_ref exposes both (the `torch` provider); other kernels are tested
 against these.
 
-A DSA layer's pool tensors (plan_memory, kernels/context.allocate_pool): `(entry, index_k)`, or with
-FP8 KV `(entry, index_k, entry_scale, index_k_scale)`; a GLM-5 layer without an indexer holds MLA's
-`(entry,)` / `(entry, entry_scale)`. Token ids are positions in the sequence, -1 where a query has
+A DSA layer's pool tensors (plan_memory, kernels/context.allocate_pool): `(entry, index_k)`, with
+FP8 KV `(entry, index_k, entry_scale, index_k_scale)`, with FP8 indexer keys only (--index-kv-dtype fp8)
+`(entry, index_k, index_k_scale)`; a GLM-5 layer without an indexer holds MLA's `(entry,)` /
+`(entry, entry_scale)`. Token ids are positions in the sequence, -1 where a query has
 fewer than topk tokens before it."""
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from .rope_math import rope_frequencies_on
 def dsa_pool(ctx: BatchContext, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                                                      torch.Tensor | None]:
     """(entry, entry scales, indexer keys, their scales) of one layer's pool; None where absent. As the
-    other reference kernels do, the pool says whether it is quantized (FP8 values come with scales)."""
+    other reference kernels do, the pool says what is quantized: the values come first, then one scale
+    tensor per FP8 value, in order (n values with f of them FP8 make n + f tensors)."""
     t = ctx.kv[layer]
-    scaled = t[0].dtype == fp8.FP8
-    n = len(t) // 2 if scaled else len(t)
-    scales = t[n:] if scaled else (None,) * n
+    n = next(n for n in range(1, len(t) + 1) if n + sum(x.dtype == fp8.FP8 for x in t[:n]) == len(t))
+    rest = iter(t[n:])
+    scales = [next(rest) if x.dtype == fp8.FP8 else None for x in t[:n]]
     return t[0], scales[0], (t[1] if n > 1 else None), (scales[1] if n > 1 else None)
 
 

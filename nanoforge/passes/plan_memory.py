@@ -13,15 +13,18 @@ from ..ir.graph import DTYPE_BYTES, Function, Module
 from ..ir.ops import FP8
 from ..kv_contract import KVContract, KVLayer, SequenceState
 from .manager import Pass
-from .quantize_kv import kv_dtype_of_module
+from .quantize_kv import index_kv_dtype_of_module, kv_dtype_of_module
 
 
-def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) -> KVContract:
+def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None,
+                index_dtype: str | None = None) -> KVContract:
     """Per attention layer, the shape of one token's entry in each pool tensor, in `kv_dtype`, else
     the dtype quantize_kv gave the attention nodes, else the model's. FP8 values get an f32 scale per
     token and KV head (GQA: K and V each) or per token (MLA's one entry) beside them. A DSA layer
-    (sparse_mla) holds MLA's entry and its indexer's key per token, each with its own scale."""
+    (sparse_mla) holds MLA's entry and its indexer's key per token; the key in `index_dtype`, else the
+    dtype quantize_kv gave the indexer nodes (--index-kv-dtype), else the entry's; each FP8 one scaled."""
     dtype = kv_dtype or kv_dtype_of_module(module) or require(module, ModelInfo).dtype
+    index = index_dtype or index_kv_dtype_of_module(module) or dtype
     scaled = dtype == FP8
     layers = []
     index_dims = {n.attrs["layer"]: n.attrs["head_dim"] for _, n in module.nodes() if n.op == "indexer"}
@@ -29,8 +32,9 @@ def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) ->
         if n.op == "sparse_mla":  # DSA: MLA's entry, plus the indexer's keys where the layer has an indexer
             d, a = index_dims.get(n.attrs["layer"]), n.attrs
             shapes = ((a["kv_lora_rank"] + a["qk_rope_head_dim"],),) + (((d,),) if d else ())
+            dtypes = (dtype, index)[:len(shapes)]
             layers.append(KVLayer(a["layer"], "dsa" if d else "mla", shapes, n.source,
-                                  ((1,),) * len(shapes) if scaled else ()))
+                                  ((1,),) * dtypes.count(FP8), dtypes if len(set(dtypes)) > 1 else ()))
         if n.op != "attention":
             continue
         a = n.attrs
@@ -42,6 +46,7 @@ def kv_contract(module: Module, block_size: int, kv_dtype: str | None = None) ->
             scales = ((1,),)
         layers.append(KVLayer(a["layer"], a["kind"], shapes, n.source, scales if scaled else ()))
     layers.sort(key=lambda layer: layer.layer)
+    scaled = scaled or any(layer.scale_shapes for layer in layers)
     return KVContract(block_size, dtype, tuple(layers), "f32" if scaled else None, sequence_state(module))
 
 

@@ -154,7 +154,7 @@ class Engine:
                                  "gpu_memory_utilization")
         self.max_model_len = self._fit_model_len(model_len, num_blocks * bs, explicit=cfg.max_model_len is not None)
         kv = plan.kv_contract
-        self.kv_cache = {"dtype": kv.dtype + (f" + {kv.scale_dtype} scales" if kv.scale_dtype else ""),
+        self.kv_cache = {"dtype": kv.dtype_label(),
                          "blocks": num_blocks, "block_size": bs, "tokens": num_blocks * bs,
                          "bytes_per_token": plan.memory.kv_bytes_per_token,  # what the pool holds (metrics)
                          "prefix_caching": prefix_caching_note(kv, cfg.prefix_caching)}

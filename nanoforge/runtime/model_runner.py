@@ -88,12 +88,14 @@ class ModelRunner:
         if self.contract.scale_dtype and self.device.type == "cuda":
             sm = int("".join(map(str, torch.cuda.get_device_capability())))
             if sm < FP8_MIN_SM:
-                raise NanoForgeError(f"--kv-dtype fp8: the plan keeps KV in {self.contract.dtype}, which this GPU "
-                                     f"(sm{sm}) cannot convert; recompile without --kv-dtype")
+                raise NanoForgeError(f"--kv-dtype / --index-kv-dtype fp8: the plan keeps KV in "
+                                     f"{self.contract.dtype_label()}, which this GPU (sm{sm}) cannot convert; "
+                                     "recompile without them")
         self.block_size = self.contract.block_size
         self.params = load_params(plan.module, ckpt, self.device, progress=cfg.progress, rank=rank)
         self.forward = compile_function(plan.module, "forward")
         self.hidden: torch.Tensor | None = None  # the last step's final hidden state per row (MTP plans)
+        self.carry: dict = {}  # what kernels keep from one step to the next (BatchContext.carry)
         runs = ["forward"] + (["draft"] if plan.speculative else []) + \
             (["encode"] if "encode" in plan.module.functions else [])
         self.vision = None  # the image encoder of vision-language plans (vision_runner.py)

@@ -173,7 +173,7 @@ class EncodeServer:
 
 
 IGNORED = ("num_blocks", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
-           "enforce_eager", "kv_dtype", "speculative", "num_speculative_tokens")
+           "enforce_eager", "kv_dtype", "index_kv_dtype", "speculative", "num_speculative_tokens")
 
 
 def serve_encoder(model: Any, addr: str, *, model_name: str | None = None, device: str | None = None,

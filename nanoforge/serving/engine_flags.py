@@ -33,7 +33,7 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
                    "given the same scope see the engine (deployments sharing one Redis stay apart)")
 
 
-ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "speculative", "num_speculative_tokens", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
+ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "index_kv_dtype", "speculative", "num_speculative_tokens", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
                 "num_blocks", "enforce_eager")
 
 
@@ -50,6 +50,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    "weights as shipped (auto), widened (none) or block-quantized to FP8 at load (fp8)")
     p.add_argument("--kv-dtype", help="a checkpoint compiled on the fly: the KV cache's dtype, auto (the model's) "
                    "or fp8 (e4m3 with a scale per token and KV head); a plan keeps its own")
+    p.add_argument("--index-kv-dtype", help="a DeepSeek-V3.2 / GLM-5 checkpoint compiled on the fly: the sparse-"
+                   "attention indexer's key cache, auto (as --kv-dtype) or fp8 (latents keep --kv-dtype)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="a plan runs on its own device; a checkpoint on CPU "
                    "unless told")
     p.add_argument("--max-num-seqs", type=int, metavar="N", help=f"most sequences stepped together (default "

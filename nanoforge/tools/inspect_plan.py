@@ -85,9 +85,10 @@ def _kv_dtype(kv, model_dtype: str) -> str:
         return kv.dtype
     from ..kv_contract import KVContract
 
-    plain = KVContract(kv.block_size, model_dtype, tuple(replace(layer, scale_shapes=()) for layer in kv.layers))
+    plain = KVContract(kv.block_size, model_dtype, tuple(replace(layer, scale_shapes=(), dtypes=())
+                                                         for layer in kv.layers))
     per_gib = lambda c: 2**30 // max(c.bytes_per_token(), 1)  # noqa: E731
-    return (f"{kv.dtype} + {kv.scale_dtype} scales: {per_gib(kv):,} tokens per GiB, "
+    return (f"{kv.dtype_label()}: {per_gib(kv):,} tokens per GiB, "
             f"{per_gib(kv) / max(per_gib(plain), 1):.2f}x {model_dtype}'s {per_gib(plain):,}")
 
 

@@ -62,6 +62,16 @@ def test_bad_requests_are_one_line_errors(flag, target, msg):
         apply("quantize_kv", GQA, Options(flag, target))
 
 
+def test_index_kv_dtype_needs_an_indexer():
+    """--index-kv-dtype fp8 (DSA indexer keys only; tests/test_deepseek_v32.py runs it): one-line errors."""
+    for flag, msg in (("fp8", "--index-kv-dtype fp8: TinyForCausalLM has no sparse-attention indexer"),
+                      ("e5m2", "--index-kv-dtype 'e5m2': choose auto (as --kv-dtype) or fp8")):
+        opts = Options("auto", Target(), flag)
+        with pytest.raises(NanoForgeError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            apply("quantize_kv", GQA, opts)
+    assert apply("quantize_kv", GQA, Options("auto", Target(), "auto"))[1] == 0
+
+
 def test_fp8_on_hopper_and_cpu_targets():
     for target in (Target("cuda", capability="sm90"), Target("cpu")):
         assert apply("quantize_kv", GQA, Options("fp8", target))[1] == 1

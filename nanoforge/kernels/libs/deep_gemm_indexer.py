@@ -10,9 +10,10 @@ get_paged_mqa_logits_metadata(context_lens, 64, num_sms), int32 [num_sms + 1, 2]
 logits [B * next_n, max_context_len] = sum_h w[h] * relu(q[h] . k * k_scale), unwritten past each
 row's length (paged cleaning is not supported: masked here).
 
-So the keys must be FP8 with a scale per token in that fused layout: a --kv-dtype fp8 plan's DSA pool
-is allocated so (context.allocate_pool, dsa_layouts.alloc_index_keys); a bf16 pool's keys are not
-FP8 and run the Triton kernel. The queries are quantized per (token, head) with the scale folded into
+So the keys must be FP8 with a scale per token in that fused layout: the DSA pool of a --kv-dtype fp8 or
+--index-kv-dtype fp8 plan (the latter with bf16 latents beside, for FlashMLA's sparse kernel) is allocated
+so (context.allocate_pool, dsa_layouts.alloc_index_keys); a bf16 pool's keys are not FP8 and run the
+Triton kernel. The queries are quantized per (token, head) with the scale folded into
 the head weights together with the softmax scale (dsa_layouts.fp8_index_queries; as DeepSeek's
 inference code does): the scores differ from the reference's by the e4m3 rounding of q, so near-ties
 in the top-k may pick other tokens than the bf16 queries would.

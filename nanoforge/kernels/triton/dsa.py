@@ -1,7 +1,7 @@
 """DeepSeek sparse attention in Triton: the indexer's scores over the paged key cache (then top-k with
 torch.topk), and absorbed MLA over each query's selected tokens. `indexer` and `sparse_mla` have the
-torch reference's signatures (kernels/dsa_ref.py) and read the same pool layout: (entry, index_k) or,
-FP8 KV, (entry, index_k, entry_scale, index_k_scale).
+torch reference's signatures (kernels/dsa_ref.py) and read the same pool layout: (entry, index_k), with
+FP8 KV (entry, index_k, entry_scale, index_k_scale), with FP8 indexer keys only (entry, index_k, index_k_scale).
 
 Both kernels take one program per query row, so prefill chunks, decode rows and speculative verify
 rows are all the same grid; a row's sequence comes from query_start by a binary search on the device
