@@ -4,6 +4,8 @@
 #   bench/gpu_check.sh [tests] [attention] [decode] [mixed] [offline] [elementwise] [moe] [sampling] [libs] [compare]
 #                      [fp8_gemm]  (block-FP8 GEMM: Triton W8A8 vs bf16 cuBLAS vs DeepGEMM, DeepSeek-V3 shapes)
 #                      [mla]  (MLA decode, DeepSeek-V3 absorbed shapes: FlashMLA vs Triton -> $OUT/mla_decode-*.json)
+#                      [mla_prefill]  (MLA prefill of one sequence: absorbed Triton vs expanded SDPA per backend, V as
+#                                      is or padded -> $OUT/mla_prefill-*.json)
 #                      [deepseek_layers]  (DeepSeek-V3 layers at real size, FP8 vs bf16: decode floor, prefill TFLOP/s)
 #                      [fp8_moe]  (DeepSeek-V3's block-FP8 experts: DeepGEMM FP8 grouped vs Triton bf16, T 1..4096;
 #                                  ~45 GB of GPU memory -> $OUT/fp8_moe.json; then fp8_moe_small)
@@ -73,6 +75,7 @@ for s in $STAGES; do
     sampling) run sampling python3 -c "import json; from bench.kernels.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
     fp8_gemm) run fp8_gemm python3 -m bench.kernels.fp8_gemm --out "$OUT" ;;
     mla) run mla python3 -m bench.kernels.mla_decode --out "$OUT" ;;
+    mla_prefill) run mla_prefill python3 -m bench.kernels.mla_prefill --out "$OUT" ;;
     deepseek_layers) run deepseek_layers python3 bench/deepseek_layers.py --out "$OUT" ;;
     fp8_moe) run fp8_moe python3 - "$OUT" <<'PY'
 import json, sys

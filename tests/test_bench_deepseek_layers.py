@@ -169,3 +169,19 @@ def test_random_param_and_profile_parsing():
     prof = dl.profile_kernels(lambda: [a @ a for _ in range(3)], "cpu")
     assert prof["gemm_s"] > 0 and prof["top"][0]["class"] == "gemm"
     assert "error" in dl.profile_kernels(lambda: 1 / 0, "cpu")
+
+
+def test_profile_counts_the_prefill_attention_kernels_as_attention():
+    """MLA prefill chunks run torch SDPA's fused kernels (nanoforge/kernels/mla_prefill.py): the profile
+    counts them as attention, the CUTLASS-built memory-efficient one included, and GEMMs as GEMMs."""
+    from bench.deepseek_layers_fit import ATTENTION_KERNEL, GEMM_KERNEL
+
+    attention = ["fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::"
+                 "bfloat16_t, cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)",
+                 "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<192, 128, 64, 8>>(Flash_fwd_params)",
+                 "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0",
+                 "_paged_attn_kernel", "flash_fwd_splitkv_mla_kernel"]
+    gemm = ["nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64",
+            "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_64x64_64x4_tn_align8>(Params)"]
+    assert [n for n in attention if not ATTENTION_KERNEL.search(n)] == []
+    assert [n for n in gemm if ATTENTION_KERNEL.search(n) or not GEMM_KERNEL.search(n)] == []

@@ -7,6 +7,7 @@ helpers and fixtures: tests/lib_fixtures.py."""
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import types
 
@@ -125,6 +126,39 @@ def test_flash_mla_provider_plumbing_with_fake_library(isolated):  # noqa: F811 
     assert not M.takes(make_context(pools[0], 64, seqs), "gqa", 0, k, rope)
 
 
+def test_flash_mla_provider_mixed_step_with_fake_library(isolated):  # noqa: F811 - the fixture
+    """A mixed step (kernels/mla_prefill.py splits prefill rows on CUDA; here on the CPU too): its decode
+    rows run FlashMLA as a decode batch of their own (one schedule for the step's layers), its prefill
+    chunks (fresh, after a cached prefix) the expanded form; the result equals the torch reference's."""
+    from nanoforge.kernels import mla_prefill
+    from nanoforge.kernels.context import make_context
+
+    isolated.setitem(sys.modules, "flash_mla", _fake_flash_mla())
+    isolated.setattr(mla_prefill, "DEVICES", frozenset({"cpu", "cuda"}))
+    M = importlib.import_module(libs.FLASH_MLA.adapter)
+    h, nope, rope, vd, r, dt = 2, 16, 64, 16, 512, torch.float16
+    attrs = dict(heads=h, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=vd)
+    spec, g = [(1, 64), (20, 84), (1, 130), (12, 12)], torch.Generator().manual_seed(8)
+    pools = [[(torch.randn(10, 64, r + rope, generator=g).to(dt),) for _ in range(2)] for _ in range(2)]
+    pools[1] = [(p.clone(),) for (p,) in pools[0]]
+    tables = [[9, 2], [3, 7], [1, 5, 8], [4]]
+    seqs = [(q, c, t if c > 64 else t[:1]) for (q, c), t in zip(spec, tables)]
+    ctx, ref_ctx = (make_context(p, 64, seqs) for p in pools)
+    T = sum(q for q, _ in spec)
+    for layer in (0, 1):
+        q = torch.randn(T, h * (nope + rope), generator=g).to(dt)
+        k, v = torch.randn(T, r, generator=g).to(dt), torch.randn(T, rope, generator=g).to(dt)
+        w = (torch.randn(h * (nope + vd), r, generator=g) * r ** -0.5).to(dt)
+        assert not M.takes(ctx, "mla", layer, k, rope)  # not a decode-only step
+        out = M.attention(q, k, v, ctx=ctx, kind="mla", layer=layer, scale=0.1, kv_b_proj=w, **attrs)
+        ref = torch_ref.attention(q, k, v, ctx=ref_ctx, kind="mla", layer=layer, scale=0.1, kv_b_proj=w, **attrs)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(ctx.kv[layer][0], ref_ctx.kv[layer][0])
+    (split,) = ctx.scratch.values()  # the step's plan; FlashMLA never saw the whole mixed batch
+    assert [n for _, n, _ in split.expanded] == [20, 12] and split.absorbed_ctx.max_query_len == 1
+    assert [s.uses for s in split.absorbed_ctx.scratch.values()] == [2]
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
@@ -153,3 +187,45 @@ def test_gpu_flash_mla_graph_replay_new_lengths():
     graph.replay()
     torch.cuda.synchronize()
     _close(out, _mla_ref(q.unsqueeze(1), cache, new, table, scale)[:, 0])
+
+
+@gpu
+def test_gpu_flash_mla_provider_mixed_step():
+    """DeepSeek-V3's MLA at its sizes (128 heads, q/k 128 + 64, v 128) on the flash_mla provider: a mixed
+    step's decode rows on FlashMLA, its prefill chunks (fresh, and after cached prefixes) in the expanded
+    form on torch's SDPA (kernels/mla_prefill.py); against the torch reference. SDPA's fused kernels take
+    those shapes (dv != dk) and the bench counts them as attention."""
+    M = _adapter("flash_mla_decode", (90,))
+    from nanoforge.kernels import mla_prefill
+    from nanoforge.kernels.context import make_context
+
+    h, nope, rope, vd, r = 128, 128, 64, 128, 512
+    attrs = dict(heads=h, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=vd, kv_lora_rank=r)
+    spec = [(1, 900), (1, 64), (512, 512), (200, 1500), (1, 2000), (37, 37)]
+    k_pages, _, table, _ = _paged([c for _, c in spec], 1, r + rope, 64, seed=21)
+    pools = [[(k_pages[:, :, 0, :].clone(),)] for _ in range(2)]
+    seqs = [(q, c, table[b, :math.ceil(c / 64)].tolist()) for b, (q, c) in enumerate(spec)]
+    ctx, ref_ctx = (make_context(p, 64, seqs, "cuda") for p in pools)
+    T = sum(q for q, _ in spec)
+    q, k, v = _rand(T, h * (nope + rope), seed=22), _rand(T, r, seed=23), _rand(T, rope, seed=24)
+    w = _rand(h * (nope + vd), r, seed=25, scale=r ** -0.5)
+    out = M.attention(q, k, v, ctx=ctx, kind="mla", layer=0, scale=(nope + rope) ** -0.5, kv_b_proj=w, **attrs)
+    ref = torch_ref.attention(q, k, v, ctx=ref_ctx, kind="mla", layer=0, scale=(nope + rope) ** -0.5, kv_b_proj=w,
+                              **attrs)
+    _close(out, ref)
+    (split,) = ctx.scratch.values()
+    assert [n for _, n, _ in split.expanded] == [512, 200, 37] and split.absorbed_ctx.max_query_len == 1
+    assert list(split.absorbed_ctx.scratch) == [("flash_mla", False)]  # the decode rows ran FlashMLA
+    from bench.deepseek_layers_fit import ATTENTION_KERNEL
+
+    for n, L in [(1024, 1024), (300, 2500)]:  # SDPA's fused kernel (causal, and bottom-right): the bench's attention
+        qb, kb, vb = (_rand(1, x, h, d, seed=26 + i).transpose(1, 2)  # [len, h, d] rows, as mla_prefill passes them
+                      for i, (x, d) in enumerate([(n, nope + rope), (L, nope + rope), (L, vd)]))
+        bias = None if n == L else mla_prefill.causal_lower_right(n, L)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with mla_prefill.sdpa_kernel(mla_prefill.FUSED_BACKENDS):
+                torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, is_causal=bias is None)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        top = max(kernels, key=lambda e: e.self_device_time_total).key
+        assert ATTENTION_KERNEL.search(top), top

@@ -187,6 +187,32 @@ def test_mla_absorbed_interp(v_from_k, monkeypatch):
             dtype=torch.float32, seed=6, tol=1e-4)
 
 
+def _expanded_rows(monkeypatch) -> list[int]:
+    """Spy on kernels/mla_prefill.py: the query rows of each sequence it runs in the expanded form."""
+    from nanoforge.kernels import mla_prefill
+
+    calls, real = [], mla_prefill.expanded_attention
+
+    def spy(q, *args, **kw):
+        calls.append(q.shape[0])
+        return real(q, *args, **kw)
+    monkeypatch.setattr(mla_prefill, "expanded_attention", spy)
+    return calls
+
+
+def test_mla_prefill_split_interp(monkeypatch):
+    # prefill chunks (> 8 rows; fresh, or after a cached prefix) split off to the expanded form on torch's SDPA
+    # (kernels/mla_prefill.py: on CUDA only, here on the CPU too); decode and verify rows through this kernel
+    from nanoforge.kernels import mla_prefill
+
+    monkeypatch.setattr(mla_prefill, "DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(_attn(), "_num_splits", lambda *args: 2)
+    calls = _expanded_rows(monkeypatch)
+    run_mla([(9, 12), (1, 6), (3, 9), (12, 30), (1, 17)], heads=4, nope=16, rope_d=16, vd=16, r=32, block_size=4,
+            dtype=torch.float32, seed=7, tol=1e-4)
+    assert calls == [9, 12]
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tests: realistic bf16 shapes, CUDA graphs
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +255,26 @@ def test_mla_gpu_bf16(block_size):
                               [(1, 4000)]]):
         run_mla(spec, heads=16, nope=128, rope_d=64, vd=128, r=512, block_size=block_size,
                 dtype=torch.bfloat16, seed=i, tol=2e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("split", [True, False], ids=["expanded-prefill", "all-triton"])
+def test_mla_prefill_split_gpu_bf16(split, monkeypatch):
+    """DeepSeek-V3's MLA at its sizes (128 heads, q/k 128 + 64, v 128, latent 512, 64-token blocks): a
+    mixed step whose prefill chunks (fresh, and after cached prefixes) run the expanded form on torch's
+    SDPA (kernels/mla_prefill.py) and its decode and verify rows this kernel; and all of it on this kernel."""
+    from nanoforge.kernels import mla_prefill
+
+    if not split:
+        monkeypatch.setattr(mla_prefill, "DEVICES", frozenset())
+    calls = _expanded_rows(monkeypatch)
+    rng = random.Random(11)
+    spec = [(1, rng.randint(1, 3000)) for _ in range(12)] + [(3, 700), (1024, 1024), (300, 2500), (40, 1800)]
+    rng.shuffle(spec)
+    run_mla(spec, heads=128, nope=128, rope_d=64, vd=128, r=512, block_size=64, dtype=torch.bfloat16, seed=11,
+            tol=2e-2)
+    assert sorted(calls) == ([40, 300, 1024] if split else [])
 
 
 @gpu
@@ -299,3 +345,15 @@ def test_bench_helper_runs():
 
     r = bench_paged_decode(4, 512)
     assert r["tb_s"] > 0 and r["ms"] > 0
+
+
+@gpu
+@needs_cuda
+def test_bench_mla_prefill_runs():
+    from bench.kernels.mla_prefill import bench_case
+
+    for n, c in [(256, 256), (64, 700)]:  # absorbed (this kernel) and expanded (kernels/mla_prefill.py) agree
+        rows = bench_case(n, c, heads=16)["kernels"]
+        bound = 2e-2 * max(1.0, rows["absorbed_triton"]["max_abs_out"])
+        for key in ("expanded", "expanded_v_padded"):
+            assert rows[key]["ms"] > 0 and rows[key]["max_abs_diff_vs_absorbed"] <= bound, (key, rows[key])

@@ -150,7 +150,8 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              first_note="W8A8 block-FP8 GEMMs (fp8_gemm_nt, m-grouped FP8 experts; experts of batches up to 32 "
                         "tokens on the Triton small-batch FP8 kernels; bench/results/fp8/)"),
     # first for MLA attention: absorbed decode on FlashMLA's dense SM90 kernel (64-token pages, so
-    # plan_memory picks block 64 for its plans), prefill and mixed steps on the Triton kernel
+    # plan_memory picks block 64 for its plans), decode rows of mixed steps too; prefill chunks in the
+    # expanded form on torch's SDPA (kernels/mla_prefill.py, as under Triton), verify rows on the Triton kernel
     Provider("flash_mla", "nanoforge.kernels.libs.flash_mla_decode", frozenset({"attention"}), _lib_probe("flash_mla"),
              first_for=lambda op, attrs: op == "attention" and _flash_mla_first(attrs),
              block_sizes={"attention": (64,)},

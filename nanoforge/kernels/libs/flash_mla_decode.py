@@ -12,8 +12,9 @@ the lengths, so a meta is valid for one step: share one across the layers of a s
 never across steps. Inside a CUDA graph the metadata kernel is captured and reruns on replay.
 Provider `flash_mla` (op attention): a decode-only step (every sequence one query row, as in every
 captured decode graph) of an MLA layer with a bf16 pool of 64-token blocks runs the latent attention
-here; anything else (prefill or mixed steps, GQA, other pool dtypes or block sizes) runs the Triton
-provider's kernel. The KV store and the W_uk / W_uv absorption are the Triton provider's
+here, and so do the decode rows of a mixed step (its prefill chunks run the expanded form,
+kernels/mla_prefill.py); anything else (verify rows, GQA, other pool dtypes or block sizes) runs the
+Triton provider's kernel. The KV store and the W_uk / W_uv absorption are the Triton provider's
 (triton/attention.py mla_attention), so both paths share one pool layout and one set of numerics
 around the kernel. plan_memory gives a plan with flash_mla 64-token blocks (Provider.block_sizes).
 """
@@ -87,7 +88,12 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
 
 def takes(ctx, kind: str, layer: int, k: torch.Tensor, rope_dim: int) -> bool:
     """Whether this step of an attention node runs on FlashMLA (else on the Triton kernel)."""
-    if kind != "mla" or ctx.max_query_len != 1 or ctx.block_size != PAGE_SIZE:
+    return ctx.max_query_len == 1 and _fits(ctx, kind, layer, k, rope_dim)
+
+
+def _fits(ctx, kind: str, layer: int, k: torch.Tensor, rope_dim: int) -> bool:
+    """Whether FlashMLA's dense decode reads this layer's pool (MLA, 64-token pages, 16-bit, 512 + 64)."""
+    if kind != "mla" or ctx.block_size != PAGE_SIZE:
         return False
     cache = ctx.kv[layer][0]
     return cache.dtype in (torch.bfloat16, torch.float16) and k.shape[-1] == V_DIM and cache.shape[-1] == V_DIM + rope_dim == 576
@@ -103,10 +109,21 @@ def _latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float
     return mla_decode(q_full.to(cache.dtype), cache, ctx.block_tables, ctx.context_lens, scale, sched=sched)
 
 
+def _latent_or_triton(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float) -> torch.Tensor:
+    """Decode-only rows (a decode step, or the decode rows mla_prefill split off a mixed step) on
+    FlashMLA; rows of longer queries on the Triton kernel."""
+    from ..triton.attention import _paged_latent
+
+    if ctx.max_query_len != 1:
+        return _paged_latent(q_full, cache, r, ctx, scale)
+    return _latent(q_full, cache, r, ctx, scale)
+
+
 def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
-    """torch_ref.attention's contract: FlashMLA for decode-only MLA steps, the Triton provider otherwise."""
+    """torch_ref.attention's contract: MLA layers whose pool FlashMLA reads run their decode rows here
+    (prefill chunks: mla_prefill's expanded form), the rest on the Triton provider."""
     from ..triton.attention import attention as triton_attention, mla_attention
 
-    if not takes(ctx, kind, layer, k, a.get("qk_rope_head_dim", 0)):
+    if not _fits(ctx, kind, layer, k, a.get("qk_rope_head_dim", 0)):
         return triton_attention(q, k, v, ctx=ctx, kind=kind, layer=layer, scale=scale, kv_b_proj=kv_b_proj, **a)
-    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_latent)
+    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_latent_or_triton)
