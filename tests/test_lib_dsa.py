@@ -24,6 +24,16 @@ from nanoforge.runtime.kv_transfer import gather_blocks, scatter_blocks
 ADAPTERS = ("nanoforge.kernels.libs.flash_mla_sparse", "nanoforge.kernels.libs.deep_gemm_indexer")
 
 
+
+def _indexer_inputs(seqs: list, hidden: int, heads: int, d: int, topk: int, g: torch.Generator) -> tuple:
+    """An indexer step's random inputs (one row per sequence, at its last position), its weights and attrs."""
+    x, q, k = (torch.randn(len(seqs), n, generator=g) for n in (hidden, heads * d, d))
+    params = (torch.randn(heads, hidden, generator=g), 1 + 0.1 * torch.randn(d, generator=g),
+              0.1 * torch.randn(d, generator=g))
+    attrs = dict(heads=heads, head_dim=d, rope_dim=64, style="interleaved", theta=10000.0, topk=topk,
+                 scale=d ** -0.5, eps=1e-6)
+    return x, q, k, params, attrs, torch.tensor([c - 1 for _, c, _ in seqs])
+
 def random_ids(pos: list[int], k: int, g: torch.Generator) -> torch.Tensor:
     """Per row a random set of min(k, pos + 1) causal positions, -1 scattered among them."""
     out = torch.full((len(pos), k), -1, dtype=torch.int32)
@@ -251,13 +261,7 @@ def test_deep_gemm_indexer_plumbing(fakes):
     assert M.takes(ctx, 0, heads, d, len(seqs))
     mixed = make_context(pools[1], bs, [(2, 150, seqs[0][2])])
     assert not M.takes(mixed, 0, heads, d, 2)  # a prefill row: the Triton kernel
-    T = len(seqs)
-    x, q, k = (torch.randn(T, n, generator=g) for n in (hidden, heads * d, d))
-    params = (torch.randn(heads, hidden, generator=g), 1 + 0.1 * torch.randn(d, generator=g),
-              0.1 * torch.randn(d, generator=g))
-    attrs = dict(heads=heads, head_dim=d, rope_dim=64, style="interleaved", theta=10000.0, topk=topk,
-                 scale=d ** -0.5, eps=1e-6)
-    pos = torch.tensor([c - 1 for _, c, _ in seqs])
+    x, q, k, params, attrs, pos = _indexer_inputs(seqs, hidden, heads, d, topk, g)
     got = M.indexer(x, q, k, pos, *params, ctx=ctx, layer=0, **attrs)
     want = dsa_ref.indexer(x, q, k, pos, *params, ctx=ref_ctx, layer=0, **attrs)
     for a, b in zip(pools[0][0], pools[1][0]):
@@ -331,12 +335,7 @@ def test_both_adapters_on_one_pool_of_bf16_latents_and_fp8_indexer_keys(fakes):
     ctx, ref_ctx = (make_context(p, bs, seqs) for p in pools)
     T = len(seqs)
     assert index.takes(ctx, 0, heads, d, T) and sparse.takes(ctx, 0, torch.bfloat16, 512, 64)
-    x, q, k = (torch.randn(T, w, generator=g) for w in (hidden, heads * d, d))
-    params = (torch.randn(heads, hidden, generator=g), 1 + 0.1 * torch.randn(d, generator=g),
-              0.1 * torch.randn(d, generator=g))
-    attrs = dict(heads=heads, head_dim=d, rope_dim=64, style="interleaved", theta=10000.0, topk=topk,
-                 scale=d ** -0.5, eps=1e-6)
-    pos = torch.tensor([c - 1 for _, c, _ in seqs])
+    x, q, k, params, attrs, pos = _indexer_inputs(seqs, hidden, heads, d, topk, g)
     ids = index.indexer(x, q, k, pos, *params, ctx=ctx, layer=0, **attrs)
     want_ids = dsa_ref.indexer(x, q, k, pos, *params, ctx=ref_ctx, layer=0, **attrs)
     assert [int((r >= 0).sum()) for r in ids] == [int((r >= 0).sum()) for r in want_ids] == [16, 9, 16, 16]
