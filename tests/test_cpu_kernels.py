@@ -151,3 +151,36 @@ def test_registered_for_the_cpu_target():
     for op in ops:
         assert [n for n, why in candidates(op, Target(device="cpu")) if why is None][0] == "cpu"
         assert dict(candidates(op, Target(device="cuda")))["cpu"] == "runs on the CPU target only"
+
+
+@pytest.mark.parametrize("attrs", [_rope_attrs(4, 2, 32), _rope_attrs(6, 2, 80, scaling=YARN)], ids=["gqa", "yarn"])
+def test_prefill_sized_rope_rotates_halves_bit_equal(attrs):
+    h, kvh, d = attrs["heads"], attrs["kv_heads"], attrs["q_head_dim"]
+    t = ew.SPLIT_ROWS + 37
+    q, k, _ = torch.split(rand(t, (h + 2 * kvh) * d, seed=31), [h * d, kvh * d, kvh * d], dim=-1)
+    positions = torch.randint(0, 5000, (t,), generator=torch.Generator().manual_seed(32))
+    for qs, ks in ((q, k), (q.contiguous(), k.contiguous())):
+        fresh = positions.clone()
+        out = ew.rope(qs, ks, fresh, **attrs)
+        (cos, _), = fresh.__dict__[ew._CACHE].values()
+        assert cos.dim() == 4  # half tables: the in-place rotation of the halves ran
+        for a, b in zip(out, torch_ref.rope(qs, ks, positions, **attrs)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not lin.ONEDNN, reason="torch built without oneDNN")
+def test_small_weights_run_mkl_then_their_packed_twin(tiny_ckpt, monkeypatch):
+    """Weights under PACK_MIN: MKL on a transposed view (torch_ref's bits) below PACK_ROWS rows, their
+    packed twin from there; lm_head picks its rows alike."""
+    llm = _compiled(tiny_ckpt, monkeypatch, 1 << 30)
+    fn, params = llm.plan.module.functions["forward"], llm.engine.runner.params
+    name = next(n.params["weight"] for n in fn.nodes if n.op == "linear")
+    w = params[name]
+    assert not w.is_mkldnn and w.__dict__[lin.SMALL][1].is_mkldnn
+    for rows in (1, 33, lin.PACK_ROWS + 3):
+        x = rand(rows, w.shape[1], seed=rows)
+        out, ref = lin.linear(x, w), torch_ref.linear(x, w)
+        assert torch.equal(out, ref) if rows < lin.PACK_ROWS else torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    head = next(n.params["weight"] for n in fn.nodes if n.op == "lm_head")
+    x, rows_ = rand(9, params[head].shape[1], seed=40), torch.tensor([8, 2, 5])
+    assert torch.equal(lin.lm_head(x, rows_, params[head]), torch_ref.lm_head(x, rows_, params[head]))

@@ -177,3 +177,21 @@ def test_logprobs_of_chosen_and_top_tokens(llm, prompts, hf_ref):
     top_ids = [i for i, _ in first["top"]]
     assert top_ids == torch.topk(ref, 4).indices.tolist() and top_ids[0] == out.token_ids[0]
     assert len(out.logprobs) == 3
+
+
+@pytest.mark.parametrize("vocab", [1024, 4096, 49152, 4100])  # 1024, 4100: one argmax (too few, not whole chunks)
+def test_greedy_tokens_are_argmax_ties_nan_and_inf_included(vocab):
+    """The CPU's two-level argmax (chunk maxima, then inside the first chunk holding the row's maximum)
+    picks what argmax picks: the first of equal maxima, the first NaN over any number, -inf rows' 0."""
+    from nanoforge.runtime.sampler import greedy_tokens
+
+    x = torch.randn(12, vocab, generator=torch.Generator().manual_seed(vocab))
+    x[1, 70] = x[1, vocab - 300] = x[1, vocab - 3] = 50.0  # a tie across chunks
+    x[2, 5], x[2, 200] = float("nan"), float("inf")
+    x[3, 250], x[3, 10] = float("nan"), float("inf")
+    x[4] = float("-inf")
+    x[5, 131], x[5, 129] = 99.0, 99.0  # a tie inside a chunk
+    x[6] = 0.0
+    x[7, 199], x[7, 130] = float("nan"), float("nan")
+    x[8, vocab - 1] = 1e4  # the last column
+    assert torch.equal(greedy_tokens(x), x.argmax(dim=-1))

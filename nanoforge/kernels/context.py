@@ -30,6 +30,18 @@ class SeqSlice:
     slots: torch.Tensor | None = None  # pool slots of positions 0..ctx_len-1, filled once per step
 
 
+@dataclass(frozen=True)
+class HostBatch:
+    """make_context's numpy arrays behind query_start, context_lens and block_tables: a CPU kernel
+    plans its step from these, not from the tensors read back (about as many calls again)."""
+    starts: np.ndarray  # i64[B+1]
+    ctx_lens: np.ndarray  # i64[B]
+    tables: np.ndarray  # i32[B, max_blocks]
+    positions: np.ndarray  # i64[T]: the position of each new token
+    q_range: tuple[int, int]  # (shortest, longest) query length (0, 0 for no sequence)
+    ctx_range: tuple[int, int]  # (shortest, longest) context
+
+
 @dataclass
 class BatchContext:
     kv: list[tuple[torch.Tensor, ...]]  # per attention layer: the paged KV pool tensors
@@ -57,6 +69,10 @@ class BatchContext:
     # vision-language plans: image-token rows, their embeddings and (t, h, w) rope positions of this step
     # (runtime/vision_runner.py VisionBatch); None: a text-only step
     vision: Any = None
+    host: HostBatch | None = field(default=None, repr=False)  # set by make_context; None: read the tensors
+    # state a kernel keeps from one step to the next of one runner (the CPU decode K/V copies): the runner
+    # passes the same dict at every step; None: nothing is kept
+    carry: dict | None = field(default=None, repr=False)
 
     @property
     def seqs(self) -> list[SeqSlice]:
@@ -78,27 +94,31 @@ class BatchContext:
         return seq.slots
 
 
+NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32}
 TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def allocate_pool(contract: KVContract, num_blocks: int,
                   device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, ...]]:
-    """The paged KV pool the contract describes: per layer, one tensor per entry shape,
-    [num_blocks, block_size, *shape], then (quantized KV) one per scale shape in the scale dtype:
-    GQA (k, v) or (k, v, k_scale, v_scale), MLA (entry,) or (entry, scale), DSA (entry, index_k) or
-    (entry, index_k, entry_scale, index_k_scale). Indexed by the
-    attention node's `layer` attr. An FP8 DSA layer's index_k and index_k_scale are views of one buffer,
-    per block the keys then their f32 scales (dsa_layouts.alloc_index_keys: DeepGEMM's paged layout)."""
-    dtype, bs = TORCH_DTYPES[contract.dtype], contract.block_size
+    """The paged KV pool the contract describes: per layer, one tensor per entry shape in its dtype,
+    [num_blocks, block_size, *shape], then one per FP8 tensor's scale shape in the scale dtype:
+    GQA (k, v) or (k, v, k_scale, v_scale), MLA (entry,) or (entry, scale), DSA (entry, index_k),
+    (entry, index_k, entry_scale, index_k_scale) or, FP8 keys only (--index-kv-dtype fp8), (entry, index_k,
+    index_k_scale). Indexed by the attention node's `layer` attr. A DSA layer's FP8 index_k and its
+    index_k_scale are views of one buffer, per block the keys then their f32 scales
+    (dsa_layouts.alloc_index_keys: DeepGEMM's paged layout)."""
+    bs = contract.block_size
     scale_dtype = TORCH_DTYPES[contract.scale_dtype] if contract.scale_dtype else None
     pool: list[tuple[torch.Tensor, ...]] = []
     for i, layer in enumerate(contract.layers):
         assert layer.layer == i, "KV contract layers must be numbered 0..L-1"
-        values = [torch.zeros(num_blocks, bs, *shape, dtype=dtype, device=device) for shape in layer.shapes]
+        dtypes = [TORCH_DTYPES[d] for d in contract.tensor_dtypes(layer)]
+        values = [torch.zeros(num_blocks, bs, *shape, dtype=dt, device=device)
+                  for shape, dt in zip(layer.shapes, dtypes)]
         scales = [torch.ones(num_blocks, bs, *shape, dtype=scale_dtype, device=device) for shape in layer.scale_shapes]
-        if layer.kind == "dsa" and scales and dtype == FP8 and scale_dtype == torch.float32 \
-                and tuple(layer.scale_shapes[1]) == (1,) and len(layer.shapes[1]) == 1 and layer.shapes[1][0] % 4 == 0:
-            values[1], scales[1] = alloc_index_keys(num_blocks, bs, layer.shapes[1][0], device)
+        if layer.kind == "dsa" and scales and dtypes[1] == FP8 and scale_dtype == torch.float32 \
+                and tuple(layer.scale_shapes[-1]) == (1,) and len(layer.shapes[1]) == 1 and layer.shapes[1][0] % 4 == 0:
+            values[1], scales[-1] = alloc_index_keys(num_blocks, bs, layer.shapes[1][0], device)
         pool.append(tuple(values + scales))
     return pool
 
@@ -122,7 +142,10 @@ def block_table_array(tables: list[list[int]], widths: np.ndarray | None = None,
     n = len(tables)
     if widths is None:
         widths = np.fromiter(map(len, tables), np.int64, n)
-    out = np.zeros((max(rows, n), max(cols, int(widths.max(initial=0)), 1)), np.int32)
+    width = int(widths.max(initial=0))
+    if n and rows <= n and cols <= width and int(widths.min()) == width:  # equal widths (a uniform batch): one copy
+        return np.array(tables, np.int32).reshape(n, width)
+    out = np.zeros((max(rows, n), max(cols, width, 1)), np.int32)
     flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(widths.sum()))
     row_of = np.repeat(np.arange(n), widths)
     first = np.zeros(n, np.int64)
@@ -140,23 +163,32 @@ def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
     step of hundreds of sequences spends well under a millisecond here. `state`: (the per-sequence
     state pool, each sequence's slot in it), for plans with recurrent layers."""
     n = len(seqs)
-    q_lens = np.fromiter((q for q, _, _ in seqs), np.int64, n)
-    ctx_lens = np.fromiter((c for _, c, _ in seqs), np.int64, n)
-    widths = np.fromiter((len(b) for _, _, b in seqs), np.int64, n)
-    table = block_table_array([b for _, _, b in seqs], widths)
-    starts = np.zeros(n + 1, np.int64)
-    np.cumsum(q_lens, out=starts[1:])
-    owner = np.repeat(np.arange(n), q_lens)  # sequence of each new token
-    pos = np.arange(int(starts[-1])) - starts[owner] + (ctx_lens - q_lens)[owner]
-    slots = table[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    q_list, ctx_list, tables = zip(*seqs) if n else ((), (), ())
+    q_range = (min(q_list), max(q_list)) if n else (0, 0)  # Python's min / max: cheaper than numpy's at this size
+    ctx_range = (min(ctx_list), max(ctx_list)) if n else (0, 0)
+    q_lens, ctx_lens = np.array(q_list, np.int64).reshape(n), np.array(ctx_list, np.int64).reshape(n)
+    table = block_table_array(list(tables), np.fromiter(map(len, tables), np.int64, n))
+    if q_range == (1, 1):  # decode: a token per sequence, at its last position (lists: fewer numpy calls)
+        last = [c - 1 for c in ctx_list]
+        slots = np.array([b[p // block_size] * block_size + p % block_size for p, b in zip(last, tables)], np.int64)
+        starts, pos = np.arange(n + 1), np.array(last, np.int64)
+    else:
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(q_lens, out=starts[1:])
+        owner = np.repeat(np.arange(n), q_lens)  # sequence of each new token
+        pos = np.arange(int(starts[-1])) - starts[owner] + (ctx_lens - q_lens)[owner]
+        slots = table[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    on_cpu = torch.device(device).type == "cpu"
 
     def put(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        if on_cpu:  # no copy where numpy holds the dtype already
+            return torch.from_numpy(data.astype(NUMPY_DTYPES[dtype], copy=False))
         return torch.from_numpy(data).to(device=device, dtype=dtype, non_blocking=True)
 
     ctx = BatchContext(
         pool, block_size, put(slots, torch.long), put(starts, torch.int32), put(ctx_lens, torch.int32),
-        put(table, torch.int32), int(q_lens.max(initial=0)), int(ctx_lens.max(initial=0)), list(seqs), comm=comm,
-        ep_tokens=ep_tokens)
+        put(table, torch.int32), q_range[1], ctx_range[1], list(seqs), comm=comm, ep_tokens=ep_tokens,
+        host=HostBatch(starts, ctx_lens, table, pos, q_range, ctx_range))
     if state is not None:
         assert len(state[1]) == n, f"{len(state[1])} state slots for {n} sequences"
         ctx.state, ctx.state_slot_list = state[0], list(state[1])

@@ -414,20 +414,26 @@ class Engine:
             if num_output >= seq.params.max_tokens or len(seq.token_ids) + 1 >= self.max_model_len:
                 continue
             items.append((seq, 1))
+        blocks = self.blocks
+        room, stateless = getattr(blocks, "block_size", 0), getattr(blocks, "state", None) is None
         for seq, _ in items:  # the slot of the unknown token: position num_computed
-            if not self.blocks.can_grow(seq, 1):
+            if seq.num_computed < len(seq.block_table) * room and (stateless or seq.state_slot >= 0):
+                continue  # its last block has room and it has its state row: grow would do nothing
+            if not blocks.can_grow(seq, 1):
                 return None
-            self.blocks.grow(seq, 1)
+            blocks.grow(seq, 1)
         return ScheduledBatch(items) if items else None
 
     def _launch(self, batch: ScheduledBatch, prev: "_InFlight | None") -> "_InFlight":
         seqs = [seq for seq, _ in batch.items]
         inputs = None
         if prev is not None:
-            row = {id(s): i for i, s in enumerate(prev.seqs)}
-            idx = [row[id(s)] for s in seqs]
-            inputs = prev.tokens if idx == list(range(len(prev.seqs))) else \
-                prev.tokens[torch.tensor(idx, device=prev.tokens.device)]
+            if len(seqs) == len(prev.seqs) and all(a is b for a, b in zip(seqs, prev.seqs)):
+                inputs = prev.tokens  # the same rows (the usual case): no reindexing
+            else:
+                row = {id(s): i for i, s in enumerate(prev.seqs)}
+                idx = [row[id(s)] for s in seqs]
+                inputs = prev.tokens[torch.tensor(idx, device=prev.tokens.device)]
         logits, _ = self.runner.execute(batch, device_tokens=inputs)
         for seq in seqs:
             seq.num_computed += 1  # committed at resolve, once the input token is in token_ids

@@ -261,10 +261,13 @@ class ModelRunner:
         ctx = make_context(self.pool, self.block_size, seqs, self.device, self.comm, ep_tokens, state)
         ctx.state_history = list(state_history or [])
         ctx.vision = vision  # images of a vision-language plan's step (vision_runner.VisionBatch), else None
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
+        ctx.carry = self.carry
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
+        positions = torch.from_numpy(ctx.host.positions).to(self.device) if ctx.host is not None else \
+            as_tensor(positions_of(seqs))
         with torch.inference_mode():
-            out = self.forward(self.params, ctx, token_ids, as_tensor(positions_of(seqs)), as_tensor(rows))
+            out = self.forward(self.params, ctx, token_ids, positions, as_tensor(rows))
         logits, self.hidden = out if isinstance(out, tuple) else (out, None)
         return logits
 

@@ -73,10 +73,29 @@ def sample_plain_device(logits: torch.Tensor, params: list[SamplingParams],
     """sample_plain without the device->host copy: the tokens stay where the logits are, so the
     next decode step can be launched on them before the host has seen them."""
     if all(p.temperature == 0 for p in params):
-        return logits.argmax(dim=-1)  # the common case, one kernel
+        return greedy_tokens(logits)  # the common case
     if _use_triton(logits):
         return _sample_triton(logits.float(), params, generators)
     return None
+
+
+ARGMAX_CHUNK = 64  # columns per chunk of the CPU's two-level argmax
+ARGMAX_SPLIT_MIN = 2048  # columns from which it beats one argmax (1.8x at 2k, 9x at 49k; 32 rows, 2 threads)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1), exactly (the first of equal maxima; a NaN counts as the largest). On the CPU
+    argmax is a scalar loop (1.3 ms for 32 rows of a 49k vocabulary, one core): there the row's
+    chunks of ARGMAX_CHUNK columns are reduced by a vectorized amax, argmax picks the first chunk
+    holding the row's maximum, and a second argmax the first maximum inside it."""
+    n, v = logits.shape
+    c = ARGMAX_CHUNK
+    if logits.is_cuda or v % c or v < ARGMAX_SPLIT_MIN or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    chunks = logits.view(n, v // c, c)
+    first = chunks.amax(-1).argmax(-1, keepdim=True)
+    inside = chunks.gather(1, first.unsqueeze(-1).expand(n, 1, c)).squeeze(1).argmax(-1)
+    return first.squeeze(1) * c + inside
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
