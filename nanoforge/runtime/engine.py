@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -13,6 +13,7 @@ from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .block_manager import BlockManager
+from .engine_config import EngineConfig, EngineMetrics, check_config, spec_config
 from .kv_transfer import KVStore, local_store
 from .launchers import check_launcher
 from .model_runner import ModelRunner, RunnerConfig
@@ -20,30 +21,11 @@ from .sampler import SampleRequest, sample, sample_plain, sample_plain_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
-from .speculative import SpecConfig, Speculator
+from .speculative import Speculator
 from .state_slots import check_state_support, prefix_caching_note
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("nanoforge.engine")
-
-
-@dataclass
-class EngineConfig:
-    device: str = "cpu"
-    num_blocks: int | None = None  # default: kv_cache_memory / bytes per block
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, on CUDA what gpu_memory_utilization leaves
-    gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION
-    max_num_seqs: int = defaults.MAX_NUM_SEQS
-    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
-    max_prefill_chunk: int = defaults.MAX_PREFILL_CHUNK
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at what the KV pool holds
-    prefix_caching: bool = True
-    enforce_eager: bool = False  # never replay CUDA graphs
-    overlap_decode: bool = True  # launch decode step N+1 before the host has read step N's tokens
-    launcher: str = "local"  # where a sharded plan's worker ranks run: local subprocesses, or ray actors
-    ray_address: str | None = None  # launcher ray: the cluster to join (default $RAY_ADDRESS, else this node's)
-    speculative: str | None = None  # drafts each decode step verifies: ngram | mtp (speculative.py); None: the plan's
-    num_speculative_tokens: int | None = None  # drafts per sequence and step (default: the plan's K, else 3)
 
 
 @dataclass
@@ -53,73 +35,17 @@ class _InFlight:
     start: float
 
 
-@dataclass
-class EngineMetrics:
-    steps: int = 0
-    step_times: list[float] = field(default_factory=list)
-    tokens_per_step: list[int] = field(default_factory=list)
-    decode_step_times: list[float] = field(default_factory=list)  # steps of one token per sequence
-    decode_flags: list[bool] = field(default_factory=list)  # per step: was it decode-only
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-
-    def summary(self, blocks: BlockManager, preemptions: int, batches: dict | None = None) -> dict:
-        n = max(self.steps, 1)
-        return {"steps": self.steps, "preemptions": preemptions, "batches": dict(batches or {}),
-                "prefix_cache_hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0,
-                "prefix_cache_hit_tokens": blocks.hits,
-                "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
-                "mean_tokens_per_step": sum(self.tokens_per_step) / n,
-                "mean_step_ms": 1000 * sum(self.step_times) / n,
-                "decode_only_steps": len(self.decode_step_times),
-                "decode_only_step_s": sum(self.decode_step_times),
-                "mixed_step_s": sum(self.step_times) - sum(self.decode_step_times),
-                "mixed_step_ms": _spread([t for t, n in zip(self.step_times, self.decode_flags) if not n])}
-
-
-def _spread(xs: list[float]) -> dict[str, float] | None:
-    """min / median / max in ms: one slow outlier (a kernel compiling mid-run) shows up as max."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return {"min": 1000 * xs[0], "p50": 1000 * xs[len(xs) // 2], "max": 1000 * xs[-1]}
-
-
-def _check_config(cfg: EngineConfig) -> None:
-    if not 0 < cfg.gpu_memory_utilization <= 1:
-        raise NanoForgeError(f"gpu_memory_utilization must be in (0, 1]; got {cfg.gpu_memory_utilization}")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"):
-        if getattr(cfg, name) < 1:
-            raise NanoForgeError(f"{name} must be at least 1; got {getattr(cfg, name)}")
-    if cfg.max_model_len is not None and cfg.max_model_len < 2:
-        raise NanoForgeError(f"max_model_len must be at least 2 (a prompt token and a generated one); got "
-                             f"{cfg.max_model_len}")
-
-
-def _spec_config(cfg: EngineConfig, plan: Plan) -> SpecConfig:
-    """Speculation as asked, or as the plan was compiled for (its MTP head: attach_mtp)."""
-    drafts = plan.speculative
-    method = cfg.speculative or (drafts.method if drafts else None)
-    if cfg.num_speculative_tokens is not None and method is None:
-        raise NanoForgeError("--num-speculative-tokens needs --speculative (ngram, or mtp on a plan compiled with it)")
-    if method == "mtp" and drafts is None:
-        raise NanoForgeError("--speculative mtp: this plan has no MTP draft function; compile the checkpoint with "
-                             "--speculative mtp")
-    k = cfg.num_speculative_tokens or (drafts.num_tokens if drafts and method == "mtp" else 3)
-    return SpecConfig(method, k)
-
-
 class Engine:
     def __init__(self, plan: Plan, ckpt: Checkpoint | None, tokenizer: Tokenizer | None, cfg: EngineConfig,
                  progress: bool = True, runner: ModelRunner | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
-        _check_config(cfg)
+        check_config(cfg)
         self.vision_spec = None  # vision-language plans: how their images are preprocessed (vision_inputs.py)
         if "encode" in plan.module.functions:
             from .vision_inputs import VisionSpec
 
             self.vision_spec = VisionSpec.of(plan.config, getattr(ckpt, "path", None))
-        spec_cfg = _spec_config(cfg, plan)
+        spec_cfg = spec_config(cfg, plan)
         check_state_support(plan.kv_contract, plan.parallel.sharded)
         self.vocab_size = plan.model.vocab_size
         model_len = cfg.max_model_len or plan.model.max_position_embeddings
