@@ -4,7 +4,7 @@ a module without a draft function is a one-line error."""
 from __future__ import annotations
 
 import pytest
-from irtext import MODEL, apply, ir, run
+from irtext import MODEL, apply, run
 
 from nanoforge.errors import NanoForgeError
 from nanoforge.facts import SpeculativePlan, read
