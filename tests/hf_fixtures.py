@@ -710,6 +710,30 @@ def hf_mtp_logits(model, mtp, prompt: list[int], next_token: int) -> torch.Tenso
     return model.lm_head(x)[0].float()
 
 
+def check_mtp_drafts(llm, prompts: list[list[int]], reference, tie_margin: float | None = None) -> int:
+    """Run greedy requests of 6 tokens step by step; after every step, each live sequence's draft
+    must be the argmax of `reference(history, next_token)[-1]` (the reference MTP head over the
+    sequence's whole history). With tie_margin, drafts whose top two reference logits are that
+    close are skipped. Returns how many drafts were checked."""
+    from nanoforge import SamplingParams
+
+    eng, checked = llm.engine, 0
+    seqs = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)) for p in prompts]
+    while eng.has_work():
+        eng.step()
+        for seq in seqs:
+            d = seq.draft
+            if d is None or seq.finish_reason is not None:
+                continue
+            want = reference(seq.token_ids[:d.position + 1], seq.token_ids[d.position + 1])[-1]
+            top2 = want.topk(2).values
+            if tie_margin is not None and top2[0] - top2[1] <= tie_margin:
+                continue
+            assert d.token == int(want.argmax()), (seq.seq_id, d.position)
+            checked += 1
+    return checked
+
+
 # ------------------------------------------------------------------------------------------ GGUF (SmolLM2)
 @contextlib.contextmanager
 def shared_gguf_parse():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_fixtures import hf_mtp_logits, hf_mtp_model, make_bigram_deepseek, random_prompts, tiny_config
+from hf_fixtures import check_mtp_drafts, hf_mtp_logits, hf_mtp_model, make_bigram_deepseek, random_prompts, tiny_config
 from nanoforge import LLM, SamplingParams
 from nanoforge.compiler import CompileOptions, compile_checkpoint
 from nanoforge.errors import NanoForgeError
@@ -98,20 +98,8 @@ def test_each_draft_is_transformers_mtp_prediction(tiny_ckpt, hf_ref):
     mtp = hf_mtp_model(hf)
     llm = LLM(tiny_ckpt("deepseek_v3"), dtype="f32", progress=False, speculative="mtp", num_speculative_tokens=1,
               max_prefill_chunk=8)
-    eng, checked = llm.engine, 0
-    seqs = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-            for p in random_prompts(VOCAB, [19, 5], seed=2)]
-    while eng.has_work():
-        eng.step()
-        for seq in seqs:
-            d = seq.draft
-            if d is None or seq.finish_reason is not None:
-                continue
-            history = seq.token_ids[:d.position + 1]
-            want = hf_mtp_logits(hf, mtp, history, seq.token_ids[d.position + 1])[-1]
-            assert d.token == int(want.argmax()), (seq.seq_id, d.position)
-            checked += 1
-    assert checked >= 8
+    reference = lambda history, nxt: hf_mtp_logits(hf, mtp, history, nxt)  # noqa: E731
+    assert check_mtp_drafts(llm, random_prompts(VOCAB, [19, 5], seed=2), reference) >= 8
 
 
 def test_greedy_equals_decoding_without_speculation(tiny_ckpt):

@@ -31,7 +31,7 @@ import zmq
 
 from ..errors import NanoForgeError
 from .sockets import bind_router, run_loop, wake_pair
-from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
+from .wire import PROTOCOL_VERSION, Malformed, error_reply, pack, unpack_body
 
 log = logging.getLogger("nanoforge.serving")
 
@@ -99,9 +99,7 @@ class EncodeServer:
     def _handle(self, ident: bytes, body: list[bytes]) -> None:
         msg: dict[str, Any] = {}
         try:
-            if len(body) != 1:
-                raise Malformed(f"expected one frame after the identity, got {len(body)}")
-            msg = unpack(body[0])
+            msg = unpack_body(body)
             kind = msg["type"]
             if kind == "encode":
                 images = msg.get("images")
@@ -129,9 +127,7 @@ class EncodeServer:
         except Exception as e:  # a bad frame gets an answer, never the server's life
             if not isinstance(e, (Malformed, NanoForgeError)):
                 log.exception("failed to handle a %r message", msg.get("type"))
-            rid = msg.get("request_id")  # a generate sent here ends with this error
-            self._reply(ident, {"type": "error", "error": str(e) or type(e).__name__, "id": msg.get("id"),
-                                "request_id": rid if isinstance(rid, str) else None})
+            self._reply(ident, error_reply(e, msg))
 
     def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
         self.sock.send_multipart([ident, pack(msg)])

@@ -44,7 +44,7 @@ from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
 from .protocol import GenerateRequest, TokenDelta
 from .sockets import bind_router, run_loop, wake_pair
-from .wire import PROTOCOL_VERSION, Malformed, pack, unpack
+from .wire import PROTOCOL_VERSION, Malformed, error_reply, pack, unpack, unpack_body
 
 log = logging.getLogger("nanoforge.serving")
 ROLES = ("both", "prefill", "decode")
@@ -187,9 +187,7 @@ class EngineServer:
     def _handle(self, ident: bytes, body: list[bytes]) -> None:
         msg: dict[str, Any] = {}
         try:
-            if len(body) != 1:
-                raise Malformed(f"expected one frame after the identity, got {len(body)}")
-            msg = unpack(body[0])
+            msg = unpack_body(body)
             kind = msg["type"]
             if kind == "generate":
                 req = parse_generate(msg)
@@ -232,9 +230,7 @@ class EngineServer:
         except Exception as e:  # a bad frame gets an answer, never the server's life
             if not isinstance(e, (Malformed, NanoForgeError)):
                 log.exception("failed to handle a %r message", msg.get("type"))
-            rid = msg.get("request_id")
-            self._reply(ident, {"type": "error", "error": str(e) or type(e).__name__, "id": msg.get("id"),
-                                "request_id": rid if isinstance(rid, str) else None})
+            self._reply(ident, error_reply(e, msg))
 
     def _kv_pull(self, ident: bytes, msg: dict[str, Any]) -> None:
         rid, first, mode = msg.get("request_id"), msg.get("first_block", 0), msg.get("mode", "tcp")

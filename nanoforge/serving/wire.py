@@ -26,3 +26,18 @@ def unpack(frame: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise Malformed("frame must be a msgpack map with a string 'type'")
     return msg
+
+
+def unpack_body(body: list[bytes]) -> dict[str, Any]:
+    """The one msgpack frame after a ROUTER socket's identity frame."""
+    if len(body) != 1:
+        raise Malformed(f"expected one frame after the identity, got {len(body)}")
+    return unpack(body[0])
+
+
+def error_reply(e: Exception, msg: dict[str, Any]) -> dict[str, Any]:
+    """What a server answers a frame it could not handle with (a generate's request id included, so
+    the router ends that request's stream)."""
+    rid = msg.get("request_id")
+    return {"type": "error", "error": str(e) or type(e).__name__, "id": msg.get("id"),
+            "request_id": rid if isinstance(rid, str) else None}

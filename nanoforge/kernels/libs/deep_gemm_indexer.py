@@ -27,7 +27,6 @@ on first use, which the runtime's warm-up forward does outside the capture.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..dsa_layouts import fp8_index_queries, fused_index_cache, kernel_heads
 from . import DEEP_GEMM, import_library, version_error
@@ -70,20 +69,15 @@ def index_logits(q8: torch.Tensor, weights: torch.Tensor, fused: torch.Tensor, c
 def indexer(x, q, k, positions, weights_proj, k_norm, k_norm_bias, *, ctx, layer, heads, head_dim, rope_dim, style,
             theta, topk, scale, eps, scaling=None, **a):
     """torch_ref.indexer's contract: DeepGEMM's paged MQA logits for decode steps over FP8 keys, else Triton."""
-    from ..dsa_ref import dsa_pool, rope_front
-    from ..triton.dsa import indexer as triton_indexer, select
-    from ..triton.kv_store import store_kv
+    from ..triton.dsa import index_inputs, indexer as triton_indexer, select
 
     if not takes(ctx, layer, heads, head_dim, q.shape[0]):
         return triton_indexer(x, q, k, positions, weights_proj, k_norm, k_norm_bias, ctx=ctx, layer=layer, heads=heads,
                               head_dim=head_dim, rope_dim=rope_dim, style=style, theta=theta, topk=topk, scale=scale,
                               eps=eps, scaling=scaling, **a)
-    rope = dict(head_dim=head_dim, rope_dim=rope_dim, style=style, theta=theta, scaling=scaling)
-    qr = rope_front(q, positions, heads, **rope)
-    kr = rope_front(F.layer_norm(k, (head_dim,), k_norm, k_norm_bias, eps), positions, 1, **rope)[:, 0]
-    _, _, keys, scales = dsa_pool(ctx, layer)
-    store_kv(keys, None, kr, None, ctx.slot_mapping, k_scale=scales)
-    weights = F.linear(x.to(weights_proj.dtype), weights_proj).float() * heads ** -0.5
+    qr, weights, keys, scales = index_inputs(
+        x, q, k, positions, weights_proj, k_norm, k_norm_bias, ctx=ctx, layer=layer, heads=heads, head_dim=head_dim,
+        rope_dim=rope_dim, style=style, theta=theta, eps=eps, scaling=scaling)
     q8, w = fp8_index_queries(qr, weights, scale, kernel_heads(heads, HEADS))
     scores = index_logits(q8, w, fused_index_cache(keys, scales), ctx.context_lens, ctx.block_tables,
                           ctx.max_context_len)

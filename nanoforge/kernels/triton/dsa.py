@@ -177,15 +177,25 @@ def sparse_latent_attention(q_full: torch.Tensor, cache: torch.Tensor, cache_sca
     return out
 
 
-def indexer(x, q, k, positions, weights_proj, k_norm, k_norm_bias, *, ctx, layer, heads, head_dim, rope_dim, style,
-            theta, topk, scale, eps, scaling=None, **_):
-    """torch_ref.indexer's contract: store this step's indexer keys, return each row's top-k positions."""
+def index_inputs(x, q, k, positions, weights_proj, k_norm, k_norm_bias, *, ctx, layer, heads, head_dim, rope_dim,
+                 style, theta, eps, scaling=None):
+    """What every indexer kernel starts from: this step's keys normed, roped and stored in the layer's
+    index cache; returns (roped queries, f32 head weights [T, heads], the cache, its scales or None)."""
     rope = dict(head_dim=head_dim, rope_dim=rope_dim, style=style, theta=theta, scaling=scaling)
     qr = rope_front(q, positions, heads, **rope)
     kr = rope_front(F.layer_norm(k, (head_dim,), k_norm, k_norm_bias, eps), positions, 1, **rope)[:, 0]
     _, _, cache, cache_scale = dsa_pool(ctx, layer)
     store_kv(cache, None, kr, None, ctx.slot_mapping, k_scale=cache_scale)
     weights = F.linear(x.to(weights_proj.dtype), weights_proj).float() * heads ** -0.5
+    return qr, weights, cache, cache_scale
+
+
+def indexer(x, q, k, positions, weights_proj, k_norm, k_norm_bias, *, ctx, layer, heads, head_dim, rope_dim, style,
+            theta, topk, scale, eps, scaling=None, **_):
+    """torch_ref.indexer's contract: store this step's indexer keys, return each row's top-k positions."""
+    qr, weights, cache, cache_scale = index_inputs(
+        x, q, k, positions, weights_proj, k_norm, k_norm_bias, ctx=ctx, layer=layer, heads=heads, head_dim=head_dim,
+        rope_dim=rope_dim, style=style, theta=theta, eps=eps, scaling=scaling)
     rows = row_positions(ctx.query_start, ctx.context_lens, q.shape[0])
     scores = index_scores(qr, weights, cache, cache_scale, rows, ctx.block_tables, width=ctx.max_context_len,
                           scale=scale)
