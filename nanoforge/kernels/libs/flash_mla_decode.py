@@ -15,7 +15,7 @@ captured decode graph) of an MLA layer with a bf16 pool of 64-token blocks runs 
 here, and so do the decode rows of a mixed step (its prefill chunks run the expanded form,
 kernels/mla_prefill.py); anything else (verify rows, GQA, other pool dtypes or block sizes) runs the
 Triton provider's kernel. The KV store and the W_uk / W_uv absorption are the Triton provider's
-(triton/attention.py mla_attention), so both paths share one pool layout and one set of numerics
+(triton/mla.py mla_attention), so both paths share one pool layout and one set of numerics
 around the kernel. plan_memory gives a plan with flash_mla 64-token blocks (Provider.block_sizes).
 """
 from __future__ import annotations
@@ -122,8 +122,10 @@ def _latent_or_triton(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, sc
 def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
     """torch_ref.attention's contract: MLA layers whose pool FlashMLA reads run their decode rows here
     (prefill chunks: mla_prefill's expanded form), the rest on the Triton provider."""
-    from ..triton.attention import attention as triton_attention, mla_attention
+    from ..triton.attention import MAX_DECODE_Q, attention as triton_attention
+    from ..triton.mla import mla_attention
 
     if not _fits(ctx, kind, layer, k, a.get("qk_rope_head_dim", 0)):
         return triton_attention(q, k, v, ctx=ctx, kind=kind, layer=layer, scale=scale, kv_b_proj=kv_b_proj, **a)
-    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_latent_or_triton)
+    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_latent_or_triton,
+                         absorbed_max_q=MAX_DECODE_Q)

@@ -82,10 +82,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import mla_prefill
 from ..fp8 import FP8
 from .attention_fp8 import PV_WIDEN, _exp2i, _widen
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
+from .mla import mla_attention
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
@@ -501,7 +501,8 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
                             max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
         return o.view(T, h * d)
-    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent)
+    return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
+                         absorbed_max_q=MAX_DECODE_Q)
 
 
 def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float,
@@ -511,40 +512,3 @@ def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale:
     return paged_attention(q_full, cache[:, :, None, :], cache[:, :, None, :r], ctx.query_start, ctx.context_lens,
                            ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
                            max_context_len=ctx.max_context_len, k_scale=kv_scale, v_scale=kv_scale)
-
-
-def mla_attention(q, k, v, ctx, *, layer: int, scale: float, kv_b_proj, a: dict, attend) -> torch.Tensor:
-    """MLA in absorbed form: store [latent | k_rope] into the pool, fold W_uk into the queries, attend
-    in latent space with `attend(q_full [T, h, r + rope], cache, r, ctx, scale) -> [T, h, r]`, then
-    apply W_uv. Shared by the providers whose MLA differs only in that kernel (Triton, FlashMLA).
-    An FP8 pool (cache, scale [NB, BS, 1]) stores the entry with one scale over [latent | k_rope] and
-    passes attend `kv_scale=` (only _paged_latent takes FP8 pools). In eager steps with prefill chunks,
-    those sequences run the expanded form instead (mla_prefill.py) and the other rows the absorbed one."""
-    T = q.shape[0]
-    h, nope, rope_d, vd = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
-    cache, *scales = ctx.kv[layer]
-    r = k.shape[-1]
-    if scales:  # the amax must cover the whole entry: store it in one piece
-        store_kv(cache, None, torch.cat([k.reshape(T, r), v.reshape(T, -1)], dim=-1), None, ctx.slot_mapping,
-                 k_scale=scales[0])
-    else:
-        store_kv(cache[:, :, None, :r], cache[:, :, None, r:], k.reshape(T, 1, r), v.reshape(T, 1, -1),
-                 ctx.slot_mapping)
-    w = kv_b_proj.view(h, nope + vd, r)
-
-    def absorbed(q: torch.Tensor, ctx) -> torch.Tensor:
-        T = q.shape[0]
-        qh = q.reshape(T, h, nope + rope_d)
-        q_lat = torch.bmm(qh[..., :nope].transpose(0, 1), w[:, :nope, :].to(q.dtype))  # [h, T, r]
-        q_full = torch.cat([q_lat.transpose(0, 1), qh[..., nope:]], dim=-1)  # [T, h, r + rope]
-        o_lat = (attend(q_full, cache, r, ctx, scale, kv_scale=scales[0]) if scales
-                 else attend(q_full, cache, r, ctx, scale))
-        o = torch.bmm(o_lat.transpose(0, 1), w[:, nope:, :].transpose(1, 2).to(q.dtype))  # [h, T, vd]
-        return o.transpose(0, 1).reshape(T, h * vd)
-
-    # steps with prefill chunks: those sequences in the expanded form on torch's fused SDPA (mla_prefill.py)
-    split = mla_prefill.split_step(ctx, q, a, absorbed_max_q=MAX_DECODE_Q)
-    if split is None:
-        return absorbed(q, ctx)
-    return mla_prefill.run_split(q, split, absorbed, w=w.to(q.dtype), cache=cache,
-                                 kv_scale=scales[0] if scales else None, scale=scale, nope=nope)

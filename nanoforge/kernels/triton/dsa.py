@@ -15,7 +15,7 @@ and its position from context_lens, so nothing is read on the host.
   * `sparse_latent_attention`: grid (T, heads / BLOCK_H). Walks the row's topk token ids in tiles of
     BLOCK_N (ids -1 masked), gathers [latent | k_rope] entries through the block table, online
     softmax in base 2 over q_lat . latent + q_rope . k_rope, accumulates probabilities x latent
-    ([BLOCK_H, r]). W_uk is folded into the queries and W_uv applied after, as attention.mla_attention.
+    ([BLOCK_H, r]). W_uk is folded into the queries and W_uv applied after, as mla.mla_attention.
     A tile of ids costs the same whether the ids are near or far: the kernel reads topk entries per
     row whatever the context (dense rows below topk read their -1 padding masked).
 
