@@ -93,7 +93,9 @@ def smollm2_gguf():
 
 @_hf_pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf):
-    return _hf_fixtures_module().hf_gguf_model(smollm2_gguf)
+    from gguf_fixtures import hf_gguf_model
+
+    return hf_gguf_model(smollm2_gguf)
 
 
 # ---- Redis (engine registry tests) ---------------------------------------------------------------

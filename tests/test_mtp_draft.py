@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from hf_fixtures import hf_mtp_logits, hf_mtp_model, random_prompts, tiny_config
+from hf_fixtures import random_prompts, tiny_config
+from mtp_fixtures import hf_mtp_logits, hf_mtp_model
 from nanoforge.codegen.pysource import compile_function
 from nanoforge.errors import NanoForgeError
 from nanoforge.kernels.context import allocate_pool, make_context

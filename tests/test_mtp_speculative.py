@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_fixtures import check_mtp_drafts, hf_mtp_logits, hf_mtp_model, make_bigram_deepseek, random_prompts, tiny_config
+from hf_fixtures import random_prompts, tiny_config
+from mtp_fixtures import check_mtp_drafts, hf_mtp_logits, hf_mtp_model, make_bigram_deepseek
 from nanoforge import LLM, SamplingParams
 from nanoforge.compiler import CompileOptions, compile_checkpoint
 from nanoforge.errors import NanoForgeError

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_fixtures import check_mtp_drafts, random_prompts
+from hf_fixtures import random_prompts
+from mtp_fixtures import check_mtp_drafts
 from nanoforge import LLM, SamplingParams
 from nanoforge.compiler import CompileOptions, compile_checkpoint
 from nanoforge.errors import NanoForgeError

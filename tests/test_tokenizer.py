@@ -24,7 +24,7 @@ CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "cont
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    from hf_fixtures import hf_gguf_tokenizer
+    from gguf_fixtures import hf_gguf_tokenizer
 
     hf = hf_gguf_tokenizer(smollm2_gguf)
     ours = Tokenizer.from_checkpoint(open_checkpoint(smollm2_gguf))
