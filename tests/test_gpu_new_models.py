@@ -94,3 +94,13 @@ def test_gpu_hybrid_chunk16_mixed_steps_with_graphs(ckpts, cpu_tokens):
               max_prefill_chunk=16, max_num_batched_tokens=24)
     check(llm, "qwen3_5", cpu_tokens("qwen3_5"), eager=False)
     assert any(k.startswith("eager: the batch has prefill") for k in llm.metrics()["batches"]), describe(llm)
+
+
+def test_gpu_hybrid_preemption_with_graphs(ckpts, cpu_tokens):
+    """A pool of 12 blocks (16 tokens each) cannot hold the five prompts at once: sequences are preempted,
+    their state rows freed and their prompts recomputed from a fresh state, with the same tokens."""
+    llm = LLM(ckpts["qwen3_5"], device="cuda", progress=False, max_num_seqs=16, num_blocks=12,
+              max_prefill_chunk=16, max_num_batched_tokens=24)
+    assert llm.plan.kv_contract.block_size == 16, describe(llm)
+    check(llm, "qwen3_5", cpu_tokens("qwen3_5"), eager=False)
+    assert llm.engine.scheduler.num_preemptions > 0, describe(llm)
