@@ -86,16 +86,18 @@ def counted(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("lens", [[9] * 6, [30, 33, 36, 44, 31]], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("lens", [[9] * 6, [30, 33, 36, 44, 31], [5, 40, 9, 60, 17, 33]],
+                         ids=["uniform", "ragged", "ragged-chunks"])
 def test_consecutive_decode_steps_extend_the_copies(lens, counted):
     run = Run(lens, seed=len(lens))
     run.step([5] * len(lens))  # a prefill chunk: gathers, keeps nothing
     assert run.state is None and counted == {"built": 0, "extended": 0}
     run.step()  # the first decode step only records its rows
     assert counted["built"] == 0 and run.state is not None and not run.state.layers
-    for _ in range(9):  # crosses block boundaries (ragged: lengths within one power of two, one group)
+    for _ in range(9):  # crosses block boundaries (ragged-chunks: and powers of two, so its chunks change)
         run.step()
     assert counted == {"built": LAYERS, "extended": 8 * LAYERS}
+    assert (run.state.order is not None) == (len(set(lens)) > 1 and lens != sorted(lens, reverse=True))
 
 
 def test_a_changed_batch_or_no_carry_rebuilds(counted):

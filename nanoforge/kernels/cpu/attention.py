@@ -138,12 +138,12 @@ def _plan(ctx: BatchContext) -> _Plan:
     decode, recorded = None, False
     if q_range == (1, 1):  # decode only
         n = len(ctx_lens)
+        if every and len(ctx._host) == n:
+            decode = decode_kv.plan_step(ctx.carry, [b for _, _, b in ctx._host], ctx_lens, ctx.kv, ctx_range)
+            recorded = True
         buckets = None if ctx_range[0] == ctx_range[1] else _buckets(np.ones(n, np.int64), ctx_lens, np.arange(n))
-        if buckets is None or len(buckets) == 1:
+        if decode is not None or buckets is None or len(buckets) == 1:  # (the copies are filled from this group)
             groups = [_decode_group(None, starts, ctx_lens, tables, bs, dev, ctx_range)]
-            if every and len(ctx._host) == n:
-                decode = decode_kv.plan_step(ctx.carry, [b for _, _, b in ctx._host], ctx_lens, ctx.kv, ctx_range)
-                recorded = True
         else:
             groups = [_decode_group(ids, starts, ctx_lens, tables, bs, dev) for ids in buckets]
     else:
@@ -269,7 +269,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BatchCo
             g = plan.groups[0]
             o = decode_kv.attend(q.reshape(t, h, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d), (k_cache, v_cache),
                                  plan.decode, layer, fill=lambda pool: _gather(pool, g.blocks, g.pad, q.dtype),
-                                 mask=g.mask, scale=scale)
+                                 scale=scale)
             if o is not None:
                 return o.reshape(t, h * d)
         o = _attend(q.reshape(t, h, d), k_cache, v_cache, plan, scale)

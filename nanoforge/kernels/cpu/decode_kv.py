@@ -39,16 +39,28 @@ class DecodeKV:
     pool_bytes: int = 0  # the pool's size (the budget's base)
     entry_bytes: int = 0  # a key and a value in every layer the copies could be kept for
     layers: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (step, k, v)
+    order: torch.Tensor | None = None  # copy row i holds batch row order[i] (longest context first); None: in order
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Copy rows lo..hi attended in one call over their first `keys` columns; mask [m, 1, 1, keys]
+    hides the columns past a row's context (None: every row has `keys`)."""
+    lo: int
+    hi: int
+    keys: int
+    mask: torch.Tensor | None
 
 
 @dataclass(frozen=True)
 class DecodeStep:
     """This step's use of the copies: each row's new key goes to column `pos` (uniform lengths), or
-    to column cols[row]."""
+    to column cols[row] (rows in copy order)."""
     state: DecodeKV
     keys: int  # keys attended (the longest context)
     pos: int | None
     cols: np.ndarray | None
+    chunks: list[Chunk]
     flat: dict[int, torch.Tensor] = field(default_factory=dict)  # kv heads -> rows of the [n * kvh * cap, d] views
 
     def flat_rows(self, kv_heads: int) -> torch.Tensor:
@@ -80,8 +92,12 @@ def plan_step(carry: dict | None, owners: list, ctx_lens: np.ndarray, kv: list,
     if st is None or len(st.owners) != n or not np.array_equal(st.lens + 1, ctx_lens) \
             or any(a is not b for a, b in zip(st.owners, owners)):
         pool, entry = (_pool_bytes(kv), _entry_bytes(kv)) if st is None else (st.pool_bytes, st.entry_bytes)
+        # copy rows longest first (every row grows by one a step, so the order holds while the rows do):
+        # each chunk of similar lengths is then a slice of the copies
+        order = np.argsort(-ctx_lens, kind="stable")
         carry[KEY] = DecodeKV(list(owners), ctx_lens.copy(), 0 if st is None else st.step + 1, pool_bytes=pool,
-                              entry_bytes=entry)
+                              entry_bytes=entry,
+                              order=None if np.array_equal(order, np.arange(n)) else torch.from_numpy(order))
         return None
     keys = ctx_range[1]
     st.step, st.lens = st.step + 1, ctx_lens.copy()
@@ -92,8 +108,22 @@ def plan_step(carry: dict | None, owners: list, ctx_lens: np.ndarray, kv: list,
             return None
         st.cap, st.layers = cap, {}
     if ctx_range[0] == keys:
-        return DecodeStep(st, keys, keys - 1, None)
-    return DecodeStep(st, keys, None, ctx_lens - 1)
+        return DecodeStep(st, keys, keys - 1, None, [Chunk(0, n, keys, None)])
+    lens = ctx_lens if st.order is None else ctx_lens[st.order.numpy()]
+    return DecodeStep(st, keys, None, lens - 1, _chunks(lens))
+
+
+def _chunks(lens: np.ndarray) -> list[Chunk]:
+    """Rows of non-increasing context lengths cut where ceil(log2(length)) changes (padding under 2x a
+    row, as the gather path's buckets), each with its mask."""
+    bucket = np.ceil(np.log2(lens)).astype(np.int64)
+    cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(lens)]
+    out = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        keys = int(lens[lo])
+        past = np.arange(keys) >= lens[lo:hi, None]
+        out.append(Chunk(lo, hi, keys, torch.from_numpy(~past[:, None, None, :]) if past.any() else None))
+    return out
 
 
 def drop(carry: dict | None) -> None:
@@ -103,20 +133,23 @@ def drop(carry: dict | None) -> None:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor],
-           step: DecodeStep, layer: int, *, fill, mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+           step: DecodeStep, layer: int, *, fill, scale: float) -> torch.Tensor | None:
     """One layer's decode attention on its copies: q [n, h, d], k / v [n, kvh, d] (already in the
     layer's K and V `pools`) -> [n, h, d]; `fill(pool)` gathers a layer's context [n, >= keys, kvh, d]
     (padding zeroed) to build the copies. None where the pool does not hold q's dtype (the caller gathers)."""
     k_pool, v_pool = pools
     if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
         return None
-    st, n = step.state, q.shape[0]
+    st, n, order = step.state, q.shape[0], step.state.order
+    if order is not None:  # batch rows -> copy rows
+        q, k, v = q.index_select(0, order), k.index_select(0, order), v.index_select(0, order)
     held = st.layers.get(layer)
     if held is None or held[0] != st.step - 1:  # build from the pool, which has this step's keys already
         copies = []
         for pool in (k_pool, v_pool):
             c = pool.new_zeros(n, pool.shape[2], st.cap, pool.shape[3])
-            c[:, :, :step.keys] = fill(pool)[:, :step.keys].transpose(1, 2)
+            ctx = fill(pool)[:, :step.keys]
+            c[:, :, :step.keys] = (ctx if order is None else ctx.index_select(0, order)).transpose(1, 2)
             copies.append(c)
         km, vm = copies
     else:
@@ -129,6 +162,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pools: tuple[torch
             km.view(-1, km.shape[3]).index_copy_(0, rows, k.reshape(-1, km.shape[3]))
             vm.view(-1, vm.shape[3]).index_copy_(0, rows, v.reshape(-1, vm.shape[3]))
     st.layers[layer] = (st.step, km, vm)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), km[:, :, :step.keys], vm[:, :, :step.keys], attn_mask=mask,
-                                       scale=scale, enable_gqa=True)
-    return o.view(n, q.shape[1], -1)
+    parts = [F.scaled_dot_product_attention(q[c.lo:c.hi].unsqueeze(2), km[c.lo:c.hi, :, :c.keys],
+                                            vm[c.lo:c.hi, :, :c.keys], attn_mask=c.mask, scale=scale,
+                                            enable_gqa=True) for c in step.chunks]
+    o = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(n, q.shape[1], -1)
+    return o if order is None else o.new_empty(o.shape).index_copy_(0, order, o)
