@@ -15,7 +15,7 @@
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
-#                      [pd] [migration]  (issue 18: PD vs co-located under Poisson load; KV migration GB/s tcp/ipc)
+#                      [pd] [migration]  (issue 18: PD vs co-located under Poisson load; KV migration GB/s tcp/ipc, and dlslime where it imports)
 #                      [speculative]  (issue 17: prompt-lookup speculation on SmolLM2-shaped random weights)
 #                      [hybrid_decode]  (issue 19: Qwen3.5-MoE vs Qwen3-30B-A3B-shaped layers, decode step at batch
 #                                    1/64/256 -> $OUT/hybrid_decode/hybrid_vs_moe.json)
@@ -129,7 +129,8 @@ PY
     pd) run pd python3 -m nanoforge.cli bench pd --device cuda --rate ${PD_RATES:-4 16 64} --num-prompts 128 \
           --input-len 2048 --output-len 128 ${PD_MPS:+--mps-split $PD_MPS} --results-dir "$OUT/pd" ;;
     migration) run migration python3 -m nanoforge.cli bench migration --device cuda --transport tcp ipc \
-                 --prompt-len 4096 --num-prompts 8 --results-dir "$OUT/migration" ;;
+                 $(python3 -c "import dlslime" 2>/dev/null && echo dlslime) \
+                 --prompt-len 4096 --num-prompts ${MIGRATION_PROMPTS:-8} --results-dir "$OUT/migration" ;;
     speculative) run speculative python3 bench/speculative.py --model-preset smollm2-135m --device cuda --prompts 8 \
                    --batches 1 16 --k 3 --out "$OUT/speculative" ;;
     hybrid_decode)
