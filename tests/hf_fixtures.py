@@ -50,7 +50,7 @@ group limit, or scoring groups by sum / max instead of top-2 sum each change the
 
 Helpers besides the brief's API: ``hf_all_logits`` (all positions), ``hf_greedy(..., return_logits=True)``,
 ``expected_keys`` / ``disk_shapes`` (the key table below as code), ``moe_layers``, ``to_legacy_config``,
-``hf_mtp_model`` / ``hf_mtp_logits`` (DeepSeek MTP reference).
+``hf_mtp_model`` / ``hf_mtp_logits`` (DeepSeek MTP reference; in mtp_fixtures.py).
 
 Files written (``make_tiny_checkpoint``)
 ----------------------------------------
@@ -139,7 +139,7 @@ DeepseekV3ForCausalLM; config.json has ``num_nextn_predict_layers: 1``), at inde
 
 HF loads the main model and reports the ``model.layers.3.*`` keys as unexpected (only
 ``model.layers.61.*`` is in DeepseekV3's ``_keys_to_ignore_on_load_unexpected``); ``hf_model``
-silences that. ``hf_mtp_model`` loads the MTP layer through transformers' own ``MtpModel``
+silences that. ``hf_mtp_model`` (mtp_fixtures.py) loads the MTP layer through transformers' own ``MtpModel``
 (modeling_layers.py), which gives a HF reference for MTP drafts (``hf_mtp_logits``).
 
 Never on disk: rotary ``inv_freq`` / ``original_inv_freq`` (non-persistent buffers, recomputed from

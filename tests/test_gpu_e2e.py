@@ -74,7 +74,7 @@ def test_gpu_prompt_lookup_speculation_keeps_greedy_tokens(tiny_ckpt):
 def test_gpu_mtp_speculation_keeps_greedy_tokens(tiny_ckpt, tmp_path):
     """--speculative mtp on the GPU, K = 1, 2, 3, with verify graphs and eagerly: the tokens of decoding
     without speculation. On the random checkpoint drafts are mostly rejected; on its bigram variant
-    (an exact head, hf_fixtures.make_bigram_deepseek) every draft is accepted."""
+    (an exact head, mtp_fixtures.make_bigram_deepseek) every draft is accepted."""
     from mtp_fixtures import make_bigram_deepseek
 
     opts = dict(device="cuda", progress=False, max_num_seqs=16, kv_cache_memory=KV_BYTES)

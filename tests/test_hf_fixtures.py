@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hf_fixtures as hf
+import mtp_fixtures
 
 ARCHS = hf.ARCHS
 
@@ -202,7 +203,7 @@ def test_deepseek_bf16_and_router_bias(tiny_ckpt, hf_ref):
 
 def test_deepseek_mtp_reference(tiny_ckpt, hf_ref):
     model = hf_ref("deepseek_v3")
-    mtp = hf.hf_mtp_model(model)
+    mtp = mtp_fixtures.hf_mtp_model(model)
     sd = hf._read_all(tiny_ckpt("deepseek_v3"))
     layer = mtp.layers[0]
     assert torch.equal(layer.eh_proj.weight, sd["model.layers.3.eh_proj.weight"])
@@ -211,7 +212,7 @@ def test_deepseek_mtp_reference(tiny_ckpt, hf_ref):
     assert torch.equal(layer.mtp_block.mlp.experts.down_proj[3], sd["model.layers.3.mlp.experts.3.down_proj.weight"])
     prompt = hf.random_prompts(model.config.vocab_size, [9], seed=2)[0]
     nxt = hf.hf_greedy(model, prompt, 1)[0]
-    lg = hf.hf_mtp_logits(model, mtp, prompt, nxt)
+    lg = mtp_fixtures.hf_mtp_logits(model, mtp, prompt, nxt)
     assert lg.shape == (9, model.config.vocab_size) and torch.isfinite(lg).all()
     ref = _ref_mtp_logits(sd, hf.tiny_config("deepseek_v3"), prompt, nxt)
     torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
