@@ -7,7 +7,9 @@ continues the previous one (the same sequences in the same order, each one token
 each) attends over last step's keys plus one: here each GQA layer keeps them in [rows, kv_heads,
 cap, d] tensors (each head's keys contiguous, as SDPA reads them: 13-15% faster than the pool's
 [.., kv_heads, d] order), writes the new key beside its pool store and attends over a view, with no
-gather (decode attention 1.2x faster when its data is out of cache, 1.4x in cache).
+gather (decode attention 1.2x faster when its data is out of cache, 1.4x in cache). A ragged batch
+keeps its rows longest first, and attends in chunks of one power of two of context (the gather
+path's buckets), each a slice of the copies.
 
 The pool stays the source of truth. A sequence is known by its block-table list (make_context keeps
 the runner's lists; the state holds them, so their ids are not reused; a released sequence gets a
@@ -83,8 +85,8 @@ def _pool_bytes(kv: list) -> int:
 
 def plan_step(carry: dict | None, owners: list, ctx_lens: np.ndarray, kv: list,
               ctx_range: tuple[int, int]) -> DecodeStep | None:
-    """Once per decode step whose rows form one group (ctx_range: the (min, max) context): the step's
-    use of the copies, or None (gather), after recording the rows for the next step."""
+    """Once per decode step (ctx_range: the (min, max) context): the step's use of the copies, or None
+    (gather), after recording the rows for the next step."""
     if carry is None:
         return None
     st: DecodeKV | None = carry.get(KEY)
