@@ -5,6 +5,7 @@ Run with `pytest -m gpu tests/test_gpu_pd.py` (bench/gpu_check.sh; needs pyzmq, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -19,23 +20,36 @@ from nanoforge.serving.engine_server import start_engine_server, wait_engine_rea
 from nanoforge.serving.protocol import GenerateRequest
 from nanoforge.serving.router import Router
 from nanoforge.serving.zmq_client import ZmqEngineClient
+from nanoforge.tools.mps import client_env, mps_daemon
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.timeout(600)]
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_tokens": 16}
 
 
-@pytest.mark.parametrize("transport, kv_dtype", [("ipc", "auto"), ("tcp", "auto"), ("ipc", "fp8")])
-def test_pd_on_gpu_equals_one_engine(transport, kv_dtype, tiny_ckpt, monkeypatch):
+@pytest.mark.parametrize("transport, kv_dtype, mps", [("ipc", "auto", None), ("tcp", "auto", None),
+                                                     ("ipc", "fp8", None), ("ipc", "auto", 50)],
+                         ids=["ipc", "tcp", "ipc-fp8", "ipc-mps50"])
+def test_pd_on_gpu_equals_one_engine(transport, kv_dtype, mps, tiny_ckpt, monkeypatch):
+    """mps: both engines under a private MPS daemon, prefill on that % of the SMs (`bench pd
+    --mps-split`): fewer SMs change kernel grids, never the tokens."""
     ckpt = tiny_ckpt("qwen3")
     two = torch.cuda.device_count() >= 2
     procs = {}
+    with contextlib.ExitStack() as stack:
+        daemon = stack.enter_context(mps_daemon()) if mps else None
+        _run_pd(ckpt, transport, kv_dtype, daemon, mps, two, procs, monkeypatch)
+
+
+def _run_pd(ckpt, transport, kv_dtype, daemon, mps, two, procs, monkeypatch):
     # with two GPUs the decode engine sees them in the other order: its cuda:0 is the prefill's
     # cuda:1, so the IPC handles must be matched by device UUID, not index
     for role, devices in (("prefill", "0,1"), ("decode", "1,0")):
         with monkeypatch.context() as m:
             if two:
                 m.setenv("CUDA_VISIBLE_DEVICES", devices)
+            for k, v in (client_env(daemon, mps if role == "prefill" else 100 - mps) if daemon else {}).items():
+                m.setenv(k, v)  # the engines only: this process (the reference LLM) stays off MPS
             procs[role] = start_engine_server(ckpt, role=role, device="cuda", num_blocks=2048, max_num_seqs=32,
                                               kv_transport=transport, model_name="tiny", kv_dtype=kv_dtype)
     try:
@@ -71,12 +85,12 @@ def test_pd_on_gpu_equals_one_engine(transport, kv_dtype, tiny_ckpt, monkeypatch
         assert f": {transport} transport" in log, log[-2000:]
         assert stats["kv_migrations"] == len(prompts) and stats["kv_migration_fallbacks"] == 0
         gbs = stats["kv_migration_bytes"] / max(stats["kv_migration_seconds"], 1e-9) / 1e9
-        result = {"transport": transport, "kv_dtype": kv_dtype, "gpus": 2 if two else 1, "device": torch.cuda.get_device_name(0),
+        result = {"transport": transport, "kv_dtype": kv_dtype, "mps_split": mps, "gpus": 2 if two else 1, "device": torch.cuda.get_device_name(0),
                   "migrations": stats["kv_migrations"], "bytes": stats["kv_migration_bytes"],
                   "seconds": stats["kv_migration_seconds"], "GB_per_s": gbs, "wall_s": wall}
         print(json.dumps(result))
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"pd_migration_{transport}{'_fp8' if kv_dtype == 'fp8' else ''}.json").write_text(json.dumps(result, indent=1))
+            Path(os.environ["OUT"], f"pd_migration_{transport}{'_fp8' if kv_dtype == 'fp8' else ''}{f'_mps{mps}' if mps else ''}.json").write_text(json.dumps(result, indent=1))
 
         async def idle(addr):
             c = await ZmqEngineClient.connect(addr, timeout=10)

@@ -221,10 +221,8 @@ def test_gpu_flash_mla_provider_mixed_step():
     for n, L in [(1024, 1024), (300, 2500)]:  # SDPA's fused kernel (causal, and bottom-right): the bench's attention
         qb, kb, vb = (_rand(1, x, h, d, seed=26 + i).transpose(1, 2)  # [len, h, d] rows, as mla_prefill passes them
                       for i, (x, d) in enumerate([(n, nope + rope), (L, nope + rope), (L, vd)]))
-        bias = None if n == L else mla_prefill.causal_lower_right(n, L)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            with mla_prefill.sdpa_kernel(mla_prefill.FUSED_BACKENDS):
-                torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, is_causal=bias is None)
+            mla_prefill.causal_sdpa(qb, kb, vb, scale=0.1)
             torch.cuda.synchronize()
         kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         top = max(kernels, key=lambda e: e.self_device_time_total).key

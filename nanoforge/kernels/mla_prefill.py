@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from .context import BatchContext
 
@@ -35,10 +34,11 @@ DEVICES = frozenset({"cuda"})  # device types whose MLA providers split prefill 
 # the CPU interpreter tests of the Triton kernel keep its mixed path)
 EXPAND_MAX_BYTES = 2 << 30  # a sequence whose expanded K/V temporaries would take more stays absorbed
 FUSED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-# on CUDA never the math backend: it would materialize [h, n, L] scores (GiBs at 4k tokens)
-PAD_V_TO_QK = False  # V zero-padded to q/k's width (128 -> 192), so flash attention (dv == dk only) takes it
-# too, at 20% more PV FLOPs; off: cuDNN or the memory-efficient kernel take dv != dk as is. Not yet timed
-# on a GPU: bench/kernels/mla_prefill.py times both against each backend and the absorbed Triton kernel.
+# in this order of preference (cuDNN was fastest in every case timed); on CUDA never the math backend: it would
+# materialize [h, n, L] scores (GiBs at 4k tokens)
+PAD_V_TO_QK = False  # V zero-padded to q/k's width (128 -> 192) so flash attention (dv == dk only) takes it,
+# at 20% more PV FLOPs. Off: cuDNN takes dv != dk as is and is faster (H100, bench/results/mla_prefill/: 4096
+# rows causal 1.20 ms against flash padded 2.69; 1024 rows after a 3072 prefix 0.97 against 1.16)
 
 
 @dataclass
@@ -135,10 +135,18 @@ def expanded_attention(q: torch.Tensor, entry: torch.Tensor, w: torch.Tensor, *,
         v = F.pad(v, (0, dk - vd))
     # [1, h, len, d] views of [len, h, d] rows: the layout the fused kernels read without copies
     qb, kb, vb = (x.contiguous().view(1, x.shape[0], h, x.shape[-1]).transpose(1, 2) for x in (q, k, v))
-    bias = causal_lower_right(n, L) if n != L else None  # a chunk after a cached prefix: bottom-right causal
-    with sdpa_kernel(FUSED_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, is_causal=bias is None, scale=scale)
-    return o[0].transpose(0, 1)[..., :vd]
+    return causal_sdpa(qb, kb, vb, scale)[0].transpose(0, 1)[..., :vd]
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA of q [1, h, n, dk] over k/v [1, h, L, d], causal aligned bottom-right (the n rows are the
+    last n positions). n < L goes in as a dense boolean mask, not torch's CausalBias: with dv != dk the
+    bias would take the memory-efficient kernel, 2x slower than cuDNN with the mask on an H100
+    (bench/kernels/mla_prefill.py, 1024 rows / 4096 context: 0.97 ms against 2.01)."""
+    n, L = q.shape[2], k.shape[2]
+    mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n) if n != L else None
+    with sdpa_kernel(FUSED_BACKENDS, set_priority=True) if q.is_cuda else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 def run_split(q: torch.Tensor, split: StepSplit, absorbed: Callable[[torch.Tensor, BatchContext], torch.Tensor], *,

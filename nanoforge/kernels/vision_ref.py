@@ -78,9 +78,11 @@ def vision_attention(qkv, grid, heads, head_dim, theta, merge, **_):
     lens = [h * w for t, h, w in grid.tolist() for _ in range(t)]
     outs = []
     for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):  # one frame of one image at a time
-        o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                           scale=head_dim ** -0.5)
-        outs.append(o.transpose(0, 1).reshape(-1, heads * head_dim))
+        # 4-D [1, heads, len, dim]: torch's flash and memory-efficient SDPA take only 4-D inputs; 3-D falls
+        # back to the math kernel, which materialises every image's len x len scores (7x slower on an H100)
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                           vs.transpose(0, 1)[None], scale=head_dim ** -0.5)
+        outs.append(o[0].transpose(0, 1).reshape(-1, heads * head_dim))
     return torch.cat(outs)
 
 
