@@ -56,3 +56,30 @@ def test_gpu_greedy_equals_cpu_path_with_and_without_graphs(ckpts, arch):
         assert llm.engine.stats()["images_encoded"] == 3, info  # noise (twice), gradient, other: once each
         del llm
         torch.cuda.empty_cache()
+
+
+def test_gpu_chat_and_openai_server_with_a_base64_image_equal_the_cpu_path(ckpts):
+    """The acceptance's "same on one H100" for the user-facing doors: `LLM.chat` with a PIL image and the
+    OpenAI chat API with a base64 `data:` URL, on a CUDA engine, answer what the CPU path does."""
+    import httpx
+    from nanoforge.serving.inprocess import InProcessClient
+    from nanoforge.serving.openai_api import build_app
+    from test_openai_server import serve
+    from test_qwen3_vl_api import data_url, image_chat
+
+    noise = images()[0]
+    greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    pil = [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": noise},
+                                        {"type": "text", "text": " what is it?"}]}]
+    want = LLM(ckpts["dense"], **ENGINE).chat([pil], SamplingParams(**greedy))[0]
+    llm = LLM(ckpts["dense"], device="cuda", kv_cache_memory=128 << 20, **ENGINE)
+    assert llm.chat([pil], SamplingParams(**greedy))[0].token_ids == want.token_ids
+    client = InProcessClient(llm.engine, "tiny-vl")
+    try:
+        with serve(build_app(client, llm.tokenizer, "tiny-vl")) as url:
+            r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                           json={"model": "tiny-vl", "messages": image_chat(data_url(noise)), **greedy})
+    finally:
+        client.close()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want.text
