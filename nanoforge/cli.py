@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import defaults
 from .errors import NanoForgeError
-from .serving.engine_flags import (add_engine_flags, add_engine_server_flags, add_model_preset_flag, engine_options,
-                                   model_source)
+from .serving.engine_flags import (add_engine_flags, add_engine_server_flags, add_kv_staging_flag, add_model_preset_flag,
+                                   engine_options, model_source, staging_bytes)
 from .tools.bench_migration import add_bench_migration_parser
 from .tools.bench_pd import add_bench_pd_parser
 from .tools.bench_serve import add_bench_serve_parser
@@ -205,7 +205,7 @@ def _serve_engine(a: argparse.Namespace) -> int:
     device = opts.pop("device", None)
     serve_engine(model, a.addr or "tcp://127.0.0.1:5555", model_name=a.served_model_name or name, role=a.role,
                  device=device, kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport,
-                 kv_pull_timeout=a.kv_pull_timeout,
+                 kv_pull_timeout=a.kv_pull_timeout, kv_staging_bytes=staging_bytes(a.kv_staging_mib),
                  registry=a.registry, advertise_addr=a.advertise_addr, registry_scope=a.registry_scope, **opts)
     return 0
 
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a prefill or decode role implies one (default tcp://127.0.0.1:5555)")
     add_layout_flags(s)
     add_engine_server_flags(s)
+    add_kv_staging_flag(s)
     s.set_defaults(run=cmd_serve)
 
     r = sub.add_parser("route", help="OpenAI-compatible HTTP router over engine servers (PD or whole requests)")

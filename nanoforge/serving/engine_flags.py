@@ -22,8 +22,10 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds a prefilled request's KV waits to be pulled before it is freed (default %(default)s)")
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                    help="how a decode engine pulls KV: tcp (host-staged, ZMQ), ipc (same-host CUDA copy), auto, or "
-                        "dlslime (RDMA reads where the host has a NIC, dlslime's TCP mode otherwise; give it to the "
-                        "prefill engine too, which then registers its KV pool for decode engines to read)")
+                        "dlslime (RDMA reads where the host has a NIC, dlslime's TCP mode otherwise, which moves host "
+                        "memory only: a CUDA pool is then host-staged through pinned buffers; give it to the prefill "
+                        "engine too, which then registers its KV pool, or its staging buffer, for decode engines to "
+                        "read)")
     p.add_argument("--kv-pull-timeout", type=float, default=5.0,
                    help="seconds a decode engine waits for a request's KV (plus its bytes at 0.5 GB/s) before it "
                         "recomputes the prompt itself (default %(default)s)")
@@ -31,6 +33,17 @@ def add_engine_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advertise-addr", help="the address routers and decode engines use (default: --addr)")
     p.add_argument("--registry-scope", metavar="NAME", help="with --registry: register in this scope; only routers "
                    "given the same scope see the engine (deployments sharing one Redis stay apart)")
+
+
+def add_kv_staging_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-staging-mib", type=float, metavar="MIB",
+                   help="--kv-transport dlslime in TCP mode with the KV pool on CUDA: pinned host memory a prefill "
+                        "engine stages the requests being pulled through; a pull that does not fit now is recomputed "
+                        "by the decode engine (default: the KV pool's size, at most 1024)")
+
+
+def staging_bytes(mib: float | None) -> int | None:
+    return None if mib is None else int(mib * 2**20)
 
 
 ENGINE_FLAGS = ("dtype", "quantize", "kv_dtype", "index_kv_dtype", "speculative", "num_speculative_tokens", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",

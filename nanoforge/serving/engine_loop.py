@@ -53,6 +53,7 @@ class EngineLoop:
         self.prefill_only: set[str] = set()  # live PD prefill requests, parked at their first token
         self.parked: dict[str, Parked] = {}
         self.parked_lock = threading.Lock()
+        self.on_unpark: Callable[[str], None] | None = None  # a parked request is freed (under parked_lock)
         self.migrating: dict[str, Sequence] = {}
 
     def start(self) -> "EngineLoop":
@@ -80,12 +81,14 @@ class EngineLoop:
         """The migration worker's report: {request_id, ok, num_tokens, bytes, seconds, error, ...}."""
         self.inbox.put(("migrated", result))
 
-    def read_parked(self, request_id: str, first_block: int, with_data: bool = True,
-                    state_data: bool = True) -> tuple[dict, list]:
+    def read_parked(self, request_id: str, first_block: int, with_data: bool = True, state_data: bool = True,
+                    stage: Callable[[str, list[int], int], dict] | None = None) -> tuple[dict, list]:
         """(header, buffers) answering a kv_pull, from the I/O thread: the parked request's blocks
         from first_block on, copied to host bytes unless the puller maps our pool itself (IPC) or
         reads it (dlslime, which reads the state row too: state_data False, the header names it).
-        Holding parked_lock keeps the engine thread from freeing (and reusing) them meanwhile."""
+        `stage(request_id, block_ids, state_slot)`: dlslime's host staging of a CUDA pool, whose
+        answer goes in the header as "staged" (held until on_unpark). Holding parked_lock keeps
+        the engine thread from freeing (and reusing) the blocks meanwhile."""
         with self.parked_lock:
             p = self.parked.get(request_id)
             if p is None:
@@ -105,11 +108,12 @@ class EngineLoop:
             state_bufs = gather_state(store.state, p.seq.state_slot, p.ready) if state_data else []
             state = generator_state(p.seq.generator)
             slot = p.seq.state_slot if store.state else -1
+            staged = {"staged": stage(request_id, ids, slot)} if stage is not None else {}
         nbytes = sum(b.nbytes for b in bufs) if with_data else \
             len(ids) * store.contract.bytes_per_token() * store.contract.block_size  # what the puller copies or reads
         nbytes += sum(b.nbytes for b in state_bufs) if state_data else store.contract.bytes_per_sequence() * (slot >= 0)
         self.counters["kv_served_bytes"] += nbytes
-        extra = {} if state_data else {"state_slot": slot}
+        extra = {**({} if state_data else {"state_slot": slot}), **staged}
         return {"num_tokens": p.num_tokens, "block_size": self.engine.block_size, "first_block": first_block,
                 "block_ids": ids, "nbytes": nbytes, "generator_state": state,
                 "state_frames": len(state_bufs), **extra}, bufs + state_bufs
@@ -225,14 +229,23 @@ class EngineLoop:
         with self.parked_lock:
             p = self.parked.pop(request_id, None)
             if p is not None:
-                self.engine.release_parked(p.seq)
+                self._unpark(request_id, p)
+
+    def _unpark(self, request_id: str, p: Parked) -> None:
+        """Free a parked request's blocks (and what on_unpark holds for it); under parked_lock."""
+        self.engine.release_parked(p.seq)
+        if self.on_unpark is not None:
+            try:
+                self.on_unpark(request_id)
+            except Exception:  # noqa: BLE001 - the blocks are free either way
+                log.exception("request %s: freeing what its KV pull held failed", request_id)
 
     def _expire_parked(self) -> None:
         now = time.monotonic()
         with self.parked_lock:
             gone = [rid for rid, p in self.parked.items() if p.deadline <= now]
             for rid in gone:
-                self.engine.release_parked(self.parked.pop(rid).seq)
+                self._unpark(rid, self.parked.pop(rid))
         for rid in gone:
             log.warning("request %s: parked KV not pulled within %gs; freed", rid, self.kv_park_timeout)
         self.counters["kv_park_expired"] += len(gone)

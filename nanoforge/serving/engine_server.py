@@ -12,7 +12,10 @@ sockets (ZmqEngineClient); each message is one frame, a map with a "type" key:
        multipart reply: the blocks' bytes, host-staged; none for mode "ipc" or "dlslime")
   dlslime (--kv-transport dlslime): a decode engine's hello carries kv_dlslime {kind, id, endpoint?}; the
        reply's kv_dlslime says where it reads this pool's registered regions (or {error}), and a
-       kv_pull of mode "dlslime" names the blocks and the state row ("state_slot") it then reads
+       kv_pull of mode "dlslime" names the blocks and the state row ("state_slot") it then reads; a
+       CUDA pool in dlslime's TCP mode answers with a staging buffer instead, and a kv_pull with
+       staged: true copies the request there first (kv_data's "staged": {offset, length}; held
+       until the request is freed: kv_ack, abort, park timeout)
 Requests that expect a reply may carry an "id"; the reply echoes it. ZMQ sockets are not thread-safe,
 so only the I/O loop (the main thread) touches the ROUTER: the engine thread hands its deltas over
 through a queue and wakes the loop through an inproc PAIR socket of its own. PD: see engine_loop.py
@@ -98,7 +101,9 @@ class EngineServer:
     def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: KVContract, role: str = "both",
                  info: dict[str, Any] | None = None, *, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
                  registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None,
-                 kv_pull_timeout: float = 5.0):
+                 kv_pull_timeout: float = 5.0, kv_staging_bytes: int | None = None):
+        """kv_staging_bytes: host staging of a CUDA pool for dlslime's TCP mode (None: min(1 GiB,
+        the pool's size))."""
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
         if role != "both" and kv_contract.state and pool_device(engine.kv_pool()).type != "cpu":
@@ -110,8 +115,11 @@ class EngineServer:
         if kv_park_timeout <= 0 or kv_pull_timeout <= 0:
             raise NanoForgeError(f"--kv-park-timeout and --kv-pull-timeout must be > 0 seconds; got {kv_park_timeout} "
                                  f"and {kv_pull_timeout}")
-        if kv_transport == "dlslime":  # dlslime imports and can move this pool (CUDA needs an RDMA NIC)
-            check_usable(engine.kv_pool())
+        if kv_staging_bytes is not None and kv_staging_bytes < 0:
+            raise NanoForgeError(f"--kv-staging-mib must be >= 0; got {kv_staging_bytes / 2**20:g}")
+        if kv_transport == "dlslime":  # dlslime imports; how it moves this pool
+            log.info("--kv-transport dlslime: %s", check_usable(engine.kv_pool(), engine.kv_store().state,
+                                                                 kv_staging_bytes))
         self.addr, self.stopping = addr, False
         self.kv_contract = kv_contract
         self.info = {"model_name": model_name, "max_model_len": engine.max_model_len, "kv_contract": kv_contract.to_json(),
@@ -120,6 +128,7 @@ class EngineServer:
         self.publisher = self._publisher(registry, advertise_addr or addr, registry_scope) if registry else None
         self.kv_transport, self.migrator, self.ipc = kv_transport, None, None
         self.kv_pull_timeout, self.dlslime = kv_pull_timeout, None  # dlslime: KVExport, at the first offer
+        self.kv_staging_bytes = kv_staging_bytes
         self.ctx = zmq.Context()
         self.sock = bind_router(self.ctx, addr, "engine server")
         self.wake_rx, self.wake_tx = wake_pair(self.ctx, f"wake-{id(self)}")  # wake_tx: the engine thread's
@@ -127,6 +136,7 @@ class EngineServer:
         self.routes: dict[str, bytes] = {}  # live request id -> the front end that sent it
         self.loop = EngineLoop(engine, self._on_deltas, kv_park_timeout)
         self.loop.migrate = self._migrate
+        self.loop.on_unpark = self._unstage
 
     def _publisher(self, url: str, addr: str, scope: str | None) -> Any:
         from .registry import EngineRecord, RegistryPublisher
@@ -205,7 +215,8 @@ class EngineServer:
                 if self.routes.get(rid) == ident or rid in self.loop.parked:  # a front end aborts only its
                     self.loop.abort(rid)                                       # own requests (or frees a parked KV)
             elif kind in ("stats", "health"):
-                self._reply(ident, {**self.loop.stats(), **self.info, "type": kind, "id": msg.get("id")})
+                staging = self.dlslime.stats() if self.dlslime is not None else {}
+                self._reply(ident, {**self.loop.stats(), **staging, **self.info, "type": kind, "id": msg.get("id")})
             elif kind == "hello":
                 v = msg.get("protocol_version", PROTOCOL_VERSION)
                 if v != PROTOCOL_VERSION:
@@ -237,7 +248,13 @@ class EngineServer:
         if not isinstance(rid, str) or type(first) is not int or first < 0 or mode not in ("tcp", "ipc", "dlslime"):
             raise Malformed("kv_pull needs request_id: a string, first_block: an int >= 0, mode: 'tcp', 'ipc' or "
                             "'dlslime'")
-        header, bufs = self.loop.read_parked(rid, first, with_data=mode == "tcp", state_data=mode != "dlslime")
+        stage = None
+        if mode == "dlslime" and msg.get("staged") is True:  # a CUDA pool, read in dlslime's TCP mode
+            if self.dlslime is None or self.dlslime.staging is None:
+                raise NanoForgeError(f"the prefill engine at {self.addr} stages no KV for dlslime")
+            stage = self.dlslime.stage
+        header, bufs = self.loop.read_parked(rid, first, with_data=mode == "tcp", state_data=mode != "dlslime",
+                                             stage=stage)
         header.update(type="kv_data", id=msg.get("id"), request_id=rid)
         self.sock.send_multipart([ident, pack(header), *bufs], copy=False)
 
@@ -260,11 +277,16 @@ class EngineServer:
         try:
             if self.dlslime is None:
                 eng = self.loop.engine
-                self.dlslime = KVExport(eng.kv_pool(), eng.kv_store().state, dlslime_host(self.addr))
+                self.dlslime = KVExport(eng.kv_pool(), eng.kv_store().state, dlslime_host(self.addr),
+                                        self.kv_staging_bytes)
             return self.dlslime.answer(offer)
         except Exception as e:  # the decode engine fails the requests with it
             log.warning("dlslime offer refused: %s", e)
             return {"error": f"prefill engine at {self.addr}: {e}"}
+
+    def _unstage(self, rid: str) -> None:  # engine thread: a parked request is freed, its staged span too
+        if self.dlslime is not None:
+            self.dlslime.unstage(rid)
 
     def _close(self) -> None:
         """Stop the engine, flush what it produced, fail what is still running, close the sockets."""
@@ -293,7 +315,7 @@ class EngineServer:
 def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: str = "both",
                  device: str | None = None, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
                  registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None,
-                 kv_pull_timeout: float = 5.0, **engine_opts: Any) -> None:
+                 kv_pull_timeout: float = 5.0, kv_staging_bytes: int | None = None, **engine_opts: Any) -> None:
     """Load `model` (plan dir, checkpoint, or a Checkpoint object such as a preset's random
     weights) and serve it at `addr` until shutdown; engine_opts are LLM keyword arguments
     (EngineConfig fields, dtype, block_size). With `registry` (a Redis URL) the engine heartbeats
@@ -328,7 +350,8 @@ def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: 
     info["kv_layout"] = store.layout
     server = EngineServer(llm.engine, addr, name, store.contract, role, info, kv_park_timeout=kv_park_timeout,
                           kv_transport=kv_transport, registry=registry, advertise_addr=advertise_addr,
-                          registry_scope=registry_scope, kv_pull_timeout=kv_pull_timeout)
+                          registry_scope=registry_scope, kv_pull_timeout=kv_pull_timeout,
+                          kv_staging_bytes=kv_staging_bytes)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, server.request_stop)
         signal.signal(signal.SIGINT, server.request_stop)
@@ -424,7 +447,7 @@ def spawn_engine_server(model: str | Path | None, addr: str | None = None, timeo
 
 def main(argv: list[str] | None = None) -> int:
     from .engine_flags import (add_engine_flags, add_engine_server_flags, add_model_preset_flag, engine_options,
-                               model_source)
+                               add_kv_staging_flag, model_source, staging_bytes)
 
     p = argparse.ArgumentParser(prog="python -m nanoforge.serving.engine_server", description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", help="plan dir or checkpoint (or --model-preset)")
@@ -433,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_flags(p)
     p.add_argument("--block-size", type=int, default=None, help="KV block size when compiling a checkpoint")
     add_engine_server_flags(p)
+    add_kv_staging_flag(p)
     p.add_argument("--model-name", default=None, help="name in hello (default: the model path's last part)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -445,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_engine(model, a.addr, model_name=a.model_name or name, role=a.role, device=device,
                      kv_park_timeout=a.kv_park_timeout, kv_transport=a.kv_transport, registry=a.registry,
                      advertise_addr=a.advertise_addr, registry_scope=a.registry_scope,
-                     kv_pull_timeout=a.kv_pull_timeout, **opts)
+                     kv_pull_timeout=a.kv_pull_timeout, kv_staging_bytes=staging_bytes(a.kv_staging_mib), **opts)
     except NanoForgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

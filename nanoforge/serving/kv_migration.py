@@ -13,11 +13,13 @@ other failure (source gone, no reply within `timeout`, an error reply) is report
 the engine recomputes the prompt itself. Transports differ only in how kv_data lands in the pool:
 host-staged bytes (tcp), a device copy from the source pool mapped by CUDA IPC (ipc, same host), or
 reads of the source pool's dlslime regions (dlslime: RDMA, or dlslime's TCP mode; the offer and
-the answer ride in the hello, runtime/kv_dlslime.py). A dlslime read that fails or passes the
-deadline breaks its reader: that request is recomputed and the next one says hello anew (on a new
-socket; the old one stays until its pulls in flight are answered). Sharded engines on either
-side move KV in the one-rank layout (runtime/kv_shards.py), so prefill and decode layouts differ
-freely (tcp only); contracts are compared in that layout and a mismatch names both layouts.
+the answer ride in the hello, runtime/kv_dlslime.py; a CUDA pool in TCP mode is host-staged, and
+its kv_pull says `staged`: the source copies the request into its staging buffer). A dlslime read
+that fails or passes the deadline breaks its reader: that request is recomputed and the next one
+says hello anew (on a new socket; the old one stays until its pulls in flight are answered).
+Sharded engines on either side move KV in the one-rank layout (runtime/kv_shards.py), so prefill
+and decode layouts differ freely (tcp only); contracts are compared in that layout and a mismatch
+names both layouts.
 Hybrid models' per-sequence state row travels as bytes in the same kv_data message, written into
 the row the job names (`state_slot`)."""
 from __future__ import annotations
@@ -98,12 +100,17 @@ class DlslimeReads:
     def broken(self) -> bool:
         return self.reader.broken is not None
 
+    @property
+    def staged(self) -> bool:
+        """The source stages its pool: each kv_pull asks it to copy the request out first."""
+        return self.reader.remote_stage is not None
+
     def receive(self, header: dict[str, Any], frames: list[Any], dst_ids: list[int], replica: int = 0, *,
                 deadline: float = math.inf, state_slot: int = -1) -> int:
         src_slot = header.get("state_slot", -1)
         if not isinstance(header.get("block_ids"), list) or type(src_slot) is not int:
             raise NanoForgeError("kv_data for a dlslime pull needs block_ids: a list and state_slot: an int")
-        return self.reader.read(header["block_ids"], dst_ids, src_slot, state_slot, deadline)
+        return self.reader.read(header["block_ids"], dst_ids, src_slot, state_slot, deadline, header.get("staged"))
 
 
 def choose_transport(kind: str, pool: Pool, hello: dict[str, Any], addr: str,
@@ -279,8 +286,10 @@ class MigrationWorker:
         mid = next(self._ids)
         self.inflight[mid] = (peer, job)
         job["t_pull"] = time.monotonic()
+        staged = {"staged": True} if getattr(peer.transport, "staged", False) else {}
         peer.sock.send(pack({"type": "kv_pull", "id": mid, "request_id": job["source_request_id"],
-                             "first_block": job["first_block"], "mode": peer.transport.mode}))  # type: ignore[union-attr]
+                             "first_block": job["first_block"], "mode": peer.transport.mode,  # type: ignore[union-attr]
+                             **staged}))
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
         msg = unpack(frames[0].bytes)

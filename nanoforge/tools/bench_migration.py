@@ -8,7 +8,8 @@ bytes and its seconds from kv_pull sent to the blocks written (the prefill side'
 transfer, the scatter). Transports: `tcp` (host-staged bytes over ZMQ on tcp://127.0.0.1), `unix`
 (the same bytes over a ZMQ ipc:// unix socket), `ipc` (CUDA IPC device copy; --device cuda only),
 `dlslime` (the decode engine reads the prefill pool's registered regions: RDMA where the host has a
-NIC, dlslime's TCP mode on 127.0.0.1 otherwise, host memory only).
+NIC, dlslime's TCP mode on 127.0.0.1 otherwise, which moves host memory only: a CUDA pool is then
+host-staged, device to pinned host memory, the read, host to device).
 Each pull records the 1-minute load average: on a shared machine other processes only slow pulls
 down, so the best pull (also reported) is the least disturbed one, the median the typical one.
 """
@@ -119,7 +120,8 @@ def add_bench_migration_parser(bsub: Any) -> None:
     add_engine_bench_flags(p)
     p.add_argument("--transport", nargs="+", choices=list(TRANSPORTS), metavar="T",
                    help="tcp (ZMQ over TCP), unix (ZMQ over a unix socket), ipc (CUDA IPC; --device cuda), "
-                        "dlslime (RDMA or dlslime's TCP mode); default: tcp unix on CPU, tcp ipc on CUDA")
+                        "dlslime (RDMA, or dlslime's TCP mode: host-staged on CUDA); default: tcp unix on CPU, tcp ipc "
+                        "on CUDA")
     p.add_argument("--prompt-len", type=int, default=4096, help="tokens per prompt (default %(default)s)")
     p.add_argument("--num-prompts", type=int, default=3, help="migrations per transport (default %(default)s)")
     p.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
