@@ -58,27 +58,40 @@ def test_gpu_greedy_equals_cpu_path_with_and_without_graphs(ckpts, arch):
         torch.cuda.empty_cache()
 
 
-def test_gpu_chat_and_openai_server_with_a_base64_image_equal_the_cpu_path(ckpts):
-    """The acceptance's "same on one H100" for the user-facing doors: `LLM.chat` with a PIL image and the
-    OpenAI chat API with a base64 `data:` URL, on a CUDA engine, answer what the CPU path does."""
+
+def _chat_case(ckpts):
+    noise = images()[0]
+    pil = [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": noise},
+                                        {"type": "text", "text": " what is it?"}]}]
+    want = LLM(ckpts["dense"], **ENGINE).chat([pil], SamplingParams(**CHAT_GREEDY))[0]
+    return noise, pil, want, LLM(ckpts["dense"], device="cuda", kv_cache_memory=128 << 20, **ENGINE)
+
+
+CHAT_GREEDY = dict(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def test_gpu_llm_chat_with_a_pil_image_equals_the_cpu_path(ckpts):
+    """The acceptance's "same on one H100" for `LLM.chat` with a PIL image part."""
+    _, pil, want, llm = _chat_case(ckpts)
+    assert llm.chat([pil], SamplingParams(**CHAT_GREEDY))[0].token_ids == want.token_ids
+
+
+def test_gpu_openai_server_with_a_base64_image_equals_the_cpu_path(ckpts):
+    """The same for the OpenAI chat API with a base64 `data:` URL, on a CUDA engine (fastapi and uvicorn
+    travel in .whl/ to the GPU machine: docs/gpu.md)."""
+    pytest.importorskip("fastapi")
     import httpx
     from nanoforge.serving.inprocess import InProcessClient
     from nanoforge.serving.openai_api import build_app
     from test_openai_server import serve
     from test_qwen3_vl_api import data_url, image_chat
 
-    noise = images()[0]
-    greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
-    pil = [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": noise},
-                                        {"type": "text", "text": " what is it?"}]}]
-    want = LLM(ckpts["dense"], **ENGINE).chat([pil], SamplingParams(**greedy))[0]
-    llm = LLM(ckpts["dense"], device="cuda", kv_cache_memory=128 << 20, **ENGINE)
-    assert llm.chat([pil], SamplingParams(**greedy))[0].token_ids == want.token_ids
+    noise, _, want, llm = _chat_case(ckpts)
     client = InProcessClient(llm.engine, "tiny-vl")
     try:
         with serve(build_app(client, llm.tokenizer, "tiny-vl")) as url:
             r = httpx.post(url + "/v1/chat/completions", timeout=120,
-                           json={"model": "tiny-vl", "messages": image_chat(data_url(noise)), **greedy})
+                           json={"model": "tiny-vl", "messages": image_chat(data_url(noise)), **CHAT_GREEDY})
     finally:
         client.close()
     assert r.status_code == 200, r.text
