@@ -32,7 +32,8 @@ def test_encoder_smoke_matches_hf(tmp_path):
     assert [(row["image_side"], row["batch"]) for row in rows] == list(vision.SMOKE_SHAPES)
     for row in rows:
         assert set(row["max_rel_diff"]) == {"merged", "deepstack_0", "deepstack_1"}
-        assert 0 < row["max_rel_diff_worst"] < 1e-4  # f32: ours and HF's tower agree, and they were compared
+        assert 0 <= row["max_rel_diff_worst"] < 1e-4  # f32: ours and HF's tower agree (both on SDPA's flash kernel,
+        # bit-equal here; the keys above say each output was compared)
         assert row["tokens_per_image"] == row["patches_per_image"] // 4
         for k in ("ours", "ours_per_image", "hf"):
             assert row[f"{k}_images_per_s"] == pytest.approx(row["batch"] / (row[f"{k}_ms"] / 1e3))
