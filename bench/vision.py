@@ -119,7 +119,7 @@ def bench_encoder(preset: str, shapes: tuple, device: torch.device, dtype: str, 
     rows = []
     for side, batch in shapes:
         n = (side // p) ** 2  # patches per image
-        grid = torch.tensor([[1, side // p, side // p]] * batch, device=device)
+        grid = torch.tensor([[1, side // p, side // p]] * batch)  # host, as the runtime passes it (HF's on the device)
         pixels = (2 * torch.rand(batch * n, width, generator=g) - 1).to(device, tdtype)  # normalised pixels
         images = [ImageInput(pixels[i * n:(i + 1) * n], (1, side // p, side // p), f"bench-{side}-{i}", n // m ** 2)
                   for i in range(batch)]
@@ -132,7 +132,7 @@ def bench_encoder(preset: str, shapes: tuple, device: torch.device, dtype: str, 
         def batched(pixels: torch.Tensor = pixels, grid: torch.Tensor = grid) -> Any:
             return ours.fn(ours.params, None, pixels, grid)
 
-        def reference(pixels: torch.Tensor = pixels, grid: torch.Tensor = grid) -> Any:
+        def reference(pixels: torch.Tensor = pixels, grid: torch.Tensor = grid.to(device)) -> Any:
             return hf(pixels, grid)
 
         with torch.inference_mode():

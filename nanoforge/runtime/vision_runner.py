@@ -90,7 +90,8 @@ class VisionEncoder:
         if hit is not None:
             self.cache.move_to_end(image.hash)
             return hit
-        grid = torch.tensor([image.grid], dtype=torch.long, device=self.device)
+        grid = torch.tensor([image.grid], dtype=torch.long)  # on the host: the ops read it with tolist(), which on
+        # a CUDA tensor would sync twice a block (vision_ref.py) and keep the host from queueing ahead
         with torch.inference_mode():
             out = self.fn(self.params, None, image.pixels.to(self.device, self.dtype), grid)
         out = out if isinstance(out, tuple) else (out,)
