@@ -188,3 +188,24 @@ def test_bad_images_are_named(vl):
         llm.engine.add_request(ids, SamplingParams(max_tokens=2), images=list(images()[:2]))
     with pytest.raises(NanoForgeError, match="no such file"):
         llm.engine.add_request(ids, SamplingParams(max_tokens=2), images=["/nonexistent.png"])
+
+
+def test_vision_rope_tables_are_built_once_a_forward(monkeypatch):
+    """Every block of a forward reads the same grid tensor: the 2-D rotary tables are built for the first
+    and reused by the rest (same output as building them anew), and a new grid (a new forward) rebuilds."""
+    from nanoforge.kernels import vision_ref
+
+    calls = []
+    real = vision_ref._merge_order
+    monkeypatch.setattr(vision_ref, "_merge_order", lambda *a: calls.append(a) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    grid = torch.tensor([[1, 4, 6], [2, 2, 2]])
+    qkv = torch.randn(4 * 6 + 2 * 2 * 2, 3 * 2 * 8, generator=g)
+    first = vision_ref.vision_attention(qkv, grid, heads=2, head_dim=8, theta=10000.0, merge=2)
+    assert len(calls) == 2  # one per image
+    again = vision_ref.vision_attention(qkv, grid, heads=2, head_dim=8, theta=10000.0, merge=2)
+    assert len(calls) == 2 and torch.equal(first, again)
+    fresh = vision_ref.vision_attention(qkv, grid.clone(), heads=2, head_dim=8, theta=10000.0, merge=2)
+    assert len(calls) == 4 and torch.equal(first, fresh)
+    other = vision_ref.vision_attention(qkv, grid, heads=2, head_dim=8, theta=500.0, merge=2)
+    assert len(calls) == 6 and not torch.allclose(first, other)  # another theta: its own tables

@@ -62,20 +62,34 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+ROPE_TABLES = "_nanoforge_vision_rope"  # attribute of a forward's grid tensor: its 2-D rotary tables
+
+
+def _rope_tables(grid: torch.Tensor, head_dim: int, theta: float, merge: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(cos, sin [P, 1, head_dim], patches per frame) of the images in `grid`, built once a forward: every
+    block reads the same grid tensor, so the tables hang on it (a new forward brings a new grid). Built in
+    each block they cost ~10 small kernels per image per block, most of a 448x448 batch's launches."""
+    cache = grid.__dict__.setdefault(ROPE_TABLES, {})
+    key = (head_dim, theta, merge, str(device))
+    if key not in cache:
+        half, dims = head_dim // 2, grid.tolist()
+        inv = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float, device=device) / half))
+        pos = torch.cat([torch.stack(_merge_order(h, w, merge, device), -1).repeat(t, 1) for t, h, w in dims])
+        freqs = pos.float()[:, :, None] * inv  # [P, 2 (row, col), head_dim / 4]
+        emb = torch.cat([freqs[:, 0], freqs[:, 1]], -1)
+        emb = torch.cat([emb, emb], -1)[:, None, :]
+        cache[key] = (emb.cos(), emb.sin(), [h * w for t, h, w in dims for _ in range(t)])
+    return cache[key]
+
+
 def vision_attention(qkv, grid, heads, head_dim, theta, merge, **_):
     n = qkv.shape[0]
     q, k, v = qkv.view(n, 3, heads, head_dim).unbind(1)
-    half = head_dim // 2
-    inv = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float, device=qkv.device) / half))
-    pos = torch.cat([torch.stack(_merge_order(h, w, merge, qkv.device), -1).repeat(t, 1) for t, h, w in grid.tolist()])
-    freqs = pos.float()[:, :, None] * inv  # [P, 2 (row, col), head_dim / 4]
-    emb = torch.cat([freqs[:, 0], freqs[:, 1]], -1)
-    emb = torch.cat([emb, emb], -1)[:, None, :]
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin, lens = _rope_tables(grid, head_dim, theta, merge, qkv.device)
     qf, kf = q.float(), k.float()
     q = (qf * cos + _rotate_half(qf) * sin).to(qkv.dtype)
     k = (kf * cos + _rotate_half(kf) * sin).to(qkv.dtype)
-    lens = [h * w for t, h, w in grid.tolist() for _ in range(t)]
     outs = []
     for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):  # one frame of one image at a time
         # 4-D [1, heads, len, dim]: torch's flash and memory-efficient SDPA take only 4-D inputs; 3-D falls
