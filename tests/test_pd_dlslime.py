@@ -107,6 +107,11 @@ def test_staged_pd_over_dlslime_gives_one_engines_greedy_tokens_and_frees_every_
     p = test_pd._wait_idle(pd.staged_prefill)
     assert p["kv_staged"] == 32 and p["kv_staging_held"] == 0 and p["kv_staging_full"] == 0
     assert p["kv_staging_bytes"] == 256 * 61440  # the pool's size, under 1 GiB
+    from nanoforge.serving.metrics import ServerMetrics
+    text = ServerMetrics("tiny").render(p)  # /metrics shows them
+    for name, value in (("kv_staged_total", 32), ("kv_staging_full_total", 0), ("kv_staging_held", 0),
+                        ("kv_staging_bytes", 256 * 61440)):
+        assert f'nanoforge_{name}{{model_name="tiny"}} {value}' in text.splitlines(), name
     for role in ("staged_prefill", "staged_decode"):
         assert "host-staged in dlslime's TCP mode" in Path(pd.procs[role][0].log_path).read_text()
 

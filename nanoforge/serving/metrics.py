@@ -106,7 +106,9 @@ class ServerMetrics:
                   "kv_migration_seconds": "Seconds decode engines spent pulling KV.",
                   "kv_migration_fallbacks": "Pulls that failed or did not fit, so the prompt was recomputed.",
                   "kv_served_bytes": "Bytes of KV prefill engines sent to decode engines.",
-                  "kv_park_expired": "Prefilled KV freed because no decode engine pulled it in time."}
+                  "kv_park_expired": "Prefilled KV freed because no decode engine pulled it in time.",
+                  "kv_staged": "Requests a prefill engine copied into its dlslime host staging for a pull.",
+                  "kv_staging_full": "dlslime pulls refused for want of host staging room (then recomputed)."}
             spec = {"spec_drafts_proposed": "Speculative draft tokens proposed.",
                     "spec_drafts_accepted": "Speculative draft tokens the target accepted.",
                     "spec_verify_rows": "Sequence-steps that verified drafts.",
@@ -122,6 +124,10 @@ class ServerMetrics:
             if "kv_parked" in stats:
                 metric("kv_parked", "gauge", "Prefilled requests whose KV waits to be pulled.",
                        [f"{m}_kv_parked{{{model}}} {_num(stats['kv_parked'])}"])
+            for key, help_ in (("kv_staging_held", "Requests holding a span of the dlslime host staging now."),
+                               ("kv_staging_bytes", "Bytes of dlslime host staging (--kv-staging-mib).")):
+                if key in stats:
+                    metric(key, "gauge", help_, [f"{m}_{key}{{{model}}} {_num(stats[key])}"])
             engines = stats.get("engines") or []  # a router: one series per engine
             for key, help_ in (("up", "Engine answered the last stats call (1) or not (0)."),
                                ("in_flight", "Requests the router has outstanding on the engine."),

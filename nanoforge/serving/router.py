@@ -32,7 +32,7 @@ SUM_KEYS = ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_free", "
             "prefix_cache_hits", "prompt_tokens", "generated_tokens", "steps", "preemptions", "requests", "finished",
             "aborted", "rejected", "errors", "kv_migrations", "kv_migration_bytes", "kv_migration_seconds",
             "kv_migration_fallbacks", "kv_parked", "kv_served_bytes", "kv_park_expired", "images_encoded",
-            "image_cache_hits")
+            "image_cache_hits", "kv_staged", "kv_staging_full", "kv_staging_held", "kv_staging_bytes")
 PER_ENGINE_KEYS = ("kv_usage", "num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total", "kv_parked",
                    "kv_migrations", "kv_migration_bytes")
 
