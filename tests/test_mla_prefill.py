@@ -92,6 +92,12 @@ def test_split_step_rows_and_absorbed_batch(on_cpu):
     assert torch.equal(sub.block_tables, ctx.block_tables[kept]) and (sub.max_query_len, sub.max_context_len) == (3, 15)
     assert sub.block_tables.dtype == sub.query_start.dtype == sub.context_lens.dtype == torch.int32
     assert mla_prefill.split_step(ctx, q, DIMS, absorbed_max_q=8) is split  # planned once per step
+    masks = dict(split.masks)  # the bottom-right masks of the chunks after a prefix, built by this first layer
+    assert set(masks) == {(n, L) for i, (n, L) in enumerate(SPEC) if i in EXPANDED and n != L}
+    h, nope, vd = DIMS["heads"], DIMS["qk_nope_head_dim"], DIMS["v_head_dim"]
+    again = mla_prefill.run_split(q, split, lambda q_rows, sub: out[split.absorbed_rows], w=w.view(h, nope + vd, R),
+                                  cache=ctx.kv[0][0], kv_scale=None, scale=0.2, nope=nope)
+    assert torch.equal(again, out) and all(split.masks[key] is m for key, m in masks.items())  # a later layer
 
 
 @pytest.mark.parametrize("fp8_pool", [False, True], ids=["bf16", "fp8-pool"])

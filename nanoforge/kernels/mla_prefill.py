@@ -21,7 +21,7 @@ so graph capture and replay are as before. The split is planned once per step (c
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -49,6 +49,8 @@ class StepSplit:
     expanded: list[tuple[int, int, torch.Tensor]]
     absorbed_rows: torch.Tensor | None = None
     absorbed_ctx: BatchContext | None = None
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (rows, context) -> causal_sdpa's
+    # mask, built by the step's first layer and read by the others
 
 
 def expanded_bytes_per_token(a: dict, itemsize: int) -> int:
@@ -121,7 +123,7 @@ def read_entries(cache: torch.Tensor, scale: torch.Tensor | None, slots: torch.T
 
 
 def expanded_attention(q: torch.Tensor, entry: torch.Tensor, w: torch.Tensor, *, scale: float,
-                       nope: int) -> torch.Tensor:
+                       nope: int, masks: dict | None = None) -> torch.Tensor:
     """Causal MLA of one sequence in the expanded form: q [n, h, nope + rope] are positions L - n ..
     L - 1; entry [L, r + rope] its context's [latent | k_rope] in q's dtype; w = kv_b_proj viewed
     [h, nope + vd, r] in q's dtype. Returns [n, h, vd]. Plain torch (any device)."""
@@ -135,16 +137,22 @@ def expanded_attention(q: torch.Tensor, entry: torch.Tensor, w: torch.Tensor, *,
         v = F.pad(v, (0, dk - vd))
     # [1, h, len, d] views of [len, h, d] rows: the layout the fused kernels read without copies
     qb, kb, vb = (x.contiguous().view(1, x.shape[0], h, x.shape[-1]).transpose(1, 2) for x in (q, k, v))
-    return causal_sdpa(qb, kb, vb, scale)[0].transpose(0, 1)[..., :vd]
+    return causal_sdpa(qb, kb, vb, scale, masks)[0].transpose(0, 1)[..., :vd]
 
 
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                masks: dict | None = None) -> torch.Tensor:
     """SDPA of q [1, h, n, dk] over k/v [1, h, L, d], causal aligned bottom-right (the n rows are the
     last n positions). n < L goes in as a dense boolean mask, not torch's CausalBias: with dv != dk the
     bias would take the memory-efficient kernel, 2x slower than cuDNN with the mask on an H100
-    (bench/kernels/mla_prefill.py, 1024 rows / 4096 context: 0.97 ms against 2.01)."""
+    (bench/kernels/mla_prefill.py, 1024 rows / 4096 context: 0.97 ms against 2.01). `masks` keeps
+    the masks built for reuse (a step's layers share them: StepSplit.masks)."""
     n, L = q.shape[2], k.shape[2]
-    mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n) if n != L else None
+    mask = None if n == L else (masks or {}).get((n, L))
+    if n != L and mask is None:
+        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)
+        if masks is not None:
+            masks[(n, L)] = mask
     with sdpa_kernel(FUSED_BACKENDS, set_priority=True) if q.is_cuda else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
@@ -164,5 +172,6 @@ def run_split(q: torch.Tensor, split: StepSplit, absorbed: Callable[[torch.Tenso
         out.index_copy_(0, rows, absorbed(q.index_select(0, rows), split.absorbed_ctx).view(-1, h, vd))
     for start, n, slots in split.expanded:
         entry = read_entries(cache, kv_scale, slots, q.dtype)
-        out[start:start + n] = expanded_attention(qh[start:start + n], entry, w, scale=scale, nope=nope)
+        out[start:start + n] = expanded_attention(qh[start:start + n], entry, w, scale=scale, nope=nope,
+                                                  masks=split.masks)
     return out.view(T, h * vd)
