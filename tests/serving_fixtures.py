@@ -25,6 +25,26 @@ def engine_stats(addr: str) -> dict:
 
 
 @contextmanager
+def serve(app):
+    """uvicorn serving `app` on a free 127.0.0.1 port in a daemon thread; yields the base URL."""
+    import uvicorn  # here: the GPU machines run some of these tests without the HTTP client stack
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextmanager
 def http_router(make_app: Callable[[Router], object], **router_kw):
     """uvicorn on a free port in a thread whose event loop also owns the Router's sockets; yields the
     base URL. `make_app(router)` builds the app (build_app with the test's own options)."""

@@ -83,7 +83,7 @@ def test_gpu_openai_server_with_a_base64_image_equals_the_cpu_path(ckpts):
     import httpx
     from nanoforge.serving.inprocess import InProcessClient
     from nanoforge.serving.openai_api import build_app
-    from test_openai_server import serve
+    from serving_fixtures import serve
     from test_qwen3_vl_api import data_url, image_chat
 
     noise, _, want, llm = _chat_case(ckpts)

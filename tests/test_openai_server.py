@@ -10,17 +10,13 @@ import json
 from pathlib import Path
 import random
 import re
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from nanoforge import LLM, SamplingParams
 from nanoforge.serving.inprocess import InProcessClient
@@ -28,27 +24,11 @@ from nanoforge.serving.openai_api import build_app
 from nanoforge.serving.openai_output import Detokenizer
 from nanoforge.serving.protocol import TokenDelta
 from nanoforge.serving.tool_parser import ToolCallFilter, parse_tool_calls
+from serving_fixtures import serve
 
 MODEL, KEY = "tiny-qwen3", "sk-test"
 ENGINE = dict(progress=False, num_blocks=256, max_model_len=256)
 CHAT = [{"role": "user", "content": "Hello, how are you today?"}]
-
-
-@contextmanager
-def serve(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from nanoforge.serving.engine_server import start_engine_server, wait_engine_rea
 from nanoforge.serving.openai_api import build_app  # noqa: E402
 from nanoforge.serving.protocol import GenerateRequest  # noqa: E402
 from nanoforge.serving.zmq_client import ZmqEngineClient  # noqa: E402
-from test_openai_server import serve  # noqa: E402
+from serving_fixtures import serve  # noqa: E402
 from test_qwen3_vl import images, make_tiny_vl  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,7 +12,8 @@ import pytest
 from nanoforge import LLM
 from nanoforge.serving.inprocess import InProcessClient
 from nanoforge.serving.openai_api import build_app
-from test_openai_server import ENGINE, MODEL, serve
+from serving_fixtures import serve
+from test_openai_server import ENGINE, MODEL
 
 
 @pytest.fixture(scope="module")
