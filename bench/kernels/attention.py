@@ -21,7 +21,7 @@ A = importlib.import_module("nanoforge.kernels.triton.attention")  # the module 
 def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
                        block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, mla_rank: int = 0,
                        num_splits: int | None = None, graph: bool = True, time_eager: bool = True,
-                       seed: int = 0, kv_dtype: str = "bf16") -> dict:
+                       seed: int = 0, kv_dtype: str = "bf16", min_ctx: int | None = None) -> dict:
     """Time the decode path (q_len 1 per sequence, every sequence at ctx_len) with
     triton.testing.do_bench (median; it flushes L2 before each run) on random data in shuffled pages
     (batch 32 x 4k x 8 heads x 128 = 268 MB of K+V, far over the 50 MB L2). With graph=True (the
@@ -54,9 +54,13 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     else:
         v_cache, v_scale = cache(), scales()
         kv_bytes = 2 * batch * ctx_len * per_pos
+    lens = torch.full((batch,), ctx_len, dtype=torch.int32)
+    if min_ctx is not None:
+        lens = torch.randint(min_ctx, ctx_len + 1, (batch,), generator=g, dtype=torch.int32)
+        kv_bytes = kv_bytes * int(lens.sum()) // (batch * ctx_len)
     perm = torch.randperm(nb - 1, generator=g)[: batch * nbps] + 1
     block_tables = perm.view(batch, nbps).to(torch.int32).to(dev)
-    context_lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=dev)
+    context_lens = lens.to(dev)
     query_start = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     q = torch.randn(batch, heads, head_dim, dtype=dtype, device=dev)
     out = q.new_empty(batch, heads, v_cache.shape[-1])
@@ -183,6 +187,38 @@ def tune_fp8_decode(out_json: str | None = None, budget_s: float = 300.0) -> lis
                     print(f"  fp8 block {block_size} cfg {cfg} S {r['num_splits']}: {r['ms'] * 1e3:.1f} us, "
                           f"{base['ms'] / r['ms']:.2f}x bf16, {r['tb_s']:.2f} TB/s", flush=True)
                 A._DECODE_CFG_OVERRIDE = None
+    if out_json:
+        import json
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def tune_short_decode(out_json: str | None = None) -> list[dict]:
+    """Decode tiles at the offline workload's contexts (ragged, up to 2k; batch 64 / 128 / 256, Qwen3-0.6B
+    and Qwen3-8B heads): the default (BLOCK_N 128, 4 warps, 2 stages) was tuned at 4k, where a program
+    runs 32 tiles; at 512 it runs 4, so its pipeline's fill and drain weigh more (bench/gpu_check.sh
+    decode_tune)."""
+    rows = []
+    cfgs = [None, (64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (32, 4, 4), (128, 4, 3), (128, 8, 2), (64, 8, 3),
+            (32, 2, 4), (64, 2, 3)]
+    shapes = [(256, 512, None), (256, 2048, 128), (128, 1024, 128), (64, 2048, 512), (256, 4096, 2048)]
+    for heads in (16, 32):
+        for batch, ctx, lo in shapes:
+            base = None
+            line = []
+            for cfg in cfgs:
+                A._DECODE_CFG_OVERRIDE = cfg
+                try:
+                    r = bench_paged_decode(batch, ctx, heads, min_ctx=lo, time_eager=False)
+                except Exception as e:  # noqa: BLE001 - a config the compiler refuses (shared memory)
+                    line.append(f"{cfg} fail {str(e)[:30]}")
+                    continue
+                base = base or r["ms"]
+                rows.append({"cfg": cfg or "default", **r, "speedup_vs_default": base / r["ms"]})
+                line.append(f"{cfg or 'default'} {r['ms'] * 1e3:.1f}us {r['tb_s']:.2f}")
+            A._DECODE_CFG_OVERRIDE = None
+            print(f"decode tune heads {heads} batch {batch} ctx {lo or ctx}..{ctx}: " + " | ".join(line), flush=True)
     if out_json:
         import json
         with open(out_json, "w") as f:

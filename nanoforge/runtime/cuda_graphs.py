@@ -19,6 +19,13 @@ from .scheduler import ScheduledBatch
 log = logging.getLogger("nanoforge.graphs")
 
 
+def _upload(dst: torch.Tensor, src: np.ndarray) -> None:
+    """Host array -> static graph input without waiting on the stream: through pinned memory (a
+    copy from pageable memory may wait for the work already queued, i.e. the step in flight).
+    torch's pinned allocator keeps the block until the copy has run."""
+    dst.copy_(torch.from_numpy(src).pin_memory(), non_blocking=True)
+
+
 class DecodeGraphs:
     """`q_per_seq` > 1: speculative verify steps, every sequence with its token and q_per_seq - 1
     drafts (rows for all of them come back). `hidden` (width, dtype): the function also reads a
@@ -136,18 +143,18 @@ class DecodeGraphs:
         if shift is not None:
             positions[:b * q] += np.repeat(shift, q)
         slots[:b * q] = tables[np.repeat(np.arange(b), q), rows // bs].astype(np.int64) * bs + rows % bs
-        self.tokens[:size * q].copy_(torch.from_numpy(host_tokens), non_blocking=True)
+        _upload(self.tokens[:size * q], host_tokens)
         if device_tokens is not None:
             self.tokens[:b].copy_(device_tokens)
-        self.positions[:size * q].copy_(torch.from_numpy(positions), non_blocking=True)
-        self.slots[:size * q].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.context_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
-        self.block_tables[:size, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        _upload(self.positions[:size * q], positions)
+        _upload(self.slots[:size * q], slots)
+        _upload(self.context_lens[:size], lens)
+        _upload(self.block_tables[:size, :width], tables)
         if self.state_slots is not None:
             assert state_slots is not None and len(state_slots) == b, "a state row per sequence"
             rows_of = np.full(size, -1, np.int64)  # padding rows: no state row
             rows_of[:b] = state_slots
-            self.state_slots[:size].copy_(torch.from_numpy(rows_of), non_blocking=True)
+            _upload(self.state_slots[:size], rows_of)
         graph, out = self.graphs[size]
         for hook in getattr(self.comm, "replay_hooks", ()):  # e.g. DeepEP's switch to low-latency mode
             hook()

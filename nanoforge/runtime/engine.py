@@ -33,6 +33,17 @@ class _InFlight:
     seqs: list[Sequence]  # rows of the launched step
     tokens: torch.Tensor  # their sampled tokens, on the device
     start: float
+    host: torch.Tensor | None = None  # CUDA: a pinned copy of `tokens`, complete once `ready` has fired
+    ready: "torch.cuda.Event | None" = None
+
+    def token_list(self) -> list[int]:
+        """The sampled tokens on the host. On CUDA this waits for this step only: `tokens.tolist()`
+        would also wait for the step already queued behind it, leaving the GPU idle while the host
+        then prepares the next launch (about 1 ms a step at batch 256)."""
+        if self.ready is None:
+            return self.tokens.tolist()
+        self.ready.synchronize()
+        return self.host.tolist()  # type: ignore[union-attr]
 
 
 class Engine:
@@ -365,10 +376,16 @@ class Engine:
             seq.num_computed += 1  # committed at resolve, once the input token is in token_ids
         tokens = sample_plain_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
         assert tokens is not None, "_can_defer admitted a batch sample_plain_device cannot serve"
-        return _InFlight(seqs, tokens, time.perf_counter())
+        if not tokens.is_cuda:
+            return _InFlight(seqs, tokens, time.perf_counter())
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(seqs, tokens, time.perf_counter(), host, ready)
 
     def _resolve(self, p: "_InFlight") -> list[Sequence]:
-        tokens = p.tokens.tolist()  # waits for that step (the next one is already queued)
+        tokens = p.token_list()  # waits for that step (the next one is already queued)
         commit, out = self.blocks.commit, []
         for seq, token in zip(p.seqs, tokens):
             if seq.status is not Status.RUNNING:  # finished by the previous token, or aborted
