@@ -12,6 +12,7 @@
 #                      [fp8_moe_small]  (the same experts at T 1..64: Triton small-batch FP8 kernels vs DeepGEMM
 #                                  masked, tile sweep; 12 GB, < 1 min -> $OUT/fp8_moe_small.json)
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
+#                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
@@ -71,6 +72,11 @@ for s in $STAGES; do
              --profile --out "$OUT" ;;
     offline) run offline python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b \
                --hf-num-prompts 16 --hf-batch-size 16 --results-dir "$OUT" ;;
+    offline_chunks)  # the reference workload and its fixed-128-output variant, 4096 vs 8192 tokens a step, no HF
+      run offline_chunks bash -c 'for n in 4096 8192; do for o in "100 1024" "128 128"; do set -- $o
+        python3 -m nanoforge.cli bench offline --device cuda --model qwen3-0.6b --hf-num-prompts 0 \
+          --max-num-batched-tokens $n --min-output $1 --max-output $2 --results-dir "$0" 2>&1 \
+          | grep -E "output tok/s|roofline" | sed "s/^/offline tokens $n out $1..$2: /"; done; done' "$OUT" ;;
     elementwise) run elementwise python3 -c "import json; from bench.kernels.elementwise import bench_elementwise as b; print(json.dumps(b(), indent=1))" ;;
     moe) run moe python3 -c "import json; import importlib; b = importlib.import_module('bench.kernels.moe').bench_moe; print(json.dumps([b(t, 128, 8, 2048, 768) for t in (1, 64, 2048)], indent=1))" ;;
     sampling) run sampling python3 -c "import json; from bench.kernels.sampling import bench_sampling as b; print(json.dumps([b(n) for n in (1, 64, 256)], indent=1))" ;;
@@ -227,6 +233,7 @@ for f in "$OUT"/pytest-*.log; do [ -e "$f" ] && printf '%-40s %s\n' "$(basename 
 grep -hE "TB/s" "$OUT/attention.log" 2>/dev/null | tail -8
 grep -hE "floor|prefill tok/s" "$OUT/decode_step.log" "$OUT/mixed_step.log" 2>/dev/null
 grep -hE "tok/s|ratio|roofline" "$OUT/offline.log" 2>/dev/null
+grep -hE "^offline tokens" "$OUT/offline_chunks.log" 2>/dev/null
 grep -hE "passed|failed|error" "$OUT/libs.log" 2>/dev/null | tail -2
 grep -hE "^(decode ctx|moe T|[a-z_]+ skipped:)" "$OUT/compare.log" 2>/dev/null
 grep -hE "^fp8 moe T|^fp8_moe skipped" "$OUT/fp8_moe.log" 2>/dev/null
