@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import functools
 import itertools
 
 import numpy as np
@@ -154,6 +155,17 @@ def block_table_array(tables: list[list[int]], widths: np.ndarray | None = None,
     return out
 
 
+def host_to_device(data: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor of `dtype` on `device`. On CPU no copy where numpy holds the dtype already;
+    on CUDA through pinned memory, so the copy is queued behind the work in flight instead of waiting
+    for it (a copy from pageable memory may synchronize with the stream: an eager step's inputs would
+    then stall the host until the GPU drained). torch's pinned allocator keeps the block until the copy ran."""
+    host = torch.from_numpy(np.ascontiguousarray(data.astype(NUMPY_DTYPES[dtype], copy=False)))
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
                  seqs: list[tuple[int, int, list[int]]], device: str | torch.device = "cpu",
                  comm: Any = None, ep_tokens: int | None = None,
@@ -178,12 +190,7 @@ def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
         owner = np.repeat(np.arange(n), q_lens)  # sequence of each new token
         pos = np.arange(int(starts[-1])) - starts[owner] + (ctx_lens - q_lens)[owner]
         slots = table[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    on_cpu = torch.device(device).type == "cpu"
-
-    def put(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        if on_cpu:  # no copy where numpy holds the dtype already
-            return torch.from_numpy(data.astype(NUMPY_DTYPES[dtype], copy=False))
-        return torch.from_numpy(data).to(device=device, dtype=dtype, non_blocking=True)
+    put = functools.partial(host_to_device, device=torch.device(device))
 
     ctx = BatchContext(
         pool, block_size, put(slots, torch.long), put(starts, torch.int32), put(ctx_lens, torch.int32),

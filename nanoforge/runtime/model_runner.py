@@ -11,13 +11,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import defaults
 from ..codegen.pysource import compile_function, prepare_params
 from ..errors import NanoForgeError
 from ..kv_contract import KVContract
-from ..kernels.context import TORCH_DTYPES, allocate_pool, allocate_state, make_context
+from ..kernels.context import TORCH_DTYPES, allocate_pool, allocate_state, host_to_device, make_context
 from ..passes.quantize_kv import FP8_MIN_SM
 from ..models.checkpoint import Checkpoint
 from ..models.weights import load_params
@@ -262,10 +263,9 @@ class ModelRunner:
         ctx.state_history = list(state_history or [])
         ctx.vision = vision  # images of a vision-language plan's step (vision_runner.VisionBatch), else None
         ctx.carry = self.carry
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda xs: host_to_device(np.asarray(xs, np.int64), torch.long, self.device)  # noqa: E731
         token_ids = as_tensor(tokens) if device_tokens is None else device_tokens.to(torch.long)
-        positions = torch.from_numpy(ctx.host.positions).to(self.device) if ctx.host is not None else \
-            as_tensor(positions_of(seqs))
+        positions = as_tensor(ctx.host.positions if ctx.host is not None else positions_of(seqs))
         with torch.inference_mode():
             out = self.forward(self.params, ctx, token_ids, positions, as_tensor(rows))
         logits, self.hidden = out if isinstance(out, tuple) else (out, None)
