@@ -117,3 +117,23 @@ def test_roofline_decode_is_bound_by_bandwidth_or_matmuls_whichever_is_slower():
 
     assert decode_s(1) == pytest.approx(10 * 540e6 / 32e9)
     assert decode_s(32) == pytest.approx(10 * 32 * 270e6 / 174e9)
+
+
+def test_cpu_runs_keep_4096_tokens_a_step_and_report_gc_pauses(tmp_path, monkeypatch):
+    """The 8192 default is CUDA's; a CPU run keeps 4096 (its figures' setting), and every run says what
+    the garbage collector's pauses took, with --gc-freeze recorded when asked for."""
+    monkeypatch.chdir(tmp_path)
+    r = bench(tmp_path, "qwen3-tiny", "--hf-num-prompts", "0", "--gc-freeze")
+    assert r["engine_options"]["max_num_batched_tokens"] == 4096 and r["gc_freeze"] is True
+    nf = r["nanoforge"]
+    assert nf["gc_pauses"] >= 0 and nf["gc_s"] >= 0 and nf["gc_max_ms"] >= 0
+    assert (nf["gc_pauses"] == 0) == (nf["gc_s"] == 0)
+
+
+def test_timed_counts_the_collectors_pauses():
+    import gc
+
+    from nanoforge.tools.bench_offline import timed
+
+    out = timed(lambda: [gc.collect() for _ in range(3)])
+    assert out["gc_pauses"] >= 3 and 0 < out["gc_s"] <= out["time_s"] and out["gc_max_ms"] > 0

@@ -74,13 +74,28 @@ def _busy_cpu_s() -> float | None:
 
 
 def timed(fn) -> dict[str, Any]:
-    """Run fn once: wall time, plus the cores other processes kept busy meanwhile (a shared machine's
-    noise: figures from runs where others used a core are not comparable to quiet ones)."""
+    """Run fn once: wall time, the garbage collector's pauses in it, plus the cores other processes kept
+    busy meanwhile (a shared machine's noise: figures from runs where others used a core are not
+    comparable to quiet ones)."""
     busy, mine = _busy_cpu_s(), time.process_time()
+    pauses: list[float] = []
+    began: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:  # the collector's pauses: they stall eager steps' launches
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append(time.perf_counter() - began.pop())
+
+    gc.callbacks.append(on_gc)
     start = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - start
-    out: dict[str, Any] = {"time_s": elapsed}
+    try:
+        fn()
+    finally:
+        elapsed = time.perf_counter() - start
+        gc.callbacks.remove(on_gc)
+    out: dict[str, Any] = {"time_s": elapsed, "gc_pauses": len(pauses), "gc_s": sum(pauses),
+                           "gc_max_ms": 1000 * max(pauses, default=0.0)}
     if busy is not None and (after := _busy_cpu_s()) is not None:
         out["others_cores"] = max(0.0, (after - busy) - (time.process_time() - mine)) / elapsed
     return out
@@ -163,10 +178,13 @@ def time_hf(model, prompts: list[list[int]], outs: list[int], batch_size: int, d
 
 
 def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_num_prompts: int, hf_batch_size: int,
-                  results_dir: Path, *, repeats: int = 1, progress: bool = True) -> dict[str, Any]:
+                  results_dir: Path, *, repeats: int = 1, progress: bool = True, gc_freeze: bool = False
+                  ) -> dict[str, Any]:
     """Time nanoforge and HF `repeats` times each on the same prompts and report the median runs
     (every run is in the JSON). On the CPU both models stay loaded and the runs alternate, so a
-    neighbour's load shifting mid-benchmark hits both; on CUDA the engine's memory is freed first."""
+    neighbour's load shifting mid-benchmark hits both; on CUDA the engine's memory is freed first.
+    gc_freeze: move what is alive after start-up out of the collector's scans (gc.freeze) for the timed
+    runs, to see what its pauses cost (each run reports them either way)."""
     from ..compiler import resolve_dtype
     from ..models.checkpoint import open_checkpoint
     from ..models.presets import PRESETS
@@ -204,7 +222,7 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
         "benchmark": "offline", "model": model, "dtype": dtype, "workload": asdict(workload),
         "engine_options": engine_opts, "repeats": repeats,
         "machine": machine_info(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs),
+        "input_tokens": sum(map(len, prompts)), "requested_output_tokens": sum(outs), "gc_freeze": gc_freeze,
     }
     if model in PRESETS:
         result["weights"] = "random (the preset's config; the work does not depend on the values)"
@@ -213,10 +231,14 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     llm, startup = load_nanoforge(source, prompts, engine_opts)
     hf_model = load_hf(hf_source, device, dtype) if n_hf and device == "cpu" else None
     nf_runs, hf_runs = [], []
+    if gc_freeze:
+        gc.collect()
+        gc.freeze()
     for _ in range(repeats):
         nf_runs.append(time_nanoforge(llm, prompts, outs, progress))
         if hf_model is not None:
             hf_runs.append(time_hf(hf_model, prompts[:n_hf], outs[:n_hf], hf_batch_size, device))
+    gc.unfreeze()
     info = llm.engine.runner_info()
     result["nanoforge"] = {**_median(nf_runs), "startup_s": startup, "engine": llm.metrics(),
                            "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"], "runs": nf_runs}
