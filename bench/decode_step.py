@@ -6,8 +6,10 @@ step must read (weights + KV of every sequence) over the copy bandwidth measured
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -69,9 +71,6 @@ def decode_step(llm: LLM, batch: int, context: int, steps: int = 30, profile: bo
     replay_s = graph_replay_time(eng, batch, steps)
     graphs = eng.runner.graphs
     if profile:  # where the host time of a step goes
-        import cProfile
-        import pstats
-
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(10):
@@ -111,9 +110,6 @@ def mixed_step(eng, chunk: int, vocab: int, profile: bool, reps: int = 4) -> dic
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
         else:
-            import cProfile
-            import pstats
-
             prof = cProfile.Profile() if profile and i == reps - 1 else None  # where the host's time goes
             start = time.perf_counter()
             if prof:

@@ -238,7 +238,8 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
         nf_runs.append(time_nanoforge(llm, prompts, outs, progress))
         if hf_model is not None:
             hf_runs.append(time_hf(hf_model, prompts[:n_hf], outs[:n_hf], hf_batch_size, device))
-    gc.unfreeze()
+    if gc_freeze:
+        gc.unfreeze()
     info = llm.engine.runner_info()
     result["nanoforge"] = {**_median(nf_runs), "startup_s": startup, "engine": llm.metrics(),
                            "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"], "runs": nf_runs}
