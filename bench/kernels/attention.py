@@ -21,7 +21,8 @@ A = importlib.import_module("nanoforge.kernels.triton.attention")  # the module 
 def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int = 8, head_dim: int = 128,
                        block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, mla_rank: int = 0,
                        num_splits: int | None = None, graph: bool = True, time_eager: bool = True,
-                       seed: int = 0, kv_dtype: str = "bf16", min_ctx: int | None = None) -> dict:
+                       seed: int = 0, kv_dtype: str = "bf16", min_ctx: int | None = None,
+                       max_ctx: int | None = None) -> dict:
     """Time the decode path (q_len 1 per sequence, every sequence at ctx_len) with
     triton.testing.do_bench (median; it flushes L2 before each run) on random data in shuffled pages
     (batch 32 x 4k x 8 heads x 128 = 268 MB of K+V, far over the 50 MB L2). With graph=True (the
@@ -30,7 +31,8 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     read / time. mla_rank=r > 0 benchmarks the MLA layout instead: kv_heads 1, one cache
     [NB, BS, 1, head_dim] with V = its first r columns (read once). kv_dtype "fp8": e4m3 caches plus
     f32 scales per (token, kv head) (MLA: one per token, K's and V's), random; bytes = values + scales
-    read. `dtype` is the queries' (and a "bf16" cache's) dtype."""
+    read. `dtype` is the queries' (and a "bf16" cache's) dtype. max_ctx: the max_context_len the call
+    is made with (the engine captures its graphs with max_model_len); contexts are min_ctx..ctx_len."""
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed)
     nbps = triton.cdiv(ctx_len, block_size)
@@ -68,7 +70,8 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
 
     def fn():
         paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale=scale, max_query_len=1,
-                        max_context_len=ctx_len, out=out, num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+                        max_context_len=max_ctx or ctx_len, out=out, num_splits=num_splits, k_scale=k_scale,
+                        v_scale=v_scale)
 
     fn()
     torch.cuda.synchronize()
@@ -219,6 +222,38 @@ def tune_short_decode(out_json: str | None = None) -> list[dict]:
                 line.append(f"{cfg or 'default'} {r['ms'] * 1e3:.1f}us {r['tb_s']:.2f}")
             A._DECODE_CFG_OVERRIDE = None
             print(f"decode tune heads {heads} batch {batch} ctx {lo or ctx}..{ctx}: " + " | ".join(line), flush=True)
+    if out_json:
+        import json
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def tune_decode_policy(out_json: str | None = None) -> list[dict]:
+    """Decode at the offline workload's contexts, called as the engine's graphs are (max_context_len =
+    max_model_len 2049): one masked loop (DECODE_MASK_ALL) against the unmasked + masked pair, and
+    splits of at most SPLIT_TILES tiles against the S-per-sequence policy (bench/gpu_check.sh
+    decode_policy)."""
+    rows = []
+    variants = [("two-loops", False, None), ("mask-all", True, None), ("mask-all+tiles2", True, 2),
+                ("mask-all+tiles4", True, 4), ("mask-all+tiles8", True, 8), ("two-loops+tiles4", False, 4)]
+    shapes = [(256, 512, None), (256, 517, None), (256, 2048, 128), (256, 1024, 512), (128, 2048, 128),
+              (64, 2048, 128), (32, 2048, 128), (16, 2048, 128), (8, 2048, 1024), (1, 2048, None)]
+    saved = A.DECODE_MASK_ALL, A.SPLIT_TILES
+    try:
+        for heads in (16, 32):
+            for batch, ctx, lo in shapes if heads == 16 else shapes[2:6]:
+                base, line = None, []
+                for name, mask_all, tiles in variants:
+                    A.DECODE_MASK_ALL, A.SPLIT_TILES = mask_all, tiles
+                    r = bench_paged_decode(batch, ctx, heads, min_ctx=lo, max_ctx=2049, time_eager=False)
+                    base = base or r["ms"]
+                    rows.append({"variant": name, **r, "speedup_vs_two_loops": base / r["ms"]})
+                    line.append(f"{name} {r['ms'] * 1e3:.1f}us {r['tb_s']:.2f}")
+                print(f"decode policy heads {heads} batch {batch} ctx {lo or ctx}..{ctx}: " + " | ".join(line),
+                      flush=True)
+    finally:
+        A.DECODE_MASK_ALL, A.SPLIT_TILES = saved
     if out_json:
         import json
         with open(out_json, "w") as f:
