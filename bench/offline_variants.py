@@ -7,6 +7,7 @@ A variant name is a '+'-joined list of: two-loops | mask-all (DECODE_MASK_ALL) a
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 
 def apply(variant: str) -> None:
-    from nanoforge.kernels.triton import attention as A
+    A = importlib.import_module("nanoforge.kernels.triton.attention")  # the module; the package's `attention` is the op
 
     for part in variant.split("+"):
         if part in ("two-loops", "mask-all"):
@@ -23,6 +24,7 @@ def apply(variant: str) -> None:
             A.SPLIT_TILES = int(part[5:]) or None
         else:
             raise SystemExit(f"unknown variant part {part!r} in {variant!r}")
+    print(f"variant {variant}: DECODE_MASK_ALL={A.DECODE_MASK_ALL} SPLIT_TILES={A.SPLIT_TILES}", flush=True)
 
 
 def main() -> None:

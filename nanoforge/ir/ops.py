@@ -159,7 +159,7 @@ def _moe(i: Types, p, a) -> Types:
 def _lm_head(i: Types, p, a) -> Types:
     x, rows, w = i[0], i[1], p["weight"]
     _check(_last(x) == int(w.shape[1]), f"lm_head: input {x} vs weight {w}")
-    return [TensorType("f32", (rows.shape[0], w.shape[0]))]
+    return [TensorType(x.dtype, (rows.shape[0], w.shape[0]))]
 
 
 def _all_reduce(i: Types, p, a) -> Types:
@@ -208,7 +208,7 @@ OPS: dict[str, OpDef] = {
         OpDef("moe", ("x",), ("router", "w_gate", "w_up", "w_down"), ("score_bias",) + SCALE_SLOTS,
               attrs=("num_experts", "top_k", "scoring"), infer=_moe,
               doc="router, top-k, SwiGLU experts, weighted sum (shared experts are separate nodes)"),
-        OpDef("lm_head", ("x", "rows"), ("weight",), infer=_lm_head, doc="logits (f32) of the selected rows"),
+        OpDef("lm_head", ("x", "rows"), ("weight",), infer=_lm_head, doc="logits of the selected rows, in the activations' dtype (HF's; the sampler widens them where it needs f32)"),
         OpDef("all_reduce", ("x",), attrs=("group",), infer=_all_reduce, needs_ctx=True,
               doc="sum over the ranks of a parallel group (ctx.comm; no comm = a group of one)"),
         OpDef("all_gather", ("x",), attrs=("group", "dim", "size"), infer=_all_gather, needs_ctx=True,

@@ -244,7 +244,9 @@ def _experts(x, weights, ids, w_gate, w_up, w_down, *, first: int = 0, act_quant
 
 
 def lm_head(x, rows, weight, **_):
-    return F.linear(x[rows], weight).float()
+    """Logits in the model's dtype, as HF computes them: greedy decoding takes the argmax as is (widening
+    is exact and monotone), the sampler widens to f32; a [256, 152k] widening cost 0.12 ms a step."""
+    return F.linear(x[rows], weight)
 
 
 # -- tensor parallelism (passes/shard_tp.py): collectives over ctx.comm; no comm is a group of one

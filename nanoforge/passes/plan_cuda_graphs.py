@@ -56,7 +56,7 @@ def plan_cuda_graphs(module: Module, opts: Options) -> int:
     sizes: list[int] = []
     if reason is None:
         per_token = max(peak_activation_bytes(f) for f in module.functions.values())
-        vocab_bytes = 4 * require(module, ModelInfo).vocab_size  # f32 logits per sequence
+        vocab_bytes = 4 * require(module, ModelInfo).vocab_size  # logits per sequence (the sampler widens to f32)
         sizes = [s for s in candidate_sizes(opts.max_num_seqs) if s * (per_token + vocab_bytes) <= opts.memory_budget]
         if not sizes:
             reason = f"even a batch of 1 needs more than the {opts.memory_budget} B budget"

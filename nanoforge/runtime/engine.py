@@ -309,7 +309,7 @@ class Engine:
             [(t, None) for t in tokens]
         for row, (seq, (token, info)) in enumerate(zip(out, results)):
             if self.keep_logits:
-                seq.logits = logits[row].cpu()
+                seq.logits = logits[row].float().cpu()
             self._append(seq, token, info)
         self.metrics.generated_tokens += len(out) + emitted
         if self.spec is not None:

@@ -124,7 +124,8 @@ def processed_logits(row: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     """One row as the draw sees it: penalties, banned ids, then (not greedy) temperature and the
     top-k / top-p / min-p filters. Greedy takes its argmax, sampling its softmax."""
     p = req.params
-    row = _penalize(row.clone(), req) if p.needs_history else row.clone()
+    row = row.to(torch.float32, copy=True)  # a copy, widened (the logits come in the model's dtype)
+    row = _penalize(row, req) if p.needs_history else row
     if req.banned:
         row[req.banned] = float("-inf")
     return row if p.greedy else _filter(row / p.temperature, p)

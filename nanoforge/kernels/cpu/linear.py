@@ -63,8 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def lm_head(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, **a) -> torch.Tensor:
     if _packed(weight) is None and SMALL not in weight.__dict__:
         return torch_ref.lm_head(x, rows, weight, **a)
-    out = linear(x.index_select(0, rows), weight)  # index_select: x[rows]'s rows, without advanced indexing
-    return out if out.dtype == torch.float32 else out.float()
+    return linear(x.index_select(0, rows), weight)  # index_select: x[rows]'s rows, without advanced indexing
 
 
 def prepare_params(fn, params: dict[str, torch.Tensor]) -> None:
