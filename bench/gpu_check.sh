@@ -14,9 +14,6 @@
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
-#                      [gemm_small]  (decode GEMMs at M = 32..256: Triton gemm_small vs cuBLAS -> $OUT/gemm_small.json)
-#                      [decode_policy]  (decode attention: one masked loop, fixed-size splits, vs before -> $OUT/decode_policy.json)
-#                      [offline_variants]  (the reference workload under those knobs, twice each; OFFLINE_VARIANTS picks them)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
@@ -115,10 +112,6 @@ PY
                         --batches 32 64 128 --out "$OUT" ;;
     kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
                      --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
-    gemm_small) run gemm_small python3 -c "from bench.kernels.gemm_small import sweep; sweep('$OUT/gemm_small.json')" ;;
-    decode_policy) run decode_policy python3 -c "from bench.kernels.attention import tune_decode_policy as t; t('$OUT/decode_policy.json')" ;;
-    offline_variants) run offline_variants python3 bench/offline_variants.py --repeats 2 --out "$OUT/offline_variants" \
-                        ${OFFLINE_VARIANTS:-two-loops mask-all mask-all+tiles4} ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;
     kv_fp8_tune) run kv_fp8_tune python3 -c "from bench.kernels.attention import tune_fp8_decode as t; t('$OUT/kv_fp8_tune.json')" ;;
     kv_fp8_offline)
@@ -254,6 +247,3 @@ grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/nu
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
 grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null
 grep -hE "^decode tune" "$OUT/decode_tune.log" 2>/dev/null
-grep -hE "^decode policy" "$OUT/decode_policy.log" 2>/dev/null
-grep -hE "^gemm small" "$OUT/gemm_small.log" 2>/dev/null
-grep -hE "^offline variant" "$OUT/offline_variants.log" 2>/dev/null

@@ -167,19 +167,6 @@ def test_gqa_decode_split_k_interp(monkeypatch):
             seed=3, tol=2e-3)
 
 
-@pytest.mark.parametrize("mask_all,split_tiles", [(False, None), (True, 1), (True, 3)])
-def test_gqa_decode_split_policies_interp(mask_all, split_tiles, monkeypatch):
-    # one masked loop or unmasked + masked; splits of a fixed number of tiles (short contexts get
-    # fewer splits, some programs of the grid have no work) next to rows of a mixed batch
-    A = _attn()
-    monkeypatch.setattr(A, "DECODE_MASK_ALL", mask_all)
-    monkeypatch.setattr(A, "SPLIT_TILES", split_tiles)
-    run_gqa([(1, 37), (1, 5), (1, 64), (1, 33)], heads=4, kv_heads=2, head_dim=32, block_size=8,
-            dtype=torch.float32, seed=5, tol=1e-4)
-    run_gqa([(1, 40), (10, 26), (1, 3)], heads=4, kv_heads=2, head_dim=16, block_size=8,
-            dtype=torch.float32, seed=6, tol=1e-4)
-
-
 def test_gqa_mixed_with_split_decode_interp(monkeypatch):
     # max_query_len > 8: decode rows go to the split-K grid, the chunk to the prefill grid
     A = _attn()

@@ -229,38 +229,6 @@ def tune_short_decode(out_json: str | None = None) -> list[dict]:
     return rows
 
 
-def tune_decode_policy(out_json: str | None = None) -> list[dict]:
-    """Decode at the offline workload's contexts, called as the engine's graphs are (max_context_len =
-    max_model_len 2049): one masked loop (DECODE_MASK_ALL) against the unmasked + masked pair, and
-    splits of at most SPLIT_TILES tiles against the S-per-sequence policy (bench/gpu_check.sh
-    decode_policy)."""
-    rows = []
-    variants = [("two-loops", False, None), ("mask-all", True, None), ("mask-all+tiles2", True, 2),
-                ("mask-all+tiles4", True, 4), ("mask-all+tiles8", True, 8), ("two-loops+tiles4", False, 4)]
-    shapes = [(256, 512, None), (256, 517, None), (256, 2048, 128), (256, 1024, 512), (128, 2048, 128),
-              (64, 2048, 128), (32, 2048, 128), (16, 2048, 128), (8, 2048, 1024), (1, 2048, None)]
-    saved = A.DECODE_MASK_ALL, A.SPLIT_TILES
-    try:
-        for heads in (16, 32):
-            for batch, ctx, lo in shapes if heads == 16 else shapes[2:6]:
-                base, line = None, []
-                for name, mask_all, tiles in variants:
-                    A.DECODE_MASK_ALL, A.SPLIT_TILES = mask_all, tiles
-                    r = bench_paged_decode(batch, ctx, heads, min_ctx=lo, max_ctx=2049, time_eager=False)
-                    base = base or r["ms"]
-                    rows.append({"variant": name, **r, "speedup_vs_two_loops": base / r["ms"]})
-                    line.append(f"{name} {r['ms'] * 1e3:.1f}us {r['tb_s']:.2f}")
-                print(f"decode policy heads {heads} batch {batch} ctx {lo or ctx}..{ctx}: " + " | ".join(line),
-                      flush=True)
-    finally:
-        A.DECODE_MASK_ALL, A.SPLIT_TILES = saved
-    if out_json:
-        import json
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
-
-
 def _tune_more(out_json: str | None = None) -> list[dict]:
     """MLA decode and prefill config sweeps (python -c ... _tune_more())."""
     rows = []

@@ -54,6 +54,12 @@ replays, do_bench median with L2 flushed, random data in shuffled pages):
   * measured, that shape at 4k: batch 1 0.83 TB/s (20 us, latency bound), 8 2.04, 16 ~2.44,
     32 2.74, 64 2.89, 128 2.96, 256 3.0 TB/s. Decode config sweep: BLOCK_N 128, 4 warps, 2 stages
     was best or within 2% at every batch; splitting past ~2 programs per SM lost bandwidth.
+  * short ragged contexts (the offline workload's; 2026-12-07, bench/results/decode_policy-20261207-1025.json,
+    calls made as the engine's graphs are, max_context_len 2049): batch 256 at 512 positions 2.69 TB/s,
+    at 517 2.55 (5 tiles a program instead of 4: a program's fixed cost shows), 128..2048 2.80; batch
+    64 / 32 / 16 at 128..2048 2.30 / 2.04 / 1.57. Tried and dropped: one masked loop for every tile
+    (the partial last tile inside the pipeline) measured the same or 1-3% slower; splits of a fixed 2 /
+    4 / 8 tiles (short sequences get fewer splits) lost 5-25% at batch 256, gained <= 5% at 16-64.
   * MLA decode (16 heads, K = 576 = latent 512 + rope 64, V = latent view, block 64): 2.3 TB/s of
     latent+rope read at batch 64 (S = 4), 1.9 at batch 32. Reusing the K tile as V (tl.trans, so
     HBM/L2 is read once; flag _V_FROM_K) measured 10-25% slower than loading V again (L1/L2 hits).
@@ -93,9 +99,6 @@ MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decod
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 128  # a split reads at least this many positions
-DECODE_MASK_ALL = True  # decode programs run one masked loop (see the kernel); False: unmasked + masked loops
-SPLIT_TILES: int | None = None  # decode splits of this many tiles each (S from the longest context); None: S
-# near-equal splits of every sequence's own context
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -205,10 +208,10 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits", "split_tiles", "s_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
-        qk_scale, num_seqs, num_heads, num_splits, split_tiles,
+        qk_scale, num_seqs, num_heads, num_splits,
         s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_ot, s_oh, s_od, s_bt,
         s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
         G: tl.constexpr, HB: tl.constexpr, NHC: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -216,7 +219,7 @@ def _paged_attn_kernel(
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, MASK_ALL: tl.constexpr):
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     kvh = pid1 // NHC
@@ -278,7 +281,7 @@ def _paged_attn_kernel(
 
     if DECODE:  # this split's share of the sequence's own context, tile aligned
         n_tiles = tl.cdiv(ctx, BLOCK_N)
-        per = tl.where(split_tiles == 0, tl.cdiv(n_tiles, num_splits), split_tiles)
+        per = tl.cdiv(n_tiles, num_splits)
         lo = split * per * BLOCK_N
         hi = tl.minimum(lo + per * BLOCK_N, ctx)
         if lo >= hi:
@@ -288,8 +291,6 @@ def _paged_attn_kernel(
         hi = ctx - q_len + tl.minimum(q0 + BQ, q_len)
     first = ctx - q_len + q0  # position of the tile's first row: keys <= first need no mask
     mid = lo + (tl.maximum(tl.minimum(hi, first + 1) - lo, 0) // BLOCK_N) * BLOCK_N
-    if MASK_ALL:  # one masked loop: the partial last tile stays in the pipeline instead of running cold
-        mid = lo
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -325,8 +326,8 @@ def _paged_attn_kernel(
                  o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
-@triton.jit(do_not_specialize=["num_splits", "split_tiles"])
-def _reduce_kernel(o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, num_heads, num_splits, split_tiles,
+@triton.jit(do_not_specialize=["num_splits"])
+def _reduce_kernel(o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, num_heads, num_splits,
                    s_ot, s_oh, s_od,
                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BQ: tl.constexpr,
                    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -340,7 +341,7 @@ def _reduce_kernel(o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, num_heads, 
         return
     ctx = tl.load(ctx_ptr + b)
     n_tiles = tl.cdiv(ctx, BLOCK_N)
-    per = tl.where(split_tiles == 0, tl.maximum(tl.cdiv(n_tiles, num_splits), 1), split_tiles)
+    per = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
     n_valid = tl.cdiv(n_tiles, per)  # splits that had work (and wrote partials)
     s = tl.arange(0, BLOCK_S)
     s_ok = s < n_valid
@@ -456,16 +457,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     BQ = 1 if mixed else _pow2(max_query_len)
     HB = min(_pow2(G), max(1, 16384 // (BQ * BLOCK_DV)), 64)
     NHC = triton.cdiv(G, HB)
+    S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
     # decode grid: every row of a decode batch, the single-token rows of a mixed one
     BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
-    S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
-    split_tiles = 0
-    if SPLIT_TILES and not num_splits:  # at most SPLIT_TILES tiles a split, never fewer splits than S
-        max_tiles = triton.cdiv(max_context_len, BLOCK_N)
-        split_tiles = min(SPLIT_TILES, triton.cdiv(max_tiles, S))
-        S = triton.cdiv(max_tiles, split_tiles)
-        if S > MAX_SPLITS:
-            S, split_tiles = MAX_SPLITS, triton.cdiv(max_tiles, MAX_SPLITS)
     split = S > 1
     if split:
         pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
@@ -475,12 +469,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pacc = pm = pl = out
     _paged_attn_kernel[(B, KVH * NHC, S)](
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
-        qk_scale, B, H, S, split_tiles, *strides,
+        qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, MASK_ALL=DECODE_MASK_ALL, **common, num_warps=warps, num_stages=stages)
+        DECODE=True, SPLIT=split, DEC_Q=0, **common, num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
-            out, pacc, pm, pl, query_start, context_lens, H, S, split_tiles, *out.stride(),
+            out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
             DV=DV, BLOCK_DV=BLOCK_DV, BQ=BQ, BLOCK_S=MAX_SPLITS, BLOCK_N=BLOCK_N, num_warps=4)
     if mixed:
         BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
@@ -489,9 +483,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BQp = BLOCK_M // HBp
         _paged_attn_kernel[(T // BQp + B, KVH * NHCp, 1)](
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
-            qk_scale, B, H, 1, 0, *strides,
+            qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, MASK_ALL=False, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, **common,
             num_warps=warps, num_stages=stages)
     return out
 
