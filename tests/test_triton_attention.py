@@ -167,6 +167,21 @@ def test_gqa_decode_split_k_interp(monkeypatch):
             seed=3, tol=2e-3)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gqa_decode_stores_its_own_kv_interp(fuse, monkeypatch):
+    # a decode batch stores its K/V inside the attention kernel (new_kv) or through store_kv first:
+    # the same pool and output either way. Row 2 has slot -1 (its position is read from the pool);
+    # a 1-token context; 17 = one full tile + the new row alone in the last split; head dim 40 (32 + 8)
+    A = _attn()
+    monkeypatch.setattr(A, "FUSE_DECODE_STORE", fuse)
+    monkeypatch.setattr(A, "_num_splits", lambda *args: 3)
+    run_gqa([(1, 37), (1, 1), (1, 17), (1, 64), (1, 16)], heads=4, kv_heads=2, head_dim=40, block_size=8,
+            dtype=torch.float32, seed=7, tol=1e-4, skip_rows=(2,))
+    monkeypatch.setattr(A, "_num_splits", lambda *args: 1)
+    run_gqa([(1, 37), (1, 1), (1, 17)], heads=8, kv_heads=2, head_dim=16, block_size=4,
+            dtype=torch.float16, seed=8, tol=2e-3, skip_rows=(1,))
+
+
 def test_gqa_mixed_with_split_decode_interp(monkeypatch):
     # max_query_len > 8: decode rows go to the split-K grid, the chunk to the prefill grid
     A = _attn()
