@@ -43,10 +43,10 @@ prefill tiles wasted the tile, and every (S > 1, S == 1) x prefill-config pair w
 kernel variant to compile mid-run.) The reduce kernel always reads MAX_SPLITS partial slots
 (masked), so a new split count never compiles a new variant.
 
-Decode batches (max_query_len 1, 16-bit or f32 pools) store their own K/V inside the decode grid
-(new_kv): the split holding position ctx - 1 takes that row from registers, folds it into the online
-softmax as one more position and writes it to its slot, so `store_kv` (one launch per layer) runs only
-for mixed, verify and FP8 batches.
+With FUSE_DECODE_STORE, decode batches (max_query_len 1, 16-bit or f32 pools) store their own K/V
+inside the decode grid (new_kv): the split holding position ctx - 1 takes that row from registers,
+folds it into the online softmax as one more position and writes it to its slot, saving store_kv's
+launch per layer. Off by default: so far it has only run in the interpreter (tests check both settings).
 
 CUDA-graph safe: no host reads of tensor values; grids depend on shapes, B, max_query_len,
 max_context_len only; partial buffers come from torch.empty.
@@ -100,7 +100,8 @@ from .mla import mla_attention
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
-FUSE_DECODE_STORE = True  # decode batches store their K/V inside the attention kernel (paged_attention's new_kv)
+FUSE_DECODE_STORE = False  # decode batches store their K/V inside the attention kernel (paged_attention's new_kv);
+# off until a GPU run shows HF's tokens and the step time with it (checked in the interpreter only so far)
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
