@@ -14,6 +14,7 @@
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
+#                      [decode_store]  (FUSE_DECODE_STORE: GPU e2e tokens with it on; offline and Qwen3-8B decode, off vs on)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
@@ -112,6 +113,7 @@ PY
                         --batches 32 64 128 --out "$OUT" ;;
     kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
                      --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
+    decode_store) run decode_store python3 bench/decode_store_ab.py --out "$OUT/decode_store" ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;
     kv_fp8_tune) run kv_fp8_tune python3 -c "from bench.kernels.attention import tune_fp8_decode as t; t('$OUT/kv_fp8_tune.json')" ;;
     kv_fp8_offline)
@@ -247,3 +249,4 @@ grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/nu
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
 grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null
 grep -hE "^decode tune" "$OUT/decode_tune.log" 2>/dev/null
+grep -hE "^decode store|floor" "$OUT/decode_store.log" 2>/dev/null
