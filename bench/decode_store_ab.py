@@ -43,8 +43,9 @@ def main() -> None:
         print(f"decode store: offline fused={on}: {r['output_tok_s']:.0f} tok/s", flush=True)
     summary["offline"] = offline
     for on in (False, True):
+        d = out / f"decode-{on}"
         run(KNOB.format(on=on) + "import runpy; sys.argv = ['decode_step.py', '--model', 'qwen3-8b', '--batch', "
-            f"'1', '64', '--out', '{out / f'decode-{on}'}']; runpy.run_path('bench/decode_step.py', run_name='__main__')")
+            f"'1', '64', '--out', '{d}']; runpy.run_path('bench/decode_step.py', run_name='__main__')")
     (out / "decode_store_ab.json").write_text(json.dumps(summary, indent=1))
 
 
