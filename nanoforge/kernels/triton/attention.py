@@ -243,12 +243,13 @@ def _new_row(acc, m_i, l_i, q1, q2, new_here, writer, slot, q_start, kvh, qk_sca
                  mask=new_here & (dv < DV), other=0.0)
     acc = acc * alpha[:, None] + p.to(q1.dtype).to(tl.float32)[:, None] * vn.to(tl.float32)[None, :]
     write = new_here & writer
-    page = tl.maximum(slot, 0) // BS
-    k_dst = k_ptr + page.to(tl.int64) * s_kb + (tl.maximum(slot, 0) % BS) * s_ko + kvh.to(tl.int64) * s_kh
+    slot = tl.maximum(slot, 0)  # -1 rows write nothing (masked), but keep their addresses in range
+    page, off = (slot // BS).to(tl.int64), slot % BS
+    k_dst = k_ptr + page * s_kb + off * s_ko + kvh.to(tl.int64) * s_kh
     tl.store(k_dst + d1 * s_kd, kn1.to(k_ptr.dtype.element_ty), mask=write & (d1 < DK))
     if DK2 > 0:
         tl.store(k_dst + d2 * s_kd, kn2.to(k_ptr.dtype.element_ty), mask=write & (d2 < DK))
-    v_dst = v_ptr + page.to(tl.int64) * s_vb + (tl.maximum(slot, 0) % BS) * s_vo + kvh.to(tl.int64) * s_vh
+    v_dst = v_ptr + page * s_vb + off * s_vo + kvh.to(tl.int64) * s_vh
     tl.store(v_dst + dv * s_vd, vn.to(v_ptr.dtype.element_ty), mask=write & (dv < DV))
     return acc, m_new, l_i
 
