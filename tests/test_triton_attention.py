@@ -294,6 +294,25 @@ def test_mla_prefill_split_gpu_bf16(split, monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gqa_gpu_decode_stores_its_own_kv(fuse, monkeypatch):
+    """Decode batches with the K/V store inside the attention kernel (FUSE_DECODE_STORE) or through
+    store_kv first, bf16 at the engine's shapes: the pool is bit-equal to the reference's stores and
+    the output close, over the split-K policy's choices, slot -1 rows and 1-token contexts."""
+    monkeypatch.setattr(_attn(), "FUSE_DECODE_STORE", fuse)
+    rng = random.Random(5)
+    for i, spec in enumerate([
+        [(1, rng.randint(1, 600)) for _ in range(256)],  # the offline workload's batch, ragged and short
+        [(1, rng.randint(1, 4096)) for _ in range(48)] + [(1, 1), (1, 17)],
+        [(1, 4096)], [(1, 1)],
+    ]):
+        for block_size in (16, 64):
+            run_gqa(spec, heads=16, kv_heads=8, head_dim=128, block_size=block_size, dtype=torch.bfloat16,
+                    seed=i, tol=2e-2, skip_rows=(0,) if len(spec) > 1 else ())
+
+
+@gpu
+@needs_cuda
 def test_gqa_gpu_fp16_and_fp32():
     rng = random.Random(7)
     spec = _mixed_spec(rng, 16, 4, 1500, 200)
