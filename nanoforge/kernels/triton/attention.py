@@ -102,6 +102,7 @@ FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving b
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
 FUSE_DECODE_STORE = False  # decode batches store their K/V inside the attention kernel (paged_attention's new_kv);
 # off until a GPU run shows HF's tokens and the step time with it (checked in the interpreter only so far)
+DECODE_HEADS_FIRST = False  # experiment: decode grid (kv_heads * head_chunks, B, S), a sequence's heads side by side
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
@@ -257,7 +258,7 @@ def _new_row(acc, m_i, l_i, q1, q2, new_here, writer, slot, q_start, kvh, qk_sca
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
-        kn_ptr, vn_ptr, slot_ptr,
+        kn_ptr, vn_ptr, slot_ptr, order_ptr,
         qk_scale, num_seqs, num_heads, num_splits,
         s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_ot, s_oh, s_od, s_bt,
         s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh, s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd,
@@ -266,13 +267,19 @@ def _paged_attn_kernel(
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, NEW_KV: tl.constexpr):
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, NEW_KV: tl.constexpr,
+        HEADS_FIRST: tl.constexpr = False, ORDERED: tl.constexpr = False):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
+    if HEADS_FIRST:
+        pid0 = tl.program_id(1)
+        pid1 = tl.program_id(0)
     kvh = pid1 // NHC
     hc = pid1 % NHC
     if DECODE:
         b = pid0
+        if ORDERED:  # launch order: longest contexts first
+            b = tl.load(order_ptr + pid0)
         split = tl.program_id(2)
     else:  # tile pid0 belongs to the last sequence b with query_start[b] // BQ + b <= pid0
         lo_b = pid0 * 0
@@ -471,7 +478,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, max_query_len: int, max_context_len: int,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
@@ -537,11 +545,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pl = torch.empty_like(pm)
     else:
         pacc = pm = pl = out
-    _paged_attn_kernel[(B, KVH * NHC, S)](
+    grid = (KVH * NHC, B, S) if DECODE_HEADS_FIRST else (B, KVH * NHC, S)
+    _paged_attn_kernel[grid](
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables, *new_args,
+        query_start if order is None else order,
         qk_scale, B, H, S, *strides, *new_strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, NEW_KV=new_kv is not None, **common, num_warps=warps, num_stages=stages)
+        DECODE=True, SPLIT=split, DEC_Q=0, NEW_KV=new_kv is not None, **common, num_warps=warps, num_stages=stages,
+        HEADS_FIRST=DECODE_HEADS_FIRST, ORDERED=order is not None)
     if split:
         _reduce_kernel[(B, H, BQ)](
             out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
@@ -553,7 +564,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BQp = BLOCK_M // HBp
         _paged_attn_kernel[(T // BQp + B, KVH * NHCp, 1)](
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
-            q, q, query_start, qk_scale, B, H, 1, *strides, *(0,) * 6,
+            q, q, query_start, query_start, qk_scale, B, H, 1, *strides, *(0,) * 6,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             DECODE=False, SPLIT=False, DEC_Q=1, NEW_KV=False, **common,
             num_warps=warps, num_stages=stages)
