@@ -102,6 +102,8 @@ FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving b
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
 FUSE_DECODE_STORE = False  # decode batches store their K/V inside the attention kernel (paged_attention's new_kv);
 # off until a GPU run shows HF's tokens and the step time with it (checked in the interpreter only so far)
+DECODE_PREFETCH = False  # experiment: decode tiles loaded one iteration ahead into registers (manual pipeline),
+DECODE_PREFETCH_CFG = (64, 4, 1)  # with this (BLOCK_N, num_warps, num_stages), for head dims <= 128 at 16 bits
 DECODE_HEADS_FIRST = False  # experiment: decode grid (kv_heads * head_chunks, B, S), a sequence's heads side by side
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
@@ -255,6 +257,37 @@ def _new_row(acc, m_i, l_i, q1, q2, new_here, writer, slot, q_start, kvh, qk_sca
     return acc, m_new, l_i
 
 
+@triton.jit
+def _pf_pages(bt_row, start, limit, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Page ids of the tile at `start` (0 past `limit`)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return tl.load(bt_row + offs_n // BS, mask=offs_n < limit, other=0)
+
+
+@triton.jit
+def _pf_kv(page, start, ok, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
+           DK1: tl.constexpr, BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A full tile's K [DK1, BLOCK_N] and V [BLOCK_N, BLOCK_DV] into registers (nothing when not `ok`)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k_tok = page.to(tl.int64) * s_kb + (offs_n % BS) * s_ko
+    k = tl.load(k_base + k_tok[None, :] + tl.arange(0, DK1)[:, None] * s_kd, mask=ok)
+    v_tok = page.to(tl.int64) * s_vb + (offs_n % BS) * s_vo
+    v = tl.load(v_base + v_tok[:, None] + tl.arange(0, BLOCK_DV)[None, :] * s_vd, mask=ok)
+    return k, v
+
+
+@triton.jit
+def _pf_math(acc, m_i, l_i, q1, k, v, qk_scale, DOT_PREC: tl.constexpr):
+    """One unmasked tile's scores and online-softmax update."""
+    s = tl.dot(q1, k.to(q1.dtype), input_precision=DOT_PREC) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
@@ -268,7 +301,7 @@ def _paged_attn_kernel(
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
         PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, NEW_KV: tl.constexpr,
-        HEADS_FIRST: tl.constexpr = False, ORDERED: tl.constexpr = False):
+        HEADS_FIRST: tl.constexpr = False, ORDERED: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     if HEADS_FIRST:
@@ -360,11 +393,24 @@ def _paged_attn_kernel(
     v_base = v_ptr + kvh.to(tl.int64) * s_vh
     ks_base = ks_ptr + kvh.to(tl.int64) * s_ksh
     vs_base = vs_ptr + kvh.to(tl.int64) * s_vsh
-    for start in range(lo, mid, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx_kv, q_pos, bt_row, k_base, v_base, ks_base,
-                                 vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
-                                 s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC,
-                                 KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
+    if PREFETCH:  # unmasked tiles with tile i + 1's K/V (and tile i + 2's page ids) loaded before tile i's math
+        pg = _pf_pages(bt_row, lo, mid, BS, BLOCK_N)
+        kn, vn = _pf_kv(pg, lo, lo < mid, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, DK1, BLOCK_DV, BS,
+                        BLOCK_N)
+        pg = _pf_pages(bt_row, lo + BLOCK_N, mid, BS, BLOCK_N)
+        for start in range(lo, mid, BLOCK_N):
+            kc = kn
+            vc = vn
+            kn, vn = _pf_kv(pg, start + BLOCK_N, start + BLOCK_N < mid, k_base, v_base, s_kb, s_ko, s_kd, s_vb,
+                            s_vo, s_vd, DK1, BLOCK_DV, BS, BLOCK_N)
+            pg = _pf_pages(bt_row, start + 2 * BLOCK_N, mid, BS, BLOCK_N)
+            acc, m_i, l_i = _pf_math(acc, m_i, l_i, q1, kc, vc, qk_scale, DOT_PREC)
+    else:
+        for start in range(lo, mid, BLOCK_N):
+            acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx_kv, q_pos, bt_row, k_base, v_base, ks_base,
+                                     vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
+                                     s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC,
+                                     KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
     for start in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx_kv, q_pos, bt_row, k_base, v_base, ks_base,
                                  vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
@@ -453,6 +499,8 @@ def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool) ->
     width = (dk1 + dk2 + (0 if v_from_k else dv_block)) * max(elem, 2)
     if _INTERPRET:
         return 16, 4, 1
+    if DECODE_PREFETCH and width <= 512:
+        return DECODE_PREFETCH_CFG
     if width <= 512:  # head_dim <= 128 at bf16: 128 positions (8 pages of 16), 64 KiB per stage
         return 128, 4, 2
     if width <= 1024:
@@ -552,7 +600,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qk_scale, B, H, S, *strides, *new_strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
         DECODE=True, SPLIT=split, DEC_Q=0, NEW_KV=new_kv is not None, **common, num_warps=warps, num_stages=stages,
-        HEADS_FIRST=DECODE_HEADS_FIRST, ORDERED=order is not None)
+        HEADS_FIRST=DECODE_HEADS_FIRST, ORDERED=order is not None,
+        PREFETCH=(DECODE_PREFETCH and not scaled and not v_from_k and DK2 == 0 and DK1 == DK and BLOCK_DV == DV
+                  and (DK1 + BLOCK_DV) * k_cache.element_size() <= 512))
     if split:
         _reduce_kernel[(B, H, BQ)](
             out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
