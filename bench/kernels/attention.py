@@ -91,10 +91,9 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     HB = min(_pow2(G), max(1, 16384 // max(16, _pow2(DV))), 64)
     splits = num_splits or _num_splits(batch, kv_heads * triton.cdiv(G, HB), ctx_len, dev)
     return {"device": torch.cuda.get_device_name(dev), "batch": batch, "ctx_len": ctx_len, "min_ctx": min_ctx,
-            "heads": heads,
-            "kv_heads": kv_heads, "head_dim": head_dim, "mla_rank": mla_rank, "block_size": block_size,
-            "dtype": str(dtype), "kv_dtype": kv_dtype, "num_splits": splits, "graph": graph, "ms": ms, "ms_eager": ms_eager,
-            "kv_bytes": kv_bytes, "tb_s": kv_bytes / (ms * 1e-3) / 1e12}
+            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "mla_rank": mla_rank, "block_size": block_size,
+            "dtype": str(dtype), "kv_dtype": kv_dtype, "num_splits": splits, "graph": graph, "ms": ms,
+            "ms_eager": ms_eager, "kv_bytes": kv_bytes, "tb_s": kv_bytes / (ms * 1e-3) / 1e12}
 
 
 def bench_paged_prefill(seqs: int, q_len: int, prefix: int = 0, heads: int = 16, kv_heads: int = 8,
