@@ -182,6 +182,19 @@ def test_gqa_decode_stores_its_own_kv_interp(fuse, monkeypatch):
             dtype=torch.float16, seed=8, tol=2e-3, skip_rows=(1,))
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_gqa_decode_prefetch_interp(prefetch, monkeypatch):
+    # full tiles with tile i + 1's K/V loaded before tile i's math (DECODE_PREFETCH) or Triton's own
+    # pipelining: 1 to 6 full tiles, with and without a masked tail, a 1-token context, splits
+    A = _attn()
+    monkeypatch.setattr(A, "DECODE_PREFETCH", prefetch)
+    run_gqa([(1, 37), (1, 5), (1, 64), (1, 16), (1, 48), (1, 96)], heads=4, kv_heads=2, head_dim=32, block_size=8,
+            dtype=torch.float32, seed=2, tol=1e-4)
+    monkeypatch.setattr(A, "_num_splits", lambda *args: 3)
+    run_gqa([(1, 37), (1, 1), (1, 64), (1, 100)], heads=8, kv_heads=2, head_dim=16, block_size=4,
+            dtype=torch.float16, seed=4, tol=2e-3)
+
+
 def test_gqa_mixed_with_split_decode_interp(monkeypatch):
     # max_query_len > 8: decode rows go to the split-K grid, the chunk to the prefill grid
     A = _attn()
