@@ -129,6 +129,17 @@ def _sm_count(device: torch.device) -> int:
 # paged attention
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _online_softmax(s, m_i, l_i):
+    """Base-2 scores [M, N] folded into the running row max and sum -> (p, alpha, new max, new sum);
+    a row whose scores are all -inf so far keeps p = 0 (its max stands in as 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
              s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb, s_vso,
              DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
@@ -181,11 +192,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
         s = s * qk_scale
     if MASKED:
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
     if V_FROM_K:
         v = tl.trans(k1)  # (never with KV_BITS: k1 is widened for QK)
     else:
@@ -281,10 +288,7 @@ def _pf_kv(page, start, ok, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
 def _pf_math(acc, m_i, l_i, q1, k, v, qk_scale, DOT_PREC: tl.constexpr):
     """One unmasked tile's scores and online-softmax update."""
     s = tl.dot(q1, k.to(q1.dtype), input_precision=DOT_PREC) * qk_scale
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
     acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, m_new, l_i
 
