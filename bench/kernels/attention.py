@@ -22,7 +22,7 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
                        block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, mla_rank: int = 0,
                        num_splits: int | None = None, graph: bool = True, time_eager: bool = True,
                        seed: int = 0, kv_dtype: str = "bf16", min_ctx: int | None = None,
-                       max_ctx: int | None = None, order: bool = False) -> dict:
+                       max_ctx: int | None = None) -> dict:
     """Time the decode path (q_len 1 per sequence, every sequence at ctx_len) with
     triton.testing.do_bench (median; it flushes L2 before each run) on random data in shuffled pages
     (batch 32 x 4k x 8 heads x 128 = 268 MB of K+V, far over the 50 MB L2). With graph=True (the
@@ -32,8 +32,7 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     [NB, BS, 1, head_dim] with V = its first r columns (read once). kv_dtype "fp8": e4m3 caches plus
     f32 scales per (token, kv head) (MLA: one per token, K's and V's), random; bytes = values + scales
     read. `dtype` is the queries' (and a "bf16" cache's) dtype. max_ctx: the max_context_len the call
-    is made with (the engine captures its graphs with max_model_len); contexts are min_ctx..ctx_len.
-    order: launch the decode programs longest context first (paged_attention's `order`)."""
+    is made with (the engine captures its graphs with max_model_len); contexts are min_ctx..ctx_len."""
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed)
     nbps = triton.cdiv(ctx_len, block_size)
@@ -68,12 +67,11 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     q = torch.randn(batch, heads, head_dim, dtype=dtype, device=dev)
     out = q.new_empty(batch, heads, v_cache.shape[-1])
     scale = head_dim ** -0.5
-    perm = torch.argsort(context_lens, descending=True).to(torch.int32) if order else None
 
     def fn():
         paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale=scale, max_query_len=1,
                         max_context_len=max_ctx or ctx_len, out=out, num_splits=num_splits, k_scale=k_scale,
-                        v_scale=v_scale, order=perm)
+                        v_scale=v_scale)
 
     fn()
     torch.cuda.synchronize()

@@ -49,6 +49,16 @@ folds it into the online softmax as one more position and writes it to its slot,
 launch per layer. Off by default: on an H100 it kept HF's greedy tokens but was not faster (reference
 workload's decode steps the same to 2% slower; Qwen3-8B batch 1 0.8% faster, batch 64 1.4% slower).
 
+DECODE_PREFETCH (off; written and interpreter-tested, not yet run on a GPU): Triton's two-stage
+pipeline of the decode loop (sm_90a SASS, triton 3.6, `python -m bench.kernels.decode_sass`) does
+tile i's math first and only then issues tile i + 1's page ids (a plain load the async copies must
+wait for) and K/V copies, which the next iteration waits for at its top: while a tile is multiplied,
+this program has nothing in flight. With the flag, full tiles run a hand-written pipeline instead:
+tile i + 1's K/V (and tile i + 2's page ids) are loaded into registers before tile i's math
+(DECODE_PREFETCH_CFG: BLOCK_N 64, 4 warps, 205 registers, no spills). `bench/gpu_check.sh
+decode_prefetch` times it against the default and, if faster, runs the GPU tests and the offline
+workload with it.
+
 CUDA-graph safe: no host reads of tensor values; grids depend on shapes, B, max_query_len,
 max_context_len only; partial buffers come from torch.empty.
 
@@ -103,9 +113,8 @@ FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving b
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
 FUSE_DECODE_STORE = False  # decode batches store their K/V inside the attention kernel (paged_attention's new_kv);
 # off: correct on an H100 but not faster there (module docstring)
-DECODE_PREFETCH = False  # experiment: decode tiles loaded one iteration ahead into registers (manual pipeline),
-DECODE_PREFETCH_CFG = (64, 4, 1)  # with this (BLOCK_N, num_warps, num_stages), for head dims <= 128 at 16 bits
-DECODE_HEADS_FIRST = False  # experiment: decode grid (kv_heads * head_chunks, B, S), a sequence's heads side by side
+DECODE_PREFETCH = False  # decode tiles loaded one iteration ahead into registers (module docstring); unmeasured
+DECODE_PREFETCH_CFG = (64, 4, 1)  # its (BLOCK_N, num_warps, num_stages), for head dims <= 128 at 16 bits
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
@@ -296,7 +305,7 @@ def _pf_math(acc, m_i, l_i, q1, k, v, qk_scale, DOT_PREC: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
-        kn_ptr, vn_ptr, slot_ptr, order_ptr,
+        kn_ptr, vn_ptr, slot_ptr,
         qk_scale, num_seqs, num_heads, num_splits,
         s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_ot, s_oh, s_od, s_bt,
         s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh, s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd,
@@ -306,18 +315,13 @@ def _paged_attn_kernel(
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
         PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, NEW_KV: tl.constexpr,
-        HEADS_FIRST: tl.constexpr = False, ORDERED: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+        PREFETCH: tl.constexpr):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
-    if HEADS_FIRST:
-        pid0 = tl.program_id(1)
-        pid1 = tl.program_id(0)
     kvh = pid1 // NHC
     hc = pid1 % NHC
     if DECODE:
         b = pid0
-        if ORDERED:  # launch order: longest contexts first
-            b = tl.load(order_ptr + pid0)
         split = tl.program_id(2)
     else:  # tile pid0 belongs to the last sequence b with query_start[b] // BQ + b <= pid0
         lo_b = pid0 * 0
@@ -531,8 +535,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, max_query_len: int, max_context_len: int,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    order: torch.Tensor | None = None) -> torch.Tensor:
+                    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
@@ -591,6 +594,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
     # decode grid: every row of a decode batch, the single-token rows of a mixed one
     BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
+    prefetch = (DECODE_PREFETCH and not scaled and not v_from_k and DK1 == DK and DK2 == 0 and BLOCK_DV == DV
+                and (DK1 + BLOCK_DV) * k_cache.element_size() <= 512)  # unmasked 16-bit head dims <= 128
     split = S > 1
     if split:
         pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
@@ -598,16 +603,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pl = torch.empty_like(pm)
     else:
         pacc = pm = pl = out
-    grid = (KVH * NHC, B, S) if DECODE_HEADS_FIRST else (B, KVH * NHC, S)
-    _paged_attn_kernel[grid](
+    _paged_attn_kernel[(B, KVH * NHC, S)](
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables, *new_args,
-        query_start if order is None else order,
         qk_scale, B, H, S, *strides, *new_strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, NEW_KV=new_kv is not None, **common, num_warps=warps, num_stages=stages,
-        HEADS_FIRST=DECODE_HEADS_FIRST, ORDERED=order is not None,
-        PREFETCH=(DECODE_PREFETCH and not scaled and not v_from_k and DK2 == 0 and DK1 == DK and BLOCK_DV == DV
-                  and (DK1 + BLOCK_DV) * k_cache.element_size() <= 512))
+        DECODE=True, SPLIT=split, DEC_Q=0, NEW_KV=new_kv is not None, PREFETCH=prefetch, **common,
+        num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
             out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
@@ -619,9 +620,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BQp = BLOCK_M // HBp
         _paged_attn_kernel[(T // BQp + B, KVH * NHCp, 1)](
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
-            q, q, query_start, query_start, qk_scale, B, H, 1, *strides, *(0,) * 6,
+            q, q, query_start, qk_scale, B, H, 1, *strides, *(0,) * 6,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, NEW_KV=False, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, NEW_KV=False, PREFETCH=False, **common,
             num_warps=warps, num_stages=stages)
     return out
 

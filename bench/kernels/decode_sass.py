@@ -1,0 +1,84 @@
+"""Compile the paged decode attention kernel for sm_90a on any machine (no GPU needed: Triton's
+bundled ptxas) and print what decides its speed: registers, spills, shared memory, whether loads are
+asynchronous copies, and the order of global loads and tensor-core ops in the compiled code.
+
+    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2] [--prefetch]
+
+The shapes are the offline workload's (Qwen3-0.6B: 16 query / 8 kv heads, head dim 128, bf16, block
+16). Pointer and stride arguments get the divisibility Triton's launcher would give them, so the
+code is the one a GPU run compiles."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+STRIDES = dict(s_qt=2048, s_qh=128, s_kb=16384, s_ko=1024, s_kh=128, s_vb=16384, s_vo=1024, s_vh=128, s_ot=2048,
+               s_oh=128, num_heads=16)  # q / out [T, 16, 128], pools [NB, 16, 8, 128]
+UNIT = ("s_qd", "s_kd", "s_vd", "s_od")  # unit strides: Triton specializes 1 as a constant
+
+
+def compile_decode(block_n: int, warps: int, stages: int, prefetch: bool):
+    A = importlib.import_module("nanoforge.kernels.triton.attention")
+    fn = A._paged_attn_kernel
+    params = list(inspect.signature(fn.fn).parameters)
+    const = dict(G=2, HB=2, NHC=1, BQ=1, BLOCK_M=16, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16,
+                 BLOCK_N=block_n, DECODE=True, SPLIT=False, DEC_Q=0, V_FROM_K=False, DOT_PREC=None, KV_SCALED=False,
+                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, NEW_KV=False, PREFETCH=prefetch,
+                 **{u: 1 for u in UNIT})
+    sig, attrs = {}, {}
+    for i, p in enumerate(params):
+        if p in const:
+            sig[p] = "constexpr"
+        elif p.endswith("_ptr"):
+            sig[p] = "*i32" if p in ("qs_ptr", "ctx_ptr", "bt_ptr", "slot_ptr") else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p] = "fp32" if p == "qk_scale" else "i32"
+            if p in STRIDES or p.startswith(("s_ks", "s_vs", "s_kn", "s_vn")):  # 16-aligned (or unused, 0)
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--prefetch", action="store_true")
+    a = ap.parse_args()
+    k = compile_decode(a.block_n, a.warps, a.stages, a.prefetch)
+    ptx = k.asm["ptx"]
+    print(f"shared memory {k.metadata.shared} B; cp.async {len(re.findall(r'cp[.]async[.]c[ag]', ptx))}, "
+          f"ld.global {ptx.count('ld.global')}, mma {ptx.count('mma.sync')}, bar.sync {ptx.count('bar.sync')}")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True)
+    print(res.stdout.strip().splitlines()[-1].strip())  # REG, STACK (spills), ...
+    ops = [ln.split()[1:3] for ln in sass.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    ops = [o[1] if o[0].startswith("@") else o[0] for o in ops if o]
+    runs, last = [], None
+    for op in ops:  # the instruction stream as runs of global loads, async copies, mma, barriers, branches
+        kind = next((t for t in ("LDGSTS", "LDG", "HMMA", "BAR", "BRA") if op.startswith(t)), None)
+        if kind and kind == last:
+            runs[-1][1] += 1
+        elif kind:
+            runs.append([kind, 1])
+        last = kind or last
+    print("order:", " ".join(f"{k}x{n}" for k, n in runs))
+
+
+if __name__ == "__main__":
+    main()
