@@ -2,16 +2,17 @@
 bundled ptxas) and print what decides its speed: registers, spills, shared memory, whether loads are
 asynchronous copies, and the order of global loads and tensor-core ops in the compiled code.
 
-    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2] [--prefetch]
+    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2] [--prefetch] [--json]
 
 The shapes are the offline workload's (Qwen3-0.6B: 16 query / 8 kv heads, head dim 128, bf16, block
 16). Pointer and stride arguments get the divisibility Triton's launcher would give them, so the
-code is the one a GPU run compiles."""
+code is the one a GPU run compiles. Needs TRITON_INTERPRET unset (the interpreter cannot compile)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -49,35 +50,56 @@ def compile_decode(block_n: int, warps: int, stages: int, prefetch: bool):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--block-n", type=int, default=128)
-    ap.add_argument("--warps", type=int, default=4)
-    ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--prefetch", action="store_true")
-    a = ap.parse_args()
-    k = compile_decode(a.block_n, a.warps, a.stages, a.prefetch)
-    ptx = k.asm["ptx"]
-    print(f"shared memory {k.metadata.shared} B; cp.async {len(re.findall(r'cp[.]async[.]c[ag]', ptx))}, "
-          f"ld.global {ptx.count('ld.global')}, mma {ptx.count('mma.sync')}, bar.sync {ptx.count('bar.sync')}")
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+def _cuobjdump(kernel, flag: str) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
+        f.write(kernel.asm["cubin"])
         f.flush()
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True)
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True)
-    print(res.stdout.strip().splitlines()[-1].strip())  # REG, STACK (spills), ...
-    ops = [ln.split()[1:3] for ln in sass.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-    ops = [o[1] if o[0].startswith("@") else o[0] for o in ops if o]
-    runs, last = [], None
-    for op in ops:  # the instruction stream as runs of global loads, async copies, mma, barriers, branches
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(kernel) -> dict[str, int]:
+    """REG, STACK (spills), SHARED, ... of the compiled kernel, as cuobjdump reports them."""
+    line = _cuobjdump(kernel, "-res-usage").strip().splitlines()[-1]
+    return {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[0\])?):(\d+)", line)}
+
+
+def instruction_runs(kernel) -> list[tuple[str, int]]:
+    """The SASS stream as runs of global loads (LDG), async copies (LDGSTS), tensor-core ops (HMMA),
+    barriers (BAR) and branches (BRA): where the loads sit against the math."""
+    runs: list[list] = []
+    last = None
+    for ln in _cuobjdump(kernel, "-sass").splitlines():
+        if not re.match(r"\s+/\*[0-9a-f]{4}\*/", ln):
+            continue
+        words = ln.split()[1:3]
+        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
         kind = next((t for t in ("LDGSTS", "LDG", "HMMA", "BAR", "BRA") if op.startswith(t)), None)
         if kind and kind == last:
             runs[-1][1] += 1
         elif kind:
             runs.append([kind, 1])
         last = kind or last
-    print("order:", " ".join(f"{k}x{n}" for k, n in runs))
+    return [(k, n) for k, n in runs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--json", action="store_true", help="one JSON object: shared, resources, runs")
+    a = ap.parse_args()
+    k = compile_decode(a.block_n, a.warps, a.stages, a.prefetch)
+    if a.json:
+        print(json.dumps({"shared": k.metadata.shared, "resources": resources(k), "runs": instruction_runs(k)}))
+        return
+    ptx = k.asm["ptx"]
+    print(f"shared memory {k.metadata.shared} B; cp.async {len(re.findall(r'cp[.]async[.]c[ag]', ptx))}, "
+          f"ld.global {ptx.count('ld.global')}, mma {ptx.count('mma.sync')}, bar.sync {ptx.count('bar.sync')}")
+    print(resources(k))
+    print("order:", " ".join(f"{k}x{n}" for k, n in instruction_runs(k)))
 
 
 if __name__ == "__main__":
