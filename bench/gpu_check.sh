@@ -14,7 +14,6 @@
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
-#                      [decode_store]  (FUSE_DECODE_STORE: GPU e2e tokens with it on; offline and Qwen3-8B decode, off vs on)
 #                      [decode_prefetch]  (DECODE_PREFETCH: decode attention base vs prefetch tiles; with the best, GPU
 #                                         tests and the offline workload against base; ~8 min)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
@@ -115,7 +114,6 @@ PY
                         --batches 32 64 128 --out "$OUT" ;;
     kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
                      --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
-    decode_store) run decode_store python3 bench/decode_store_ab.py --out "$OUT/decode_store" ;;
     decode_prefetch) run decode_prefetch python3 bench/decode_prefetch_ab.py --out "$OUT/decode_prefetch" ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;
     kv_fp8_tune) run kv_fp8_tune python3 -c "from bench.kernels.attention import tune_fp8_decode as t; t('$OUT/kv_fp8_tune.json')" ;;
@@ -252,4 +250,4 @@ grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/nu
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
 grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null
 grep -hE "^decode tune" "$OUT/decode_tune.log" 2>/dev/null
-grep -hE "^decode store|floor" "$OUT/decode_store.log" 2>/dev/null
+grep -hE "^decode prefetch" "$OUT/decode_prefetch.log" 2>/dev/null

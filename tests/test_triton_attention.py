@@ -167,21 +167,6 @@ def test_gqa_decode_split_k_interp(monkeypatch):
             seed=3, tol=2e-3)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_gqa_decode_stores_its_own_kv_interp(fuse, monkeypatch):
-    # a decode batch stores its K/V inside the attention kernel (new_kv) or through store_kv first:
-    # the same pool and output either way. Row 2 has slot -1 (its position is read from the pool);
-    # a 1-token context; 17 = one full tile + the new row alone in the last split; head dim 40 (32 + 8)
-    A = _attn()
-    monkeypatch.setattr(A, "FUSE_DECODE_STORE", fuse)
-    monkeypatch.setattr(A, "_num_splits", lambda *args: 3)
-    run_gqa([(1, 37), (1, 1), (1, 17), (1, 64), (1, 16)], heads=4, kv_heads=2, head_dim=40, block_size=8,
-            dtype=torch.float32, seed=7, tol=1e-4, skip_rows=(2,))
-    monkeypatch.setattr(A, "_num_splits", lambda *args: 1)
-    run_gqa([(1, 37), (1, 1), (1, 17)], heads=8, kv_heads=2, head_dim=16, block_size=4,
-            dtype=torch.float16, seed=8, tol=2e-3, skip_rows=(1,))
-
-
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_gqa_decode_prefetch_interp(prefetch, monkeypatch):
     # full tiles with tile i + 1's K/V loaded before tile i's math (DECODE_PREFETCH) or Triton's own
@@ -303,25 +288,6 @@ def test_mla_prefill_split_gpu_bf16(split, monkeypatch):
     run_mla(spec, heads=128, nope=128, rope_d=64, vd=128, r=512, block_size=64, dtype=torch.bfloat16, seed=11,
             tol=2e-2)
     assert sorted(calls) == ([40, 300, 1024] if split else [])
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("fuse", [True, False])
-def test_gqa_gpu_decode_stores_its_own_kv(fuse, monkeypatch):
-    """Decode batches with the K/V store inside the attention kernel (FUSE_DECODE_STORE) or through
-    store_kv first, bf16 at the engine's shapes: the pool is bit-equal to the reference's stores and
-    the output close, over the split-K policy's choices, slot -1 rows and 1-token contexts."""
-    monkeypatch.setattr(_attn(), "FUSE_DECODE_STORE", fuse)
-    rng = random.Random(5)
-    for i, spec in enumerate([
-        [(1, rng.randint(1, 600)) for _ in range(256)],  # the offline workload's batch, ragged and short
-        [(1, rng.randint(1, 4096)) for _ in range(48)] + [(1, 1), (1, 17)],
-        [(1, 4096)], [(1, 1)],
-    ]):
-        for block_size in (16, 64):
-            run_gqa(spec, heads=16, kv_heads=8, head_dim=128, block_size=block_size, dtype=torch.bfloat16,
-                    seed=i, tol=2e-2, skip_rows=(0,) if len(spec) > 1 else ())
 
 
 @gpu

@@ -33,18 +33,18 @@ def compile_decode(block_n: int, warps: int, stages: int, prefetch: bool):
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(G=2, HB=2, NHC=1, BQ=1, BLOCK_M=16, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16,
                  BLOCK_N=block_n, DECODE=True, SPLIT=False, DEC_Q=0, V_FROM_K=False, DOT_PREC=None, KV_SCALED=False,
-                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, NEW_KV=False, PREFETCH=prefetch,
+                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, PREFETCH=prefetch,
                  **{u: 1 for u in UNIT})
     sig, attrs = {}, {}
     for i, p in enumerate(params):
         if p in const:
             sig[p] = "constexpr"
         elif p.endswith("_ptr"):
-            sig[p] = "*i32" if p in ("qs_ptr", "ctx_ptr", "bt_ptr", "slot_ptr") else "*bf16"
+            sig[p] = "*i32" if p in ("qs_ptr", "ctx_ptr", "bt_ptr") else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[p] = "fp32" if p == "qk_scale" else "i32"
-            if p in STRIDES or p.startswith(("s_ks", "s_vs", "s_kn", "s_vn")):  # 16-aligned (or unused, 0)
+            if p in STRIDES or p.startswith(("s_ks", "s_vs")):  # 16-aligned (or unused, 0)
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))

@@ -43,11 +43,10 @@ prefill tiles wasted the tile, and every (S > 1, S == 1) x prefill-config pair w
 kernel variant to compile mid-run.) The reduce kernel always reads MAX_SPLITS partial slots
 (masked), so a new split count never compiles a new variant.
 
-With FUSE_DECODE_STORE, decode batches (max_query_len 1, 16-bit or f32 pools) store their own K/V
-inside the decode grid (new_kv): the split holding position ctx - 1 takes that row from registers,
-folds it into the online softmax as one more position and writes it to its slot, saving store_kv's
-launch per layer. Off by default: on an H100 it kept HF's greedy tokens but was not faster (reference
-workload's decode steps the same to 2% slower; Qwen3-8B batch 1 0.8% faster, batch 64 1.4% slower).
+Tried and dropped: decode batches storing their own K/V inside the decode grid (the split holding
+position ctx - 1 folded that row in from registers and wrote it, saving store_kv's launch per layer):
+HF's tokens on an H100 but not faster (reference workload's decode steps the same to 2% slower;
+Qwen3-8B batch 1 0.8% faster, batch 64 1.4% slower; bench/results/decode_store/).
 
 DECODE_PREFETCH (off; written and interpreter-tested, not yet run on a GPU): Triton's two-stage
 pipeline of the decode loop (sm_90a SASS, triton 3.6, `python -m bench.kernels.decode_sass`) does
@@ -111,8 +110,6 @@ from .mla import mla_attention
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
-FUSE_DECODE_STORE = False  # decode batches store their K/V inside the attention kernel (paged_attention's new_kv);
-# off: correct on an H100 but not faster there (module docstring)
 DECODE_PREFETCH = False  # decode tiles loaded one iteration ahead into registers (module docstring); unmeasured
 DECODE_PREFETCH_CFG = (64, 4, 1)  # its (BLOCK_N, num_warps, num_stages), for head dims <= 128 at 16 bits
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
@@ -236,45 +233,6 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
 
 
 @triton.jit
-def _new_row(acc, m_i, l_i, q1, q2, new_here, writer, slot, q_start, kvh, qk_scale, kn_ptr, vn_ptr, k_ptr, v_ptr,
-             s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
-             DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BS: tl.constexpr):
-    """A decode row's own K/V (this step's, not yet in the pool) folded into the online softmax as one
-    more position, rounded as a tile's would be (p cast to the query dtype for PV); then written to
-    the pool at `slot` by one program per (token, kv head) (`writer`), as store_kv would. Nothing
-    else in this launch reads that position, so no ordering is needed."""
-    d1 = tl.arange(0, DK1)
-    kn_base = kn_ptr + q_start.to(tl.int64) * s_knt + kvh.to(tl.int64) * s_knh
-    kn1 = tl.load(kn_base + d1 * s_knd, mask=new_here & (d1 < DK), other=0.0)
-    s = tl.sum(q1.to(tl.float32) * kn1.to(tl.float32)[None, :], 1)
-    if DK2 > 0:
-        d2 = DK1 + tl.arange(0, DK2)
-        kn2 = tl.load(kn_base + d2 * s_knd, mask=new_here & (d2 < DK), other=0.0)
-        s += tl.sum(q2.to(tl.float32) * kn2.to(tl.float32)[None, :], 1)
-    s = tl.where(new_here, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, s)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe)
-    l_i = l_i * alpha + p
-    dv = tl.arange(0, BLOCK_DV)
-    vn = tl.load(vn_ptr + q_start.to(tl.int64) * s_vnt + kvh.to(tl.int64) * s_vnh + dv * s_vnd,
-                 mask=new_here & (dv < DV), other=0.0)
-    acc = acc * alpha[:, None] + p.to(q1.dtype).to(tl.float32)[:, None] * vn.to(tl.float32)[None, :]
-    write = new_here & writer
-    slot = tl.maximum(slot, 0)  # -1 rows write nothing (masked), but keep their addresses in range
-    page, off = (slot // BS).to(tl.int64), slot % BS
-    k_dst = k_ptr + page * s_kb + off * s_ko + kvh.to(tl.int64) * s_kh
-    tl.store(k_dst + d1 * s_kd, kn1.to(k_ptr.dtype.element_ty), mask=write & (d1 < DK))
-    if DK2 > 0:
-        tl.store(k_dst + d2 * s_kd, kn2.to(k_ptr.dtype.element_ty), mask=write & (d2 < DK))
-    v_dst = v_ptr + page * s_vb + off * s_vo + kvh.to(tl.int64) * s_vh
-    tl.store(v_dst + dv * s_vd, vn.to(v_ptr.dtype.element_ty), mask=write & (dv < DV))
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _pf_pages(bt_row, start, limit, BS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Page ids of the tile at `start` (0 past `limit`)."""
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -305,16 +263,15 @@ def _pf_math(acc, m_i, l_i, q1, k, v, qk_scale, DOT_PREC: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
-        kn_ptr, vn_ptr, slot_ptr,
         qk_scale, num_seqs, num_heads, num_splits,
         s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_ot, s_oh, s_od, s_bt,
-        s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh, s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd,
+        s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
         G: tl.constexpr, HB: tl.constexpr, NHC: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr,
         DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, NEW_KV: tl.constexpr,
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr,
         PREFETCH: tl.constexpr):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -385,12 +342,6 @@ def _paged_attn_kernel(
     else:
         lo = 0
         hi = ctx - q_len + tl.minimum(q0 + BQ, q_len)
-    ctx_kv = ctx  # positions read from the pool
-    if NEW_KV:  # this step's K/V row comes in registers, to the split holding position ctx - 1
-        slot = tl.load(slot_ptr + q_start)
-        new_here = (slot >= 0) & (hi == ctx)  # slot -1: the row already sits in the pool
-        ctx_kv = tl.where(new_here, ctx - 1, ctx)
-        hi = tl.minimum(hi, ctx_kv)
     first = ctx - q_len + q0  # position of the tile's first row: keys <= first need no mask
     mid = lo + (tl.maximum(tl.minimum(hi, first + 1) - lo, 0) // BLOCK_N) * BLOCK_N
 
@@ -416,20 +367,16 @@ def _paged_attn_kernel(
             acc, m_i, l_i = _pf_math(acc, m_i, l_i, q1, kc, vc, qk_scale, DOT_PREC)
     else:
         for start in range(lo, mid, BLOCK_N):
-            acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx_kv, q_pos, bt_row, k_base, v_base, ks_base,
+            acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
                                      vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
                                      s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC,
                                      KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
     for start in range(mid, hi, BLOCK_N):
-        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx_kv, q_pos, bt_row, k_base, v_base, ks_base,
+        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
                                  vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
                                  s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, True, V_FROM_K, DOT_PREC,
                                  KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
 
-    if NEW_KV:  # fold the new row in (masked to nothing where it is not this program's), then store it
-        acc, m_i, l_i = _new_row(acc, m_i, l_i, q1, q2, new_here, hc == 0, slot, q_start, kvh, qk_scale,
-                                 kn_ptr, vn_ptr, k_ptr, v_ptr, s_knt, s_knh, s_knd, s_vnt, s_vnh, s_vnd,
-                                 s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, DK, DV, DK1, DK2, BLOCK_DV, BS)
     if KV_BITS:
         l_i = l_i * L_SCALE  # acc carries p * v * L_SCALE
     dv = tl.arange(0, BLOCK_DV)
@@ -534,8 +481,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, *,
                     scale: float, max_query_len: int, max_context_len: int,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
@@ -543,11 +489,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     context_lens[b] - 1 of sequence b and attend to its positions 0 .. context_lens[b] - 1 (this
     step's K/V already stored). `num_splits` forces the decode split count (tests, tuning).
     FP8 KV: e4m3 caches with k_scale / v_scale [NB, BS, KVH] f32, one per (token, kv head) (may be
-    the same tensor, MLA); without scales a float8 cache is read unscaled.
-    new_kv = (k [T, KVH, Dk], v [T, KVH, Dv], slot_mapping [T]): a decode batch (max_query_len 1,
-    16-bit or f32 pools, K and V apart) whose K/V are not stored yet: the kernel attends to each row's
-    own K/V from registers and stores them at their slots (-1: already in the pool), saving
-    store_kv's launch (one per layer of a decode step)."""
+    the same tensor, MLA); without scales a float8 cache is read unscaled."""
     T, H, DK = q.shape
     NB, BS, KVH, DK_ = k_cache.shape
     assert DK_ == DK, f"q head dim {DK} != k_cache head dim {DK_}"
@@ -578,14 +520,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                   L_SCALE=PV_WIDEN[2] if bits else 1.0)
     strides = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
                *(k_scale.stride() + v_scale.stride() if scaled else (0,) * 6))
-    if new_kv is not None:
-        k_new, v_new, slots = new_kv
-        assert max_query_len == 1 and not scaled and v_cache.data_ptr() != k_cache.data_ptr(), \
-            "new_kv: decode batches over separate 16-bit/f32 K and V pools only"
-        assert k_new.shape == (T, KVH, DK) and v_new.shape == (T, KVH, DV), "new_kv: k [T, KVH, Dk], v [T, KVH, Dv]"
-        new_args, new_strides = (k_new, v_new, slots), (*k_new.stride(), *v_new.stride())
-    else:
-        new_args, new_strides = (q, q, query_start), (0,) * 6  # unused pointers
 
     mixed = max_query_len > MAX_DECODE_Q
     BQ = 1 if mixed else _pow2(max_query_len)
@@ -604,10 +538,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         pacc = pm = pl = out
     _paged_attn_kernel[(B, KVH * NHC, S)](
-        q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables, *new_args,
-        qk_scale, B, H, S, *strides, *new_strides,
+        q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
+        qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, NEW_KV=new_kv is not None, PREFETCH=prefetch, **common,
+        DECODE=True, SPLIT=split, DEC_Q=0, PREFETCH=prefetch, **common,
         num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
@@ -620,9 +554,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BQp = BLOCK_M // HBp
         _paged_attn_kernel[(T // BQp + B, KVH * NHCp, 1)](
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
-            q, q, query_start, qk_scale, B, H, 1, *strides, *(0,) * 6,
+            qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, NEW_KV=False, PREFETCH=False, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, PREFETCH=False, **common,
             num_warps=warps, num_stages=stages)
     return out
 
@@ -639,14 +573,10 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
         k_cache, v_cache, *scales = ctx.kv[layer]
         ks, vs = scales or (None, None)
-        k3, v3 = k.reshape(T, kvh, d), v.reshape(T, kvh, d)
-        fuse = FUSE_DECODE_STORE and ctx.max_query_len == 1 and ks is None
-        if not fuse:
-            store_kv(k_cache, v_cache, k3, v3, ctx.slot_mapping, ks, vs)
+        store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
         o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs,
-                            new_kv=(k3, v3, ctx.slot_mapping) if fuse else None)
+                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
                          absorbed_max_q=MAX_DECODE_Q)
