@@ -2,7 +2,7 @@
 become the default. Triton's own two-stage pipeline of the decode loop issues tile i + 1's loads
 after tile i's math and waits for them at the top of the next iteration (sm_90a SASS, triton 3.6),
 so nothing is in flight while a tile is multiplied; the prefetch variant loads tile i + 1 into
-registers before tile i's math. In one process, interleaved:
+registers before tile i's math. In order:
 
   1. decode attention alone at the offline workload's shapes (Qwen3-0.6B attention, block 16,
      max_context_len 2049 as the engine's graphs): base vs prefetch with (BLOCK_N, warps, stages) =
