@@ -80,7 +80,7 @@ def instruction_runs(kernel) -> list[tuple[str, int]]:
         elif kind:
             runs.append([kind, 1])
         last = kind or last
-    return [(k, n) for k, n in runs]
+    return [(k, n) for k, n in runs]  # tuples: the runs were counted in place
 
 
 def main() -> None:

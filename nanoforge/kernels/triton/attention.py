@@ -446,8 +446,9 @@ _MLA_CFG = (32, 4, 2)
 _V_FROM_K = False  # reuse the K tile as V when V aliases K[..., :Dv]: measured slower (see docstring)
 
 
-def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for the decode grid."""
+def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool,
+                prefetch: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for the decode grid (`prefetch`: its hand-pipelined loop)."""
     if _DECODE_CFG_OVERRIDE is not None:
         return _DECODE_CFG_OVERRIDE
     # bytes per position per tile; an e4m3 tile is widened to 16 bits in registers, so it gets bf16's
@@ -455,7 +456,7 @@ def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool) ->
     width = (dk1 + dk2 + (0 if v_from_k else dv_block)) * max(elem, 2)
     if _INTERPRET:
         return 16, 4, 1
-    if DECODE_PREFETCH and width <= 512:
+    if prefetch:
         return DECODE_PREFETCH_CFG
     if width <= 512:  # head_dim <= 128 at bf16: 128 positions (8 pages of 16), 64 KiB per stage
         return 128, 4, 2
@@ -527,9 +528,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     NHC = triton.cdiv(G, HB)
     S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
     # decode grid: every row of a decode batch, the single-token rows of a mixed one
-    BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
     prefetch = (DECODE_PREFETCH and not scaled and not v_from_k and DK1 == DK and DK2 == 0 and BLOCK_DV == DV
                 and (DK1 + BLOCK_DV) * k_cache.element_size() <= 512)  # unmasked 16-bit head dims <= 128
+    BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k, prefetch)
     split = S > 1
     if split:
         pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
