@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from nanoforge.serving.sockets import free_tcp_port  # noqa: E402
 
 MODEL = "tiny-load"
 
@@ -42,12 +43,6 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # decode joins words with spaces: no held-back bytes
     tok.save(str(out / "tokenizer.json"))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(ckpt: Path, port: int, max_num_seqs: int, log: Path, timeout_s: float = 300.0) -> subprocess.Popen:
@@ -102,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nanoforge-serve-load-") as tmp:
         t0 = time.perf_counter()
         ckpt = make_checkpoint(Path(tmp))
-        port, log = free_port(), Path(tmp) / "server.log"
+        port, log = free_tcp_port(), Path(tmp) / "server.log"
         proc = start_server(ckpt, port, a.concurrency, log)
         print(f"server up on 127.0.0.1:{port} in {time.perf_counter() - t0:.1f} s (max_num_seqs {a.concurrency}); "
               f"{a.concurrency} clients for {a.duration:g} s, {a.input_len} in / {a.output_len} out tokens")

@@ -348,3 +348,28 @@ def test_an_engine_without_a_registry_needs_no_redis_package(tmp_path):
             "    print('loaded model first:', e)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "loaded model first:" in run.stdout, run.stderr[-2000:]
+
+
+def test_free_ports_stay_clear_of_the_kernels_ephemeral_range_and_never_repeat():
+    """The ports tests and benches hand to servers they start: a TCPStore's or gloo's bind(0), or
+    any outgoing connection, cannot take one before its server binds it (the flake that broke CI)."""
+    from nanoforge.serving.sockets import _ephemeral_low, free_tcp_port
+
+    ports = [free_tcp_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(1024 < p < _ephemeral_low() for p in ports)
+
+
+def test_a_taken_address_fails_before_the_model_loads(tmp_path):
+    """serve_engine binds first: the user learns the port is taken in a second, not after loading."""
+    import zmq
+
+    from nanoforge.serving.engine_server import serve_engine
+
+    addr, ctx = free_tcp_addr(), zmq.Context()
+    holder = ctx.socket(zmq.ROUTER)
+    holder.bind(addr)
+    try:
+        with pytest.raises(NanoForgeError, match=f"cannot bind {re.escape(addr)}"):
+            serve_engine(tmp_path / "missing", addr)  # a missing model would fail later, naming the path
+    finally:
+        ctx.destroy(linger=0)

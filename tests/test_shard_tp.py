@@ -23,6 +23,7 @@ from nanoforge.check.simulate import run_ranks
 from nanoforge.passes import PASSES, PIPELINES, Pass, PassContext, PassManager
 from nanoforge.check.recorded import run_recorded
 from nanoforge.plan import read_plan
+from nanoforge.serving.sockets import free_tcp_port
 from nanoforge.models.weights import load_params
 from nanoforge.check.numeric import after_pass as numeric_check
 from nanoforge.facts import ParallelLayout, layout_of, read
@@ -242,15 +243,7 @@ def test_torch_dist_comm_on_gloo():
     """TorchDistComm over two real gloo processes: sums and gathers in rank order."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_gloo_worker, args=(2, _free_port()), nprocs=2, join=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    mp.spawn(_gloo_worker, args=(2, free_tcp_port()), nprocs=2, join=True)
 
 
 def _gloo_worker(rank: int, world: int, port: int) -> None:

@@ -46,7 +46,7 @@ from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
 from .protocol import GenerateRequest, TokenDelta
-from .sockets import bind_router, run_loop, wake_pair
+from .sockets import bind_router, free_tcp_addr, run_loop, wake_pair  # noqa: F401 (free_tcp_addr: for callers)
 from .wire import PROTOCOL_VERSION, Malformed, error_reply, pack, unpack, unpack_body
 
 log = logging.getLogger("nanoforge.serving")
@@ -101,9 +101,9 @@ class EngineServer:
     def __init__(self, engine: Any, addr: str, model_name: str, kv_contract: KVContract, role: str = "both",
                  info: dict[str, Any] | None = None, *, kv_park_timeout: float = 30.0, kv_transport: str = "auto",
                  registry: str | None = None, advertise_addr: str | None = None, registry_scope: str | None = None,
-                 kv_pull_timeout: float = 5.0, kv_staging_bytes: int | None = None):
+                 kv_pull_timeout: float = 5.0, kv_staging_bytes: int | None = None, sock: zmq.Socket | None = None):
         """kv_staging_bytes: host staging of a CUDA pool for dlslime's TCP mode (None: min(1 GiB,
-        the pool's size))."""
+        the pool's size)). sock: a ROUTER already bound at `addr` (serve_engine binds before loading)."""
         if role not in ROLES:
             raise NanoForgeError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
         if role != "both" and kv_contract.state and pool_device(engine.kv_pool()).type != "cpu":
@@ -129,8 +129,8 @@ class EngineServer:
         self.kv_transport, self.migrator, self.ipc = kv_transport, None, None
         self.kv_pull_timeout, self.dlslime = kv_pull_timeout, None  # dlslime: KVExport, at the first offer
         self.kv_staging_bytes = kv_staging_bytes
-        self.ctx = zmq.Context()
-        self.sock = bind_router(self.ctx, addr, "engine server")
+        self.ctx = sock.context if sock is not None else zmq.Context()
+        self.sock = sock if sock is not None else bind_router(self.ctx, addr, "engine server")
         self.wake_rx, self.wake_tx = wake_pair(self.ctx, f"wake-{id(self)}")  # wake_tx: the engine thread's
         self.outbox: queue.Queue[list[TokenDelta]] = queue.Queue()
         self.routes: dict[str, bytes] = {}  # live request id -> the front end that sent it
@@ -336,7 +336,13 @@ def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: 
     if role == "encode":
         return serve_encoder(model, addr, model_name=model_name, device=device, registry=registry,
                              advertise_addr=advertise_addr, registry_scope=registry_scope, **engine_opts)
-    llm = LLM(model, device=device, progress=False, **engine_opts)
+    ctx = zmq.Context()  # bound before minutes of loading: a taken address fails now, and stays ours
+    sock = bind_router(ctx, addr, "engine server")
+    try:
+        llm = LLM(model, device=device, progress=False, **engine_opts)
+    except BaseException:
+        ctx.destroy(linger=0)
+        raise
     info = {"checkpoint_path": str(llm.checkpoint.path), "checkpoint_kind": getattr(llm.checkpoint, "kind", ""),
             "max_num_seqs": llm.engine.cfg.max_num_seqs,
             "block_size": llm.engine.block_size,
@@ -345,13 +351,14 @@ def serve_engine(model: Any, addr: str, *, model_name: str | None = None, role: 
     store = llm.engine.kv_store()  # PD pairs engines by the one-rank contract, whatever their layouts
     if kv_transport in ("ipc", "dlslime") and store.sharded:
         llm.close()
+        ctx.destroy(linger=0)
         raise NanoForgeError(f"--kv-transport {kv_transport}: the KV of this engine is split over its ranks "
                              f"({store.layout}); use tcp (or auto)")
     info["kv_layout"] = store.layout
     server = EngineServer(llm.engine, addr, name, store.contract, role, info, kv_park_timeout=kv_park_timeout,
                           kv_transport=kv_transport, registry=registry, advertise_addr=advertise_addr,
                           registry_scope=registry_scope, kv_pull_timeout=kv_pull_timeout,
-                          kv_staging_bytes=kv_staging_bytes)
+                          kv_staging_bytes=kv_staging_bytes, sock=sock)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, server.request_stop)
         signal.signal(signal.SIGINT, server.request_stop)
@@ -370,12 +377,6 @@ def dlslime_host(addr: str) -> str:
         except OSError as e:
             raise NanoForgeError(f"--kv-transport dlslime: cannot resolve the host of {addr}: {e}") from None
     return "127.0.0.1"  # ipc:// and inproc:// engines: local peers only
-
-
-def free_tcp_addr(host: str = "127.0.0.1") -> str:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def stop_engine_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:

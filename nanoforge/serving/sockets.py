@@ -2,7 +2,11 @@
 an inproc PAIR that lets a worker thread wake the loop, and a bounded drain of the ROUTER."""
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+import random
+import socket
+from pathlib import Path
+from typing import Callable, Iterator
 
 import zmq
 
@@ -22,6 +26,41 @@ def bind_router(ctx: zmq.Context, addr: str, what: str) -> zmq.Socket:
         ctx.destroy(linger=0)
         raise NanoForgeError(f"{what} cannot bind {addr}: {e}") from None
     return sock
+
+
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default  # not Linux: most kernels hand out ports above this
+
+
+def _candidates() -> Iterator[int]:
+    low = max(_ephemeral_low(), 11024)
+    span = low - 10000
+    return (10000 + i % span for i in itertools.count(random.randrange(span)))
+
+
+_PORTS = _candidates()  # one walk per process: two calls never hand out the same port
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port nothing on `host` listens on now, chosen below the kernel's ephemeral range, so no
+    bind(0) (a TCPStore, gloo's pairs) or outgoing connection elsewhere can take it before the
+    process it is meant for binds it."""
+    for port in itertools.islice(_PORTS, 2000):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise NanoForgeError(f"no free TCP port on {host} below the ephemeral range")
+
+
+def free_tcp_addr(host: str = "127.0.0.1") -> str:
+    """A ZMQ address at a free_tcp_port."""
+    return f"tcp://{host}:{free_tcp_port(host)}"
 
 
 def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
