@@ -104,7 +104,6 @@ def smollm2_hf(smollm2_gguf):
 @_hf_pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     import shutil
-    import socket
     import subprocess
     import time
 
@@ -116,9 +115,9 @@ def redis_url(tmp_path_factory):
                         "or set NANOFORGE_SKIP_REDIS=1 to skip the registry tests")
     import redis
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from nanoforge.serving.sockets import free_tcp_port
+
+    port = free_tcp_port()
     workdir = tmp_path_factory.mktemp("redis")
     logfile = open(workdir / "redis.log", "w+")
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

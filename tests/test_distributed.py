@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -159,10 +158,9 @@ def test_attention_dp2_ffn_ep2_generates_tp1_tokens(ckpt, ref, ranks):
 
 
 def test_serve_tp2_plan(ckpt, ref, tp2_plan, tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    from nanoforge.serving.sockets import free_tcp_port
+
+    port = free_tcp_port()  # clear of the TCPStore's own bind(0) in the server's ranks
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "nanoforge.cli", "serve", str(tp2_plan), "--port", str(port),
                              "--max-model-len", "256", "--served-model-name", "tiny"],

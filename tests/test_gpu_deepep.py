@@ -159,11 +159,11 @@ def _run(mode: str, tmp_path: Path, monkeypatch) -> list[dict]:
     """Both ranks' result files; a rank still running at the deadline is killed and says so."""
     import torch.multiprocessing as mp
 
-    from test_shard_tp import _free_port
+    from nanoforge.serving.sockets import free_tcp_port
 
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    ctx, port = mp.get_context("spawn"), _free_port()
+    ctx, port = mp.get_context("spawn"), free_tcp_port()
     paths = [tmp_path / f"{mode}-{r}.json" for r in range(RANKS)]
     procs = [ctx.Process(target=_worker, args=(r, port, mode, str(paths[r]))) for r in range(RANKS)]
     [p.start() for p in procs]

@@ -1,7 +1,6 @@
 """Engine registry against a real redis-server (the `redis_url` fixture in conftest.py)."""
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -10,6 +9,7 @@ import pytest
 import redis
 
 from nanoforge.errors import NanoForgeError
+from nanoforge.serving.sockets import free_tcp_port
 from nanoforge.serving.registry import (EngineRecord, RegistryPublisher, RegistryWatcher, check_scope,
                                         parse_redis_url)
 
@@ -201,9 +201,7 @@ def test_malformed_values_are_skipped(redis_url, prefix, caplog):
 
 
 def closed_port_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    return f"redis://127.0.0.1:{free_tcp_port()}/0"
 
 
 def test_unreachable_redis_gives_clear_errors():

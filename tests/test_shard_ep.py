@@ -123,9 +123,9 @@ def test_all_to_all_on_gloo_and_simulated_agree():
     import torch.multiprocessing as mp
 
     from nanoforge.parallel.comm import SimulatedComm, SimulatedHub
-    from test_shard_tp import _free_port
+    from nanoforge.serving.sockets import free_tcp_port
 
-    mp.spawn(_a2a_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp.spawn(_a2a_worker, args=(free_tcp_port(),), nprocs=2, join=True)
     layout, hub, out = ParallelLayout(1, 2, 2), SimulatedHub(2), {}
 
     def rank(r: int) -> None:
