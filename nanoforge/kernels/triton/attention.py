@@ -48,15 +48,8 @@ position ctx - 1 folded that row in from registers and wrote it, saving store_kv
 HF's tokens on an H100 but not faster (reference workload's decode steps the same to 2% slower;
 Qwen3-8B batch 1 0.8% faster, batch 64 1.4% slower; bench/results/decode_store/).
 
-DECODE_PREFETCH (off; written and interpreter-tested, not yet run on a GPU): Triton's two-stage
-pipeline of the decode loop (sm_90a SASS, triton 3.6, `python -m bench.kernels.decode_sass`) does
-tile i's math first and only then issues tile i + 1's page ids (a plain load the async copies must
-wait for) and K/V copies, which the next iteration waits for at its top: while a tile is multiplied,
-this program has nothing in flight. With the flag, full tiles run a hand-written pipeline instead:
-tile i + 1's K/V (and tile i + 2's page ids) are loaded into registers before tile i's math
-(DECODE_PREFETCH_CFG: BLOCK_N 64, 4 warps, 205 registers, no spills). `bench/gpu_check.sh
-decode_prefetch` times it against the default and, if faster, runs the GPU tests and the offline
-workload with it.
+DECODE_PREFETCH (off; not yet run on a GPU): full decode tiles on a hand-written register pipeline
+(attention_tiles.py says why).
 
 CUDA-graph safe: no host reads of tensor values; grids depend on shapes, B, max_query_len,
 max_context_len only; partial buffers come from torch.empty.
@@ -104,13 +97,14 @@ import triton
 import triton.language as tl
 
 from ..fp8 import FP8
-from .attention_fp8 import PV_WIDEN, _exp2i, _widen
+from .attention_fp8 import PV_WIDEN, _exp2i
+from .attention_tiles import _kv_tile, _pf_kv, _pf_math, _pf_pages
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 from .mla import mla_attention
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
-DECODE_PREFETCH = False  # decode tiles loaded one iteration ahead into registers (module docstring); unmeasured
+DECODE_PREFETCH = False  # decode tiles loaded one iteration ahead into registers (attention_tiles.py); unmeasured
 DECODE_PREFETCH_CFG = (64, 4, 1)  # its (BLOCK_N, num_warps, num_stages), for head dims <= 128 at 16 bits
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
@@ -134,132 +128,6 @@ def _sm_count(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 # paged attention
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _online_softmax(s, m_i, l_i):
-    """Base-2 scores [M, N] folded into the running row max and sum -> (p, alpha, new max, new sum);
-    a row whose scores are all -inf so far keeps p = 0 (its max stands in as 0)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
-             s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb, s_vso,
-             DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
-             BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr,
-             KV_BITS: tl.constexpr, PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr):
-    """One KV tile (BLOCK_N positions from `start`) folded into the online softmax state. KV_SCALED
-    (FP8 KV): K's per-token scales multiply the score columns, V's the probability columns (after l_i
-    took them unscaled). KV_BITS (16-bit queries): e4m3 tiles widened by _widen, K to f16 (q comes
-    rescaled into f16), V to PV_SHIFT's type; else they are cast to the query dtype (f32)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    kv_ok = offs_n < ctx
-    if MASKED:
-        page = tl.load(bt_row + offs_n // BS, mask=kv_ok, other=0)
-    else:
-        page = tl.load(bt_row + offs_n // BS)
-    k_tok = page.to(tl.int64) * s_kb + (offs_n % BS) * s_ko
-    d1 = tl.arange(0, DK1)
-    k_ptrs = k_base + k_tok[None, :] + d1[:, None] * s_kd
-    if MASKED:
-        if DK1 > DK:
-            k1 = tl.load(k_ptrs, mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
-        else:
-            k1 = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
-    else:
-        if DK1 > DK:
-            k1 = tl.load(k_ptrs, mask=d1[:, None] < DK, other=0.0)
-        else:
-            k1 = tl.load(k_ptrs)
-    if KV_BITS:
-        k1 = _widen(k1, 7)
-    s = tl.dot(q1, k1.to(q1.dtype), input_precision=DOT_PREC)
-    if DK2 > 0:
-        d2 = DK1 + tl.arange(0, DK2)
-        if MASKED:
-            k2 = tl.load(k_base + k_tok[None, :] + d2[:, None] * s_kd,
-                         mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
-        else:
-            k2 = tl.load(k_base + k_tok[None, :] + d2[:, None] * s_kd, mask=d2[:, None] < DK, other=0.0)
-        if KV_BITS:
-            k2 = _widen(k2, 7)
-        s = tl.dot(q2, k2.to(q2.dtype), s, input_precision=DOT_PREC)
-    if KV_SCALED:  # padding scales may be garbage: masked to 0 (the -inf mask below drops those columns)
-        ks_ptrs = ks_base + page.to(tl.int64) * s_ksb + (offs_n % BS) * s_kso
-        if MASKED:
-            s = s * (tl.load(ks_ptrs, mask=kv_ok, other=0.0) * qk_scale)[None, :]
-        else:
-            s = s * (tl.load(ks_ptrs) * qk_scale)[None, :]
-    else:
-        s = s * qk_scale
-    if MASKED:
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
-    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
-    if V_FROM_K:
-        v = tl.trans(k1)  # (never with KV_BITS: k1 is widened for QK)
-    else:
-        v_tok = page.to(tl.int64) * s_vb + (offs_n % BS) * s_vo
-        dv = tl.arange(0, BLOCK_DV)
-        v_ptrs = v_base + v_tok[:, None] + dv[None, :] * s_vd
-        if MASKED:
-            if BLOCK_DV > DV:
-                v = tl.load(v_ptrs, mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            else:
-                v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
-        else:
-            if BLOCK_DV > DV:
-                v = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-        if KV_BITS:
-            v = _widen(v, PV_SHIFT)
-    if KV_SCALED:  # V's scales (times PV_SCALE: undoes the widening's power of two) on the probabilities
-        vs_ptrs = vs_base + page.to(tl.int64) * s_vsb + (offs_n % BS) * s_vso
-        if MASKED:
-            vsc = tl.load(vs_ptrs, mask=kv_ok, other=0.0)
-        else:
-            vsc = tl.load(vs_ptrs)
-        p = p * (vsc * PV_SCALE)[None, :]
-    acc = acc * alpha[:, None]
-    if KV_BITS:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    else:
-        acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc, input_precision=DOT_PREC)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _pf_pages(bt_row, start, limit, BS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page ids of the tile at `start` (0 past `limit`)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    return tl.load(bt_row + offs_n // BS, mask=offs_n < limit, other=0)
-
-
-@triton.jit
-def _pf_kv(page, start, ok, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
-           DK1: tl.constexpr, BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A full tile's K [DK1, BLOCK_N] and V [BLOCK_N, BLOCK_DV] into registers (nothing when not `ok`)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k_tok = page.to(tl.int64) * s_kb + (offs_n % BS) * s_ko
-    k = tl.load(k_base + k_tok[None, :] + tl.arange(0, DK1)[:, None] * s_kd, mask=ok)
-    v_tok = page.to(tl.int64) * s_vb + (offs_n % BS) * s_vo
-    v = tl.load(v_base + v_tok[:, None] + tl.arange(0, BLOCK_DV)[None, :] * s_vd, mask=ok)
-    return k, v
-
-
-@triton.jit
-def _pf_math(acc, m_i, l_i, q1, k, v, qk_scale, DOT_PREC: tl.constexpr):
-    """One unmasked tile's scores and online-softmax update."""
-    s = tl.dot(q1, k.to(q1.dtype), input_precision=DOT_PREC) * qk_scale
-    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
-    acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
-    return acc, m_new, l_i
-
-
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
