@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config-only", action="store_true", help="dry run from config.json alone (plan not runnable)")
     c.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 64 where "
                    f"flash_mla runs MLA decode, else {defaults.BLOCK_SIZE})")
-    c.add_argument("--max-num-batched-tokens", type=int, default=defaults.MAX_NUM_BATCHED_TOKENS,
-                   help="tokens per step the plan's memory is planned for (default %(default)s)")
+    c.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens per step the plan's memory is planned for (default {defaults.BIG_GPU_BATCHED_TOKENS} "
+                   f"for CUDA, {defaults.MAX_NUM_BATCHED_TOKENS} for the CPU)")
     c.add_argument("--provider", action="append", default=[], metavar="OP=NAME", help="force a kernel provider")
     c.add_argument("--max-num-seqs", type=int, default=defaults.MAX_NUM_SEQS, metavar="N",
                    help="largest decode batch per rank the plan is made for (CUDA graphs, DeepEP's cap; default "

@@ -34,7 +34,8 @@ class CompileOptions:
     verify_each_pass: bool = False
     config_only: bool = False
     block_size: int | None = None  # None: 64 where FlashMLA runs MLA decode, else defaults.BLOCK_SIZE
-    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
+    max_num_batched_tokens: int | None = None  # the step the activation peak is reported for; None: what a
+    # big card of the target device runs by default (defaults.step_tokens)
     max_num_seqs: int = defaults.MAX_NUM_SEQS  # largest decode batch a CUDA graph is planned for
     deep_ep_max_tokens: int = defaults.DEEP_EP_MAX_TOKENS  # DeepEP low-latency cap per rank (plan_deep_ep; 0 = off)
     cuda_graphs: bool = True
@@ -82,7 +83,8 @@ def pass_options(opts: CompileOptions, target: Target, shipped: WeightQuant | No
             "select_kernels": select_kernels.Options(target, dict(opts.providers), opts.block_size),
             "plan_deep_ep": plan_deep_ep.Options(opts.max_num_seqs, opts.deep_ep_max_tokens),
             "plan_cuda_graphs": plan_cuda_graphs.Options(opts.cuda_graphs, opts.max_num_seqs),
-            "plan_memory": plan_memory.Options(opts.block_size, opts.max_num_batched_tokens)}
+            "plan_memory": plan_memory.Options(opts.block_size, opts.max_num_batched_tokens or
+                                               defaults.step_tokens(target.device, defaults.BIG_GPU_BYTES)[0])}
 
 
 def mtp_tokens(opts: CompileOptions) -> int:

@@ -84,7 +84,8 @@ class LLM:
                               kv_dtype=kv_dtype, index_kv_dtype=index_kv_dtype, block_size=block_size,
                               **({"speculative": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
                                  if cfg.speculative == "mtp" else {}),
-                              max_num_seqs=cfg.max_num_seqs, providers=dict(providers or {}),
+                              max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                              providers=dict(providers or {}),
                               **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)
         have = self.plan.parallel

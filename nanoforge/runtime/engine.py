@@ -13,7 +13,7 @@ from ..errors import NanoForgeError
 from ..models.checkpoint import Checkpoint
 from ..plan import Plan
 from .block_manager import BlockManager
-from .engine_config import EngineConfig, EngineMetrics, check_config, spec_config
+from .engine_config import EngineConfig, EngineMetrics, check_config, spec_config, with_step_tokens
 from .kv_transfer import KVStore, local_store
 from .launchers import check_launcher
 from .model_runner import ModelRunner, RunnerConfig
@@ -49,8 +49,9 @@ class _InFlight:
 class Engine:
     def __init__(self, plan: Plan, ckpt: Checkpoint | None, tokenizer: Tokenizer | None, cfg: EngineConfig,
                  progress: bool = True, runner: ModelRunner | None = None):
-        self.cfg, self.tokenizer = cfg, tokenizer
         check_config(cfg)
+        self.cfg = cfg = with_step_tokens(cfg)
+        self.tokenizer = tokenizer
         self.vision_spec = None  # vision-language plans: how their images are preprocessed (vision_inputs.py)
         if "encode" in plan.module.functions:
             from .vision_inputs import VisionSpec

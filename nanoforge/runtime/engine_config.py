@@ -2,7 +2,7 @@
 step metrics the engine keeps (EngineMetrics: what `metrics()` and the benchmarks report)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import defaults
 from ..errors import NanoForgeError
@@ -18,8 +18,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, on CUDA what gpu_memory_utilization leaves
     gpu_memory_utilization: float = defaults.GPU_MEMORY_UTILIZATION
     max_num_seqs: int = defaults.MAX_NUM_SEQS
-    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
-    max_prefill_chunk: int = defaults.MAX_PREFILL_CHUNK
+    max_num_batched_tokens: int | None = None  # None: defaults.step_tokens (8192 on a card of 70 GiB or more)
+    max_prefill_chunk: int | None = None  # None: likewise (the whole step there, else defaults.MAX_PREFILL_CHUNK)
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at what the KV pool holds
     prefix_caching: bool = True
     enforce_eager: bool = False  # never replay CUDA graphs
@@ -66,11 +66,25 @@ def check_config(cfg: EngineConfig) -> None:
     if not 0 < cfg.gpu_memory_utilization <= 1:
         raise NanoForgeError(f"gpu_memory_utilization must be in (0, 1]; got {cfg.gpu_memory_utilization}")
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise NanoForgeError(f"{name} must be at least 1; got {getattr(cfg, name)}")
     if cfg.max_model_len is not None and cfg.max_model_len < 2:
         raise NanoForgeError(f"max_model_len must be at least 2 (a prompt token and a generated one); got "
                              f"{cfg.max_model_len}")
+
+
+def with_step_tokens(cfg: EngineConfig) -> EngineConfig:
+    """cfg with max_num_batched_tokens and max_prefill_chunk set for its device where left None."""
+    if cfg.max_num_batched_tokens is not None and cfg.max_prefill_chunk is not None:
+        return cfg
+    card = 0
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        card = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
+    tokens, chunk = defaults.step_tokens(cfg.device, card)
+    tokens = cfg.max_num_batched_tokens or tokens
+    return replace(cfg, max_num_batched_tokens=tokens, max_prefill_chunk=cfg.max_prefill_chunk or min(chunk, tokens))
 
 
 def spec_config(cfg: EngineConfig, plan: Plan) -> SpecConfig:

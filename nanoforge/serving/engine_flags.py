@@ -72,7 +72,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, metavar="N", help="prompt + output limit (default: the model's, "
                    "cut to what the KV cache holds)")
     p.add_argument("--max-num-batched-tokens", type=int, metavar="N", help=f"tokens per step (default "
-                   f"{defaults.MAX_NUM_BATCHED_TOKENS})")
+                   f"{defaults.BIG_GPU_BATCHED_TOKENS} on a GPU of {defaults.BIG_GPU_BYTES >> 30} GiB or more, "
+                   f"else {defaults.MAX_NUM_BATCHED_TOKENS})")
     p.add_argument("--gpu-memory-utilization", type=float, metavar="F", help=f"share of the GPU the engine may "
                    f"hold (default {defaults.GPU_MEMORY_UTILIZATION})")
     p.add_argument("--num-blocks", type=int, metavar="N", help="KV blocks (default: sized from memory; 1 GiB on CPU)")
