@@ -117,8 +117,8 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)  # both engines: they share the process
-    if a.max_num_batched_tokens is None:
-        a.max_num_batched_tokens = 8192 if a.device == "cuda" and a.suite is None else 4096
+    if a.max_num_batched_tokens is None and (a.device != "cuda" or a.suite is not None):
+        a.max_num_batched_tokens = 4096  # CUDA: the engine's own default (defaults.step_tokens), as LLM() runs
     if a.suite == "cpu":
         s = bench_cpu_suite(Path(a.results_dir), a.repeats or 3, a.max_num_batched_tokens)
         print(f"wrote {s['path']}")
@@ -130,9 +130,10 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
     if a.hf_num_prompts is None:
         a.hf_num_prompts = a.num_prompts
     opts = {"device": a.device, "dtype": a.dtype, "max_num_seqs": a.max_num_seqs,
-            "max_num_batched_tokens": a.max_num_batched_tokens, "max_prefill_chunk": a.max_num_batched_tokens,
             "max_model_len": a.max_input + a.max_output + 1, "gpu_memory_utilization": a.gpu_memory_utilization,
             "kv_dtype": a.kv_dtype}
+    if a.max_num_batched_tokens is not None:
+        opts.update(max_num_batched_tokens=a.max_num_batched_tokens, max_prefill_chunk=a.max_num_batched_tokens)
     if a.enforce_eager:
         opts["enforce_eager"] = True
     r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir), repeats=a.repeats or 1,
@@ -383,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "compiled on the fly (a plan keeps its own)")
     o.add_argument("--max-num-seqs", type=int, default=defaults.MAX_NUM_SEQS)
     o.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens a step (prefill chunks + "
-                   "decode rows; also the prefill chunk). Default 8192 on CUDA (both H100 workloads ran faster than "
-                   "at 4096, whose twice as many eager mixed steps cost host time), else 4096")
+                   "decode rows; also the prefill chunk). Default on CUDA: the engine's (8192 on a card of 70 GiB or "
+                   "more: both H100 workloads ran faster than at 4096, whose twice as many eager mixed steps cost "
+                   "host time); on the CPU 4096")
     o.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the objects alive after start-up for the "
                    "timed runs (the collector's pauses are reported either way)")
     o.add_argument("--hf-num-prompts", type=int, default=None,

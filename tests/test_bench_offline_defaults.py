@@ -120,11 +120,13 @@ def test_roofline_decode_is_bound_by_bandwidth_or_matmuls_whichever_is_slower():
 
 
 def test_cpu_runs_keep_4096_tokens_a_step_and_report_gc_pauses(tmp_path, monkeypatch):
-    """The 8192 default is CUDA's; a CPU run keeps 4096 (its figures' setting), and every run says what
-    the garbage collector's pauses took, with --gc-freeze recorded when asked for."""
+    """CUDA runs take the engine's default (8192 on a big card); a CPU run keeps 4096 (its figures'
+    setting), says which step it ran, and what the garbage collector's pauses took, with --gc-freeze
+    recorded when asked for."""
     monkeypatch.chdir(tmp_path)
     r = bench(tmp_path, "qwen3-tiny", "--hf-num-prompts", "0", "--gc-freeze")
     assert r["engine_options"]["max_num_batched_tokens"] == 4096 and r["gc_freeze"] is True
+    assert r["step_tokens"] == {"max_num_batched_tokens": 4096, "max_prefill_chunk": 4096}
     nf = r["nanoforge"]
     assert nf["gc_pauses"] >= 0 and nf["gc_s"] >= 0 and nf["gc_max_ms"] >= 0
     assert (nf["gc_pauses"] == 0) == (nf["gc_s"] == 0)

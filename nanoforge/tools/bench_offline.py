@@ -241,6 +241,9 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     if gc_freeze:
         gc.unfreeze()
     info = llm.engine.runner_info()
+    cfg = llm.engine.cfg  # the step the engine ran, whether asked for or its device's default
+    result["step_tokens"] = {"max_num_batched_tokens": cfg.max_num_batched_tokens,
+                             "max_prefill_chunk": cfg.max_prefill_chunk}
     result["nanoforge"] = {**_median(nf_runs), "startup_s": startup, "engine": llm.metrics(),
                            "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"], "runs": nf_runs}
     mem = llm.plan.memory
