@@ -126,7 +126,7 @@ def test_fp8_kv_batching_chunking_preemption_and_prefix_cache_keep_outputs(arch,
     assert m["kv_cache"]["dtype"] == "fp8_e4m3 + f32 scales" and m["kv_cache"]["tokens"] == 12 * 16
     eng = llm.engine
     eng.blocks.check_invariants([])
-    assert eng.blocks.num_free == len(eng.blocks.blocks)
+    assert eng.blocks.num_free == eng.blocks.num_blocks
 
 
 def test_pool_holds_about_twice_the_tokens_of_bf16_kv():

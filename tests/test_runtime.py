@@ -18,7 +18,7 @@ def assert_no_leak(llm: LLM) -> None:
     eng = llm.engine
     assert not eng.has_work()
     eng.blocks.check_invariants([])
-    assert eng.blocks.num_free == len(eng.blocks.blocks)
+    assert eng.blocks.num_free == eng.blocks.num_blocks
 
 
 def make_llm(tiny_ckpt, arch: str, **opts) -> LLM:

@@ -108,3 +108,24 @@ def test_small_pool_scenario_preempts_and_hits_the_cache(plan):
     assert eng.scheduler.num_preemptions > 0 and eng.blocks.hits > 0
     assert all(len(s.output_ids) == 9 for s in seqs)
     eng.blocks.check_invariants([])
+
+
+def test_a_pool_of_millions_of_blocks_builds_nothing_per_block_and_keeps_the_lru_order():
+    """A tiny model's 1 GiB CPU pool is millions of blocks: none gets an object before it is handed
+    out, and blocks never handed out still go before freed ones (which stay findable longest)."""
+    from nanoforge.runtime.block_manager import BlockManager
+    from nanoforge.runtime.sequence import Sequence
+
+    big = BlockManager(10_000_000, 16)
+    assert big.num_free == 10_000_000 and not big.blocks and not big.free
+    bm = BlockManager(4, 2, prefix_caching=False)
+    a, b = Sequence(0, [1] * 4, SamplingParams()), Sequence(1, [2] * 6, SamplingParams())
+    bm.grow(a, 4)
+    assert a.block_table == [0, 1] and bm.num_free == 2
+    bm.release(a)  # tail first: block 1 is evicted before block 0
+    bm.grow(b, 6)
+    assert b.block_table == [2, 3, 1] and bm.num_free == 1
+    bm.check_invariants([b])
+    bm.release(b)
+    assert bm.num_free == 4
+    bm.check_invariants([])

@@ -4,6 +4,10 @@ Every full block (prompt or decode) is registered under hash(parent hash, its to
 sequence reuses the longest chain of registered blocks whose tokens really match, capped so
 that at least one prompt token is computed. Freed blocks keep their hash and stay findable
 until they are evicted, least recently freed first.
+
+Blocks never handed out yet have no Block object and no free-list entry: ids next_fresh.. are
+taken in order before any freed block, as if they headed the free list. A CPU pool of a tiny
+model holds millions of blocks, whose objects took seconds to build at every start.
 """
 from __future__ import annotations
 
@@ -37,14 +41,16 @@ class BlockManager:
         # their state after a cached prefix is nowhere, so such plans run without prefix caching
         assert not (state_slots and prefix_caching), "prefix caching cannot restore per-sequence state"
         self.state = StateSlots(state_slots) if state_slots else None
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.num_blocks = num_blocks
+        self.blocks: list[Block] = []  # the blocks handed out at least once: blocks[i].block_id == i
+        self.next_fresh = 0  # == len(self.blocks): ids from here on were never handed out
+        self.free: OrderedDict[int, None] = OrderedDict()  # freed blocks, least recently freed first
         self.cached: dict[bytes, int] = {}
         self.hits = self.queries = 0  # tokens found in / looked up in the prefix cache
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.num_blocks - self.next_fresh
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -55,12 +61,16 @@ class BlockManager:
         self.cached.clear()
 
     def _take(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
-        b = self.blocks[block_id]
-        if b.hash is not None and self.cached.get(b.hash) == block_id:
-            del self.cached[b.hash]
+        if self.next_fresh < self.num_blocks:  # never handed out: ahead of every freed block
+            b = Block(self.next_fresh)
+            self.blocks.append(b)
+            self.next_fresh += 1
+        else:
+            b = self.blocks[self.free.popitem(last=False)[0]]
+            if b.hash is not None and self.cached.get(b.hash) == b.block_id:
+                del self.cached[b.hash]
         b.hash, b.tokens, b.ref_count = None, [], 1
-        return block_id
+        return b.block_id
 
     def _ref(self, block_id: int) -> None:
         b = self.blocks[block_id]
@@ -144,6 +154,7 @@ class BlockManager:
     def check_invariants(self, live: list[Sequence]) -> None:
         """Ref counts equal the number of live tables holding each block; free == unreferenced."""
         counts = [0] * len(self.blocks)
+        assert len(self.blocks) == self.next_fresh <= self.num_blocks
         for s in live:
             assert len(set(s.block_table)) == len(s.block_table), f"seq {s.seq_id} holds a block twice"
             assert all(self.blocks[b].hash is not None for b in s.block_table[:s.num_hashed_blocks])

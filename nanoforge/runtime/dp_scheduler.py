@@ -21,7 +21,7 @@ class DPBlocks:
         self.sched = sched
         self.managers = [r.blocks for r in sched.replicas]
         self.block_size = self.managers[0].block_size
-        self.blocks = self.managers[0].blocks
+        self.num_blocks = self.managers[0].num_blocks
 
     def _of(self, seq: Sequence) -> BlockManager:
         d = self.sched.owner.get(seq.seq_id)

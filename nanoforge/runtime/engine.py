@@ -157,7 +157,7 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         """Load and cache counters, for /metrics and routers."""
-        total, free = len(self.blocks.blocks), self.blocks.num_free
+        total, free = self.blocks.num_blocks, self.blocks.num_free
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": total, "kv_blocks_free": free, "kv_usage": 1 - free / max(total, 1),
                 "kv_tokens_total": self.kv_cache["tokens"],
