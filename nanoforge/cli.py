@@ -171,11 +171,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .runtime.chat_images import check_media_dir
     from .serving.inprocess import InProcessClient
     from .serving.openai_api import build_app
+    from .serving.sockets import listen_tcp
 
     check_media_dir(a.allowed_local_media_path)  # before the model loads
     opts = engine_options(a)
     model, name = model_source(a.model, a.model_preset, opts)
-    with LLM(model, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
+    sock = listen_tcp(a.host, a.port, "serve")  # and the port: a taken one fails now
+    with sock, LLM(model, **opts, **_layout(a), **_launch(a)) as llm:  # starts a sharded plan's ranks
         name = a.served_model_name or name
         client = InProcessClient(llm.engine, name)
         # uvicorn re-raises a SIGTERM once it has shut down; as SystemExit it unwinds through here,
@@ -184,7 +186,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(startup_line(name, llm.engine.kv_cache), flush=True)
         try:
             app = build_app(client, llm.tokenizer, name, a.api_key, a.allowed_local_media_path)
-            uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+            uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).run(sockets=[sock])
         finally:
             client.close()
     return 0
@@ -223,11 +225,13 @@ def cmd_route(a: argparse.Namespace) -> int:
 
     from .serving.openai_api import build_app
     from .serving.router import Router
+    from .serving.sockets import listen_tcp
     from .runtime.chat_images import check_media_dir
     from .serving.routing import make_strategy
 
     make_strategy(a.strategy)  # an unknown name fails before any connection
     check_media_dir(a.allowed_local_media_path)  # and a bad directory
+    sock = listen_tcp(a.host, a.port, "route")  # and a taken port
 
     async def main() -> None:
         router = await Router.connect(a.prefill, a.decode, a.engine, encode=a.encode, registry_url=a.registry,
@@ -235,11 +239,12 @@ def cmd_route(a: argparse.Namespace) -> int:
                                       registry_scope=a.registry_scope)
         try:
             app = build_app(router, router.tokenizer, router.model_name, a.api_key, a.allowed_local_media_path)
-            await uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).serve()
+            await uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="info")).serve([sock])
         finally:
             router.close()
 
-    asyncio.run(main())
+    with sock:
+        asyncio.run(main())
     return 0
 
 

@@ -210,3 +210,18 @@ def test_plan_dir_has_the_permissions_of_its_subdirs(llama_plan):
     """mkdtemp made the plan dir 0700 while ir/ and generated/ were 0755: readable by the same people now."""
     mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
     assert mode(llama_plan) == mode(llama_plan / "ir") == mode(llama_plan / "generated")
+
+
+@pytest.mark.parametrize("command", ["serve", "route"])
+def test_a_taken_port_fails_before_the_model_loads_or_the_engines_answer(command, tmp_path, capsys):
+    """serve and route listen first (as vLLM does): a taken port is a one-line error in a second,
+    not after minutes of loading; here the model does not even exist and no engine runs."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = str(holder.getsockname()[1])
+        argv = ["serve", str(tmp_path / "missing")] if command == "serve" else \
+            ["route", "--engine", "tcp://127.0.0.1:1"]
+        fails_with(capsys, [*argv, "--port", port], f"{command}: cannot listen on 127.0.0.1:{port}")
