@@ -24,6 +24,12 @@ from .attention_fp8 import _widen
 
 
 @triton.jit
+def _slot(page, offs_n, s_block, s_slot, BS: tl.constexpr):
+    """Each position's offset in a pool tensor: its page's row plus its slot within the page."""
+    return page.to(tl.int64) * s_block + (offs_n % BS) * s_slot
+
+
+@triton.jit
 def _online_softmax(s, m_i, l_i):
     """Base-2 scores [M, N] folded into the running row max and sum -> (p, alpha, new max, new sum);
     a row whose scores are all -inf so far keeps p = 0 (its max stands in as 0)."""
@@ -51,7 +57,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
         page = tl.load(bt_row + offs_n // BS, mask=kv_ok, other=0)
     else:
         page = tl.load(bt_row + offs_n // BS)
-    k_tok = page.to(tl.int64) * s_kb + (offs_n % BS) * s_ko
+    k_tok = _slot(page, offs_n, s_kb, s_ko, BS)
     d1 = tl.arange(0, DK1)
     k_ptrs = k_base + k_tok[None, :] + d1[:, None] * s_kd
     if MASKED:
@@ -78,7 +84,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
             k2 = _widen(k2, 7)
         s = tl.dot(q2, k2.to(q2.dtype), s, input_precision=DOT_PREC)
     if KV_SCALED:  # padding scales may be garbage: masked to 0 (the -inf mask below drops those columns)
-        ks_ptrs = ks_base + page.to(tl.int64) * s_ksb + (offs_n % BS) * s_kso
+        ks_ptrs = ks_base + _slot(page, offs_n, s_ksb, s_kso, BS)
         if MASKED:
             s = s * (tl.load(ks_ptrs, mask=kv_ok, other=0.0) * qk_scale)[None, :]
         else:
@@ -91,7 +97,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
     if V_FROM_K:
         v = tl.trans(k1)  # (never with KV_BITS: k1 is widened for QK)
     else:
-        v_tok = page.to(tl.int64) * s_vb + (offs_n % BS) * s_vo
+        v_tok = _slot(page, offs_n, s_vb, s_vo, BS)
         dv = tl.arange(0, BLOCK_DV)
         v_ptrs = v_base + v_tok[:, None] + dv[None, :] * s_vd
         if MASKED:
@@ -107,7 +113,7 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
         if KV_BITS:
             v = _widen(v, PV_SHIFT)
     if KV_SCALED:  # V's scales (times PV_SCALE: undoes the widening's power of two) on the probabilities
-        vs_ptrs = vs_base + page.to(tl.int64) * s_vsb + (offs_n % BS) * s_vso
+        vs_ptrs = vs_base + _slot(page, offs_n, s_vsb, s_vso, BS)
         if MASKED:
             vsc = tl.load(vs_ptrs, mask=kv_ok, other=0.0)
         else:
@@ -133,9 +139,9 @@ def _pf_kv(page, start, ok, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
            DK1: tl.constexpr, BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
     """A full tile's K [DK1, BLOCK_N] and V [BLOCK_N, BLOCK_DV] into registers (nothing when not `ok`)."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    k_tok = page.to(tl.int64) * s_kb + (offs_n % BS) * s_ko
+    k_tok = _slot(page, offs_n, s_kb, s_ko, BS)
     k = tl.load(k_base + k_tok[None, :] + tl.arange(0, DK1)[:, None] * s_kd, mask=ok)
-    v_tok = page.to(tl.int64) * s_vb + (offs_n % BS) * s_vo
+    v_tok = _slot(page, offs_n, s_vb, s_vo, BS)
     v = tl.load(v_base + v_tok[:, None] + tl.arange(0, BLOCK_DV)[None, :] * s_vd, mask=ok)
     return k, v
 
