@@ -46,7 +46,7 @@ from ..runtime.kv_transfer import export_ipc, pool_device
 from .engine_loop import EngineLoop
 from .kv_migration import TRANSPORTS, MigrationWorker
 from .protocol import GenerateRequest, TokenDelta
-from .sockets import bind_router, free_tcp_addr, run_loop, wake_pair  # noqa: F401 (free_tcp_addr: for callers)
+from .sockets import bind_router, free_tcp_addr, run_loop, wake_pair
 from .wire import PROTOCOL_VERSION, Malformed, error_reply, pack, unpack, unpack_body
 
 log = logging.getLogger("nanoforge.serving")

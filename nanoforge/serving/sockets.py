@@ -66,20 +66,19 @@ def free_tcp_addr(host: str = "127.0.0.1") -> str:
 def listen_tcp(host: str, port: int, what: str) -> socket.socket:
     """A TCP socket listening at host:port, made before a server spends minutes loading or
     connecting: a taken port fails now, and clients that come early wait in the backlog."""
+    sock = None
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise NanoForgeError(f"{what}: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart within TIME_WAIT
         sock.bind(addr)
         sock.listen(2048)
+        return sock
     except OSError as e:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise NanoForgeError(f"{what}: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
