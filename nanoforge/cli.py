@@ -144,6 +144,11 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
           f"gc {nf['gc_s']:.2f} s in {nf['gc_pauses']} pauses, longest {nf['gc_max_ms']:.0f} ms)")
     print(f"roofline   {r['roofline']['output_tok_s']:10.1f} output tok/s  (copy "
           f"{r['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s); nanoforge at {100 * r['fraction_of_ceiling']:.0f}%")
+    b = r["step_breakdown"]
+    for g in b["decode"] + ([b["mixed"]] if b["mixed"] else []):
+        kind = "mixed steps" if g is b["mixed"] else f"decode rows {g['rows']:>7}"
+        print(f"  {kind:19s} {g['steps']:5d} steps {g['seconds']:7.2f} s  {g['mean_ms']:7.2f} ms a step against a "
+              f"floor of {g['mean_floor_ms']:6.2f} ({100 * g['fraction_of_floor']:.0f}%)")
     if "hf" in r:
         print(f"HF         {r['hf']['output_tok_s']:10.1f} output tok/s  {'':>23}{r['hf']['time_s']:8.2f} s  "
               f"({r['hf']['num_prompts']} prompts in batches of {r['hf']['batch_size']})")

@@ -33,6 +33,7 @@ class _InFlight:
     seqs: list[Sequence]  # rows of the launched step
     tokens: torch.Tensor  # their sampled tokens, on the device
     start: float
+    kv_positions: int  # context positions the step attends, over its rows (step metrics)
     host: torch.Tensor | None = None  # CUDA: a pinned copy of `tokens`, complete once `ready` has fired
     ready: "torch.cuda.Event | None" = None
 
@@ -292,6 +293,7 @@ class Engine:
             self._pending = self._launch(batch, None)
             return []
         starts = [seq.num_computed for seq, _ in batch.items]
+        kv_positions = sum(starts) + batch.num_tokens
         logits, sample_items = self.runner.execute(batch)
         verified, emitted = [], 0
         if batch.drafts:
@@ -318,6 +320,8 @@ class Engine:
         out += verified
         self.metrics.steps += 1
         self.metrics.tokens_per_step.append(batch.num_tokens)
+        self.metrics.rows_per_step.append(len(batch.items))
+        self.metrics.kv_per_step.append(kv_positions)
         self.metrics.step_times.append(time.perf_counter() - start)
         decode_only = batch.num_tokens - sum(batch.drafts.values()) == len(batch.items)
         self.metrics.decode_flags.append(decode_only)
@@ -372,18 +376,19 @@ class Engine:
                 row = {id(s): i for i, s in enumerate(prev.seqs)}
                 idx = [row[id(s)] for s in seqs]
                 inputs = prev.tokens[torch.tensor(idx, device=prev.tokens.device)]
+        kv_positions = sum(seq.num_computed for seq in seqs) + len(seqs)
         logits, _ = self.runner.execute(batch, device_tokens=inputs)
         for seq in seqs:
             seq.num_computed += 1  # committed at resolve, once the input token is in token_ids
         tokens = sample_plain_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
         assert tokens is not None, "_can_defer admitted a batch sample_plain_device cannot serve"
         if not tokens.is_cuda:
-            return _InFlight(seqs, tokens, time.perf_counter())
+            return _InFlight(seqs, tokens, time.perf_counter(), kv_positions)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return _InFlight(seqs, tokens, time.perf_counter(), host, ready)
+        return _InFlight(seqs, tokens, time.perf_counter(), kv_positions, host, ready)
 
     def _resolve(self, p: "_InFlight") -> list[Sequence]:
         tokens = p.token_list()  # waits for that step (the next one is already queued)
@@ -399,6 +404,8 @@ class Engine:
         m.generated_tokens += len(out)
         m.steps += 1
         m.tokens_per_step.append(len(p.seqs))
+        m.rows_per_step.append(len(p.seqs))
+        m.kv_per_step.append(p.kv_positions)
         m.step_times.append(now - max(p.start, self._last_resolve))
         m.decode_flags.append(True)
         m.decode_step_times.append(m.step_times[-1])

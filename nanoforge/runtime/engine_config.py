@@ -37,6 +37,8 @@ class EngineMetrics:
     tokens_per_step: list[int] = field(default_factory=list)
     decode_step_times: list[float] = field(default_factory=list)  # steps of one token per sequence
     decode_flags: list[bool] = field(default_factory=list)  # per step: was it decode-only
+    rows_per_step: list[int] = field(default_factory=list)  # per step: sequences in the batch
+    kv_per_step: list[int] = field(default_factory=list)  # per step: context positions attended, summed over rows
     prompt_tokens: int = 0
     generated_tokens: int = 0
 

@@ -190,7 +190,7 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     from ..models.presets import PRESETS
     from ..models.random_checkpoint import preset_checkpoint
     from ..plan import read_plan
-    from .roofline import measure_ceilings, simulate_ceiling
+    from .roofline import measure_ceilings, simulate_ceiling, step_breakdown
 
     device = engine_opts.get("device") or "cpu"
     dtype = engine_opts.get("dtype", "auto")
@@ -231,6 +231,7 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
     llm, startup = load_nanoforge(source, prompts, engine_opts)
     hf_model = load_hf(hf_source, device, dtype) if n_hf and device == "cpu" else None
     nf_runs, hf_runs = [], []
+    first_step = len(llm.engine.metrics.step_times)  # the warm-up's steps stay out of the breakdown
     if gc_freeze:
         gc.collect()
         gc.freeze()
@@ -248,10 +249,12 @@ def bench_offline(model: str, workload: OfflineWorkload, engine_opts: dict, hf_n
                            "warmup_s": info["warmup_s"], "cuda_graphs": info["cuda_graphs"], "runs": nf_runs}
     mem = llm.plan.memory
     result["ceilings"] = ceilings
-    result["roofline"] = simulate_ceiling(
-        [len(p) for p in prompts], outs, weight_bytes=mem.param_bytes, kv_bytes_per_token=mem.kv_bytes_per_token,
-        flops_per_token=2 * mem.param_bytes / DTYPE_BYTES[llm.plan.dtype], bandwidth=ceilings["copy_bytes_per_s"],
-        flops=ceilings["matmul_flop_per_s"], max_num_seqs=llm.engine.cfg.max_num_seqs)
+    costs = dict(weight_bytes=mem.param_bytes, kv_bytes_per_token=mem.kv_bytes_per_token,
+                 flops_per_token=2 * mem.param_bytes / DTYPE_BYTES[llm.plan.dtype],
+                 bandwidth=ceilings["copy_bytes_per_s"], flops=ceilings["matmul_flop_per_s"])
+    result["roofline"] = simulate_ceiling([len(p) for p in prompts], outs, max_num_seqs=llm.engine.cfg.max_num_seqs,
+                                          **costs)
+    result["step_breakdown"] = step_breakdown(llm.engine.metrics, since=first_step, **costs)
     result["fraction_of_ceiling"] = result["nanoforge"]["output_tok_s"] / result["roofline"]["output_tok_s"]
     del llm, source
     gc.collect()

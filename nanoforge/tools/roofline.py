@@ -69,3 +69,37 @@ def simulate_ceiling(input_lens: list[int], output_lens: list[int], *, weight_by
     total = prefill_s + decode_s
     return {"output_tok_s": sum(output_lens) / total, "decode_steps": steps, "prefill_s": prefill_s,
             "decode_s": decode_s}
+
+
+ROW_BINS = (1, 16, 32, 64, 128, 256)  # decode steps grouped by rows: (prev, bound]
+
+
+def step_breakdown(m, *, weight_bytes: int, kv_bytes_per_token: int, flops_per_token: float, bandwidth: float,
+                   flops: float, since: int = 0) -> dict:
+    """A run's steps (EngineMetrics `m`) against their own floors: decode-only steps grouped by
+    batch rows, then the mixed steps. A step's floor is the slower of its bytes (weights once, every
+    row's context of K/V) and its FLOPs, as simulate_ceiling charges them. The run's total says how
+    far it is from its ceiling; this says which batches lose the time. `since`: the first step counted
+    (a benchmark leaves its warm-up out)."""
+    def floor_s(tokens: int, kv: int) -> float:
+        return max((weight_bytes + kv * kv_bytes_per_token) / bandwidth, tokens * flops_per_token / flops)
+
+    def group(label: str, steps: list[tuple[float, int, int, int]]) -> dict:
+        t, fl = sum(s[0] for s in steps), sum(floor_s(s[1], s[3]) for s in steps)
+        n = max(len(steps), 1)
+        return {"rows": label, "steps": len(steps), "seconds": t, "floor_s": fl,
+                "mean_ms": 1e3 * t / n, "mean_floor_ms": 1e3 * fl / n,
+                "mean_tokens": sum(s[1] for s in steps) / n, "mean_kv_positions": sum(s[3] for s in steps) / n,
+                "fraction_of_floor": fl / t if t else None}
+
+    steps = list(zip(m.step_times, m.tokens_per_step, m.rows_per_step, m.kv_per_step))[since:]
+    flags = m.decode_flags[since:]
+    decode = [s for s, d in zip(steps, flags) if d]
+    out, lo = [], 0
+    for hi in ROW_BINS + (1 << 62,):
+        picked = [s for s in decode if lo < s[2] <= hi]
+        if picked:
+            out.append(group(f">{lo}" if hi == 1 << 62 else f"{lo + 1}-{hi}" if lo + 1 < hi else str(hi), picked))
+        lo = hi
+    mixed = [s for s, d in zip(steps, flags) if not d]
+    return {"decode": out, "mixed": group("any", mixed) if mixed else None, "all": group("any", steps)}
