@@ -22,10 +22,15 @@ from .state_slots import StateSlots
 
 
 def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
-    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+    return _hash_bytes(parent, np.asarray(tokens, dtype=np.int64).tobytes())
 
 
-@dataclass
+def _hash_bytes(parent: bytes, token_bytes: bytes) -> bytes:
+    """chain_hash of a block whose tokens are already int64 bytes (commit converts a span at once)."""
+    return hashlib.blake2b(parent + token_bytes, digest_size=16).digest()
+
+
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -60,17 +65,19 @@ class BlockManager:
         blocks in use keep their contents, freed ones are plain free blocks."""
         self.cached.clear()
 
-    def _take(self) -> int:
-        if self.next_fresh < self.num_blocks:  # never handed out: ahead of every freed block
-            b = Block(self.next_fresh)
-            self.blocks.append(b)
-            self.next_fresh += 1
-        else:
+    def _take(self, count: int) -> list[int]:
+        """`count` blocks, referenced once: fresh ones first, then the least recently freed."""
+        fresh = min(count, self.num_blocks - self.next_fresh)  # never handed out: ahead of every freed block
+        ids = list(range(self.next_fresh, self.next_fresh + fresh))
+        self.blocks.extend(Block(i, 1) for i in ids)
+        self.next_fresh += fresh
+        for _ in range(count - fresh):
             b = self.blocks[self.free.popitem(last=False)[0]]
             if b.hash is not None and self.cached.get(b.hash) == b.block_id:
                 del self.cached[b.hash]
-        b.hash, b.tokens, b.ref_count = None, [], 1
-        return b.block_id
+            b.hash, b.tokens, b.ref_count = None, [], 1
+            ids.append(b.block_id)
+        return ids
 
     def _ref(self, block_id: int) -> None:
         b = self.blocks[block_id]
@@ -109,22 +116,29 @@ class BlockManager:
         """Make the table cover num_computed + num_new tokens (and give the sequence a state row)."""
         if self.state is not None and seq.state_slot < 0:
             seq.state_slot = self.state.take()
-        while len(seq.block_table) < self.blocks_needed(seq.num_computed + num_new):
-            seq.block_table.append(self._take())
+        missing = self.blocks_needed(seq.num_computed + num_new) - len(seq.block_table)
+        if missing > 0:
+            seq.block_table += self._take(missing)
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks that became full (their tokens now have K/V in the pool)."""
         if not self.prefix_caching or seq.mm is not None:
             return
         bs, tokens = self.block_size, seq.token_ids
-        for i in range(seq.num_hashed_blocks, seq.num_computed // bs):
+        first, end = seq.num_hashed_blocks, seq.num_computed // bs
+        if end <= first:
+            return
+        span = np.asarray(tokens[first * bs:end * bs], dtype=np.int64).tobytes()  # one conversion, then slices
+        width, parent = bs * 8, seq.last_block_hash
+        for i in range(first, end):
             b = self.blocks[seq.block_table[i]]
             if b.hash is None:
                 b.tokens = tokens[i * bs:(i + 1) * bs]
-                b.hash = chain_hash(seq.last_block_hash, b.tokens)
+                j = (i - first) * width
+                b.hash = _hash_bytes(parent, span[j:j + width])
                 self.cached.setdefault(b.hash, b.block_id)
-            seq.last_block_hash = b.hash
-            seq.num_hashed_blocks = i + 1
+            parent = b.hash
+        seq.last_block_hash, seq.num_hashed_blocks = parent, end
 
     def trim(self, seq: Sequence) -> None:
         """Free the blocks past the one holding position num_computed (grown for speculative drafts
