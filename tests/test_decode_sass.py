@@ -14,28 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compiled(block_n: int, warps: int, stages: int, prefetch: bool) -> dict:
+def compiled(block_n: int, warps: int, stages: int, heads_first: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "bench.kernels.decode_sass", "--json", "--block-n", str(block_n), "--warps",
-           str(warps), "--stages", str(stages)] + (["--prefetch"] if prefetch else [])
+           str(warps), "--stages", str(stages)] + (["--heads-first"] if heads_first else [])
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
 
-def test_default_decode_kernel_copies_async_without_spills():
-    k = compiled(128, 4, 2, prefetch=False)
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_decode_kernel_copies_async_without_spills(heads_first):
+    k = compiled(128, 4, 2, heads_first)
     assert k["resources"]["STACK"] == 0, "register spills"
     assert k["shared"] <= 227 * 1024
     assert any(kind == "LDGSTS" for kind, _ in k["runs"]), "K/V tiles no longer copied asynchronously"
-
-
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_prefetch_loop_issues_its_loads_before_its_math(prefetch):
-    # DECODE_PREFETCH's loop body starts with the global loads (tile i + 1's) and then multiplies;
-    # Triton's own pipeline (the default) multiplies first and issues the next tile's copies after
-    k = compiled(64, 4, 1, prefetch=True) if prefetch else compiled(128, 4, 2, prefetch=False)
-    assert k["resources"]["STACK"] == 0, "register spills"
-    runs = [kind for kind, _ in k["runs"] if kind != "BAR"]
-    body = runs[runs.index("BRA") + 1:]  # the first loop (full tiles) starts after the first branch
-    assert (body[0] == "LDG") == prefetch, runs

@@ -167,17 +167,19 @@ def test_gqa_decode_split_k_interp(monkeypatch):
             seed=3, tol=2e-3)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_gqa_decode_prefetch_interp(prefetch, monkeypatch):
-    # full tiles with tile i + 1's K/V loaded before tile i's math (DECODE_PREFETCH) or Triton's own
-    # pipelining: 1 to 6 full tiles, with and without a masked tail, a 1-token context, splits
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_gqa_decode_grid_order_interp(heads_first, monkeypatch):
+    # the decode grid launched sequence-major or kv-head-major (DECODE_HEADS_FIRST): every program
+    # still finds its own sequence, head and split; plain, split-K and mixed batches
     A = _attn()
-    monkeypatch.setattr(A, "DECODE_PREFETCH", prefetch)
-    run_gqa([(1, 37), (1, 5), (1, 64), (1, 16), (1, 48), (1, 96)], heads=4, kv_heads=2, head_dim=32, block_size=8,
+    monkeypatch.setattr(A, "DECODE_HEADS_FIRST", heads_first)
+    run_gqa([(1, 37), (1, 5), (1, 64), (1, 16)], heads=4, kv_heads=2, head_dim=32, block_size=8,
             dtype=torch.float32, seed=2, tol=1e-4)
     monkeypatch.setattr(A, "_num_splits", lambda *args: 3)
     run_gqa([(1, 37), (1, 1), (1, 64), (1, 100)], heads=8, kv_heads=2, head_dim=16, block_size=4,
             dtype=torch.float16, seed=4, tol=2e-3)
+    run_gqa([(1, 40), (10, 26), (1, 3)], heads=4, kv_heads=2, head_dim=16, block_size=8,
+            dtype=torch.float32, seed=5, tol=1e-4)
 
 
 def test_gqa_mixed_with_split_decode_interp(monkeypatch):

@@ -48,8 +48,10 @@ position ctx - 1 folded that row in from registers and wrote it, saving store_kv
 HF's tokens on an H100 but not faster (reference workload's decode steps the same to 2% slower;
 Qwen3-8B batch 1 0.8% faster, batch 64 1.4% slower; bench/results/decode_store/).
 
-DECODE_PREFETCH (off; not yet run on a GPU): full decode tiles on a hand-written register pipeline
-(attention_tiles.py says why).
+Tried and dropped: decode tiles on a hand-written register pipeline (tile i + 1's K/V and tile
+i + 2's page ids loaded before tile i's math, since Triton's two-stage pipeline issues the next
+tile's loads only after this tile's math): 7-12% slower than the default at every shape measured
+(BLOCK_N 64 / 32, 2 or 4 warps; one H200, bench/results/decode_prefetch/).
 
 CUDA-graph safe: no host reads of tensor values; grids depend on shapes, B, max_query_len,
 max_context_len only; partial buffers come from torch.empty.
@@ -98,14 +100,16 @@ import triton.language as tl
 
 from ..fp8 import FP8
 from .attention_fp8 import PV_WIDEN, _exp2i
-from .attention_tiles import _kv_tile, _pf_kv, _pf_math, _pf_pages
+from .attention_tiles import _kv_tile
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 from .mla import mla_attention
 
+# decode grid order: False launches (sequence, kv head, split) with the sequence fastest, so the kv heads of
+# one sequence, which share every pool row (a position's heads are adjacent), run a wave apart; True makes
+# them neighbours, reading each row's heads at about the same time (unmeasured: bench/decode_grid_ab.py)
+DECODE_HEADS_FIRST = False
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
-DECODE_PREFETCH = False  # decode tiles loaded one iteration ahead into registers (attention_tiles.py); unmeasured
-DECODE_PREFETCH_CFG = (64, 4, 1)  # its (BLOCK_N, num_warps, num_stages), for head dims <= 128 at 16 bits
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
@@ -139,10 +143,13 @@ def _paged_attn_kernel(
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr,
-        PREFETCH: tl.constexpr):
-    pid0 = tl.program_id(0)
-    pid1 = tl.program_id(1)
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    if HEADS_FIRST:  # decode grid (KVH * NHC, B, S): the programs of one sequence's kv heads are neighbours
+        pid0 = tl.program_id(1)
+        pid1 = tl.program_id(0)
+    else:
+        pid0 = tl.program_id(0)
+        pid1 = tl.program_id(1)
     kvh = pid1 // NHC
     hc = pid1 % NHC
     if DECODE:
@@ -221,24 +228,11 @@ def _paged_attn_kernel(
     v_base = v_ptr + kvh.to(tl.int64) * s_vh
     ks_base = ks_ptr + kvh.to(tl.int64) * s_ksh
     vs_base = vs_ptr + kvh.to(tl.int64) * s_vsh
-    if PREFETCH:  # unmasked tiles with tile i + 1's K/V (and tile i + 2's page ids) loaded before tile i's math
-        pg = _pf_pages(bt_row, lo, mid, BS, BLOCK_N)
-        kn, vn = _pf_kv(pg, lo, lo < mid, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, DK1, BLOCK_DV, BS,
-                        BLOCK_N)
-        pg = _pf_pages(bt_row, lo + BLOCK_N, mid, BS, BLOCK_N)
-        for start in range(lo, mid, BLOCK_N):
-            kc = kn
-            vc = vn
-            kn, vn = _pf_kv(pg, start + BLOCK_N, start + BLOCK_N < mid, k_base, v_base, s_kb, s_ko, s_kd, s_vb,
-                            s_vo, s_vd, DK1, BLOCK_DV, BS, BLOCK_N)
-            pg = _pf_pages(bt_row, start + 2 * BLOCK_N, mid, BS, BLOCK_N)
-            acc, m_i, l_i = _pf_math(acc, m_i, l_i, q1, kc, vc, qk_scale, DOT_PREC)
-    else:
-        for start in range(lo, mid, BLOCK_N):
-            acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
-                                     vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
-                                     s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC,
-                                     KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
+    for start in range(lo, mid, BLOCK_N):
+        acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
+                                 vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
+                                 s_vso, DK, DV, DK1, DK2, BLOCK_DV, BS, BLOCK_N, False, V_FROM_K, DOT_PREC,
+                                 KV_SCALED, KV_BITS, PV_SHIFT, PV_SCALE)
     for start in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, ks_base,
                                  vs_base, qk_scale, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd, s_ksb, s_kso, s_vsb,
@@ -314,9 +308,8 @@ _MLA_CFG = (32, 4, 2)
 _V_FROM_K = False  # reuse the K tile as V when V aliases K[..., :Dv]: measured slower (see docstring)
 
 
-def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool,
-                prefetch: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for the decode grid (`prefetch`: its hand-pipelined loop)."""
+def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for the decode grid."""
     if _DECODE_CFG_OVERRIDE is not None:
         return _DECODE_CFG_OVERRIDE
     # bytes per position per tile; an e4m3 tile is widened to 16 bits in registers, so it gets bf16's
@@ -324,8 +317,6 @@ def _decode_cfg(dk1: int, dk2: int, dv_block: int, elem: int, v_from_k: bool,
     width = (dk1 + dk2 + (0 if v_from_k else dv_block)) * max(elem, 2)
     if _INTERPRET:
         return 16, 4, 1
-    if prefetch:
-        return DECODE_PREFETCH_CFG
     if width <= 512:  # head_dim <= 128 at bf16: 128 positions (8 pages of 16), 64 KiB per stage
         return 128, 4, 2
     if width <= 1024:
@@ -396,9 +387,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     NHC = triton.cdiv(G, HB)
     S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
     # decode grid: every row of a decode batch, the single-token rows of a mixed one
-    prefetch = (DECODE_PREFETCH and not scaled and not v_from_k and DK1 == DK and DK2 == 0 and BLOCK_DV == DV
-                and (DK1 + BLOCK_DV) * k_cache.element_size() <= 512)  # unmasked 16-bit head dims <= 128
-    BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k, prefetch)
+    BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
     split = S > 1
     if split:
         pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
@@ -406,11 +395,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pl = torch.empty_like(pm)
     else:
         pacc = pm = pl = out
-    _paged_attn_kernel[(B, KVH * NHC, S)](
+    heads_first = DECODE_HEADS_FIRST and B <= 65535  # a grid's y extent is at most 65535
+    _paged_attn_kernel[(KVH * NHC, B, S) if heads_first else (B, KVH * NHC, S)](
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
         qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, PREFETCH=prefetch, **common,
+        DECODE=True, SPLIT=split, DEC_Q=0, HEADS_FIRST=heads_first, **common,
         num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
@@ -425,7 +415,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
             qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, PREFETCH=False, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, HEADS_FIRST=False, **common,
             num_warps=warps, num_stages=stages)
     return out
 

@@ -1,19 +1,9 @@
 """One KV tile of paged attention folded into the online softmax (the loop bodies of attention.py's
-kernel), and the decode prefetch loop's pieces.
+kernel).
 
 A tile is BLOCK_N consecutive positions of one sequence; each position's page id comes from its
 block-table row, so a tile spans several pages, and each token row is a contiguous head_dim run.
 Masked tiles (the last one, the causal edge) mask at load time, so padding never leaks.
-
-DECODE_PREFETCH (off; written and interpreter-tested, not yet run on a GPU): Triton's two-stage
-pipeline of the decode loop (sm_90a SASS, triton 3.6, `python -m bench.kernels.decode_sass`) does
-tile i's math first and only then issues tile i + 1's page ids (a plain load the async copies must
-wait for) and K/V copies, which the next iteration waits for at its top: while a tile is multiplied,
-this program has nothing in flight. With the flag, full tiles run a hand-written pipeline instead:
-tile i + 1's K/V (and tile i + 2's page ids) are loaded into registers before tile i's math
-(DECODE_PREFETCH_CFG: BLOCK_N 64, 4 warps, 205 registers, no spills). `bench/gpu_check.sh
-decode_prefetch` times it against the default and, if faster, runs the GPU tests and the offline
-workload with it.
 """
 from __future__ import annotations
 
@@ -126,30 +116,3 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
         acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
-
-@triton.jit
-def _pf_pages(bt_row, start, limit, BS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page ids of the tile at `start` (0 past `limit`)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    return tl.load(bt_row + offs_n // BS, mask=offs_n < limit, other=0)
-
-
-@triton.jit
-def _pf_kv(page, start, ok, k_base, v_base, s_kb, s_ko, s_kd, s_vb, s_vo, s_vd,
-           DK1: tl.constexpr, BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A full tile's K [DK1, BLOCK_N] and V [BLOCK_N, BLOCK_DV] into registers (nothing when not `ok`)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k_tok = _slot(page, offs_n, s_kb, s_ko, BS)
-    k = tl.load(k_base + k_tok[None, :] + tl.arange(0, DK1)[:, None] * s_kd, mask=ok)
-    v_tok = _slot(page, offs_n, s_vb, s_vo, BS)
-    v = tl.load(v_base + v_tok[:, None] + tl.arange(0, BLOCK_DV)[None, :] * s_vd, mask=ok)
-    return k, v
-
-
-@triton.jit
-def _pf_math(acc, m_i, l_i, q1, k, v, qk_scale, DOT_PREC: tl.constexpr):
-    """One unmasked tile's scores and online-softmax update."""
-    s = tl.dot(q1, k.to(q1.dtype), input_precision=DOT_PREC) * qk_scale
-    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
-    acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
-    return acc, m_new, l_i
