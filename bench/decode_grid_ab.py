@@ -13,7 +13,8 @@ makes them neighbours. In order:
   3. the reference offline workload, base / best / base / best, one process each (base
      twice when heads-first lost), each printing its step breakdown.
 
-    python bench/decode_grid_ab.py --out DIR          (bench/gpu_check.sh decode_grid)
+    python bench/decode_grid_ab.py --out DIR [--quick]  (bench/gpu_check.sh decode_grid; --quick: no tests, one
+                                                        offline run of each variant)
 """
 from __future__ import annotations
 
@@ -69,20 +70,22 @@ def time_kernels() -> tuple[list[dict], str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="no GPU tests; the offline workload once per variant")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, best = time_kernels()
     summary = {"kernel_rows": rows, "best": best}
     print("decode grid: best", best, flush=True)
-    if best != "base":
+    if best != "base" and not a.quick:
         suites = (["tests/test_gpu_e2e.py", "-k", "greedy_equals_cpu"], ["tests/test_triton_attention.py"])
         procs = [start_with(best, f"import pytest; sys.exit(pytest.main(['-m', 'gpu', '-q', '-p', 'no:cacheprovider', "
                                   f"*{args!r}]))") for args in suites]  # side by side: Triton compiles on the CPUs
         summary["tests_rc"] = max(p.wait() for p in procs)
         print(f"decode grid: GPU tests with {best}: rc={summary['tests_rc']}", flush=True)
     offline = []
-    for i, name in enumerate(("base", best, "base", best) if best != "base" else ("base", "base")):
+    order = tuple(VARIANTS) if a.quick else ("base", best, "base", best) if best != "base" else ("base", "base")
+    for i, name in enumerate(order):
         d = out / f"offline-{name}-{i}"
         run_with(name, "from nanoforge.cli import main; sys.exit(main(['bench', 'offline', '--device', 'cuda', "
                        f"'--model', 'qwen3-0.6b', '--hf-num-prompts', '0', '--results-dir', '{d}']))")
