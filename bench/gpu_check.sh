@@ -15,7 +15,8 @@
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
 #                      [decode_grid]  (DECODE_HEADS_FIRST: decode attention grid sequence- vs kv-head-major; if it wins,
-#                                     the GPU tests with it; the offline workload against base; ~4-7 min)
+#                                     the GPU tests with it; the offline workload against base; ~4-7 min;
+#                                     DECODE_GRID_QUICK=1: no tests, one offline run of each order, ~2 min)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
@@ -114,7 +115,7 @@ PY
                         --batches 32 64 128 --out "$OUT" ;;
     kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
                      --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
-    decode_grid) run decode_grid python3 bench/decode_grid_ab.py --out "$OUT/decode_grid" ;;
+    decode_grid) run decode_grid python3 bench/decode_grid_ab.py ${DECODE_GRID_QUICK:+--quick} --out "$OUT/decode_grid" ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;
     kv_fp8_tune) run kv_fp8_tune python3 -c "from bench.kernels.attention import tune_fp8_decode as t; t('$OUT/kv_fp8_tune.json')" ;;
     kv_fp8_offline)
