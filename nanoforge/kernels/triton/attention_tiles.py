@@ -115,4 +115,3 @@ def _kv_tile(acc, m_i, l_i, q1, q2, start, ctx, q_pos, bt_row, k_base, v_base, k
     else:
         acc = tl.dot(p.to(q1.dtype), v.to(q1.dtype), acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
-
