@@ -136,6 +136,8 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
         opts.update(max_num_batched_tokens=a.max_num_batched_tokens, max_prefill_chunk=a.max_num_batched_tokens)
     if a.enforce_eager:
         opts["enforce_eager"] = True
+    if a.disable_pass:
+        opts["disable_passes"] = a.disable_pass
     r = bench_offline(a.model, w, opts, a.hf_num_prompts, a.hf_batch_size, Path(a.results_dir), repeats=a.repeats or 1,
                       gc_freeze=a.gc_freeze)
     nf = r["nanoforge"]
@@ -403,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts of the workload also run through HF generate (default: all; 0 skips HF)")
     o.add_argument("--hf-batch-size", type=int, default=16)
     o.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    o.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
+                   help="compile a checkpoint or preset without this pass (repeatable; an A/B of one pass)")
     o.add_argument("--gpu-memory-utilization", type=float, default=defaults.GPU_MEMORY_UTILIZATION,
                    help="share of the GPU the engine may use (default %(default)s)")
     o.add_argument("--repeats", type=int, default=None, help="time each engine this many times (on the CPU "

@@ -71,21 +71,25 @@ class LLM:
                  index_kv_dtype: str = "auto",
                  block_size: int | None = None, device: str | None = None, progress: bool = True, tp: int | None = None,
                  attention_dp: int | None = None, ffn_ep: int | None = None, providers: dict[str, str] | None = None,
-                 **engine_options: Any):
+                 disable_passes: list[str] | None = None, **engine_options: Any):
         """`model`: a plan dir (runs on the plan's device and ranks) or a checkpoint (compiled in
         memory for `device`, CPU by default, and `tp` / `attention_dp` x `ffn_ep` ranks, with
-        `providers` forced as `compile --provider OP=NAME` does);
+        `providers` forced as `compile --provider OP=NAME` does, and `disable_passes` skipped as
+        `compile --disable-pass NAME` skips them);
         engine_options are EngineConfig fields. A sharded plan starts one worker process per
         rank beyond the first, here (`launcher="local"`) or as Ray actors on a cluster
         (`launcher="ray"`, `ray_address=...`); `close()` (or `with LLM(...)`) stops them."""
         cfg = EngineConfig(**engine_options)
+        if disable_passes and isinstance(model, (str, Path)) and (Path(model) / "plan.json").exists():
+            raise NanoForgeError(f"disable_passes {', '.join(disable_passes)}: {model} is a plan, compiled already; "
+                                 "compile its checkpoint with --disable-pass instead")
         layout = {"tp": tp, "attention_dp": attention_dp, "ffn_ep": ffn_ep}
         opts = CompileOptions(dtype=dtype, quantize=quantize, fp8_activations=fp8_activations, device=device or "cpu",
                               kv_dtype=kv_dtype, index_kv_dtype=index_kv_dtype, block_size=block_size,
                               **({"speculative": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens}
                                  if cfg.speculative == "mtp" else {}),
                               max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                              providers=dict(providers or {}),
+                              providers=dict(providers or {}), disable_passes=list(disable_passes or []),
                               **{k: v for k, v in layout.items() if v is not None})
         self.plan, self.checkpoint = open_model(model, checkpoint, device, opts)
         have = self.plan.parallel

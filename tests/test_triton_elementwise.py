@@ -144,6 +144,42 @@ def test_qk_norm_rope_is_one_launch(monkeypatch):
     assert len(launches) == 1
 
 
+def _store_case(t, heads, kv_heads, d, dtype, pool_dtype, blocks=6, bs=4):
+    """q / k / v as column slices of one qkv row, a random pool (never zeros) and a slot per token, two
+    of them -1 (CUDA-graph padding: nothing written)."""
+    qkv = rnd(t, (heads + 2 * kv_heads) * d, dtype=dtype)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+    pos = torch.randint(0, 1000, (t,), device=DEV)
+    slots = torch.randperm(blocks * bs, device=DEV)[:t]
+    slots[1::3] = -1
+    pools = [rnd(blocks, bs, kv_heads, d, dtype=pool_dtype) for _ in range(2)]
+    return q, k, v, pos, slots, pools
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,d,rot,dtype", [(4, 2, 16, 16, torch.float32), (6, 3, 32, 16, torch.float32),
+                                                        (4, 2, 80, 80, torch.float32), (2, 1, 16, 16, torch.float16)])
+def test_qk_rope_store(norm, heads, kv_heads, d, rot, dtype):
+    """One launch gives the reference's q and k and leaves the K / V pools as attention's own store
+    would: each slotted token's roped k and its v, other rows untouched."""
+    from types import SimpleNamespace
+
+    q, k, v, pos, slots, pools = _store_case(7, heads, kv_heads, d, dtype, dtype)
+    norms = dict(q_norm=rnd(d, dtype=dtype), k_norm=rnd(d, dtype=dtype), eps=1e-6) if norm else {}
+    attrs = dict(heads=heads, kv_heads=kv_heads, q_head_dim=d, k_head_dim=d, rotary_dim=rot, style="neox",
+                 theta=1e6, layer=0, **norms)
+    ref_ctx = SimpleNamespace(kv=[tuple(p.clone() for p in pools)], slot_mapping=slots)
+    ctx = SimpleNamespace(kv=[tuple(pools)], slot_mapping=slots)
+    (qo, ko), (qr, kr) = E.qk_rope_store(q, k, v, pos, ctx=ctx, **attrs), R.qk_rope_store(q, k, v, pos, ctx=ref_ctx,
+                                                                                         **attrs)
+    check(qo, qr, 1e-3)
+    check(ko, kr, 1e-3)
+    for got, want in zip(ctx.kv[0], ref_ctx.kv[0]):
+        check(got, want, 1e-3)
+    written = pools[0].view(-1, kv_heads * d)[slots[slots >= 0]]
+    assert torch.equal(written, ko[slots >= 0].to(written.dtype))  # the pool holds exactly the returned k
+
+
 def test_inv_freq_cached_on_device():
     a, fa = E.rope_cache(16, 10000.0, dict(YARN), DEV)
     b, fb = E.rope_cache(16, 10000.0, dict(YARN), DEV)
@@ -228,6 +264,32 @@ def test_gpu_qk_norm_rope_bf16(t, model):
                                (E.rope(q, k, pos, **attrs), R.rope(q, k, pos, **attrs))]:
         check(qo, qr, BF16_TOL)
         check(ko, kr, BF16_TOL)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("model", ["qwen3-0.6b", "smollm2"])
+def test_gpu_qk_rope_store_bf16(t, model):
+    """The fused rope + KV store at real shapes into a bf16 pool of 16-token blocks: q / k as the
+    reference's, and the pools bit-equal to the reference's store of the kernel's own k and v."""
+    from types import SimpleNamespace
+
+    h, kvh, d, _, rot, style, theta, scaling = QK_MODELS[model]
+    q, k, v, pos, slots, pools = _store_case(t, h, kvh, d, torch.bfloat16, torch.bfloat16, blocks=t // 16 + 8, bs=16)
+    attrs = dict(heads=h, kv_heads=kvh, q_head_dim=d, k_head_dim=d, rotary_dim=rot, style=style, theta=theta,
+                 scaling=scaling)
+    qn, kn = rnd(d, dtype=torch.bfloat16), rnd(d, dtype=torch.bfloat16)
+    ref_pools = tuple(p.clone() for p in pools)
+    qo, ko = E.qk_rope_store(q, k, v, pos, qn, kn, 1e-6, layer=0,
+                             ctx=SimpleNamespace(kv=[tuple(pools)], slot_mapping=slots), **attrs)
+    qr, kr = R.qk_norm_rope(q, k, pos, qn, kn, 1e-6, **attrs)
+    check(qo, qr, BF16_TOL)
+    check(ko, kr, BF16_TOL)
+    keep = slots >= 0
+    for pool, ref, x in zip(pools, ref_pools, (ko, v)):
+        ref.view(-1, kvh, d)[slots[keep]] = x[keep].reshape(-1, kvh, d)
+        assert torch.equal(pool, ref)
 
 
 @gpu

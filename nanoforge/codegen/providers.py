@@ -111,7 +111,8 @@ def _deep_gemm_indexer_refuses(op: str, attrs: dict) -> str | None:
     return None
 
 
-TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "attention", "moe",
+TRITON_OPS = frozenset({"embed", "rms_norm", "add_rms_norm", "silu_mul", "rope", "qk_norm_rope", "qk_rope_store",
+                        "attention", "moe",
                         "grouped_experts", "linear",  # linear: the skinny decode kernel up to 16 rows, cuBLAS above
                         # graph safe in decode-only batches (the only ones captured): gdn's decode rows run the
                         # conv-update and recurrent-step kernels on device state rows (prefill rows, eager only,
@@ -133,8 +134,8 @@ PROVIDERS: list[Provider] = [  # rank order: the first usable one wins
              graph_unsafe=frozenset({"attention"}),
              refuses=_bf16_kv_only("its SDPA attention reads unquantized KV; the torch reference dequantizes")),
     Provider("torch", "nanoforge.kernels.torch_ref", frozenset(OPS), _always,
-             graph_unsafe=frozenset({"attention", "moe", "moe_dispatch", "moe_combine", "indexer", "sparse_mla",
-                                        "gdn"})),
+             graph_unsafe=frozenset({"attention", "qk_rope_store", "moe", "moe_dispatch", "moe_combine", "indexer",
+                                        "sparse_mla", "gdn"})),
     # Library adapters rank after torch, which runs everything: they run where forced (--provider
     # rms_norm=flashinfer, --provider moe=deep_gemm) or where their first_for ranks them first for a node.
     # Not registered: FlashInfer decode attention (plans on the host per step, decode rows only).

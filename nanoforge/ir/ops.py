@@ -113,6 +113,16 @@ def _qk_norm_rope(i: Types, p, a) -> Types:
     return [i[0], i[1]]
 
 
+def _qk_rope_store(i: Types, p, a) -> Types:
+    _rope_check(i[0], i[1], a)
+    _check(("q_norm" in p) == ("k_norm" in p), "qk_rope_store: q_norm and k_norm come together")
+    if "q_norm" in p:
+        _qk_norm_rope(i, p, a)
+        _check("eps" in a, "qk_rope_store: per-head norms need eps")
+    _check(i[2].shape == i[1].shape, f"qk_rope_store: v {i[2]} vs k {i[1]}")
+    return [i[0], i[1]]
+
+
 def _attention(i: Types, p, a) -> Types:
     q = i[0]
     if a["kind"] == "gqa":
@@ -200,9 +210,15 @@ OPS: dict[str, OpDef] = {
               doc="rotary embedding on the last rotary_dim dims of every q and k head"),
         OpDef("qk_norm_rope", ("q", "k", "positions"), ("q_norm", "k_norm"), attrs=("eps",) + ROPE_ATTRS,
               infer=_qk_norm_rope, doc="per-head RMSNorm of q and k, then rope, fused"),
+        OpDef("qk_rope_store", ("q", "k", "v", "positions"), optional_params=("q_norm", "k_norm"),
+              attrs=("layer",) + ROPE_ATTRS, infer=_qk_rope_store, needs_ctx=True,
+              doc="rope (after per-head RMSNorm with q_norm / k_norm) of q and k, and this step's k and v "
+                  "written to the layer's paged KV pool, fused (passes/fuse_kv_store.py: its attention has "
+                  "kv_stored)"),
         OpDef("attention", ("q", "k", "v"), optional_params=("kv_b_proj",), attrs=("kind", "layer", "scale"),
               infer=_attention, needs_ctx=True,
-              doc="causal attention over the paged KV cache (writes this step's K/V first); GQA or MLA"),
+              doc="causal attention over the paged KV cache (writes this step's K/V first unless attr "
+                  "kv_stored); GQA or MLA"),
         OpDef("split", ("x",), attrs=("sizes",), infer=_split, doc="split the last dim into pieces"),
         OpDef("concat", ("a", "b"), infer=_concat, doc="join two values along the last dim (MTP's [embedding | hidden])"),
         OpDef("moe", ("x",), ("router", "w_gate", "w_up", "w_down"), ("score_bias",) + SCALE_SLOTS,

@@ -113,6 +113,19 @@ def qk_norm_rope(q, k, positions, q_norm, k_norm, eps, **attrs):
     return rope(q, k, positions, **attrs)
 
 
+def qk_rope_store(q, k, v, positions, q_norm=None, k_norm=None, eps=None, *, layer, ctx: BatchContext, **attrs):
+    """rope (after the per-head norms, when given) of q and k; this step's k and v into the layer's
+    pool, as attention does when it stores them itself."""
+    q, k = qk_norm_rope(q, k, positions, q_norm, k_norm, eps, **attrs) if q_norm is not None else \
+        rope(q, k, positions, **attrs)
+    k_cache, v_cache, *scales = ctx.kv[layer]
+    k_scale, v_scale = scales or (None, None)
+    kvh, d = attrs["kv_heads"], attrs["k_head_dim"]
+    _store(k_cache, ctx.slot_mapping, k.reshape(-1, kvh, d), k_scale)
+    _store(v_cache, ctx.slot_mapping, v.reshape(-1, kvh, d), v_scale)
+    return q, k
+
+
 def split(x, sizes, **_):
     return tuple(torch.split(x, sizes, dim=-1))
 
@@ -158,16 +171,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, sca
     return torch.einsum("kgql,lkd->qkgd", probs, v).reshape(n, h, -1)
 
 
-def attention(q, k, v, *, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, **a):
-    """Write this step's K/V into the paged pool, then causal attention per sequence."""
+def attention(q, k, v, *, ctx: BatchContext, kind, layer, scale, kv_b_proj=None, kv_stored=False, **a):
+    """Write this step's K/V into the paged pool (unless qk_rope_store did), then causal attention
+    per sequence."""
     out = []
     width = a["heads"] * (a["head_dim"] if kind == "gqa" else a["v_head_dim"])
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
         k_cache, v_cache, *scales = ctx.kv[layer]
         k_scale, v_scale = scales or (None, None)
-        _store(k_cache, ctx.slot_mapping, k.view(-1, kvh, d), k_scale)
-        _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d), v_scale)
+        if not kv_stored:
+            _store(k_cache, ctx.slot_mapping, k.view(-1, kvh, d), k_scale)
+            _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d), v_scale)
         for s in ctx.seqs:
             slots = ctx.context_slots(s)
             ks, vs = _read(k_cache, slots, k_scale, q.dtype), _read(v_cache, slots, v_scale, q.dtype)

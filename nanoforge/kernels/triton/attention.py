@@ -423,16 +423,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # provider entry
 # ---------------------------------------------------------------------------------------------
-def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, **a):
+def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=False, **a):
     """Same signature and semantics as torch_ref.attention: store this step's K/V into the paged
-    pool, then causal attention per sequence. q [T, H*Dk], k/v 2-D; returns [T, H*Dv]. An FP8 pool
+    pool (unless qk_rope_store did), then causal attention per sequence. q [T, H*Dk], k/v 2-D; returns [T, H*Dv]. An FP8 pool
     (e4m3 values + f32 scales per token and kv head) is quantized at store and scaled at read."""
     T = q.shape[0]
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
         k_cache, v_cache, *scales = ctx.kv[layer]
         ks, vs = scales or (None, None)
-        store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
+        if not kv_stored:
+            store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
         o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
                             max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)

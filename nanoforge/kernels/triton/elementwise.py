@@ -173,8 +173,11 @@ def _cos_sin(angle, FAST: tl.constexpr):
 def _qk_section(x_ptr, o_ptr, w_ptr, pos_ptr, inv_ptr, cdt_ptr, pid, n_rows, stride_x, eps, attn,
                 NH: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr,
                 SAME_TOKEN: tl.constexpr, BLOCK_KEEP: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                NORM: tl.constexpr, INTERLEAVED: tl.constexpr, FAST_TRIG: tl.constexpr):
-    """(optional per-head RMSNorm) + rope of the last ROT dims, for BLOCK_R (token, head) rows."""
+                NORM: tl.constexpr, INTERLEAVED: tl.constexpr, FAST_TRIG: tl.constexpr,
+                pool=None, STORE: tl.constexpr = False, BLOCK_DV: tl.constexpr = 1):
+    """(optional per-head RMSNorm) + rope of the last ROT dims, for BLOCK_R (token, head) rows.
+    STORE (k rows): each row also to its pool slot, and v's row of the same (token, head) beside it;
+    `pool` = (slot_ptr, kc_ptr, vc_ptr, v_ptr, stride_v, K pool strides x4, V pool strides x4, BS)."""
     KEEP: tl.constexpr = D - ROT
     HALF: tl.constexpr = ROT // 2
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -182,6 +185,8 @@ def _qk_section(x_ptr, o_ptr, w_ptr, pos_ptr, inv_ptr, cdt_ptr, pid, n_rows, str
     tok = rows // NH
     in_base = tok.to(tl.int64)[:, None] * stride_x + ((rows % NH) * D)[:, None]
     out_base = rows.to(tl.int64)[:, None] * D
+    if STORE:
+        pool_k, smask = _pool_rows(pool, tok, rows % NH, rmask, D, BLOCK_DV)
     x_ty: tl.constexpr = x_ptr.dtype.element_ty
     o_ty: tl.constexpr = o_ptr.dtype.element_ty
 
@@ -216,6 +221,8 @@ def _qk_section(x_ptr, o_ptr, w_ptr, pos_ptr, inv_ptr, cdt_ptr, pid, n_rows, str
 
     if KEEP > 0:
         tl.store(o_ptr + out_base + kc[None, :], xk.to(o_ty), mask=kmask)
+        if STORE:
+            tl.store(pool_k + kc[None, :] * pool[8], xk.to(o_ty).to(pool[1].dtype.element_ty), mask=kmask & smask)
 
     # cos/sin(pos * inv_freq) * attention_factor, rounded to the activation dtype
     inv = tl.load(inv_ptr + hc, mask=hc < HALF, other=0.0)
@@ -231,8 +238,32 @@ def _qk_section(x_ptr, o_ptr, w_ptr, pos_ptr, inv_ptr, cdt_ptr, pid, n_rows, str
         cos = (cos * attn).to(c_ty).to(tl.float32)
         sin = (sin * attn).to(c_ty).to(tl.float32)
     hcol = KEEP + hc[None, :]
-    tl.store(o_ptr + out_base + hcol, (x1 * cos - x2 * sin).to(o_ty), mask=hmask)
-    tl.store(o_ptr + out_base + hcol + HALF, (x2 * cos + x1 * sin).to(o_ty), mask=hmask)
+    y1 = (x1 * cos - x2 * sin).to(o_ty)
+    y2 = (x2 * cos + x1 * sin).to(o_ty)
+    tl.store(o_ptr + out_base + hcol, y1, mask=hmask)
+    tl.store(o_ptr + out_base + hcol + HALF, y2, mask=hmask)
+    if STORE:  # the pool gets the output's values (rounded to o_ty first, as attention's store sees them)
+        k_ty: tl.constexpr = pool[1].dtype.element_ty
+        tl.store(pool_k + hcol * pool[8], y1.to(k_ty), mask=hmask & smask)
+        tl.store(pool_k + (hcol + HALF) * pool[8], y2.to(k_ty), mask=hmask & smask)
+
+
+@triton.jit
+def _pool_rows(pool, tok, head, rmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The K pool row addresses [BLOCK_R, 1] of (token, kv head) rows, with the rows whose slot is
+    not -1 (CUDA-graph padding); copies those rows of v into the V pool on the way."""
+    slot = tl.load(pool[0] + tok, mask=rmask, other=-1).to(tl.int64)
+    blk = slot // pool[13]
+    off = slot % pool[13]
+    smask = (rmask & (slot >= 0))[:, None]
+    h = head.to(tl.int64)
+    pool_k = pool[1] + (blk * pool[5] + off * pool[6] + h * pool[7])[:, None]
+    pool_v = pool[2] + (blk * pool[9] + off * pool[10] + h * pool[11])[:, None]
+    dv = tl.arange(0, BLOCK_D)
+    vmask = smask & (dv < D)[None, :]
+    v = tl.load(pool[3] + tok.to(tl.int64)[:, None] * pool[4] + (h * D)[:, None] + dv[None, :], mask=vmask)
+    tl.store(pool_v + dv[None, :] * pool[12], v.to(pool[2].dtype.element_ty), mask=vmask)
+    return pool_k, smask
 
 
 @triton.jit(do_not_specialize=["n_tok"])
@@ -242,13 +273,21 @@ def _qk_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_p
                     ROT: tl.constexpr, BLOCK_HALF: tl.constexpr,
                     BR_Q: tl.constexpr, BR_K: tl.constexpr, SAME_Q: tl.constexpr, SAME_K: tl.constexpr,
                     BKEEP_Q: tl.constexpr, BKEEP_K: tl.constexpr,
-                    NORM: tl.constexpr, INTERLEAVED: tl.constexpr, FAST_TRIG: tl.constexpr):
-    """One launch for q and k: the first programs take q's (token, head) rows, the rest k's."""
+                    NORM: tl.constexpr, INTERLEAVED: tl.constexpr, FAST_TRIG: tl.constexpr,
+                    slot_ptr=None, kc_ptr=None, vc_ptr=None, v_ptr=None, stride_v=0,
+                    s_kcb=0, s_kco=0, s_kch=0, s_kcd=0, s_vcb=0, s_vco=0, s_vch=0, s_vcd=0, BS=1,
+                    STORE: tl.constexpr = False, BLOCK_DV: tl.constexpr = 1):
+    """One launch for q and k: the first programs take q's (token, head) rows, the rest k's (STORE:
+    and write k and v to the paged pool at slot_ptr's slots, as store_kv does)."""
     pid = tl.program_id(0)
     nq = tl.cdiv(n_tok * HQ, BR_Q)
     if pid < nq:
         _qk_section(q_ptr, qo_ptr, qw_ptr, pos_ptr, inv_ptr, qo_ptr, pid, n_tok * HQ, stride_q, eps, attn,
                     HQ, DQ, ROT, BR_Q, SAME_Q, BKEEP_Q, BLOCK_HALF, NORM, INTERLEAVED, FAST_TRIG)
+    elif STORE:
+        pool = (slot_ptr, kc_ptr, vc_ptr, v_ptr, stride_v, s_kcb, s_kco, s_kch, s_kcd, s_vcb, s_vco, s_vch, s_vcd, BS)
+        _qk_section(k_ptr, ko_ptr, kw_ptr, pos_ptr, inv_ptr, qo_ptr, pid - nq, n_tok * HK, stride_k, eps, attn,
+                    HK, DK, ROT, BR_K, SAME_K, BKEEP_K, BLOCK_HALF, NORM, INTERLEAVED, FAST_TRIG, pool, True, BLOCK_DV)
     else:
         _qk_section(k_ptr, ko_ptr, kw_ptr, pos_ptr, inv_ptr, qo_ptr, pid - nq, n_tok * HK, stride_k, eps, attn,
                     HK, DK, ROT, BR_K, SAME_K, BKEEP_K, BLOCK_HALF, NORM, INTERLEAVED, FAST_TRIG)
@@ -347,7 +386,8 @@ def _head_rows(nh: int, d: int, n_tok: int, device) -> tuple[int, bool]:
 
 
 def _qk(q, k, positions, q_norm, k_norm, eps, *, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim,
-        style, theta, scaling=None, **_):
+        style, theta, scaling=None, store=None, **_):
+    """`store` = (v, slot_mapping, k_cache, v_cache): k and v also go to the paged pools (k as returned)."""
     if style not in ("neox", "interleaved"):
         raise ValueError(f"rope: unknown style {style!r}")
     rot = int(rotary_dim)
@@ -370,6 +410,14 @@ def _qk(q, k, positions, q_norm, k_norm, eps, *, heads, kv_heads, q_head_dim, k_
         br_k, same_k = _head_rows(kv_heads, k_head_dim, n, q.device)
         grid = (triton.cdiv(n * heads, br_q) + triton.cdiv(n * kv_heads, br_k),)
         elems = max(br_q * _pow2(q_head_dim), br_k * _pow2(k_head_dim))
+        pool = {}
+        if store is not None:
+            v, slots, kc, vc = store
+            vr, sv = _as_rows(v, kv_heads * k_head_dim)
+            pool = dict(slot_ptr=slots, kc_ptr=kc, vc_ptr=vc, v_ptr=vr, stride_v=sv, s_kcb=kc.stride(0),
+                        s_kco=kc.stride(1), s_kch=kc.stride(2), s_kcd=kc.stride(3), s_vcb=vc.stride(0),
+                        s_vco=vc.stride(1), s_vch=vc.stride(2), s_vcd=vc.stride(3), BS=kc.shape[1], STORE=True,
+                        BLOCK_DV=_pow2(k_head_dim))
         _qk_rope_kernel[grid](
             qr, kr, qo, ko, q_norm if norm else qr, k_norm if norm else kr, pos, inv,
             n, sq, sk, float(eps), attn,
@@ -377,7 +425,7 @@ def _qk(q, k, positions, q_norm, k_norm, eps, *, heads, kv_heads, q_head_dim, k_
             BR_Q=br_q, BR_K=br_k, SAME_Q=same_q, SAME_K=same_k,
             BKEEP_Q=_pow2(q_head_dim - rot), BKEEP_K=_pow2(k_head_dim - rot),
             NORM=norm, INTERLEAVED=style == "interleaved", FAST_TRIG=_fast_trig(q.device),
-            num_warps=_num_warps(elems, q.element_size()))
+            num_warps=_num_warps(elems, q.element_size()), **pool)
     return qo.reshape(q.shape), ko.reshape(k.shape)
 
 
@@ -389,3 +437,12 @@ def rope(q, k, positions, *, heads, kv_heads, q_head_dim, k_head_dim, rotary_dim
 def qk_norm_rope(q, k, positions, q_norm, k_norm, eps, **attrs):
     """Per-head RMSNorm of q and k, then rope, in one launch."""
     return _qk(q, k, positions, q_norm, k_norm, eps, **attrs)
+
+
+def qk_rope_store(q, k, v, positions, q_norm=None, k_norm=None, eps=0.0, *, layer, ctx, **attrs):
+    """rope (after the per-head norms, when given) of q and k, with k and v written to the layer's
+    paged pools in the same launch (torch_ref.qk_rope_store; unquantized pools: what
+    passes/fuse_kv_store.py fuses)."""
+    k_cache, v_cache, *scales = ctx.kv[layer]
+    assert not scales, "qk_rope_store writes unquantized pools (FP8 KV keeps attention's store)"
+    return _qk(q, k, positions, q_norm, k_norm, eps, store=(v, ctx.slot_mapping, k_cache, v_cache), **attrs)
