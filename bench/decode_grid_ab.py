@@ -19,31 +19,19 @@ makes them neighbours. In order:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-VARIANTS = {"base": False, "heads_first": True}
+from bench.knob_ab import run_offline, run_tests, use as use_knob
+
+VARIANTS = {"base": None, "heads_first": "decode_heads_first"}  # variant -> the knob it turns on (bench/knob_ab.py)
 SHAPES = [(256, 512, None), (256, 1600, 100), (64, 1600, 100), (16, 1600, 100), (64, 2048, None), (128, 1024, None),
           (256, 4096, None)]
 
 
 def use(name: str) -> None:
     """Set the attention module's knobs for variant `name` (in this process)."""
-    A = importlib.import_module("nanoforge.kernels.triton.attention")
-    A.DECODE_HEADS_FIRST = VARIANTS[name]
-
-
-def start_with(name: str, code: str) -> subprocess.Popen:
-    """`code` in a fresh process with variant `name` set."""
-    pre = f"import sys; sys.path.insert(0, '.'); from bench.decode_grid_ab import use; use({name!r}); "
-    return subprocess.Popen([sys.executable, "-c", pre + code])
-
-
-def run_with(name: str, code: str) -> int:
-    return start_with(name, code).wait()
+    use_knob("decode_heads_first", VARIANTS[name] is not None)
 
 
 def time_kernels() -> tuple[list[dict], str]:
@@ -78,21 +66,10 @@ def main() -> None:
     summary = {"kernel_rows": rows, "best": best}
     print("decode grid: best", best, flush=True)
     if best != "base" and not a.quick:
-        suites = (["tests/test_gpu_e2e.py", "-k", "greedy_equals_cpu"], ["tests/test_triton_attention.py"])
-        procs = [start_with(best, f"import pytest; sys.exit(pytest.main(['-m', 'gpu', '-q', '-p', 'no:cacheprovider', "
-                                  f"*{args!r}]))") for args in suites]  # side by side: Triton compiles on the CPUs
-        summary["tests_rc"] = max(p.wait() for p in procs)
+        summary["tests_rc"] = run_tests(VARIANTS[best])
         print(f"decode grid: GPU tests with {best}: rc={summary['tests_rc']}", flush=True)
-    offline = []
     order = tuple(VARIANTS) if a.quick else ("base", best, "base", best) if best != "base" else ("base", "base")
-    for i, name in enumerate(order):
-        d = out / f"offline-{name}-{i}"
-        run_with(name, "from nanoforge.cli import main; sys.exit(main(['bench', 'offline', '--device', 'cuda', "
-                       f"'--model', 'qwen3-0.6b', '--hf-num-prompts', '0', '--results-dir', '{d}']))")
-        r = json.loads(sorted(d.glob("*.json"))[-1].read_text())["nanoforge"]
-        offline.append({"variant": name, "output_tok_s": r["output_tok_s"],
-                        "decode_only_step_s": r["engine"]["decode_only_step_s"]})
-        print(f"decode grid: offline {name}: {r['output_tok_s']:.0f} tok/s", flush=True)
+    offline = run_offline([VARIANTS[n] for n in order], out)
     summary["offline"] = offline
     (out / "decode_grid_ab.json").write_text(json.dumps(summary, indent=1))
 

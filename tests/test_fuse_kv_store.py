@@ -1,7 +1,7 @@
 """passes/fuse_kv_store.py: where rope / qk_norm_rope and a GQA attention both run on Triton, the rope
-node writes the new K/V to the pool and the attention skips its store. Which plans get it, that the
-rewrite keeps every value (numeric check, Triton in its interpreter on the CPU), and greedy tokens of
-whole tiny models run through the fused kernels in the interpreter."""
+node writes the new K/V to the pool and the attention skips its store. Off by default until timed on a
+GPU; with it on: which plans get it, that the rewrite keeps every value (numeric check, Triton in its
+interpreter on the CPU), and greedy tokens of a whole tiny model through the fused kernels."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,7 @@ from nanoforge import LLM, SamplingParams
 from nanoforge.check.numeric import after_pass as numeric_check
 from nanoforge.facts import Target
 from nanoforge.models import trace_model
-from nanoforge.passes import PASSES, PIPELINES, PassContext, PassManager, quantize_kv, select_kernels
+from nanoforge.passes import PASSES, PIPELINES, PassContext, PassManager, fuse_kv_store, quantize_kv, select_kernels
 from test_ir import config_dict
 
 needs_interp = pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available(),
@@ -25,9 +25,10 @@ pytest.importorskip("triton")
 CUDA = Target(device="cuda")
 
 
-def compiled(arch: str, target: Target = CUDA, kv_dtype: str = "auto", check=None):
+def compiled(arch: str, target: Target = CUDA, kv_dtype: str = "auto", check=None, on: bool = True):
     module = trace_model(config_dict(arch), "f32")
-    opts = {"select_kernels": select_kernels.Options(target), "quantize_kv": quantize_kv.Options(kv_dtype, target)}
+    opts = {"select_kernels": select_kernels.Options(target), "quantize_kv": quantize_kv.Options(kv_dtype, target),
+            "fuse_kv_store": fuse_kv_store.Options(on)}
     PassManager(PASSES, PIPELINES["default"], PassContext(options=opts, after_pass=check)).run(module)
     return module
 
@@ -53,6 +54,14 @@ def test_left_alone_off_triton_and_with_fp8_kv(target, kv_dtype):
     """The CPU provider stores beside its own decode copies; FP8 KV quantizes in attention's store."""
     module = compiled("qwen3", target, kv_dtype)
     assert not any(n.op == "qk_rope_store" or n.attrs.get("kv_stored") for _, n in module.nodes())
+
+
+def test_off_by_default():
+    assert fuse_kv_store.Options().enabled is False
+    module = trace_model(config_dict("qwen3"), "f32")
+    PassManager(PASSES, PIPELINES["default"], PassContext(options={"select_kernels": select_kernels.Options(CUDA)})
+                ).run(module)
+    assert not any(n.op == "qk_rope_store" for _, n in module.nodes())
 
 
 @needs_interp
@@ -83,7 +92,7 @@ def triton_attention_on_cpu(monkeypatch):
 
 @needs_interp
 @pytest.mark.timeout(300)
-def test_greedy_tokens_through_the_fused_store(tiny_ckpt, triton_attention_on_cpu):
+def test_greedy_tokens_through_the_fused_store(tiny_ckpt, triton_attention_on_cpu, monkeypatch):
     """Qwen3 (per-head norms, head dim 80): prompts longer than a step's chunk (mixed steps), one
     sharing a prompt's first two blocks (prefix cache hits), then decode: the fused plan's tokens equal
     the plan's without the pass (llama's plain rope: test_numeric_check_holds)."""
@@ -93,9 +102,26 @@ def test_greedy_tokens_through_the_fused_store(tiny_ckpt, triton_attention_on_cp
     prompts.append(prompts[2][:32] + prompts[0])
     greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     opts = dict(progress=False, max_prefill_chunk=16, max_num_batched_tokens=24, block_size=16)
+    plain = LLM(path, **opts)
+    assert not any(n.op == "qk_rope_store" for _, n in plain.plan.module.nodes())  # off by default
+    monkeypatch.setattr(fuse_kv_store, "ENABLED", True)  # as bench/knob_ab.py turns it on
     fused = LLM(path, **opts)
     assert sum(n.op == "qk_rope_store" for _, n in fused.plan.module.nodes()) == tiny_config(arch).num_hidden_layers
-    plain = LLM(path, disable_passes=["fuse_kv_store"], **opts)
-    assert not any(n.op == "qk_rope_store" for _, n in plain.plan.module.nodes())
     want = [o.token_ids for o in plain.generate(prompts, greedy)]
     assert [o.token_ids for o in fused.generate(prompts, greedy)] == want
+
+
+def test_llm_disable_passes(tiny_ckpt, tmp_path):
+    """LLM(disable_passes=) skips passes as `compile --disable-pass` does; an unknown name or a plan dir
+    (compiled already) is refused, naming it."""
+    from nanoforge.compiler import CompileOptions, compile_checkpoint
+    from nanoforge.errors import NanoForgeError
+
+    path = tiny_ckpt("llama")
+    llm = LLM(path, progress=False, disable_passes=["fuse_elementwise"])
+    assert not any(n.op == "add_rms_norm" for _, n in llm.plan.module.nodes())
+    with pytest.raises(NanoForgeError, match="fuse_everything"):
+        LLM(path, progress=False, disable_passes=["fuse_everything"])
+    compile_checkpoint(path, CompileOptions()).save(tmp_path / "plan")
+    with pytest.raises(NanoForgeError, match="is a plan"):
+        LLM(tmp_path / "plan", progress=False, disable_passes=["fuse_elementwise"])

@@ -8,14 +8,20 @@ it (and copy v's row beside it) to the pool slot the attention would. Runs after
 only where both nodes run on a provider whose kernels do this in one launch (`FUSING`) and the pool
 holds the model's dtype (FP8 KV quantizes in attention's store). The rewritten node keeps the rope
 node's outputs, so the value k is unchanged for any check that compares it.
+
+Off by default (ENABLED) until timed on a GPU: at batch 256 of the reference workload store_kv is
+~2 us of a ~260 us layer (an H100 profile, bench/results/gpu-logs/h100-20261207-e/), so the launch it
+saves is worth ~0.5-1% there and more at small batches. `bench/knob_ab.py fuse_kv_store` runs the GPU
+tests with it on and the reference workload with and without it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..ir.graph import Function, Module, Node
 from .manager import Pass
 
+ENABLED = False  # the default of Options.enabled (read when the options are made)
 FUSING = ("triton",)  # providers whose qk_rope_store is one launch (torch_ref's is the reference: nothing saved)
 
 
@@ -56,7 +62,7 @@ def fuse_kv_store(module: Module, opts: "Options") -> int:
 
 @dataclass(frozen=True)
 class Options:
-    enabled: bool = True
+    enabled: bool = field(default_factory=lambda: ENABLED)
 
 
 PASS = Pass("fuse_kv_store", fuse_kv_store, "rope/qk_norm_rope + attention's K/V store => qk_rope_store", Options)

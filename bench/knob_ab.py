@@ -1,0 +1,94 @@
+"""Off-by-default knobs, checked and timed on a GPU before they may become defaults. A knob is a module
+constant that a fresh process sets before it compiles or runs anything, so the variants never share a
+process (nor its Triton kernels or CUDA graphs). In order:
+
+  1. unless --quick: the knob's GPU tests with it on, side by side (Triton compiles on the CPUs);
+  2. the reference offline workload, base / knob / base / knob (--quick: base / knob), one process
+     each, each printing its step breakdown; a summary in DIR/knob_ab.json.
+
+    python bench/knob_ab.py KNOB --out DIR [--quick]      (bench/gpu_check.sh knob_ab, KNOB=...)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Knob:
+    module: str
+    attr: str
+    tests: tuple[tuple[str, ...], ...]  # pytest argument lists, run with `-m gpu` and the knob on
+
+
+E2E = ("tests/test_gpu_e2e.py", "-k", "greedy")  # HF's tokens, CUDA graphs and eager
+KNOBS = {
+    "fuse_kv_store": Knob("nanoforge.passes.fuse_kv_store", "ENABLED",
+                          (E2E, ("tests/test_triton_elementwise.py", "-k", "store"))),
+    "decode_heads_first": Knob("nanoforge.kernels.triton.attention", "DECODE_HEADS_FIRST",
+                               (E2E, ("tests/test_triton_attention.py",))),
+}
+
+
+def use(knob: str | None, on: bool = True) -> None:
+    """Set `knob` (None: nothing) in this process."""
+    if knob is not None:
+        k = KNOBS[knob]
+        setattr(importlib.import_module(k.module), k.attr, on)
+
+
+def start_with(knob: str | None, code: str) -> subprocess.Popen:
+    """`code` in a fresh process with `knob` on (None: the defaults)."""
+    pre = f"import sys; sys.path.insert(0, '.'); from bench.knob_ab import use; use({knob!r}); "
+    return subprocess.Popen([sys.executable, "-c", pre + code])
+
+
+def run_tests(knob: str) -> int:
+    procs = [start_with(knob, f"import pytest; sys.exit(pytest.main(['-m', 'gpu', '-q', '-p', 'no:cacheprovider', "
+                              f"*{list(args)!r}]))") for args in KNOBS[knob].tests]
+    return max(p.wait() for p in procs)
+
+
+def run_offline(order: list[str | None], out: Path) -> list[dict]:
+    """The reference workload once per entry of `order` (a knob, or None for the defaults)."""
+    rows = []
+    for i, knob in enumerate(order):
+        name = knob or "base"
+        d = out / f"offline-{name}-{i}"
+        start_with(knob, "from nanoforge.cli import main; sys.exit(main(['bench', 'offline', '--device', 'cuda', "
+                         f"'--model', 'qwen3-0.6b', '--hf-num-prompts', '0', '--results-dir', '{d}']))").wait()
+        r = json.loads(sorted(d.glob("*.json"))[-1].read_text())
+        rows.append({"variant": name, "output_tok_s": r["nanoforge"]["output_tok_s"],
+                     "decode_only_step_s": r["nanoforge"]["engine"]["decode_only_step_s"],
+                     "step_breakdown": r.get("step_breakdown"), "machine": r["machine"]})
+        print(f"knob ab: offline {name}: {rows[-1]['output_tok_s']:.0f} tok/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("knob", choices=sorted(KNOBS))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="no GPU tests; the offline workload once per variant")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"knob": a.knob}
+    if not a.quick:
+        summary["tests_rc"] = run_tests(a.knob)
+        print(f"knob ab: GPU tests with {a.knob} on: rc={summary['tests_rc']}", flush=True)
+    summary["offline"] = run_offline([None, a.knob] * (1 if a.quick else 2), out)
+    mean = {n: sum(r["output_tok_s"] for r in summary["offline"] if r["variant"] == n) / (1 if a.quick else 2)
+            for n in ("base", a.knob)}
+    summary["speedup"] = mean[a.knob] / mean["base"]
+    print(f"knob ab: {a.knob} on / off: {summary['speedup']:.4f}x output tok/s", flush=True)
+    (out / "knob_ab.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
