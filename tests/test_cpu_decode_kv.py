@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import random
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -125,13 +127,38 @@ def test_copies_grow_and_respect_the_budget(counted, monkeypatch):
     run = Run([60, 60], seed=4)
     for _ in range(3):
         run.step()
-    cap = run.state.cap
-    assert cap >= 63 and all(km.shape[2] == cap for _, km, _ in run.state.layers.values())
+    (seg,) = run.state.segments
+    cap = seg.cap
+    assert cap >= 63 and all(kb.shape[0] == 2 * KVH * cap for _, kb, _ in run.state.layers.values())
     for _ in range(cap - 61):  # past the capacity: rebuilt larger, once
         run.step()
-    assert run.state.cap > cap and counted["built"] == 2 * LAYERS
+    assert run.state.segments[0].cap > cap and counted["built"] == 2 * LAYERS
     monkeypatch.setattr(decode_kv, "BUDGET", 1e-6)  # of the pool
     run2 = Run([8, 8], seed=5)
     for _ in range(4):
         run2.step()
     assert counted["built"] == 2 * LAYERS and not run2.state.layers  # over budget: gathers
+
+
+def test_ragged_rows_kept_in_segments_of_their_own_width(counted, monkeypatch):
+    """Rows of 18..300 keys in segments by power of two, each as wide as its own longest row (plus room):
+    far fewer bytes than one rectangle as wide as the longest, so a budget the rectangle would break
+    still keeps copies; a short row outgrowing its segment rebuilds them."""
+    lens = [250, 20, 130, 40, 70, 18, 300]
+    run = Run(lens, seed=6)
+    run.step()
+    kept = [(g.hi - g.lo, g.cap) for g in decode_kv._segments(np.sort(np.array(lens) + 1)[::-1])]
+    keys = sum(r * c for r, c in kept)
+    rectangle = len(lens) * max(c for _, c in kept)
+    assert len(kept) >= 4 and keys < 0.8 * rectangle
+    st = run.state
+    budget = (keys + rectangle) / 2 * st.entry_bytes / st.pool_bytes
+    monkeypatch.setattr(decode_kv, "BUDGET", budget)  # the segments fit, the rectangle would not
+    for _ in range(4):
+        run.step()
+    assert counted == {"built": LAYERS, "extended": 3 * LAYERS} and len(run.state.segments) == len(kept)
+    monkeypatch.setattr(decode_kv, "BUDGET", 10.0)  # (this test's pool is small)
+    short = min(run.state.segments, key=lambda g: g.cap)
+    for _ in range(short.cap - int(run.state.lens.min())):  # the shortest row passes its segment's room
+        run.step()
+    assert counted["built"] == 2 * LAYERS
