@@ -94,12 +94,14 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ..fp8 import FP8
 from .attention_fp8 import PV_WIDEN, _exp2i
+from . import prefill_fresh
 from .attention_tiles import _kv_tile
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 from .mla import mla_attention
@@ -425,8 +427,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=False, **a):
     """Same signature and semantics as torch_ref.attention: store this step's K/V into the paged
-    pool (unless qk_rope_store did), then causal attention per sequence. q [T, H*Dk], k/v 2-D; returns [T, H*Dv]. An FP8 pool
-    (e4m3 values + f32 scales per token and kv head) is quantized at store and scaled at read."""
+    pool (unless qk_rope_store did), then causal attention per sequence. q [T, H*Dk], k/v 2-D;
+    returns [T, H*Dv]. An FP8 pool (e4m3 values + f32 scales per token and kv head) is quantized at
+    store and scaled at read. With prefill_fresh.ENABLED, a mixed step's trailing new prompts attend
+    on FlashAttention's varlen kernel over their own k / v (prefill_fresh.py)."""
     T = q.shape[0]
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
@@ -434,12 +438,30 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
         ks, vs = scales or (None, None)
         if not kv_stored:
             store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
-        o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
-                            ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
+        cut = _fresh_split(ctx) if prefill_fresh.ENABLED and ks is None else None
+        if cut is None:
+            o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
+                                ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
+                                max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
+            return o.view(T, h * d)
+        (b0, t0), host = cut, ctx.host
+        q3, o = q.reshape(T, h, d), q.new_empty(T, h, d)
+        prefill_fresh.attend(q3[t0:], k.reshape(T, kvh, d)[t0:], v.reshape(T, kvh, d)[t0:], host.starts[b0:] - t0,
+                             scale, o[t0:])
+        if b0:
+            paged_attention(q3[:t0], k_cache, v_cache, ctx.query_start[:b0 + 1], ctx.context_lens[:b0],
+                            ctx.block_tables[:b0], scale=scale, max_query_len=int(np.diff(host.starts[:b0 + 1]).max()),
+                            max_context_len=int(host.ctx_lens[:b0].max()), out=o[:t0])
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
                          absorbed_max_q=MAX_DECODE_Q)
+
+
+def _fresh_split(ctx) -> tuple[int, int] | None:
+    """prefill_fresh.split of this step, found once for all layers (ctx.scratch)."""
+    if "prefill_fresh" not in ctx.scratch:
+        ctx.scratch["prefill_fresh"] = prefill_fresh.split(ctx.host, MAX_DECODE_Q)
+    return ctx.scratch["prefill_fresh"]
 
 
 def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float,
