@@ -16,6 +16,7 @@ from nanoforge.passes import PASSES
 from . import (
     test_attach_mtp,
     test_fuse_elementwise,
+    test_fuse_kv_store,
     test_fuse_projections,
     test_plan_cuda_graphs,
     test_plan_deep_ep,
@@ -28,9 +29,10 @@ from . import (
     test_verify,
 )
 
-EXAMPLES = [case for m in (test_verify, test_attach_mtp, test_quantize_weights, test_quantize_kv, test_shard_tp, test_shard_ep, test_fuse_elementwise, test_fuse_projections,
-                           test_select_kernels, test_plan_deep_ep, test_plan_cuda_graphs, test_plan_memory)
-            for case in m.ROUNDTRIP]
+PASS_TESTS = (test_verify, test_attach_mtp, test_quantize_weights, test_quantize_kv, test_shard_tp, test_shard_ep,
+              test_fuse_elementwise, test_fuse_projections, test_select_kernels, test_fuse_kv_store, test_plan_deep_ep,
+              test_plan_cuda_graphs, test_plan_memory)
+EXAMPLES = [case for m in PASS_TESTS for case in m.ROUNDTRIP]
 
 
 def test_every_pass_has_an_example():

@@ -447,7 +447,7 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
         (b0, t0), host = cut, ctx.host
         q3, o = q.reshape(T, h, d), q.new_empty(T, h, d)
         prefill_fresh.attend(q3[t0:], k.reshape(T, kvh, d)[t0:], v.reshape(T, kvh, d)[t0:], host.starts[b0:] - t0,
-                             scale, o[t0:])
+                             scale, o[t0:], ctx.scratch)
         if b0:
             paged_attention(q3[:t0], k_cache, v_cache, ctx.query_start[:b0 + 1], ctx.context_lens[:b0],
                             ctx.block_tables[:b0], scale=scale, max_query_len=int(np.diff(host.starts[:b0 + 1]).max()),

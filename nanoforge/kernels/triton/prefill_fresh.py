@@ -53,13 +53,20 @@ def _varlen():
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: np.ndarray, scale: float,
-           out: torch.Tensor) -> None:
+           out: torch.Tensor, cache: dict | None = None) -> None:
     """Causal attention of whole sequences packed in q [T, H, D], k / v [T, KVH, D], sequence b at rows
     starts[b] .. starts[b + 1] - 1 (starts[0] = 0), into out [T, H, D]. FlashAttention's varlen kernel
-    on CUDA; per-sequence SDPA elsewhere (the interpreter tests: the same split, a reference kernel)."""
+    on CUDA for 16-bit heads it takes (D <= 256, a multiple of 8); per-sequence SDPA otherwise (f32, and
+    the interpreter tests: the same split, a reference kernel). `cache` (the step's scratch) keeps the
+    device copy of `starts` for the step's other layers."""
     fn, gqa, causal = _varlen()
-    if q.is_cuda and fn is not None:
-        cu = torch.from_numpy(starts.astype(np.int32)).to(q.device, non_blocking=True)
+    d = q.shape[-1]
+    if q.is_cuda and fn is not None and q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0:
+        cu = None if cache is None else cache.get("prefill_fresh_cu")
+        if cu is None:
+            cu = torch.from_numpy(starts.astype(np.int32)).to(q.device)
+            if cache is not None:
+                cache["prefill_fresh_cu"] = cu
         longest = int(np.diff(starts).max())
         if not gqa and k.shape[1] != q.shape[1]:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
