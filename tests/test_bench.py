@@ -55,3 +55,26 @@ def test_speculative_bench_on_a_random_preset_writes_json(tmp_path):
     row = doc["rows"][0]
     assert doc["model"] == "llama-tiny (random weights)" and row["batch"] == 2
     assert row["ngram_k2"]["identical_tokens"] and row["baseline"]["output_tokens"] == 24
+
+
+def test_bench_offline_disable_pass_and_knobs(tmp_path, monkeypatch, capsys):
+    """`--disable-pass` reaches the compile (an unknown name is refused, naming it), outputs shorter than
+    the warm-up's 4 tokens fit max_model_len, and every knob bench/knob_ab.py turns on exists and is off
+    by default."""
+    import importlib
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    base = ["bench", "offline", "--model", "qwen3-tiny", "--num-prompts", "2", "--min-input", "8", "--max-input", "8",
+            "--min-output", "2", "--max-output", "2", "--dtype", "f32", "--hf-num-prompts", "0",
+            "--results-dir", str(tmp_path / "res")]
+    assert main(base + ["--disable-pass", "fuse_elementwise"]) == 0
+    (result,) = (tmp_path / "res").glob("offline-qwen3-tiny-cpu-*.json")
+    assert json.loads(result.read_text())["engine_options"]["disable_passes"] == ["fuse_elementwise"]
+    assert main(base + ["--disable-pass", "fuse_everything"]) != 0
+    assert "unknown pass 'fuse_everything'" in capsys.readouterr().err
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from bench.knob_ab import KNOBS
+
+    for knob in KNOBS.values():
+        assert getattr(importlib.import_module(knob.module), knob.attr) is False

@@ -113,7 +113,10 @@ def load_nanoforge(model, prompts: list[list[int]], engine_opts: dict) -> tuple[
     t0 = time.perf_counter()
     llm = LLM(model, **engine_opts)
     startup = time.perf_counter() - t0
-    llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    warm = prompts[0][:16]  # its reply fits max_model_len however short the workload's outputs are
+    room = engine_opts.get("max_model_len", len(warm) + 4) - len(warm)
+    llm.generate([warm], SamplingParams(temperature=0, max_tokens=max(1, min(4, room)), ignore_eos=True),
+                 use_tqdm=False)
     return llm, startup
 
 
