@@ -214,8 +214,11 @@ def test_fresh_split_finds_the_trailing_new_prompts():
         q_lens = np.diff(starts)
         return SimpleNamespace(starts=starts, ctx_lens=lens, q_range=(int(q_lens.min()), int(q_lens.max())))
 
-    assert prefill_fresh.split(host([(1, 9), (11, 19), (9, 9), (12, 12)]), 8) == (2, 12)
-    assert prefill_fresh.split(host([(9, 9), (12, 12)]), 8) == (0, 0)
+    def _cut(c):
+        return c.b0, c.t0, c.starts.tolist(), c.head_max_q, c.head_max_ctx
+
+    assert _cut(prefill_fresh.split(host([(1, 9), (11, 19), (9, 9), (12, 12)]), 8)) == (2, 12, [0, 9, 21], 11, 19)
+    assert _cut(prefill_fresh.split(host([(9, 9), (12, 12)]), 8)) == (0, 0, [0, 9, 21], 0, 0)
     assert prefill_fresh.split(host([(9, 9), (12, 30)]), 8) is None  # a cached prefix ends the batch
     assert prefill_fresh.split(host([(1, 9), (5, 5)]), 8) is None  # short rows: the decode grid's
     assert prefill_fresh.split(host([(1, 9), (1, 1)]), 8) is None  # decode only

@@ -118,11 +118,7 @@ def qk_rope_store(q, k, v, positions, q_norm=None, k_norm=None, eps=None, *, lay
     pool, as attention does when it stores them itself."""
     q, k = qk_norm_rope(q, k, positions, q_norm, k_norm, eps, **attrs) if q_norm is not None else \
         rope(q, k, positions, **attrs)
-    k_cache, v_cache, *scales = ctx.kv[layer]
-    k_scale, v_scale = scales or (None, None)
-    kvh, d = attrs["kv_heads"], attrs["k_head_dim"]
-    _store(k_cache, ctx.slot_mapping, k.reshape(-1, kvh, d), k_scale)
-    _store(v_cache, ctx.slot_mapping, v.reshape(-1, kvh, d), v_scale)
+    _store_kv(ctx, layer, k, v, attrs["kv_heads"], attrs["k_head_dim"])
     return q, k
 
 
@@ -145,6 +141,14 @@ def _store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, scale
     q, s = fp8.quantize_kv(values[keep].reshape(int(keep.sum()), scale.shape[-1], -1))
     flat[slots[keep]] = q.view(-1, *cache.shape[2:])
     scale.view(-1, scale.shape[-1])[slots[keep]] = s
+
+
+def _store_kv(ctx: BatchContext, layer: int, k: torch.Tensor, v: torch.Tensor, kvh: int, d: int) -> None:
+    """A GQA layer's new K and V rows into its pools (and their scales, FP8 KV)."""
+    k_cache, v_cache, *scales = ctx.kv[layer]
+    k_scale, v_scale = scales or (None, None)
+    _store(k_cache, ctx.slot_mapping, k.reshape(-1, kvh, d), k_scale)
+    _store(v_cache, ctx.slot_mapping, v.reshape(-1, kvh, d), v_scale)
 
 
 def _read(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -181,8 +185,7 @@ def attention(q, k, v, *, ctx: BatchContext, kind, layer, scale, kv_b_proj=None,
         k_cache, v_cache, *scales = ctx.kv[layer]
         k_scale, v_scale = scales or (None, None)
         if not kv_stored:
-            _store(k_cache, ctx.slot_mapping, k.view(-1, kvh, d), k_scale)
-            _store(v_cache, ctx.slot_mapping, v.view(-1, kvh, d), v_scale)
+            _store_kv(ctx, layer, k, v, kvh, d)
         for s in ctx.seqs:
             slots = ctx.context_slots(s)
             ks, vs = _read(k_cache, slots, k_scale, q.dtype), _read(v_cache, slots, v_scale, q.dtype)

@@ -12,7 +12,8 @@ PASSES: dict[str, Pass] = {p.name: p for p in [
 ]}
 PIPELINES: dict[str, list[str]] = {
     "default": ["verify", "attach_mtp", "quantize_weights", "quantize_kv", "shard_tp", "shard_ep", "fuse_elementwise",
-                "fuse_projections", "select_kernels", "fuse_kv_store", "plan_deep_ep", "plan_cuda_graphs", "plan_memory"],
+                "fuse_projections", "select_kernels", "fuse_kv_store", "plan_deep_ep", "plan_cuda_graphs",
+                "plan_memory"],
 }
 
 __all__ = ["PASSES", "PIPELINES", "NoOptions", "Pass", "PassContext", "PassManager", "PassRecord"]

@@ -18,8 +18,8 @@ the runner's lists; the state holds them, so their ids are not reused; a release
 new list); a step that does not continue the last one (a prefill, a changed batch, a verify step,
 another caller's lists) only records its rows and gathers, and the first step that continues it
 builds the copies with one gather; a row outgrowing its segment rebuilds them. The copies (all
-layers, K and V) stay under BUDGET of the pool's bytes and exist only where the pool holds the compute dtype, so what SDPA reads is bit-equal to the
-gather's.
+layers, K and V) stay under BUDGET of the pool's bytes and exist only where the pool holds the
+compute dtype, so what SDPA reads is bit-equal to the gather's.
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ class DecodeKV:
 
     def views(self, buf: torch.Tensor, kv_heads: int) -> list[torch.Tensor]:
         """A layer's flat [rows, d] buffer as each segment's [rows, kv_heads, cap, d]."""
-        return [buf[g.base * kv_heads: (g.base + (g.hi - g.lo) * g.cap) * kv_heads].view(g.hi - g.lo, kv_heads, g.cap, -1)
-                for g in self.segments]
+        return [buf[g.base * kv_heads: (g.base + (g.hi - g.lo) * g.cap) * kv_heads]
+                .view(g.hi - g.lo, kv_heads, g.cap, -1) for g in self.segments]
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def plan_step(carry: dict | None, owners: list, ctx_lens: np.ndarray, kv: list,
     lens = ctx_lens if st.order is None else ctx_lens[st.order.numpy()]
     if not st.segments or any(lens[g.lo] > g.cap for g in st.segments):  # new copies, with room to grow
         segs = _segments(lens)
-        if sum((g.hi - g.lo) * g.cap for g in segs) * st.entry_bytes > BUDGET * st.pool_bytes:
+        if _keys(segs) * st.entry_bytes > BUDGET * st.pool_bytes:
             st.segments, st.layers = [], {}
             return None
         st.segments, st.layers = segs, {}
@@ -144,6 +144,11 @@ def _segments(lens: np.ndarray) -> list[Segment]:
         out.append(Segment(lo, hi, cap, base))
         base += (hi - lo) * cap
     return out
+
+
+def _keys(segments: list[Segment]) -> int:
+    """Keys the copies of `segments` hold per kv head (one layer's K, or V)."""
+    return sum((g.hi - g.lo) * g.cap for g in segments)
 
 
 def _chunk(lens: np.ndarray) -> Chunk:
@@ -174,7 +179,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pools: tuple[torch
     if held is None or held[0] != st.step - 1:  # build from the pool, which has this step's keys already
         bufs = []
         for pool in (k_pool, v_pool):
-            buf = pool.new_zeros(sum((g.hi - g.lo) * g.cap for g in st.segments) * kvh, pool.shape[3])
+            buf = pool.new_zeros(_keys(st.segments) * kvh, pool.shape[3])
             ctx = fill(pool)[:, :step.keys]
             ctx = ctx if order is None else ctx.index_select(0, order)
             for g, ch, c in zip(st.segments, step.chunks, st.views(buf, kvh)):

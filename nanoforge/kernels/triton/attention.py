@@ -94,7 +94,6 @@ from __future__ import annotations
 import functools
 import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -444,20 +443,20 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
                                 ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
                                 max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
             return o.view(T, h * d)
-        (b0, t0), host = cut, ctx.host
+        b0, t0 = cut.b0, cut.t0
         q3, o = q.reshape(T, h, d), q.new_empty(T, h, d)
-        prefill_fresh.attend(q3[t0:], k.reshape(T, kvh, d)[t0:], v.reshape(T, kvh, d)[t0:], host.starts[b0:] - t0,
-                             scale, o[t0:], ctx.scratch)
+        prefill_fresh.attend(q3[t0:], k.reshape(T, kvh, d)[t0:], v.reshape(T, kvh, d)[t0:], cut.starts, scale,
+                             o[t0:], ctx.scratch)
         if b0:
             paged_attention(q3[:t0], k_cache, v_cache, ctx.query_start[:b0 + 1], ctx.context_lens[:b0],
-                            ctx.block_tables[:b0], scale=scale, max_query_len=int(np.diff(host.starts[:b0 + 1]).max()),
-                            max_context_len=int(host.ctx_lens[:b0].max()), out=o[:t0])
+                            ctx.block_tables[:b0], scale=scale, max_query_len=cut.head_max_q,
+                            max_context_len=cut.head_max_ctx, out=o[:t0])
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
                          absorbed_max_q=MAX_DECODE_Q)
 
 
-def _fresh_split(ctx) -> tuple[int, int] | None:
+def _fresh_split(ctx) -> prefill_fresh.FreshTail | None:
     """prefill_fresh.split of this step, found once for all layers (ctx.scratch)."""
     if "prefill_fresh" not in ctx.scratch:
         ctx.scratch["prefill_fresh"] = prefill_fresh.split(ctx.host, MAX_DECODE_Q)

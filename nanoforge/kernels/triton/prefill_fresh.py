@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,9 +26,20 @@ import torch.nn.functional as F
 ENABLED = False
 
 
-def split(host, max_decode_q: int) -> tuple[int, int] | None:
-    """(first sequence, first token) of the batch's trailing run of fresh prefill sequences (more than
-    `max_decode_q` tokens each, all of their context), or None when the batch ends otherwise."""
+@dataclass(frozen=True)
+class FreshTail:
+    """Where a step's trailing new prompts start (sequence b0, token t0), their starts rebased to t0, and
+    the longest query / context of the sequences before them (the paged kernel's bounds for those)."""
+    b0: int
+    t0: int
+    starts: np.ndarray
+    head_max_q: int
+    head_max_ctx: int
+
+
+def split(host, max_decode_q: int) -> FreshTail | None:
+    """The batch's trailing run of fresh prefill sequences (more than `max_decode_q` tokens each, all of
+    their context), or None when the batch ends otherwise."""
     if host is None or host.q_range[1] <= max_decode_q:
         return None
     q_lens = np.diff(host.starts)
@@ -36,7 +48,9 @@ def split(host, max_decode_q: int) -> tuple[int, int] | None:
         return None
     stale = np.flatnonzero(~fresh)
     b0 = int(stale[-1]) + 1 if len(stale) else 0
-    return b0, int(host.starts[b0])
+    t0 = int(host.starts[b0])
+    return FreshTail(b0, t0, host.starts[b0:] - t0, int(q_lens[:b0].max(initial=0)),
+                     int(host.ctx_lens[:b0].max(initial=0)))
 
 
 @functools.lru_cache(maxsize=1)
