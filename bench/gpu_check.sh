@@ -14,10 +14,7 @@
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
-#                      [decode_grid]  (DECODE_HEADS_FIRST: decode attention grid sequence- vs kv-head-major; if it wins,
-#                                     the GPU tests with it; the offline workload against base; ~4-7 min;
-#                                     DECODE_GRID_QUICK=1: no tests, one offline run of each order, ~2 min)
-#                      [knob_ab]  (KNOB=fuse_kv_store|prefill_fresh|decode_heads_first: an off-by-default knob's GPU tests with it
+#                      [knob_ab]  (KNOB=fuse_kv_store: an off-by-default knob's GPU tests with it
 #                                  on, then the offline workload base/knob/base/knob; KNOB_QUICK=1: base/knob only)
 #                      [prefill_varlen]  (fresh-prompt prefill attention: Triton paged vs torch's FlashAttention varlen,
 #                                         and the Triton prefill tile sweep -> $OUT/prefill_varlen-*.json)
@@ -124,8 +121,7 @@ PY
                         --batches 32 64 128 --out "$OUT" ;;
     kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
                      --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
-    decode_grid) run decode_grid python3 bench/decode_grid_ab.py ${DECODE_GRID_QUICK:+--quick} --out "$OUT/decode_grid" ;;
-    knob_ab) run "knob_ab_${KNOB:?KNOB=fuse_kv_store, prefill_fresh or decode_heads_first}" python3 bench/knob_ab.py "$KNOB" \
+    knob_ab) run "knob_ab_${KNOB:?KNOB=fuse_kv_store}" python3 bench/knob_ab.py "$KNOB" \
                ${KNOB_QUICK:+--quick} --out "$OUT/knob_ab_$KNOB" ;;
     prefill_varlen) run prefill_varlen python3 -m bench.kernels.prefill_varlen --tune --out "$OUT" ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;
@@ -263,4 +259,3 @@ grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/nu
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
 grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null
 grep -hE "^decode tune" "$OUT/decode_tune.log" 2>/dev/null
-grep -hE "^decode grid|^  (decode rows|mixed)" "$OUT/decode_grid.log" 2>/dev/null

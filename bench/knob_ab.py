@@ -30,10 +30,6 @@ E2E = ("tests/test_gpu_e2e.py", "-k", "greedy")  # HF's tokens, CUDA graphs and 
 KNOBS = {
     "fuse_kv_store": Knob("nanoforge.passes.fuse_kv_store", "ENABLED",
                           (E2E, ("tests/test_triton_elementwise.py", "-k", "store"))),
-    "prefill_fresh": Knob("nanoforge.kernels.triton.prefill_fresh", "ENABLED",
-                          (E2E, ("tests/test_triton_attention.py", "-k", "fresh or mixed"))),
-    "decode_heads_first": Knob("nanoforge.kernels.triton.attention", "DECODE_HEADS_FIRST",
-                               (E2E, ("tests/test_triton_attention.py",))),
 }
 
 

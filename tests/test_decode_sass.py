@@ -9,23 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compiled(block_n: int, warps: int, stages: int, heads_first: bool = False) -> dict:
+def compiled(block_n: int, warps: int, stages: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "bench.kernels.decode_sass", "--json", "--block-n", str(block_n), "--warps",
-           str(warps), "--stages", str(stages)] + (["--heads-first"] if heads_first else [])
+           str(warps), "--stages", str(stages)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("heads_first", [False, True])
-def test_decode_kernel_copies_async_without_spills(heads_first):
-    k = compiled(128, 4, 2, heads_first)
+def test_decode_kernel_copies_async_without_spills():
+    k = compiled(128, 4, 2)
     assert k["resources"]["STACK"] == 0, "register spills"
     assert k["shared"] <= 227 * 1024
     assert any(kind == "LDGSTS" for kind, _ in k["runs"]), "K/V tiles no longer copied asynchronously"

@@ -10,7 +10,6 @@ import math
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -168,63 +167,6 @@ def test_gqa_decode_split_k_interp(monkeypatch):
             seed=3, tol=2e-3)
 
 
-@pytest.mark.parametrize("heads_first", [True, False])
-def test_gqa_decode_grid_order_interp(heads_first, monkeypatch):
-    # the decode grid launched sequence-major or kv-head-major (DECODE_HEADS_FIRST): every program
-    # still finds its own sequence, head and split; plain, split-K and mixed batches
-    A = _attn()
-    monkeypatch.setattr(A, "DECODE_HEADS_FIRST", heads_first)
-    run_gqa([(1, 37), (1, 5), (1, 64), (1, 16)], heads=4, kv_heads=2, head_dim=32, block_size=8,
-            dtype=torch.float32, seed=2, tol=1e-4)
-    monkeypatch.setattr(A, "_num_splits", lambda *args: 3)
-    run_gqa([(1, 37), (1, 1), (1, 64), (1, 100)], heads=8, kv_heads=2, head_dim=16, block_size=4,
-            dtype=torch.float16, seed=4, tol=2e-3)
-    run_gqa([(1, 40), (10, 26), (1, 3)], heads=4, kv_heads=2, head_dim=16, block_size=8,
-            dtype=torch.float32, seed=5, tol=1e-4)
-
-
-@pytest.mark.parametrize("spec,tail", [
-    ([(1, 9), (11, 19), (1, 20), (9, 9), (12, 12)], 3),  # decode rows, a continued chunk, then two new prompts
-    ([(9, 9), (13, 13)], 0),  # new prompts only
-    ([(9, 9), (1, 20), (11, 19)], None),  # the batch ends in a continued chunk: all on the paged kernel
-])
-def test_gqa_fresh_prompts_on_varlen_interp(spec, tail, monkeypatch):
-    """prefill_fresh (knob on): the mixed batch's trailing new prompts attend over their own k / v (the
-    varlen kernel on CUDA, its SDPA stand-in here), the rows before them on the paged kernel over the
-    sliced batch; together the reference's output, and the pool stored as ever."""
-    from nanoforge.kernels.triton import prefill_fresh
-
-    calls = []
-    real = prefill_fresh.attend
-    monkeypatch.setattr(prefill_fresh, "ENABLED", True)
-    monkeypatch.setattr(prefill_fresh, "attend", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
-    run_gqa(spec, heads=4, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32, seed=6, tol=1e-4)
-    want = sum(q for q, _ in spec[tail:]) if tail is not None else None
-    assert calls == ([] if tail is None else [want])
-
-
-def test_fresh_split_finds_the_trailing_new_prompts():
-    from types import SimpleNamespace
-
-    from nanoforge.kernels.triton import prefill_fresh
-
-    def host(spec):
-        starts = np.cumsum([0] + [q for q, _ in spec])
-        lens = np.array([c for _, c in spec])
-        q_lens = np.diff(starts)
-        return SimpleNamespace(starts=starts, ctx_lens=lens, q_range=(int(q_lens.min()), int(q_lens.max())))
-
-    def _cut(c):
-        return c.b0, c.t0, c.starts.tolist(), c.head_max_q, c.head_max_ctx
-
-    assert _cut(prefill_fresh.split(host([(1, 9), (11, 19), (9, 9), (12, 12)]), 8)) == (2, 12, [0, 9, 21], 11, 19)
-    assert _cut(prefill_fresh.split(host([(9, 9), (12, 12)]), 8)) == (0, 0, [0, 9, 21], 0, 0)
-    assert prefill_fresh.split(host([(9, 9), (12, 30)]), 8) is None  # a cached prefix ends the batch
-    assert prefill_fresh.split(host([(1, 9), (5, 5)]), 8) is None  # short rows: the decode grid's
-    assert prefill_fresh.split(host([(1, 9), (1, 1)]), 8) is None  # decode only
-    assert prefill_fresh.split(None, 8) is None  # no host arrays (a captured step)
-
-
 def test_gqa_mixed_with_split_decode_interp(monkeypatch):
     # max_query_len > 8: decode rows go to the split-K grid, the chunk to the prefill grid
     A = _attn()
@@ -333,26 +275,6 @@ def test_mla_prefill_split_gpu_bf16(split, monkeypatch):
     run_mla(spec, heads=128, nope=128, rope_d=64, vd=128, r=512, block_size=64, dtype=torch.bfloat16, seed=11,
             tol=2e-2)
     assert sorted(calls) == ([40, 300, 1024] if split else [])
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (9, 3, 64)])
-def test_gqa_gpu_fresh_prompts_on_varlen(heads, kv_heads, head_dim, monkeypatch):
-    """prefill_fresh on: a mixed step of decode rows, a continued chunk and new prompts of 100..1000 tokens
-    (the offline workload's) gives the reference's output in bf16, the new prompts on the varlen kernel."""
-    from nanoforge.kernels.triton import prefill_fresh
-
-    calls = []
-    real = prefill_fresh.attend
-    monkeypatch.setattr(prefill_fresh, "ENABLED", True)
-    monkeypatch.setattr(prefill_fresh, "attend", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
-    rng = random.Random(12)
-    fresh = [rng.randint(100, 1000) for _ in range(6)]
-    spec = [(1, rng.randint(200, 1500)) for _ in range(24)] + [(300, 900)] + [(n, n) for n in fresh]
-    run_gqa(spec, heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=16, dtype=torch.bfloat16, seed=12,
-            tol=2e-2)
-    assert calls == [sum(fresh)]
 
 
 @gpu

@@ -2,7 +2,7 @@
 bundled ptxas) and print what decides its speed: registers, spills, shared memory, whether loads are
 asynchronous copies, and the order of global loads and tensor-core ops in the compiled code.
 
-    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2] [--heads-first] [--json]
+    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2] [--json]
 
 The shapes are the offline workload's (Qwen3-0.6B: 16 query / 8 kv heads, head dim 128, bf16, block
 16). Pointer and stride arguments get the divisibility Triton's launcher would give them, so the
@@ -27,14 +27,13 @@ STRIDES = dict(s_qt=2048, s_qh=128, s_kb=16384, s_ko=1024, s_kh=128, s_vb=16384,
 UNIT = ("s_qd", "s_kd", "s_vd", "s_od")  # unit strides: Triton specializes 1 as a constant
 
 
-def compile_decode(block_n: int, warps: int, stages: int, heads_first: bool = False):
+def compile_decode(block_n: int, warps: int, stages: int):
     A = importlib.import_module("nanoforge.kernels.triton.attention")
     fn = A._paged_attn_kernel
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(G=2, HB=2, NHC=1, BQ=1, BLOCK_M=16, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16,
                  BLOCK_N=block_n, DECODE=True, SPLIT=False, DEC_Q=0, V_FROM_K=False, DOT_PREC=None, KV_SCALED=False,
-                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, HEADS_FIRST=heads_first,
-                 **{u: 1 for u in UNIT})
+                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, **{u: 1 for u in UNIT})
     sig, attrs = {}, {}
     for i, p in enumerate(params):
         if p in const:
@@ -88,10 +87,9 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--heads-first", action="store_true", help="the decode grid with kv heads fastest")
     ap.add_argument("--json", action="store_true", help="one JSON object: shared, resources, runs")
     a = ap.parse_args()
-    k = compile_decode(a.block_n, a.warps, a.stages, a.heads_first)
+    k = compile_decode(a.block_n, a.warps, a.stages)
     if a.json:
         print(json.dumps({"shared": k.metadata.shared, "resources": resources(k), "runs": instruction_runs(k)}))
         return

@@ -1,19 +1,18 @@
 """Prefill attention of fresh prompts (no cached prefix), the mixed steps' chunks: the Triton paged
-kernel reading the pool against torch's FlashAttention varlen call (`torch.nn.attention.varlen`) on the
-step's own contiguous K/V as the engine makes it with the prefill_fresh knob
-(nanoforge/kernels/triton/prefill_fresh.py), and, where the installed torch takes a block table, on
-the pool itself.
-Qwen3-0.6B attention (16 query / 8 kv heads, head dim 128), bf16, 16-token blocks.
+kernel reading the pool against torch's FlashAttention varlen kernel (`torch.nn.attention.varlen`) on
+the same K/V packed contiguous, and with --tune the Triton prefill grid's (BLOCK_M, BLOCK_N, warps,
+stages) at each shape. Qwen3-0.6B attention (16 query / 8 kv heads, head dim 128), bf16, 16-token blocks.
 
     python -m bench.kernels.prefill_varlen [--out DIR] [--tune]
 
---tune also sweeps the Triton prefill grid's (BLOCK_M, BLOCK_N, warps, stages) at each shape.
+On an H100 (torch 2.11, 2026-12-07, bench/results/prefill_varlen-20261207-224109.json) the varlen kernel
+was 1.4-2.2x slower than the paged one except on 16 x 256 tokens, so the engine's `prefill_fresh` knob,
+which sent a mixed step's new prompts to it, was removed (the reference workload at 0.81x with it on).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import torch
 import triton
 
-from nanoforge.kernels.triton import prefill_fresh
 from nanoforge.kernels.triton.attention import paged_attention
 
 CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 4, 3),
@@ -80,35 +78,17 @@ def bench_shape(lens: list[int], heads: int = 16, kv_heads: int = 8, d: int = 12
                     A._PREFILL_CFG_OVERRIDE = None
             return fn
         runs.update({"triton_cfg_" + "_".join(map(str, c)): with_cfg(c) for c in CONFIGS})
-    fn, _, causal = prefill_fresh._varlen()
-    if fn is None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
         out["flash_error"] = "torch.nn.attention.varlen does not import"
-    else:
-        starts = cu.cpu().numpy()
-        o_flash = torch.empty_like(q)
+    if varlen_attn is not None:
+        kr, vr = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))  # torch 2.11 takes no GQA
 
-        def flash():  # as the engine calls it (nanoforge/kernels/triton/prefill_fresh.py)
-            prefill_fresh.attend(q, k, v, starts, scale, o_flash)
-            return o_flash
-
-        def flash_paged():  # the pool itself (torch >= 2.12 takes a block table)
-            return fn(q, k_cache, v_cache, cu, None, max(lens), max(lens), scale=scale, **causal, enable_gqa=True,
-                      seqused_k=ctx, block_table=tables)
-        runs.update(flash_varlen=flash, flash_varlen_paged=flash_paged)
-
-    def sdpa_per_seq():  # torch's fused SDPA one sequence at a time (cuDNN first, as kernels/mla_prefill.py)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        o = torch.empty_like(q)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-                         set_priority=True):
-            for a_, b_ in zip(cu[:-1].tolist(), cu[1:].tolist()):
-                o[a_:b_] = torch.nn.functional.scaled_dot_product_attention(
-                    q[a_:b_].transpose(0, 1), k[a_:b_].transpose(0, 1), v[a_:b_].transpose(0, 1), is_causal=True,
-                    scale=scale, enable_gqa=True).transpose(0, 1)
-        return o
-    runs["sdpa_per_seq"] = sdpa_per_seq
-    out["torch_varlen_params"] = str(inspect.signature(fn).parameters) if fn is not None else None
+        def flash():
+            return varlen_attn(q, kr, vr, cu, cu, max(lens), max(lens), scale=scale, window_size=(-1, 0))
+        runs["flash_varlen"] = flash
     for name, fn in runs.items():
         try:
             o = fn()
@@ -131,7 +111,7 @@ def main() -> None:
         r["shape"] = name
         rows.append(r)
         line = f"prefill {name:22s}"
-        for k in ("triton_paged", "flash_varlen", "flash_varlen_paged", "sdpa_per_seq"):
+        for k in ("triton_paged", "flash_varlen"):
             x = r.get(k, {})
             line += (f" | {k} {x['ms'] * 1e3:7.1f} us {x['tflops']:6.1f} TF/s d {x['max_abs_diff_vs_triton']:.3f}"
                      if "ms" in x else f" | {k} {x.get('error', r.get('flash_error', '-'))[:70]}")

@@ -100,15 +100,10 @@ import triton.language as tl
 
 from ..fp8 import FP8
 from .attention_fp8 import PV_WIDEN, _exp2i
-from . import prefill_fresh
 from .attention_tiles import _kv_tile
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 from .mla import mla_attention
 
-# decode grid order: False launches (sequence, kv head, split) with the sequence fastest, so the kv heads of
-# one sequence, which share every pool row (a position's heads are adjacent), run a wave apart; True makes
-# them neighbours, reading each row's heads at about the same time (unmeasured: bench/decode_grid_ab.py)
-DECODE_HEADS_FIRST = False
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
@@ -144,13 +139,9 @@ def _paged_attn_kernel(
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    if HEADS_FIRST:  # decode grid (KVH * NHC, B, S): the programs of one sequence's kv heads are neighbours
-        pid0 = tl.program_id(1)
-        pid1 = tl.program_id(0)
-    else:
-        pid0 = tl.program_id(0)
-        pid1 = tl.program_id(1)
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr):
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
     kvh = pid1 // NHC
     hc = pid1 % NHC
     if DECODE:
@@ -396,12 +387,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pl = torch.empty_like(pm)
     else:
         pacc = pm = pl = out
-    heads_first = DECODE_HEADS_FIRST and B <= 65535  # a grid's y extent is at most 65535
-    _paged_attn_kernel[(KVH * NHC, B, S) if heads_first else (B, KVH * NHC, S)](
+    _paged_attn_kernel[(B, KVH * NHC, S)](
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
         qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, HEADS_FIRST=heads_first, **common,
+        DECODE=True, SPLIT=split, DEC_Q=0, **common,
         num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
@@ -416,7 +406,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
             qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, HEADS_FIRST=False, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, **common,
             num_warps=warps, num_stages=stages)
     return out
 
@@ -428,8 +418,7 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
     """Same signature and semantics as torch_ref.attention: store this step's K/V into the paged
     pool (unless qk_rope_store did), then causal attention per sequence. q [T, H*Dk], k/v 2-D;
     returns [T, H*Dv]. An FP8 pool (e4m3 values + f32 scales per token and kv head) is quantized at
-    store and scaled at read. With prefill_fresh.ENABLED, a mixed step's trailing new prompts attend
-    on FlashAttention's varlen kernel over their own k / v (prefill_fresh.py)."""
+    store and scaled at read."""
     T = q.shape[0]
     if kind == "gqa":
         h, kvh, d = a["heads"], a["kv_heads"], a["head_dim"]
@@ -437,30 +426,12 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
         ks, vs = scales or (None, None)
         if not kv_stored:
             store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
-        cut = _fresh_split(ctx) if prefill_fresh.ENABLED and ks is None else None
-        if cut is None:
-            o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
-                                ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                                max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
-            return o.view(T, h * d)
-        b0, t0 = cut.b0, cut.t0
-        q3, o = q.reshape(T, h, d), q.new_empty(T, h, d)
-        prefill_fresh.attend(q3[t0:], k.reshape(T, kvh, d)[t0:], v.reshape(T, kvh, d)[t0:], cut.starts, scale,
-                             o[t0:], ctx.scratch)
-        if b0:
-            paged_attention(q3[:t0], k_cache, v_cache, ctx.query_start[:b0 + 1], ctx.context_lens[:b0],
-                            ctx.block_tables[:b0], scale=scale, max_query_len=cut.head_max_q,
-                            max_context_len=cut.head_max_ctx, out=o[:t0])
+        o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
+                            ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
+                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
                          absorbed_max_q=MAX_DECODE_Q)
-
-
-def _fresh_split(ctx) -> prefill_fresh.FreshTail | None:
-    """prefill_fresh.split of this step, found once for all layers (ctx.scratch)."""
-    if "prefill_fresh" not in ctx.scratch:
-        ctx.scratch["prefill_fresh"] = prefill_fresh.split(ctx.host, MAX_DECODE_Q)
-    return ctx.scratch["prefill_fresh"]
 
 
 def _paged_latent(q_full: torch.Tensor, cache: torch.Tensor, r: int, ctx, scale: float,
