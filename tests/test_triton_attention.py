@@ -175,6 +175,17 @@ def test_gqa_mixed_with_split_decode_interp(monkeypatch):
             dtype=torch.float32, seed=4, tol=1e-4)
 
 
+@pytest.mark.parametrize("longest_first", [True, False])
+def test_gqa_prefill_grid_order_interp(longest_first, monkeypatch):
+    # the prefill grid in either order (PREFILL_LONGEST_FIRST): every program still finds its
+    # sequence, tile and heads; chunks of several tiles, over a cached prefix, next to decode rows; the
+    # last tile of the grid holds rows (69 rows, the last prompt starting at row 60)
+    A = _attn()
+    monkeypatch.setattr(A, "PREFILL_LONGEST_FIRST", longest_first)
+    run_gqa([(1, 40), (37, 37), (20, 45), (2, 4), (9, 9)], heads=8, kv_heads=2, head_dim=16, block_size=4,
+            dtype=torch.float32, seed=9, tol=1e-4)
+
+
 @pytest.mark.parametrize("v_from_k", [False, True])
 def test_mla_absorbed_interp(v_from_k, monkeypatch):
     A = _attn()

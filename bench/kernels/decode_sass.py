@@ -33,7 +33,8 @@ def compile_decode(block_n: int, warps: int, stages: int):
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(G=2, HB=2, NHC=1, BQ=1, BLOCK_M=16, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16,
                  BLOCK_N=block_n, DECODE=True, SPLIT=False, DEC_Q=0, V_FROM_K=False, DOT_PREC=None, KV_SCALED=False,
-                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, **{u: 1 for u in UNIT})
+                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, LONGEST_FIRST=False,
+                 **{u: 1 for u in UNIT})
     sig, attrs = {}, {}
     for i, p in enumerate(params):
         if p in const:

@@ -1,7 +1,8 @@
 """Prefill attention of fresh prompts (no cached prefix), the mixed steps' chunks: the Triton paged
 kernel reading the pool against torch's FlashAttention varlen kernel (`torch.nn.attention.varlen`) on
-the same K/V packed contiguous, and with --tune the Triton prefill grid's (BLOCK_M, BLOCK_N, warps,
-stages) at each shape. Qwen3-0.6B attention (16 query / 8 kv heads, head dim 128), bf16, 16-token blocks.
+the same K/V packed contiguous, the paged kernel's prefill grid in its other order
+(PREFILL_LONGEST_FIRST), and with --tune the Triton prefill grid's (BLOCK_M, BLOCK_N, warps, stages) at
+each shape. Qwen3-0.6B attention (16 query / 8 kv heads, head dim 128), bf16, 16-token blocks.
 
     python -m bench.kernels.prefill_varlen [--out DIR] [--tune]
 
@@ -64,10 +65,18 @@ def bench_shape(lens: list[int], heads: int = 16, kv_heads: int = 8, d: int = 12
         return paged_attention(q, k_cache, v_cache, cu, ctx, tables, scale=scale, max_query_len=max(lens),
                                max_context_len=max(lens))
 
+    A = importlib.import_module("nanoforge.kernels.triton.attention")
+
+    def other_order():  # the prefill grid in the other order (PREFILL_LONGEST_FIRST)
+        A.PREFILL_LONGEST_FIRST = not A.PREFILL_LONGEST_FIRST
+        try:
+            return ours()
+        finally:
+            A.PREFILL_LONGEST_FIRST = not A.PREFILL_LONGEST_FIRST
+
     ref = ours()
-    runs = {"triton_paged": ours}
+    runs = {"triton_paged": ours, "triton_paged_other_order": other_order}
     if tune:
-        A = importlib.import_module("nanoforge.kernels.triton.attention")
 
         def with_cfg(cfg):
             def fn():
@@ -111,7 +120,7 @@ def main() -> None:
         r["shape"] = name
         rows.append(r)
         line = f"prefill {name:22s}"
-        for k in ("triton_paged", "flash_varlen"):
+        for k in ("triton_paged", "triton_paged_other_order", "flash_varlen"):
             x = r.get(k, {})
             line += (f" | {k} {x['ms'] * 1e3:7.1f} us {x['tflops']:6.1f} TF/s d {x['max_abs_diff_vs_triton']:.3f}"
                      if "ms" in x else f" | {k} {x.get('error', r.get('flash_error', '-'))[:70]}")
@@ -119,8 +128,9 @@ def main() -> None:
         if a.tune:
             cfgs = sorted(((v["ms"], k) for k, v in r.items() if k.startswith("triton_cfg") and "ms" in v))
             print("   best configs: " + ", ".join(f"{k[11:]} {ms * 1e3:.0f} us" for ms, k in cfgs[:4]), flush=True)
-    res = {"benchmark": "prefill_varlen", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "rows": rows}
+    order = importlib.import_module("nanoforge.kernels.triton.attention").PREFILL_LONGEST_FIRST
+    res = {"benchmark": "prefill_varlen", "longest_first": order, "gpu": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     path = Path(a.out) / f"prefill_varlen-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(res, indent=1))

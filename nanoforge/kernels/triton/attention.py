@@ -106,6 +106,9 @@ from .mla import mla_attention
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
+# prefill grid order: a causal tile's work grows with its position, so launching the last tiles of the
+# step (and every kv head of one tile together) first keeps the longest programs off the tail of the grid
+PREFILL_LONGEST_FIRST = False
 MAX_DECODE_Q = 8  # rows per sequence the split-K decode grid serves (spec-decode verify rows)
 TARGET_PROGRAMS_PER_SM = 2  # decode: split until about this many programs per SM
 MAX_SPLITS = 32
@@ -139,9 +142,13 @@ def _paged_attn_kernel(
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr):
-    pid0 = tl.program_id(0)
-    pid1 = tl.program_id(1)
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    if LONGEST_FIRST:  # prefill grid (KVH * NHC, tiles): heads fastest, the last tiles (most keys) first
+        pid0 = tl.num_programs(1) - 1 - tl.program_id(1)
+        pid1 = tl.program_id(0)
+    else:
+        pid0 = tl.program_id(0)
+        pid1 = tl.program_id(1)
     kvh = pid1 // NHC
     hc = pid1 % NHC
     if DECODE:
@@ -391,7 +398,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
         qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, **common,
+        DECODE=True, SPLIT=split, DEC_Q=0, LONGEST_FIRST=False, **common,
         num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
@@ -402,11 +409,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HBp = min(_pow2(G), BLOCK_M)
         NHCp = triton.cdiv(G, HBp)
         BQp = BLOCK_M // HBp
-        _paged_attn_kernel[(T // BQp + B, KVH * NHCp, 1)](
+        tiles = T // BQp + B
+        lpt = PREFILL_LONGEST_FIRST and tiles <= 65535  # a grid's y extent is at most 65535
+        _paged_attn_kernel[(KVH * NHCp, tiles, 1) if lpt else (tiles, KVH * NHCp, 1)](
             q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
             qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, LONGEST_FIRST=lpt, **common,
             num_warps=warps, num_stages=stages)
     return out
 
