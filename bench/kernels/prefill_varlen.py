@@ -67,26 +67,23 @@ def bench_shape(lens: list[int], heads: int = 16, kv_heads: int = 8, d: int = 12
 
     A = importlib.import_module("nanoforge.kernels.triton.attention")
 
-    def other_order():  # the prefill grid in the other order (PREFILL_LONGEST_FIRST)
-        A.PREFILL_LONGEST_FIRST = not A.PREFILL_LONGEST_FIRST
-        try:
-            return ours()
-        finally:
-            A.PREFILL_LONGEST_FIRST = not A.PREFILL_LONGEST_FIRST
+    def variant(cfg=None, flip=False):  # a prefill tile config, and/or the grid in its other order
+        def fn():
+            A._PREFILL_CFG_OVERRIDE = cfg
+            A.PREFILL_LONGEST_FIRST ^= flip
+            try:
+                return ours()
+            finally:
+                A._PREFILL_CFG_OVERRIDE = None
+                A.PREFILL_LONGEST_FIRST ^= flip
+        return fn
 
     ref = ours()
-    runs = {"triton_paged": ours, "triton_paged_other_order": other_order}
+    runs = {"triton_paged": ours, "triton_paged_other_order": variant(flip=True)}
     if tune:
-
-        def with_cfg(cfg):
-            def fn():
-                A._PREFILL_CFG_OVERRIDE = cfg
-                try:
-                    return ours()
-                finally:
-                    A._PREFILL_CFG_OVERRIDE = None
-            return fn
-        runs.update({"triton_cfg_" + "_".join(map(str, c)): with_cfg(c) for c in CONFIGS})
+        for c in CONFIGS:
+            runs["triton_cfg_" + "_".join(map(str, c))] = variant(c)
+            runs["triton_cfg_" + "_".join(map(str, c)) + "_other_order"] = variant(c, flip=True)
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -102,7 +99,10 @@ def bench_shape(lens: list[int], heads: int = 16, kv_heads: int = 8, d: int = 12
         try:
             o = fn()
             err = (o.float() - ref.float()).abs().max().item()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            try:  # GPU time alone: the call's host work (~100 us) would hide small shapes
+                ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except Exception:  # not capturable: timed eagerly
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             out[name] = {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "max_abs_diff_vs_triton": err}
         except Exception as exc:  # an API this torch lacks, or a shape it refuses: recorded, not fatal
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
