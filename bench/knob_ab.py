@@ -4,9 +4,11 @@ process (nor its Triton kernels or CUDA graphs). In order:
 
   1. unless --quick: the knob's GPU tests with it on, side by side (Triton compiles on the CPUs);
   2. the reference offline workload, base / knob / base / knob (--quick: base / knob), one process
-     each, each printing its step breakdown; a summary in DIR/knob_ab.json.
+     each, each printing its step breakdown; a summary in DIR/knob_ab.json;
+  3. with --decode-step MODEL: that preset's decode step at batch 1 and 64, base / knob / base / knob.
 
-    python bench/knob_ab.py KNOB --out DIR [--quick]      (bench/gpu_check.sh knob_ab, KNOB=...)
+    python bench/knob_ab.py KNOB --out DIR [--quick] [--decode-step qwen3-8b]
+                                                          (bench/gpu_check.sh knob_ab, KNOB=..., KNOB_DECODE=...)
 """
 from __future__ import annotations
 
@@ -70,11 +72,34 @@ def run_offline(order: list[str | None], out: Path) -> list[dict]:
     return rows
 
 
+def run_decode_step(order: list[str | None], model: str, out: Path) -> list[dict]:
+    """bench/decode_step.py (batch 1 and 64 at 1024 tokens of context) once per entry of `order`: the
+    decode step alone, where a knob that saves launches shows at small batches."""
+    rows = []
+    for i, knob in enumerate(order):
+        name = knob or "base"
+        d = out / f"decode_step-{name}-{i}"
+        args = ["decode_step", "--model", model, "--batch", "1", "64", "--context", "1024", "--skip-prefill",
+                "--out", str(d)]
+        start_with(knob, f"import runpy; sys.argv = {args!r}; runpy.run_path('bench/decode_step.py', "
+                         "run_name='__main__')").wait()
+        r = json.loads(sorted(d.glob("*.json"))[-1].read_text())
+        rows.append({"variant": name, "model": model, "machine": r["machine"],
+                     "step_ms": {x["batch"]: 1000 * x["step_s"] for x in r["rows"] if "step_s" in x},
+                     "graph_replay_ms": {x["batch"]: 1000 * x["graph_replay_s"] for x in r["rows"]
+                                         if x.get("graph_replay_s")}})
+        print(f"knob ab: decode step {name}: " + ", ".join(f"batch {b} {ms:.3f} ms"
+                                                           for b, ms in rows[-1]["step_ms"].items()), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("knob", choices=sorted(KNOBS))
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="no GPU tests; the offline workload once per variant")
+    ap.add_argument("--decode-step", metavar="MODEL", help="also time the decode step of this preset (e.g. "
+                    "qwen3-8b) at batch 1 and 64, base / knob / base / knob")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +112,13 @@ def main() -> None:
             for n in ("base", a.knob)}
     summary["speedup"] = mean[a.knob] / mean["base"]
     print(f"knob ab: {a.knob} on / off: {summary['speedup']:.4f}x output tok/s", flush=True)
+    if a.decode_step:
+        rows = summary["decode_step"] = run_decode_step([None, a.knob] * 2, a.decode_step, out)
+        for b in rows[0]["step_ms"]:
+            ms = {n: sum(r["step_ms"][b] for r in rows if r["variant"] == n) / 2 for n in ("base", a.knob)}
+            summary[f"decode_step_speedup_batch_{b}"] = ms["base"] / ms[a.knob]
+            print(f"knob ab: {a.knob} decode step at batch {b}: {ms['base']:.3f} -> {ms[a.knob]:.3f} ms "
+                  f"({ms['base'] / ms[a.knob]:.4f}x)", flush=True)
     (out / "knob_ab.json").write_text(json.dumps(summary, indent=1))
 
 

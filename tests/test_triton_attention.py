@@ -175,6 +175,20 @@ def test_gqa_mixed_with_split_decode_interp(monkeypatch):
             dtype=torch.float32, seed=4, tol=1e-4)
 
 
+@pytest.mark.parametrize("spec,decode_grid", [
+    ([(9, 9), (12, 20), (2, 30)], 0),  # prompts, a chunk over a cached prefix, 2 rows: no single-row sequence
+    ([(9, 9), (1, 20)], 1),  # a decode row rides along
+])
+def test_prefill_step_launches_no_decode_grid_interp(spec, decode_grid, monkeypatch):
+    # a mixed batch without single-row sequences (the host's q_range says so) skips the decode grid
+    A = _attn()
+    calls = []
+    real = A._decode_grid
+    monkeypatch.setattr(A, "_decode_grid", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    run_gqa(spec, heads=4, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32, seed=10, tol=1e-4)
+    assert len(calls) == decode_grid
+
+
 @pytest.mark.parametrize("longest_first", [True, False])
 def test_gqa_prefill_grid_order_interp(longest_first, monkeypatch):
     # the prefill grid in either order (PREFILL_LONGEST_FIRST): every program still finds its

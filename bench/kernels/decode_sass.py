@@ -1,8 +1,9 @@
-"""Compile the paged decode attention kernel for sm_90a on any machine (no GPU needed: Triton's
-bundled ptxas) and print what decides its speed: registers, spills, shared memory, whether loads are
-asynchronous copies, and the order of global loads and tensor-core ops in the compiled code.
+"""Compile the paged decode attention kernel (or its prefill grid) for sm_90a on any machine (no GPU
+needed: Triton's bundled ptxas) and print what decides its speed: registers, spills, shared memory,
+whether loads are asynchronous copies, and the order of global loads and tensor-core ops in the
+compiled code.
 
-    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2] [--json]
+    python -m bench.kernels.decode_sass [--block-n 128 --warps 4 --stages 2 | --prefill-max-q 4096] [--json]
 
 The shapes are the offline workload's (Qwen3-0.6B: 16 query / 8 kv heads, head dim 128, bf16, block
 16). Pointer and stride arguments get the divisibility Triton's launcher would give them, so the
@@ -28,13 +29,23 @@ UNIT = ("s_qd", "s_kd", "s_vd", "s_od")  # unit strides: Triton specializes 1 as
 
 
 def compile_decode(block_n: int, warps: int, stages: int):
+    return _compile(dict(BQ=1, BLOCK_M=16, BLOCK_N=block_n, DECODE=True, DEC_Q=0), warps, stages)
+
+
+def compile_prefill(max_query_len: int):
+    """The prefill grid at the tile config the engine picks for chunks of up to max_query_len rows."""
+    A = importlib.import_module("nanoforge.kernels.triton.attention")
+    block_m, block_n, warps, stages = A._prefill_cfg(128, 0, 128, max_query_len)
+    return _compile(dict(BQ=block_m // 2, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=False, DEC_Q=1), warps, stages)
+
+
+def _compile(grid: dict, warps: int, stages: int):
     A = importlib.import_module("nanoforge.kernels.triton.attention")
     fn = A._paged_attn_kernel
     params = list(inspect.signature(fn.fn).parameters)
-    const = dict(G=2, HB=2, NHC=1, BQ=1, BLOCK_M=16, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16,
-                 BLOCK_N=block_n, DECODE=True, SPLIT=False, DEC_Q=0, V_FROM_K=False, DOT_PREC=None, KV_SCALED=False,
-                 KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0, L_SCALE=1.0, LONGEST_FIRST=False,
-                 **{u: 1 for u in UNIT})
+    const = dict(G=2, HB=2, NHC=1, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16, SPLIT=False,
+                 V_FROM_K=False, DOT_PREC=None, KV_SCALED=False, KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0,
+                 L_SCALE=1.0, LONGEST_FIRST=False, **grid, **{u: 1 for u in UNIT})
     sig, attrs = {}, {}
     for i, p in enumerate(params):
         if p in const:
@@ -88,9 +99,11 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--prefill-max-q", type=int, help="the prefill grid instead, at the engine's tile config for "
+                    "chunks of up to this many rows")
     ap.add_argument("--json", action="store_true", help="one JSON object: shared, resources, runs")
     a = ap.parse_args()
-    k = compile_decode(a.block_n, a.warps, a.stages)
+    k = compile_prefill(a.prefill_max_q) if a.prefill_max_q else compile_decode(a.block_n, a.warps, a.stages)
     if a.json:
         print(json.dumps({"shared": k.metadata.shared, "resources": resources(k), "runs": instruction_runs(k)}))
         return

@@ -74,7 +74,10 @@ replays, do_bench median with L2 flushed, random data in shuffled pages):
     latent+rope read at batch 64 (S = 4), 1.9 at batch 32. Reusing the K tile as V (tl.trans, so
     HBM/L2 is read once; flag _V_FROM_K) measured 10-25% slower than loading V again (L1/L2 hits).
   * prefill (fresh 4096-token chunk, 32/8 heads hd 128): ~270 TFLOP/s causal; 4 x 2048 on a 2048
-    prefix: ~310; 16 x 512: ~140; head_dim 80 (64 + 16 blocks): ~200-230.
+    prefix: ~310; 16 x 512: ~140; head_dim 80 (64 + 16 blocks): ~200-230. 16 / 8 heads, 1 x 4096
+    (2026-12-07, bench/results/prefill_varlen-20261207-224109.json): 216 TFLOP/s on 128-row tiles
+    and 4 warps, which spill, 239 on 8 warps (the config for chunks of 2048+ rows since).
+    PREFILL_LONGEST_FIRST (off, not yet timed) launches the last, longest tiles first.
 
 FP8 KV (--kv-dtype fp8): e4m3 pools plus one f32 scale per (token, kv head) ([NB, BS, KVH]; MLA:
 one per token over the whole [latent | k_rope] entry, shared by K and V), dynamic: store_kv
@@ -329,8 +332,8 @@ def _prefill_cfg(dk1: int, dk2: int, dv_block: int, max_query_len: int) -> tuple
         return _PREFILL_CFG_OVERRIDE
     if _INTERPRET:
         return 16, 16, 4, 1
-    if max(dk1 + dk2, dv_block) <= 128:
-        return (128 if max_query_len >= 2048 else 64), 64, 4, 3
+    if max(dk1 + dk2, dv_block) <= 128:  # 128 rows on 4 warps spill (tests/test_decode_sass.py); on 8: 9% faster
+        return (128, 64, 8, 3) if max_query_len >= 2048 else (64, 64, 4, 3)
     if max(dk1 + dk2, dv_block) <= 256:
         return 64, 32, 4, 2
     return 32, 32, 8, 1
@@ -340,13 +343,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, *,
                     scale: float, max_query_len: int, max_context_len: int,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    min_query_len: int = 0) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
     k_cache); rows query_start[b] .. query_start[b+1]-1 are positions context_lens[b] - q_len ..
     context_lens[b] - 1 of sequence b and attend to its positions 0 .. context_lens[b] - 1 (this
     step's K/V already stored). `num_splits` forces the decode split count (tests, tuning).
+    `min_query_len` (0: unknown): the shortest row count of a sequence; a mixed batch with none of
+    one row launches no decode grid (a prefill step: one launch less a layer).
     FP8 KV: e4m3 caches with k_scale / v_scale [NB, BS, KVH] f32, one per (token, kv head) (may be
     the same tensor, MLA); without scales a float8 cache is read unscaled."""
     T, H, DK = q.shape
@@ -382,11 +388,35 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     mixed = max_query_len > MAX_DECODE_Q
     BQ = 1 if mixed else _pow2(max_query_len)
+    if not mixed or min_query_len <= BQ:  # decode grid: every row of a decode batch, a mixed one's single rows
+        _decode_grid(q, k_cache, v_cache, ks, vs, out, query_start, context_lens, block_tables, qk_scale, strides,
+                     common, BQ=BQ, G=G, KVH=KVH, DV=DV, num_splits=num_splits, max_context_len=max_context_len,
+                     v_from_k=v_from_k)
+    if mixed:
+        BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
+        HBp = min(_pow2(G), BLOCK_M)
+        NHCp = triton.cdiv(G, HBp)
+        BQp = BLOCK_M // HBp
+        tiles = T // BQp + B
+        lpt = PREFILL_LONGEST_FIRST and tiles <= 65535  # a grid's y extent is at most 65535
+        _paged_attn_kernel[(KVH * NHCp, tiles, 1) if lpt else (tiles, KVH * NHCp, 1)](
+            q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
+            qk_scale, B, H, 1, *strides,
+            G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            DECODE=False, SPLIT=False, DEC_Q=1, LONGEST_FIRST=lpt, **common,
+            num_warps=warps, num_stages=stages)
+    return out
+
+
+def _decode_grid(q, k_cache, v_cache, ks, vs, out, query_start, context_lens, block_tables, qk_scale, strides,
+                 common, *, BQ, G, KVH, DV, num_splits, max_context_len, v_from_k) -> None:
+    """The split-K decode grid (and its reduce) over the sequences of at most BQ rows."""
+    B, H = context_lens.shape[0], q.shape[1]
+    BLOCK_DV = common["BLOCK_DV"]
     HB = min(_pow2(G), max(1, 16384 // (BQ * BLOCK_DV)), 64)
     NHC = triton.cdiv(G, HB)
     S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
-    # decode grid: every row of a decode batch, the single-token rows of a mixed one
-    BLOCK_N, warps, stages = _decode_cfg(DK1, DK2, BLOCK_DV, k_cache.element_size(), v_from_k)
+    BLOCK_N, warps, stages = _decode_cfg(common["DK1"], common["DK2"], BLOCK_DV, k_cache.element_size(), v_from_k)
     split = S > 1
     if split:
         pacc = torch.empty(B * BQ * H * S * DV, device=q.device, dtype=torch.float32)
@@ -404,20 +434,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _reduce_kernel[(B, H, BQ)](
             out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
             DV=DV, BLOCK_DV=BLOCK_DV, BQ=BQ, BLOCK_S=MAX_SPLITS, BLOCK_N=BLOCK_N, num_warps=4)
-    if mixed:
-        BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
-        HBp = min(_pow2(G), BLOCK_M)
-        NHCp = triton.cdiv(G, HBp)
-        BQp = BLOCK_M // HBp
-        tiles = T // BQp + B
-        lpt = PREFILL_LONGEST_FIRST and tiles <= 65535  # a grid's y extent is at most 65535
-        _paged_attn_kernel[(KVH * NHCp, tiles, 1) if lpt else (tiles, KVH * NHCp, 1)](
-            q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
-            qk_scale, B, H, 1, *strides,
-            G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, LONGEST_FIRST=lpt, **common,
-            num_warps=warps, num_stages=stages)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +453,8 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
             store_kv(k_cache, v_cache, k.reshape(T, kvh, d), v.reshape(T, kvh, d), ctx.slot_mapping, ks, vs)
         o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
-                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs)
+                            max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs,
+                            min_query_len=ctx.host.q_range[0] if ctx.host is not None else 0)
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
                          absorbed_max_q=MAX_DECODE_Q)
