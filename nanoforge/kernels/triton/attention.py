@@ -332,8 +332,8 @@ def _prefill_cfg(dk1: int, dk2: int, dv_block: int, max_query_len: int) -> tuple
         return _PREFILL_CFG_OVERRIDE
     if _INTERPRET:
         return 16, 16, 4, 1
-    if max(dk1 + dk2, dv_block) <= 128:  # 128 rows on 4 warps spill (tests/test_decode_sass.py); on 8: 9% faster
-        return (128, 64, 8, 3) if max_query_len >= 2048 else (64, 64, 4, 3)
+    if max(dk1 + dk2, dv_block) <= 128:  # 128 rows x 128 f32 accumulators on 4 warps spill (test_decode_sass.py)
+        return (128, 64, 8 if dv_block == 128 else 4, 3) if max_query_len >= 2048 else (64, 64, 4, 3)
     if max(dk1 + dk2, dv_block) <= 256:
         return 64, 32, 4, 2
     return 32, 32, 8, 1
