@@ -389,9 +389,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     mixed = max_query_len > MAX_DECODE_Q
     BQ = 1 if mixed else _pow2(max_query_len)
     if not mixed or min_query_len <= BQ:  # decode grid: every row of a decode batch, a mixed one's single rows
-        _decode_grid(q, k_cache, v_cache, ks, vs, out, query_start, context_lens, block_tables, qk_scale, strides,
-                     common, BQ=BQ, G=G, KVH=KVH, DV=DV, num_splits=num_splits, max_context_len=max_context_len,
-                     v_from_k=v_from_k)
+        _decode_grid(q, k_cache, v_cache, out, ks=ks, vs=vs, query_start=query_start, context_lens=context_lens,
+                     block_tables=block_tables, qk_scale=qk_scale, strides=strides, common=common, BQ=BQ, G=G,
+                     KVH=KVH, DV=DV, num_splits=num_splits, max_context_len=max_context_len, v_from_k=v_from_k)
     if mixed:
         BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
         HBp = min(_pow2(G), BLOCK_M)
@@ -408,8 +408,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def _decode_grid(q, k_cache, v_cache, ks, vs, out, query_start, context_lens, block_tables, qk_scale, strides,
-                 common, *, BQ, G, KVH, DV, num_splits, max_context_len, v_from_k) -> None:
+def _decode_grid(q, k_cache, v_cache, out, *, ks, vs, query_start, context_lens, block_tables, qk_scale, strides,
+                 common, BQ, G, KVH, DV, num_splits, max_context_len, v_from_k) -> None:
     """The split-K decode grid (and its reduce) over the sequences of at most BQ rows."""
     B, H = context_lens.shape[0], q.shape[1]
     BLOCK_DV = common["BLOCK_DV"]
