@@ -17,8 +17,8 @@
 #                      [knob_ab]  (KNOB=fuse_kv_store|prefill_longest_first: an off-by-default knob's GPU tests with it
 #                                  on, then the offline workload base/knob/base/knob; KNOB_QUICK=1: base/knob only;
 #                                  KNOB_DECODE=qwen3-8b: also that preset's decode step at batch 1 / 64, twice each)
-#                      [prefill_varlen]  (fresh-prompt prefill attention: Triton paged vs torch's FlashAttention varlen,
-#                                         and the Triton prefill tile sweep -> $OUT/prefill_varlen-*.json)
+#                      [prefill_varlen]  (fresh-prompt prefill attention: Triton paged in both grid orders vs torch's
+#                                         FlashAttention varlen, and the prefill tile sweep -> $OUT/prefill_varlen-*.json)
 #                      [kv_fp8_tune]  (FP8 KV decode tile sweep against bf16's default -> $OUT/kv_fp8_tune.json)
 #                      [moe_parallel]  (2 GPUs: Qwen3-MoE-shaped decode tok/s, tp=1 vs tp=2 vs ep=2)
 #                      [dsa_decode]  (issue 20: one DeepSeek-V3.2 layer, sparse vs dense MLA decode, 8k-64k, batch 16)
@@ -260,3 +260,5 @@ grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/nu
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
 grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null
 grep -hE "^decode tune" "$OUT/decode_tune.log" 2>/dev/null
+grep -hE "^knob ab" "$OUT"/knob_ab_*.log 2>/dev/null
+grep -hE "^prefill |best configs" "$OUT/prefill_varlen.log" 2>/dev/null
