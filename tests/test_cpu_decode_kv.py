@@ -9,7 +9,6 @@ import importlib
 import random
 
 import numpy as np
-
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """passes/fuse_kv_store.py: where rope / qk_norm_rope and a GQA attention both run on Triton, the rope
-node writes the new K/V to the pool and the attention skips its store. Off by default until timed on a
-GPU; with it on: which plans get it, that the rewrite keeps every value (numeric check, Triton in its
+node writes the new K/V to the pool and the attention skips its store. Off by default (no gain timed
+yet on a GPU); with it on: which plans get it, that the rewrite keeps every value (numeric check, Triton in its
 interpreter on the CPU), and greedy tokens of a whole tiny model through the fused kernels."""
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ only where both nodes run on a provider whose kernels do this in one launch (`FU
 holds the model's dtype (FP8 KV quantizes in attention's store). The rewritten node keeps the rope
 node's outputs, so the value k is unchanged for any check that compares it.
 
-Off by default (ENABLED) until timed on a GPU: at batch 256 of the reference workload store_kv is
-~2 us of a ~260 us layer (an H100 profile, bench/results/gpu-logs/h100-20261207-e/), so the launch it
-saves is worth ~0.5-1% there and more at small batches. `bench/knob_ab.py fuse_kv_store` runs the GPU
-tests with it on and the reference workload with and without it.
+Off by default (ENABLED): one H100 pair of the reference workload showed no gain (0.98x; decode steps
+at 129-256 rows unchanged, one-row steps 1.19 -> 1.15 ms; bench/results/gpu-logs/h100-20261207-g/).
+`bench/knob_ab.py fuse_kv_store --decode-step qwen3-8b` is the next timing: its batch-1 decode step,
+where one launch less a layer is ~1%.
 """
 from __future__ import annotations
 
