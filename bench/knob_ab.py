@@ -32,6 +32,8 @@ E2E = ("tests/test_gpu_e2e.py", "-k", "greedy")  # HF's tokens, CUDA graphs and 
 KNOBS = {
     "fuse_kv_store": Knob("nanoforge.passes.fuse_kv_store", "ENABLED",
                           (E2E, ("tests/test_triton_elementwise.py", "-k", "store"))),
+    "decode_longest_first": Knob("nanoforge.kernels.context", "DECODE_LONGEST_FIRST",
+                                 (E2E, ("tests/test_triton_attention.py", "-k", "graph"))),
     "prefill_longest_first": Knob("nanoforge.kernels.triton.attention", "PREFILL_LONGEST_FIRST",
                                   (E2E, ("tests/test_triton_attention.py",))),
 }

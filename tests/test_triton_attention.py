@@ -11,6 +11,7 @@ import os
 import random
 
 import pytest
+import numpy as np
 import torch
 
 from nanoforge.kernels import torch_ref
@@ -173,6 +174,24 @@ def test_gqa_mixed_with_split_decode_interp(monkeypatch):
     monkeypatch.setattr(A, "_num_splits", lambda *args: 3)
     run_gqa([(1, 40), (10, 26), (1, 3)], heads=4, kv_heads=2, head_dim=16, block_size=8,
             dtype=torch.float32, seed=4, tol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("spec", [[(1, 5), (1, 37), (1, 12), (1, 64), (1, 1)],  # decode rows
+                                  [(1, 9), (10, 26), (1, 40), (7, 7)]])  # decode rows among prefill chunks
+def test_gqa_decode_order_interp(spec, splits, monkeypatch):
+    # the decode grid taking its sequences longest first (ctx.decode_order, DECODE_LONGEST_FIRST) still
+    # writes each sequence's rows, with and without the split-K reduce
+    from nanoforge.kernels.context import decode_order_of
+
+    A = _attn()
+    monkeypatch.setattr(A, "_num_splits", lambda *args: splits)
+    order = decode_order_of(np.array([c for _, c in spec]))
+    assert order.tolist() == sorted(range(len(spec)), key=lambda i: -spec[i][1])
+    real = A.paged_attention
+    monkeypatch.setattr(A, "paged_attention", lambda *a, **kw: real(
+        *a, **{**kw, "decode_order": torch.from_numpy(order).to(DEV)}))
+    run_gqa(spec, heads=4, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32, seed=11, tol=1e-4)
 
 
 @pytest.mark.parametrize("spec,decode_grid", [

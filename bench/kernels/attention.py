@@ -22,7 +22,7 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
                        block_size: int = 16, dtype: torch.dtype = torch.bfloat16, *, mla_rank: int = 0,
                        num_splits: int | None = None, graph: bool = True, time_eager: bool = True,
                        seed: int = 0, kv_dtype: str = "bf16", min_ctx: int | None = None,
-                       max_ctx: int | None = None) -> dict:
+                       max_ctx: int | None = None, order: str = "random") -> dict:
     """Time the decode path (q_len 1 per sequence, every sequence at ctx_len) with
     triton.testing.do_bench (median; it flushes L2 before each run) on random data in shuffled pages
     (batch 32 x 4k x 8 heads x 128 = 268 MB of K+V, far over the 50 MB L2). With graph=True (the
@@ -32,7 +32,10 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     [NB, BS, 1, head_dim] with V = its first r columns (read once). kv_dtype "fp8": e4m3 caches plus
     f32 scales per (token, kv head) (MLA: one per token, K's and V's), random; bytes = values + scales
     read. `dtype` is the queries' (and a "bf16" cache's) dtype. max_ctx: the max_context_len the call
-    is made with (the engine captures its graphs with max_model_len); contexts are min_ctx..ctx_len."""
+    is made with (the engine captures its graphs with max_model_len); contexts are min_ctx..ctx_len.
+    order (ragged contexts): "random" as drawn, "longest_first" / "shortest_first" sorted, so a
+    sequence's programs start in that order (the decode grid runs the sequence index fastest);
+    "decode_order": as drawn, with paged_attention's decode_order argument sorting them longest first."""
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed)
     nbps = triton.cdiv(ctx_len, block_size)
@@ -60,6 +63,12 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     if min_ctx is not None:
         lens = torch.randint(min_ctx, ctx_len + 1, (batch,), generator=g, dtype=torch.int32)
         kv_bytes = kv_bytes * int(lens.sum()) // (batch * ctx_len)
+    if order not in ("random", "longest_first", "shortest_first", "decode_order"):
+        raise ValueError(f"order must be random, longest_first, shortest_first or decode_order, got {order!r}")
+    if order in ("longest_first", "shortest_first"):
+        lens = lens.sort(descending=order == "longest_first").values
+    decode_order = lens.argsort(descending=True, stable=True).to(torch.int32).to(dev) \
+        if order == "decode_order" else None
     perm = torch.randperm(nb - 1, generator=g)[: batch * nbps] + 1
     block_tables = perm.view(batch, nbps).to(torch.int32).to(dev)
     context_lens = lens.to(dev)
@@ -71,7 +80,7 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     def fn():
         paged_attention(q, k_cache, v_cache, query_start, context_lens, block_tables, scale=scale, max_query_len=1,
                         max_context_len=max_ctx or ctx_len, out=out, num_splits=num_splits, k_scale=k_scale,
-                        v_scale=v_scale)
+                        v_scale=v_scale, decode_order=decode_order)
 
     fn()
     torch.cuda.synchronize()
@@ -91,7 +100,26 @@ def bench_paged_decode(batch: int, ctx_len: int, heads: int = 16, kv_heads: int 
     return {"device": torch.cuda.get_device_name(dev), "batch": batch, "ctx_len": ctx_len, "min_ctx": min_ctx,
             "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "mla_rank": mla_rank, "block_size": block_size,
             "dtype": str(dtype), "kv_dtype": kv_dtype, "num_splits": splits, "graph": graph, "ms": ms,
-            "ms_eager": ms_eager, "kv_bytes": kv_bytes, "tb_s": kv_bytes / (ms * 1e-3) / 1e12}
+            "ms_eager": ms_eager, "kv_bytes": kv_bytes, "tb_s": kv_bytes / (ms * 1e-3) / 1e12, "order": order}
+
+
+def decode_order_ab(out_json: str | None = None) -> list[dict]:
+    """Ragged decode batches in drawn order vs sorted by context: does launching the longest
+    sequences first shorten the grid's tail (python -c "...decode_order_ab('$OUT/decode_order.json')")."""
+    rows = []
+    for batch, lo, hi in [(256, 128, 2048), (256, 64, 1024), (256, 100, 2000), (128, 128, 2048), (64, 128, 2048),
+                          (32, 128, 2048)]:
+        line = []
+        for order in ("random", "longest_first", "decode_order", "shortest_first", "random", "decode_order"):
+            r = bench_paged_decode(batch, hi, min_ctx=lo, max_ctx=2049, time_eager=False, order=order)
+            rows.append(r)
+            line.append(f"{order} {r['ms'] * 1e3:.1f}us {r['tb_s']:.2f}")
+        print(f"decode order batch {batch} ctx {lo}..{hi}: " + " | ".join(line), flush=True)
+    if out_json:
+        import json
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
 
 
 def bench_paged_prefill(seqs: int, q_len: int, prefix: int = 0, heads: int = 16, kv_heads: int = 8,

@@ -45,13 +45,13 @@ def _compile(grid: dict, warps: int, stages: int):
     params = list(inspect.signature(fn.fn).parameters)
     const = dict(G=2, HB=2, NHC=1, DK=128, DV=128, DK1=128, DK2=0, BLOCK_DV=128, BS=16, SPLIT=False,
                  V_FROM_K=False, DOT_PREC=None, KV_SCALED=False, KV_BITS=False, PV_SHIFT=8, PV_SCALE=1.0,
-                 L_SCALE=1.0, LONGEST_FIRST=False, **grid, **{u: 1 for u in UNIT})
+                 L_SCALE=1.0, LONGEST_FIRST=False, ORDERED=False, **grid, **{u: 1 for u in UNIT})
     sig, attrs = {}, {}
     for i, p in enumerate(params):
         if p in const:
             sig[p] = "constexpr"
         elif p.endswith("_ptr"):
-            sig[p] = "*i32" if p in ("qs_ptr", "ctx_ptr", "bt_ptr") else "*bf16"
+            sig[p] = "*i32" if p in ("qs_ptr", "ctx_ptr", "bt_ptr", "ord_ptr") else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[p] = "fp32" if p == "qk_scale" else "i32"

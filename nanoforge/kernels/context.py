@@ -75,6 +75,9 @@ class BatchContext:
     # state a kernel keeps from one step to the next of one runner (the CPU decode K/V copies): the runner
     # passes the same dict at every step; None: nothing is kept
     carry: dict | None = field(default=None, repr=False)
+    # i32[B]: the order the decode grid's programs take the sequences in, longest context first
+    # (decode_order_of); None: sequence order
+    decode_order: torch.Tensor | None = None
 
     @property
     def seqs(self) -> list[SeqSlice]:
@@ -94,6 +97,16 @@ class BatchContext:
             pos = torch.arange(seq.ctx_len, device=seq.block_table.device)
             seq.slots = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
         return seq.slots
+
+
+# decode programs take the sequences longest context first, so the longest ones do not start last and
+# run alone at the grid's tail (the offline workload's contexts are ragged)
+DECODE_LONGEST_FIRST = False
+
+
+def decode_order_of(ctx_lens: np.ndarray) -> np.ndarray:
+    """i32[B]: sequence indices by context length, longest first (ties in sequence order)."""
+    return np.argsort(-np.asarray(ctx_lens, np.int64), kind="stable").astype(np.int32)
 
 
 NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32}
@@ -206,6 +219,8 @@ def make_context(pool: list[tuple[torch.Tensor, ...]], block_size: int,
         pool, block_size, put(slots, torch.long), put(starts, torch.int32), put(ctx_lens, torch.int32),
         put(table, torch.int32), q_range[1], ctx_range[1], list(seqs), comm=comm, ep_tokens=ep_tokens,
         host=HostBatch(starts, ctx_lens, table, pos, q_range, ctx_range))
+    if DECODE_LONGEST_FIRST and ctx.slot_mapping.is_cuda and n > 1:
+        ctx.decode_order = put(decode_order_of(ctx_lens), torch.int32)
     if state is not None:
         assert len(state[1]) == n, f"{len(state[1])} state slots for {n} sequences"
         ctx.state, ctx.state_slot_list = state[0], list(state[1])

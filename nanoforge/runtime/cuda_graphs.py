@@ -13,7 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..kernels.context import BatchContext, block_table_array
+from ..kernels import context as batch_context
+from ..kernels.context import BatchContext, block_table_array, decode_order_of
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("nanoforge.graphs")
@@ -49,6 +50,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, **i32)
         self.query_start = torch.arange(0, n * q + 1, q, **i32)
         self.rows = torch.arange(n * q, **i64)
+        self.order = torch.arange(n, **i32) if batch_context.DECODE_LONGEST_FIRST else None
         self.hidden = None if hidden is None else torch.zeros(n * q, hidden[0], dtype=hidden[1], device=device)
         self.state = state or None
         self.state_slots = torch.full((n,), -1, **i64) if self.state else None
@@ -63,6 +65,8 @@ class DecodeGraphs:
                                ep_tokens=t)
             if self.state:
                 ctx.state, ctx.state_slots = self.state, self.state_slots[:size]  # type: ignore[index]
+            if self.order is not None:
+                ctx.decode_order = self.order[:size]
             extra = () if self.hidden is None else (self.hidden[:t],)
             args = (params, ctx, self.tokens[:t], self.positions[:t], *extra, self.rows[:t])
             with torch.inference_mode():
@@ -149,6 +153,8 @@ class DecodeGraphs:
         _upload(self.positions[:size * q], positions)
         _upload(self.slots[:size * q], slots)
         _upload(self.context_lens[:size], lens)
+        if self.order is not None:
+            _upload(self.order[:size], decode_order_of(lens))
         _upload(self.block_tables[:size, :width], tables)
         if self.state_slots is not None:
             assert state_slots is not None and len(state_slots) == b, "a state row per sequence"

@@ -136,7 +136,7 @@ def _sm_count(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "s_bt"])
 def _paged_attn_kernel(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, bt_ptr, ord_ptr,
         qk_scale, num_seqs, num_heads, num_splits,
         s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_ot, s_oh, s_od, s_bt,
         s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
@@ -145,7 +145,8 @@ def _paged_attn_kernel(
         BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
-        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+        PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+        ORDERED: tl.constexpr):
     if LONGEST_FIRST:  # prefill grid (KVH * NHC, tiles): heads fastest, the last tiles (most keys) first
         pid0 = tl.num_programs(1) - 1 - tl.program_id(1)
         pid1 = tl.program_id(0)
@@ -155,7 +156,10 @@ def _paged_attn_kernel(
     kvh = pid1 // NHC
     hc = pid1 % NHC
     if DECODE:
-        b = pid0
+        if ORDERED:  # program pid0 serves the sequence decode_order names (longest context first)
+            b = tl.load(ord_ptr + pid0)
+        else:
+            b = pid0
         split = tl.program_id(2)
     else:  # tile pid0 belongs to the last sequence b with query_start[b] // BQ + b <= pid0
         lo_b = pid0 * 0
@@ -344,7 +348,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, max_query_len: int, max_context_len: int,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    min_query_len: int = 0) -> torch.Tensor:
+                    min_query_len: int = 0, decode_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the flat mixed batch over the paged cache -> out [T, H, Dv].
 
     q [T, H, Dk]; k_cache [NB, BS, KVH, Dk]; v_cache [NB, BS, KVH, Dv] (any strides, may alias
@@ -391,7 +395,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if not mixed or min_query_len <= BQ:  # decode grid: every row of a decode batch, a mixed one's single rows
         _decode_grid(q, k_cache, v_cache, out, ks=ks, vs=vs, query_start=query_start, context_lens=context_lens,
                      block_tables=block_tables, qk_scale=qk_scale, strides=strides, common=common, BQ=BQ, G=G,
-                     KVH=KVH, DV=DV, num_splits=num_splits, max_context_len=max_context_len, v_from_k=v_from_k)
+                     KVH=KVH, DV=DV, num_splits=num_splits, max_context_len=max_context_len, v_from_k=v_from_k,
+                     decode_order=decode_order)
     if mixed:
         BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
         HBp = min(_pow2(G), BLOCK_M)
@@ -400,16 +405,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tiles = T // BQp + B
         lpt = PREFILL_LONGEST_FIRST and tiles <= 65535  # a grid's y extent is at most 65535
         _paged_attn_kernel[(KVH * NHCp, tiles, 1) if lpt else (tiles, KVH * NHCp, 1)](
-            q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables,
+            q, k_cache, v_cache, ks, vs, out, out, out, out, query_start, context_lens, block_tables, query_start,
             qk_scale, B, H, 1, *strides,
             G=G, HB=HBp, NHC=NHCp, BQ=BQp, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DECODE=False, SPLIT=False, DEC_Q=1, LONGEST_FIRST=lpt, **common,
+            DECODE=False, SPLIT=False, DEC_Q=1, LONGEST_FIRST=lpt, ORDERED=False, **common,
             num_warps=warps, num_stages=stages)
     return out
 
 
 def _decode_grid(q, k_cache, v_cache, out, *, ks, vs, query_start, context_lens, block_tables, qk_scale, strides,
-                 common, BQ, G, KVH, DV, num_splits, max_context_len, v_from_k) -> None:
+                 common, BQ, G, KVH, DV, num_splits, max_context_len, v_from_k, decode_order) -> None:
     """The split-K decode grid (and its reduce) over the sequences of at most BQ rows."""
     B, H = context_lens.shape[0], q.shape[1]
     BLOCK_DV = common["BLOCK_DV"]
@@ -426,9 +431,9 @@ def _decode_grid(q, k_cache, v_cache, out, *, ks, vs, query_start, context_lens,
         pacc = pm = pl = out
     _paged_attn_kernel[(B, KVH * NHC, S)](
         q, k_cache, v_cache, ks, vs, out, pacc, pm, pl, query_start, context_lens, block_tables,
-        qk_scale, B, H, S, *strides,
+        query_start if decode_order is None else decode_order, qk_scale, B, H, S, *strides,
         G=G, HB=HB, NHC=NHC, BQ=BQ, BLOCK_M=max(16, BQ * HB), BLOCK_N=BLOCK_N,
-        DECODE=True, SPLIT=split, DEC_Q=0, LONGEST_FIRST=False, **common,
+        DECODE=True, SPLIT=split, DEC_Q=0, LONGEST_FIRST=False, ORDERED=decode_order is not None, **common,
         num_warps=warps, num_stages=stages)
     if split:
         _reduce_kernel[(B, H, BQ)](
@@ -454,7 +459,8 @@ def attention(q, k, v, *, ctx, kind, layer, scale, kv_b_proj=None, kv_stored=Fal
         o = paged_attention(q.reshape(T, h, d), k_cache, v_cache, ctx.query_start, ctx.context_lens,
                             ctx.block_tables, scale=scale, max_query_len=ctx.max_query_len,
                             max_context_len=ctx.max_context_len, k_scale=ks, v_scale=vs,
-                            min_query_len=ctx.host.q_range[0] if ctx.host is not None else 0)
+                            min_query_len=ctx.host.q_range[0] if ctx.host is not None else 0,
+                            decode_order=ctx.decode_order)
         return o.view(T, h * d)
     return mla_attention(q, k, v, ctx, layer=layer, scale=scale, kv_b_proj=kv_b_proj, a=a, attend=_paged_latent,
                          absorbed_max_q=MAX_DECODE_Q)
