@@ -14,7 +14,7 @@
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
-#                      [knob_ab]  (KNOB=fuse_kv_store|prefill_longest_first: an off-by-default knob's GPU tests with it
+#                      [knob_ab]  (KNOB=fuse_kv_store|prefill_longest_first|decode_longest_first|pdl: an off-by-default knob's GPU tests with it
 #                                  on, then the offline workload base/knob/base/knob; KNOB_QUICK=1: base/knob only;
 #                                  KNOB_DECODE=qwen3-8b: also that preset's decode step at batch 1 / 64, twice each)
 #                      [prefill_varlen]  (fresh-prompt prefill attention: Triton paged in both grid orders vs torch's
@@ -122,7 +122,7 @@ PY
                         --batches 32 64 128 --out "$OUT" ;;
     kv_fp8_decode) run kv_fp8_decode python3 bench/decode_step.py --model qwen3-8b --batch 1 16 --context 32768 \
                      --skip-prefill --kv-dtype auto fp8 --out "$OUT" ;;
-    knob_ab) run "knob_ab_${KNOB:?KNOB=fuse_kv_store or prefill_longest_first}" python3 bench/knob_ab.py "$KNOB" \
+    knob_ab) run "knob_ab_${KNOB:?KNOB=a name of bench/knob_ab.py KNOBS}" python3 bench/knob_ab.py "$KNOB" \
                ${KNOB_QUICK:+--quick} ${KNOB_DECODE:+--decode-step "$KNOB_DECODE"} --out "$OUT/knob_ab_$KNOB" ;;
     prefill_varlen) run prefill_varlen python3 -m bench.kernels.prefill_varlen --tune --out "$OUT" ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;

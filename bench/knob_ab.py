@@ -5,9 +5,10 @@ process (nor its Triton kernels or CUDA graphs). In order:
   1. unless --quick: the knob's GPU tests with it on, side by side (Triton compiles on the CPUs);
   2. the reference offline workload, base / knob / base / knob (--quick: base / knob), one process
      each, each printing its step breakdown; a summary in DIR/knob_ab.json;
-  3. with --decode-step MODEL: that preset's decode step at batch 1 and 64, base / knob / base / knob.
+  3. with --decode-step MODEL: that preset's decode step at batch 1 and 64, base / knob / base / knob
+     (--quick: base / knob; --skip-offline leaves step 2 out).
 
-    python bench/knob_ab.py KNOB --out DIR [--quick] [--decode-step qwen3-8b]
+    python bench/knob_ab.py KNOB --out DIR [--quick] [--decode-step qwen3-8b] [--skip-offline]
                                                           (bench/gpu_check.sh knob_ab, KNOB=..., KNOB_DECODE=...)
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ KNOBS = {
                           (E2E, ("tests/test_triton_elementwise.py", "-k", "store"))),
     "decode_longest_first": Knob("nanoforge.kernels.context", "DECODE_LONGEST_FIRST",
                                  (E2E, ("tests/test_triton_attention.py", "-k", "graph"))),
+    "pdl": Knob("nanoforge.kernels.triton.pdl", "ENABLED",
+                (E2E, ("tests/test_triton_attention.py", "tests/test_triton_gemv.py", "-k", "graph or gpu_bf16"))),
     "prefill_longest_first": Knob("nanoforge.kernels.triton.attention", "PREFILL_LONGEST_FIRST",
                                   (E2E, ("tests/test_triton_attention.py",))),
 }
@@ -90,8 +93,10 @@ def run_decode_step(order: list[str | None], model: str, out: Path) -> list[dict
                      "step_ms": {x["batch"]: 1000 * x["step_s"] for x in r["rows"] if "step_s" in x},
                      "graph_replay_ms": {x["batch"]: 1000 * x["graph_replay_s"] for x in r["rows"]
                                          if x.get("graph_replay_s")}})
-        print(f"knob ab: decode step {name}: " + ", ".join(f"batch {b} {ms:.3f} ms"
-                                                           for b, ms in rows[-1]["step_ms"].items()), flush=True)
+        replay = rows[-1]["graph_replay_ms"]
+        print(f"knob ab: decode step {name}: " + ", ".join(
+            f"batch {b} {ms:.3f} ms (graph replay {replay.get(b, 0):.3f})" for b, ms in rows[-1]["step_ms"].items()),
+            flush=True)
     return rows
 
 
@@ -101,7 +106,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="no GPU tests; the offline workload once per variant")
     ap.add_argument("--decode-step", metavar="MODEL", help="also time the decode step of this preset (e.g. "
-                    "qwen3-8b) at batch 1 and 64, base / knob / base / knob")
+                    "qwen3-8b) at batch 1 and 64, base / knob / base / knob (--quick: base / knob)")
+    ap.add_argument("--skip-offline", action="store_true", help="no offline workload (with --decode-step)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,15 +115,17 @@ def main() -> None:
     if not a.quick:
         summary["tests_rc"] = run_tests(a.knob)
         print(f"knob ab: GPU tests with {a.knob} on: rc={summary['tests_rc']}", flush=True)
-    summary["offline"] = run_offline([None, a.knob] * (1 if a.quick else 2), out)
-    mean = {n: sum(r["output_tok_s"] for r in summary["offline"] if r["variant"] == n) / (1 if a.quick else 2)
-            for n in ("base", a.knob)}
-    summary["speedup"] = mean[a.knob] / mean["base"]
-    print(f"knob ab: {a.knob} on / off: {summary['speedup']:.4f}x output tok/s", flush=True)
+    reps = 1 if a.quick else 2
+    if not a.skip_offline:
+        summary["offline"] = run_offline([None, a.knob] * reps, out)
+        mean = {n: sum(r["output_tok_s"] for r in summary["offline"] if r["variant"] == n) / reps
+                for n in ("base", a.knob)}
+        summary["speedup"] = mean[a.knob] / mean["base"]
+        print(f"knob ab: {a.knob} on / off: {summary['speedup']:.4f}x output tok/s", flush=True)
     if a.decode_step:
-        rows = summary["decode_step"] = run_decode_step([None, a.knob] * 2, a.decode_step, out)
+        rows = summary["decode_step"] = run_decode_step([None, a.knob] * reps, a.decode_step, out)
         for b in rows[0]["step_ms"]:
-            ms = {n: sum(r["step_ms"][b] for r in rows if r["variant"] == n) / 2 for n in ("base", a.knob)}
+            ms = {n: sum(r["step_ms"][b] for r in rows if r["variant"] == n) / reps for n in ("base", a.knob)}
             summary[f"decode_step_speedup_batch_{b}"] = ms["base"] / ms[a.knob]
             print(f"knob ab: {a.knob} decode step at batch {b}: {ms['base']:.3f} -> {ms[a.knob]:.3f} ms "
                   f"({ms['base'] / ms[a.knob]:.4f}x)", flush=True)

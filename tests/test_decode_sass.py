@@ -37,3 +37,12 @@ def test_prefill_tiles_fit_registers(max_q):
     k = compiled("--prefill-max-q", str(max_q))
     assert k["resources"]["STACK"] == 0, "register spills"
     assert k["shared"] <= 227 * 1024
+
+
+def test_pdl_decode_waits_before_it_reads():
+    """A PDL launch (kernels/triton/pdl.py) may start while the previous kernel runs: the decode grid
+    must wait for it before its first load or store, then let the next kernel launch; without PDL
+    neither instruction is there."""
+    order = compiled("--pdl")["ptx_order"]
+    assert order[:2] == ["pdl wait", "pdl launch"], order
+    assert "pdl wait" not in compiled()["ptx_order"]

@@ -143,8 +143,10 @@ def test_gpu_bench_keys():
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 2, 7])
 def test_gpu_pdl_chain_in_graph(m, monkeypatch):
-    """USE_PDL: the second call starts while the first runs and must still read the first's output."""
-    monkeypatch.setattr(G, "USE_PDL", True)
+    """PDL (pdl.ENABLED): the second call starts while the first runs and must still read the first's output."""
+    from nanoforge.kernels.triton import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", True)
     bf, k = torch.bfloat16, 4096
     x = rnd(m, k, dtype=bf)
     w1, w2 = (rnd(k, k) / math.sqrt(k)).to(bf), (rnd(k, k) / math.sqrt(k)).to(bf)

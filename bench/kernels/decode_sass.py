@@ -28,15 +28,16 @@ STRIDES = dict(s_qt=2048, s_qh=128, s_kb=16384, s_ko=1024, s_kh=128, s_vb=16384,
 UNIT = ("s_qd", "s_kd", "s_vd", "s_od")  # unit strides: Triton specializes 1 as a constant
 
 
-def compile_decode(block_n: int, warps: int, stages: int):
-    return _compile(dict(BQ=1, BLOCK_M=16, BLOCK_N=block_n, DECODE=True, DEC_Q=0), warps, stages)
+def compile_decode(block_n: int, warps: int, stages: int, pdl: bool = False):
+    return _compile(dict(BQ=1, BLOCK_M=16, BLOCK_N=block_n, DECODE=True, DEC_Q=0, PDL=pdl), warps, stages)
 
 
 def compile_prefill(max_query_len: int):
     """The prefill grid at the tile config the engine picks for chunks of up to max_query_len rows."""
     A = importlib.import_module("nanoforge.kernels.triton.attention")
     block_m, block_n, warps, stages = A._prefill_cfg(128, 0, 128, max_query_len)
-    return _compile(dict(BQ=block_m // 2, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=False, DEC_Q=1), warps, stages)
+    return _compile(dict(BQ=block_m // 2, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=False, DEC_Q=1, PDL=False), warps,
+                    stages)
 
 
 def _compile(grid: dict, warps: int, stages: int):
@@ -94,6 +95,15 @@ def instruction_runs(kernel) -> list[tuple[str, int]]:
     return [(k, n) for k, n in runs]  # tuples: the runs were counted in place
 
 
+def ptx_order(kernel) -> list[str]:
+    """The PTX's first global load, first async copy, first store and PDL instructions, in program order."""
+    ptx = kernel.asm["ptx"]
+    marks = {"ld.global": "load", "cp.async.c": "async copy", "st.global": "store",
+             "griddepcontrol.wait": "pdl wait", "griddepcontrol.launch_dependents": "pdl launch"}
+    found = {name: ptx.find(op) for op, name in marks.items()}
+    return [name for name, at in sorted(found.items(), key=lambda kv: kv[1]) if at >= 0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-n", type=int, default=128)
@@ -101,11 +111,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--prefill-max-q", type=int, help="the prefill grid instead, at the engine's tile config for "
                     "chunks of up to this many rows")
-    ap.add_argument("--json", action="store_true", help="one JSON object: shared, resources, runs")
+    ap.add_argument("--pdl", action="store_true", help="the decode grid as a PDL launch compiles it (pdl.py)")
+    ap.add_argument("--json", action="store_true", help="one JSON object: shared, resources, runs, ptx_order")
     a = ap.parse_args()
-    k = compile_prefill(a.prefill_max_q) if a.prefill_max_q else compile_decode(a.block_n, a.warps, a.stages)
+    k = compile_prefill(a.prefill_max_q) if a.prefill_max_q else compile_decode(a.block_n, a.warps, a.stages, a.pdl)
     if a.json:
-        print(json.dumps({"shared": k.metadata.shared, "resources": resources(k), "runs": instruction_runs(k)}))
+        print(json.dumps({"shared": k.metadata.shared, "resources": resources(k), "runs": instruction_runs(k),
+                          "ptx_order": ptx_order(k)}))
         return
     ptx = k.asm["ptx"]
     print(f"shared memory {k.metadata.shared} B; cp.async {len(re.findall(r'cp[.]async[.]c[ag]', ptx))}, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from nanoforge.kernels.triton import gemv as G
+from nanoforge.kernels.triton import gemv as G, pdl
 
 SHAPES = {  # name: (N, K) of the decode projections (q/k/v and gate/up fused)
     "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (24576, 4096), "8b.down": (4096, 12288),
@@ -23,7 +23,7 @@ def bench_skinny(M: int, N: int, K: int, dtype=torch.bfloat16, rep: int = 50) ->
     step sees them: back-to-back calls in a CUDA graph (triton.testing.do_bench_cudagraph), each on
     another copy of W, >= 512 MiB of copies in the rotation so that W always comes from HBM, never
     from the 50 MB L2 (no flush kernel needed). TB/s counts W + x + y once. `pdl_*`: the same chain
-    with USE_PDL on (each call overlaps the previous one's tail). `copy_TB/s`: a 512 MiB device copy
+    with PDL on (kernels/triton/pdl.py; each call overlaps the previous one's tail). `copy_TB/s`: a 512 MiB device copy
     (read + write), the yardstick."""
     from triton.testing import do_bench_cudagraph
 
@@ -42,11 +42,11 @@ def bench_skinny(M: int, N: int, K: int, dtype=torch.bfloat16, rep: int = 50) ->
 
     ms = per_call(lambda w, o: G.skinny_matmul(x, w, o))
     ref_ms = per_call(lambda w, o: torch.matmul(x, w.t(), out=o))
-    saved, G.USE_PDL = G.USE_PDL, True
+    saved, pdl.ENABLED = pdl.ENABLED, True
     try:
         pdl_ms = per_call(lambda w, o: G.skinny_matmul(x, w, o))
     finally:
-        G.USE_PDL = saved
+        pdl.ENABLED = saved
     ws.clear(), outs.clear()  # free the rotation before the copy yardstick
     src = torch.empty(256 << 20, dtype=torch.uint16, device=dev)
     dst = torch.empty_like(src)

@@ -106,6 +106,7 @@ from .attention_fp8 import PV_WIDEN, _exp2i
 from .attention_tiles import _kv_tile
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 from .mla import mla_attention
+from .pdl import pdl_args, pdl_enter
 
 FP8_WIDEN_BY_BITS = True  # FP8 KV, 16-bit queries: widen e4m3 tiles by moving bits (attention_fp8.py); False:
 # Triton's e4m3 -> query-dtype cast (the conversion pipe), kept as the fallback and the bench's baseline
@@ -146,7 +147,8 @@ def _paged_attn_kernel(
         DECODE: tl.constexpr, SPLIT: tl.constexpr, DEC_Q: tl.constexpr,
         V_FROM_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_SCALED: tl.constexpr, KV_BITS: tl.constexpr,
         PV_SHIFT: tl.constexpr, PV_SCALE: tl.constexpr, L_SCALE: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-        ORDERED: tl.constexpr):
+        ORDERED: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     if LONGEST_FIRST:  # prefill grid (KVH * NHC, tiles): heads fastest, the last tiles (most keys) first
         pid0 = tl.num_programs(1) - 1 - tl.program_id(1)
         pid1 = tl.program_id(0)
@@ -264,8 +266,9 @@ def _paged_attn_kernel(
 def _reduce_kernel(o_ptr, pacc_ptr, pm_ptr, pl_ptr, qs_ptr, ctx_ptr, num_heads, num_splits,
                    s_ot, s_oh, s_od,
                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BQ: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Combine the split-K partials (max, sum, acc) of one (sequence, head, query row)."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     tok = tl.program_id(2)
@@ -386,7 +389,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qk_scale = float(scale) * 1.4426950408889634  # log2(e): softmax in base 2
     common = dict(DK=DK, DV=DV, DK1=DK1, DK2=DK2, BLOCK_DV=BLOCK_DV, BS=BS, V_FROM_K=v_from_k, DOT_PREC=dot_prec,
                   KV_SCALED=scaled, KV_BITS=bits, PV_SHIFT=PV_WIDEN[0], PV_SCALE=PV_WIDEN[1] if bits else 1.0,
-                  L_SCALE=PV_WIDEN[2] if bits else 1.0)
+                  L_SCALE=PV_WIDEN[2] if bits else 1.0, **pdl_args(q))
     strides = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
                *(k_scale.stride() + v_scale.stride() if scaled else (0,) * 6))
 
@@ -438,7 +441,7 @@ def _decode_grid(q, k_cache, v_cache, out, *, ks, vs, query_start, context_lens,
     if split:
         _reduce_kernel[(B, H, BQ)](
             out, pacc, pm, pl, query_start, context_lens, H, S, *out.stride(),
-            DV=DV, BLOCK_DV=BLOCK_DV, BQ=BQ, BLOCK_S=MAX_SPLITS, BLOCK_N=BLOCK_N, num_warps=4)
+            DV=DV, BLOCK_DV=BLOCK_DV, BQ=BQ, BLOCK_S=MAX_SPLITS, BLOCK_N=BLOCK_N, **pdl_args(q), num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..rope_math import rope_frequencies
+from .pdl import pdl_args, pdl_enter
 
 _TILE = 4096  # target elements per program (8 KiB of bf16 per operand)
 _SAME_MIN = 4096  # rope: one-token programs (shared cos/sin) only if they hold this many elements
@@ -98,7 +99,8 @@ def rope_cache(rotary_dim: int, theta: float, scaling: dict | None, device) -> t
 
 @triton.jit(do_not_specialize=["n_tok"])
 def _embed_kernel(tok_ptr, w_ptr, out_ptr, n_tok, stride_w,
-                  H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                  H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rows < n_tok
@@ -111,8 +113,9 @@ def _embed_kernel(tok_ptr, w_ptr, out_ptr, n_tok, stride_w,
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, stride_x, stride_r, eps,
                      NG: tl.constexpr, G: tl.constexpr, HAS_RES: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     # virtual row v = token * NG + group; each is G wide
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < n_rows
@@ -139,7 +142,8 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, stride_x, st
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_rows, stride_g, stride_u,
-                     N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -276,9 +280,10 @@ def _qk_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_p
                     NORM: tl.constexpr, INTERLEAVED: tl.constexpr, FAST_TRIG: tl.constexpr,
                     slot_ptr=None, kc_ptr=None, vc_ptr=None, v_ptr=None, stride_v=0,
                     s_kcb=0, s_kco=0, s_kch=0, s_kcd=0, s_vcb=0, s_vco=0, s_vch=0, s_vcd=0, BS=1,
-                    STORE: tl.constexpr = False, BLOCK_DV: tl.constexpr = 1):
+                    STORE: tl.constexpr = False, BLOCK_DV: tl.constexpr = 1, PDL: tl.constexpr = False):
     """One launch for q and k: the first programs take q's (token, head) rows, the rest k's (STORE:
     and write k and v to the paged pool at slot_ptr's slots, as store_kv does)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     nq = tl.cdiv(n_tok * HQ, BR_Q)
     if pid < nq:
@@ -312,7 +317,7 @@ def embed(tokens, weight, vocab_parallel=None, ctx=None, **_):
         block_c = min(_pow2(h), _TILE)
         br = _rows_per_program(n, block_c, weight.device)
         _embed_kernel[(triton.cdiv(n, br), triton.cdiv(h, block_c))](
-            ids, w, out, n, sw, H=h, BLOCK_R=br, BLOCK_C=block_c,
+            ids, w, out, n, sw, H=h, BLOCK_R=br, BLOCK_C=block_c, **pdl_args(out),
             num_warps=_num_warps(br * block_c, weight.element_size()))
     return out.reshape(*tokens.shape, h)
 
@@ -337,7 +342,7 @@ def _norm(x, residual, weight, eps, group):
         br = _rows_per_program(n * ng, block_c, x.device)
         _rms_norm_kernel[(triton.cdiv(n * ng, br),)](
             xr, rr, weight, out, s if s is not None else out, n * ng, sx, sr, float(eps),
-            NG=ng, G=g, HAS_RES=residual is not None, BLOCK_R=br, BLOCK_C=block_c,
+            NG=ng, G=g, HAS_RES=residual is not None, BLOCK_R=br, BLOCK_C=block_c, **pdl_args(out),
             num_warps=_num_warps(br * block_c, x.element_size()))
     shape = x.shape
     return out.reshape(shape), (s.reshape(shape) if s is not None else None)
@@ -363,7 +368,7 @@ def silu_mul(gate, up, **_):
         br = _rows_per_program(n * triton.cdiv(n_cols, block_c), block_c, gate.device)
         br = min(br, _pow2(n))
         _silu_mul_kernel[(triton.cdiv(n, br), triton.cdiv(n_cols, block_c))](
-            g, u, out, n, sg, su, N=n_cols, BLOCK_R=br, BLOCK_C=block_c,
+            g, u, out, n, sg, su, N=n_cols, BLOCK_R=br, BLOCK_C=block_c, **pdl_args(out),
             num_warps=_num_warps(br * block_c, gate.element_size()))
     return out.reshape(gate.shape)
 
@@ -425,7 +430,7 @@ def _qk(q, k, positions, q_norm, k_norm, eps, *, heads, kv_heads, q_head_dim, k_
             BR_Q=br_q, BR_K=br_k, SAME_Q=same_q, SAME_K=same_k,
             BKEEP_Q=_pow2(q_head_dim - rot), BKEEP_K=_pow2(k_head_dim - rot),
             NORM=norm, INTERLEAVED=style == "interleaved", FAST_TRIG=_fast_trig(q.device),
-            num_warps=_num_warps(elems, q.element_size()), **pool)
+            num_warps=_num_warps(elems, q.element_size()), **pool, **pdl_args(qo))
     return qo.reshape(q.shape), ko.reshape(k.shape)
 
 

@@ -17,7 +17,7 @@ Three bodies, chosen by M:
   * 3 <= M <= 16: tl.dot(x, W^T) with x padded to 16 rows (the MMA minimum; 16x the GEMV's flops is
     still far below the memory time); W tiles go through 4 pipelined shared-memory stages.
 
-PDL (USE_PDL, off by default, M == 1 only, sm_90+): the kernel lets its successor launch at once
+PDL (pdl.py's knob, off by default; M == 1 only, sm_90+): the kernel lets its successor launch at once
 (griddepcontrol.launch_dependents), loads its first W tile, then waits for its predecessor
 (griddepcontrol.wait) before reading x. W must not be written by the previous kernel. It only pays
 when the predecessor also triggers early: in GEMV -> GEMV chains it lifts Qwen3-8B o / qkv at M = 1
@@ -37,7 +37,6 @@ so each body (BLOCK_M 1, 2 or 16) compiles once per dtype.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -46,11 +45,10 @@ import triton
 import triton.language as tl
 
 from .. import torch_ref
+from .pdl import use_pdl
 
 MAX_M = 16
 SMALL_M = 2  # M above this takes the tl.dot body
-
-USE_PDL = False  # programmatic dependent launch on sm_90+ (see the docstring)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -63,11 +61,6 @@ class Cfg(NamedTuple):
 
 
 _CFG_OVERRIDE: Cfg | None = None  # set by tuning sweeps
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9  # sm_90+
 
 
 def _config(m: int, n: int, k: int) -> Cfg:
@@ -176,7 +169,7 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
     cfg = _config(m, n, k)
     dot = m > SMALL_M
     block_m = 1 if m == 1 else (16 if dot else triton.next_power_of_2(m))
-    pdl = USE_PDL and m == 1 and x.device.type == "cuda" and not _INTERPRET and _has_pdl(x.device.index or 0)
+    pdl = m == 1 and use_pdl(x)  # the tl.dot body's CTAs, launched early, held SM slots in the wait (docstring)
     _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=dot, EVEN_K=k % cfg.block_k == 0,

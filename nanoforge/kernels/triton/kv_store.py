@@ -9,6 +9,7 @@ import triton.language as tl
 
 from ..fp8 import FP8, SCALE_EPS
 from .attention_fp8 import _quant_rows
+from .pdl import pdl_args, pdl_enter
 
 
 def _pow2(n: int) -> int:
@@ -35,7 +36,9 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                      s_ksb, s_kso, s_ksh, s_vsb, s_vso, s_vsh,
                      KVH, DK, DV,
                      BS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, HAS_V: tl.constexpr, QUANT: tl.constexpr, EPS: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, HAS_V: tl.constexpr, QUANT: tl.constexpr, EPS: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -90,4 +93,4 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tenso
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         *(k_scale.stride() if quant else (0, 0, 0)), *(v_scale.stride() if quant else (0, 0, 0)),
         KVH, DK, DV, BS=BS, BLOCK_H=BLOCK_H, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, HAS_V=has_v,
-        QUANT=quant, EPS=SCALE_EPS, num_warps=4)
+        QUANT=quant, EPS=SCALE_EPS, **pdl_args(k), num_warps=4)
