@@ -104,6 +104,7 @@ import triton.language as tl
 from ..fp8 import FP8
 from .attention_fp8 import PV_WIDEN, _exp2i
 from .attention_tiles import _kv_tile
+from .host_math import cdiv
 from .kv_store import _pow2, store_kv  # noqa: F401 - store_kv: part of this module's API
 from .mla import mla_attention
 from .pdl import pdl_args, pdl_enter
@@ -403,7 +404,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if mixed:
         BLOCK_M, BLOCK_N, warps, stages = _prefill_cfg(DK1, DK2, BLOCK_DV, max_query_len)
         HBp = min(_pow2(G), BLOCK_M)
-        NHCp = triton.cdiv(G, HBp)
+        NHCp = cdiv(G, HBp)
         BQp = BLOCK_M // HBp
         tiles = T // BQp + B
         lpt = PREFILL_LONGEST_FIRST and tiles <= 65535  # a grid's y extent is at most 65535
@@ -422,7 +423,7 @@ def _decode_grid(q, k_cache, v_cache, out, *, ks, vs, query_start, context_lens,
     B, H = context_lens.shape[0], q.shape[1]
     BLOCK_DV = common["BLOCK_DV"]
     HB = min(_pow2(G), max(1, 16384 // (BQ * BLOCK_DV)), 64)
-    NHC = triton.cdiv(G, HB)
+    NHC = cdiv(G, HB)
     S = num_splits or _num_splits(B, KVH * NHC, max_context_len, q.device)
     BLOCK_N, warps, stages = _decode_cfg(common["DK1"], common["DK2"], BLOCK_DV, k_cache.element_size(), v_from_k)
     split = S > 1

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..dsa_ref import dsa_pool, rope_front
 from ..fp8 import FP8
+from .host_math import cdiv
 from .kv_store import _pow2, store_kv
 
 LOG2E = 1.4426950408889634
@@ -84,7 +85,7 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, 
     k_cache [NB, BS, D] (e4m3 with k_scale [NB, BS, 1]); rows = row_positions(...)."""
     T, H, D = q.shape
     BLOCK_N = 16 if q.device.type == "cpu" else 64
-    width = max(BLOCK_N, triton.cdiv(width, BLOCK_N) * BLOCK_N)
+    width = max(BLOCK_N, cdiv(width, BLOCK_N) * BLOCK_N)
     out = torch.empty(T, width, device=q.device, dtype=torch.float32)
     if T == 0:
         return out
@@ -167,7 +168,7 @@ def sparse_latent_attention(q_full: torch.Tensor, cache: torch.Tensor, cache_sca
         assert cache.dtype == FP8, "an entry scale comes with an e4m3 pool"
     BLOCK_H = 16 if H <= 16 else 32
     K = token_ids.shape[1]
-    _sparse_mla_kernel[(T, triton.cdiv(H, BLOCK_H))](
+    _sparse_mla_kernel[(T, cdiv(H, BLOCK_H))](
         q_full, cache, cache_scale if scaled else cache, token_ids, rows[0], block_tables, out,
         float(scale) * LOG2E, *q_full.stride(), *cache.stride(),
         *(cache_scale.stride()[:2] if scaled else (0, 0)), token_ids.stride(0), block_tables.stride(0),

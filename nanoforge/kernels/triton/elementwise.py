@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..rope_math import rope_frequencies
+from .host_math import cdiv, next_pow2
 from .pdl import pdl_args, pdl_enter
 
 _TILE = 4096  # target elements per program (8 KiB of bf16 per operand)
@@ -43,7 +44,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 def _rows_per_program(n_rows: int, block_c: int, device: torch.device) -> int:
@@ -51,7 +52,7 @@ def _rows_per_program(n_rows: int, block_c: int, device: torch.device) -> int:
     batch is small (decode) so that every SM has work."""
     br = max(1, min(_TILE // block_c, _pow2(n_rows)))
     floor = 2 * _sm_count(device)
-    while br > 1 and triton.cdiv(n_rows, br) < floor:
+    while br > 1 and cdiv(n_rows, br) < floor:
         br //= 2
     return br
 
@@ -316,7 +317,7 @@ def embed(tokens, weight, vocab_parallel=None, ctx=None, **_):
         w, sw = _as_rows(weight, h)
         block_c = min(_pow2(h), _TILE)
         br = _rows_per_program(n, block_c, weight.device)
-        _embed_kernel[(triton.cdiv(n, br), triton.cdiv(h, block_c))](
+        _embed_kernel[(cdiv(n, br), cdiv(h, block_c))](
             ids, w, out, n, sw, H=h, BLOCK_R=br, BLOCK_C=block_c, **pdl_args(out),
             num_warps=_num_warps(br * block_c, weight.element_size()))
     return out.reshape(*tokens.shape, h)
@@ -340,7 +341,7 @@ def _norm(x, residual, weight, eps, group):
         ng = width // g
         block_c = _pow2(g)
         br = _rows_per_program(n * ng, block_c, x.device)
-        _rms_norm_kernel[(triton.cdiv(n * ng, br),)](
+        _rms_norm_kernel[(cdiv(n * ng, br),)](
             xr, rr, weight, out, s if s is not None else out, n * ng, sx, sr, float(eps),
             NG=ng, G=g, HAS_RES=residual is not None, BLOCK_R=br, BLOCK_C=block_c, **pdl_args(out),
             num_warps=_num_warps(br * block_c, x.element_size()))
@@ -365,9 +366,9 @@ def silu_mul(gate, up, **_):
     out = torch.empty(n, n_cols, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if n:
         block_c = min(_pow2(n_cols), _TILE)
-        br = _rows_per_program(n * triton.cdiv(n_cols, block_c), block_c, gate.device)
+        br = _rows_per_program(n * cdiv(n_cols, block_c), block_c, gate.device)
         br = min(br, _pow2(n))
-        _silu_mul_kernel[(triton.cdiv(n, br), triton.cdiv(n_cols, block_c))](
+        _silu_mul_kernel[(cdiv(n, br), cdiv(n_cols, block_c))](
             g, u, out, n, sg, su, N=n_cols, BLOCK_R=br, BLOCK_C=block_c, **pdl_args(out),
             num_warps=_num_warps(br * block_c, gate.element_size()))
     return out.reshape(gate.shape)
@@ -385,7 +386,7 @@ def _head_rows(nh: int, d: int, n_tok: int, device) -> tuple[int, bool]:
         br = target
     br = max(1, min(br, _pow2(n_tok * nh)))
     floor = 2 * _sm_count(torch.device(device))
-    while br > 1 and triton.cdiv(n_tok * nh, br) < floor:
+    while br > 1 and cdiv(n_tok * nh, br) < floor:
         br //= 2
     return br, nh % br == 0
 
@@ -413,7 +414,7 @@ def _qk(q, k, positions, q_norm, k_norm, eps, *, heads, kv_heads, q_head_dim, k_
             pos = pos.contiguous()
         br_q, same_q = _head_rows(heads, q_head_dim, n, q.device)
         br_k, same_k = _head_rows(kv_heads, k_head_dim, n, q.device)
-        grid = (triton.cdiv(n * heads, br_q) + triton.cdiv(n * kv_heads, br_k),)
+        grid = (cdiv(n * heads, br_q) + cdiv(n * kv_heads, br_k),)
         elems = max(br_q * _pow2(q_head_dim), br_k * _pow2(k_head_dim))
         pool = {}
         if store is not None:

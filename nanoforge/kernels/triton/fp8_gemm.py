@@ -62,6 +62,7 @@ import triton.language as tl
 
 from .. import fp8
 from ..fp8 import FP8, SCALE_EPS
+from .host_math import cdiv, next_pow2
 
 __all__ = ["Cfg", "block_fp8_linear", "block_fp8_linear_ref", "fp8_gemm", "quantize_activations",
            "quantize_activations_ref"]
@@ -115,15 +116,15 @@ def _quantize_triton(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor,
         raise ValueError(f"quantize_activations: group must be a power of two >= 16, got {group}")
     *lead, k = x.shape
     m = math.prod(lead)
-    g = triton.cdiv(k, group)
+    g = cdiv(k, group)
     x2 = x.reshape(m, k)
     if k and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     s = torch.empty(m, g, dtype=torch.float32, device=x.device)
     if m and k:
-        groups = min(triton.next_power_of_2(g), max(1, 1024 // group))
-        _quant_kernel[(m, triton.cdiv(g, groups))](x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0),
+        groups = min(next_pow2(g), max(1, 1024 // group))
+        _quant_kernel[(m, cdiv(g, groups))](x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0),
                                                    GROUP_K=group, GROUPS=groups, EPS=SCALE_EPS, num_warps=4)
     return q.view(*lead, k), s.view(*lead, g)
 
@@ -185,18 +186,18 @@ def _split_k(cfg: Cfg, m: int, n: int, k: int, sms: int) -> int:
     than SMs: about two programs per SM, at least 4 K blocks (the pipeline depth) per program, the
     fp32 partials' round trip (8 * split * M * N bytes) at most the fp8 weight (N * K bytes), no
     empty split. A function of the bucket, N and K, never of M inside the bucket."""
-    kb = triton.cdiv(k, GROUP)
+    kb = cdiv(k, GROUP)
     if cfg.split_k is not None:
         split = max(1, min(cfg.split_k, kb))
     else:
         top = _bucket(m)[0]
         if top >= _BUCKETS[-1][0]:
             return 1
-        tiles = triton.cdiv(top, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        tiles = cdiv(top, cfg.block_m) * cdiv(n, cfg.block_n)
         if tiles >= sms:
             return 1
-        split = min(triton.cdiv(2 * sms, tiles), max(1, kb // 4), max(1, k // (8 * top)), 32)
-    return triton.cdiv(kb, triton.cdiv(kb, split))
+        split = min(cdiv(2 * sms, tiles), max(1, kb // 4), max(1, k // (8 * top)), 32)
+    return cdiv(kb, cdiv(kb, split))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -275,7 +276,7 @@ def fp8_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
         raise ValueError(f"fp8_gemm: expects x [M, K] and w [N, K], got {tuple(x_fp8.shape)} and {tuple(w.shape)}")
     m, k = x_fp8.shape
     n = w.shape[0]
-    kb, nb = triton.cdiv(k, GROUP), triton.cdiv(n, GROUP)
+    kb, nb = cdiv(k, GROUP), cdiv(n, GROUP)
     if tuple(x_scale.shape) != (m, kb) or tuple(w_scale_inv.shape) != (nb, kb):
         raise ValueError(f"fp8_gemm: scales must be x_scale [{m}, {kb}] and w_scale_inv [{nb}, {kb}] "
                          f"(128-wide groups / 128 x 128 blocks), got {tuple(x_scale.shape)} and "
@@ -304,7 +305,7 @@ def fp8_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
         raise ValueError(f"fp8_gemm: BLOCK_N = {cfg.block_n} must divide {GROUP}")
     sms = _num_sms(x_fp8.device.index or 0) if x_fp8.is_cuda else 4
     split = _split_k(cfg, m, n, k, sms)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=GROUP, GROUP_M=cfg.group_m,
                   EVEN_K=k % GROUP == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
@@ -316,8 +317,8 @@ def fp8_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
     _gemm_kernel[grid](x_fp8, x_scale, w, w_scale_inv, ws, ws, m, n, k, split,
                        x_fp8.stride(0), x_scale.stride(0), w.stride(0), w_scale_inv.stride(0), ws.stride(0),
                        ws.stride(1), HAS_BIAS=False, **common)
-    block = min(1024, triton.next_power_of_2(n))
-    _splitk_reduce_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else ws, out, m, n, split,
+    block = min(1024, next_pow2(n))
+    _splitk_reduce_kernel[(m, cdiv(n, block))](ws, bias if bias is not None else ws, out, m, n, split,
                                                       ws.stride(0), ws.stride(1), out.stride(0), BLOCK=block,
                                                       HAS_BIAS=bias is not None, num_warps=4)
     return out

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .. import hybrid_ref
 from . import gdn_prefill
+from .host_math import cdiv, next_pow2
 
 
 @triton.jit
@@ -66,11 +67,11 @@ def causal_conv1d_update(x: torch.Tensor, window: torch.Tensor, weight: torch.Te
     kern = weight.shape[1]
     assert x.stride(1) == 1 and window.is_contiguous() and kern >= 2
     out = torch.empty(bsz, c, dtype=x.dtype, device=x.device)
-    block = min(triton.next_power_of_2(c), 256)
+    block = min(next_pow2(c), 256)
     if bsz:
-        _conv_update_kernel[(bsz, triton.cdiv(c, block))](x, x.stride(0), window, weight.contiguous(), slots,
+        _conv_update_kernel[(bsz, cdiv(c, block))](x, x.stride(0), window, weight.contiguous(), slots,
                                                           slots if src is None else src, fresh.to(torch.int32), out, c,
-                                                          K=kern, KP=triton.next_power_of_2(kern - 1), BLOCK_C=block)
+                                                          K=kern, KP=next_pow2(kern - 1), BLOCK_C=block)
     return out
 
 
@@ -117,12 +118,12 @@ def recurrent_gated_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, par
     bsz = x.shape[0]
     assert x.stride(1) == 1 and a.stride() == b.stride() and a.stride(1) == 1 and state.is_contiguous()
     out = torch.empty(bsz, hv, dv, dtype=torch.float32, device=x.device)
-    bv = min(triton.next_power_of_2(dv), 64)
+    bv = min(next_pow2(dv), 64)
     if bsz:
-        _recurrent_kernel[(bsz, hv, triton.cdiv(dv, bv))](
+        _recurrent_kernel[(bsz, hv, cdiv(dv, bv))](
             x, x[:, hk * dk:], x[:, 2 * hk * dk:], x.stride(0), a, b, a.stride(0), params["A_log"], params["dt_bias"],
             state, slots, slots if src is None else src, fresh.to(torch.int32), out, hv, dk ** -0.5,
-            REP=hv // hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv)
+            REP=hv // hk, DK=dk, DV=dv, BK=next_pow2(dk), BV=bv)
     return out
 
 

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import hybrid_ref
+from .host_math import cdiv, next_pow2
 
 CHUNK = 64  # tokens per chunk; the gdn op's default, chosen by bench/gdn_kernels.py (H100: chunk 64 2.8-3.0M
 # tokens/s a layer at real head sizes, chunk 32 2.75-2.87M; chunk 128, or block_v 64, needs 288-368 KiB of shared
@@ -127,13 +128,13 @@ def causal_conv1d_varlen(x: torch.Tensor, window: torch.Tensor, weight: torch.Te
     out = torch.empty(rows, c, dtype=x.dtype, device=x.device)
     if tables.num_seqs:
         w = weight.contiguous()
-        block = min(triton.next_power_of_2(c), 64)
-        _conv_varlen_kernel[(tables.chunks.shape[0], triton.cdiv(c, block))](
+        block = min(next_pow2(c), 64)
+        _conv_varlen_kernel[(tables.chunks.shape[0], cdiv(c, block))](
             x, x.stride(0), window, w, tables.seq, tables.chunks, out, c, K=kern, BT=tables.chunk, SUB=16,
             BLOCK_C=block, num_warps=4)
-        block = min(triton.next_power_of_2(c), 256)
-        _conv_window_kernel[(tables.num_seqs, triton.cdiv(c, block))](
-            x, x.stride(0), window, tables.seq, c, K=kern, KP=triton.next_power_of_2(kern - 1), BLOCK_C=block)
+        block = min(next_pow2(c), 256)
+        _conv_window_kernel[(tables.num_seqs, cdiv(c, block))](
+            x, x.stride(0), window, tables.seq, c, K=kern, KP=next_pow2(kern - 1), BLOCK_C=block)
     return out
 
 
@@ -263,15 +264,15 @@ def chunk_gated_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params:
     n_chunks = tables.chunks.shape[0]
     w = torch.empty(rows, hv, dk, dtype=torch.float32, device=x.device)
     u = torch.empty(rows, hv, dv, dtype=torch.float32, device=x.device)
-    bk, bvf = max(triton.next_power_of_2(dk), 16), max(triton.next_power_of_2(dv), 16)
+    bk, bvf = max(next_pow2(dk), 16), max(next_pow2(dv), 16)
     dot = "tf32x3" if x.dtype == torch.float32 else "tf32"  # f32 plans: three tf32 passes, about f32's precision
     q_, k_, v_ = x, x[:, hk * dk:], x[:, 2 * hk * dk:]
     gates = (a, b, a.stride(0), params["A_log"], params["dt_bias"])
     _wy_kernel[(n_chunks, hv)](k_, v_, x.stride(0), *gates, tables.seq, tables.chunks, w, u, hv,
                                REP=hv // hk, DK=dk, DV=dv, BK=bk, BVF=bvf, BT=bt, DOT=dot,
                                num_warps=8 if bt >= 128 else 4)
-    bv = max(min(block_v, triton.next_power_of_2(dv)), 16)
-    _chunk_state_kernel[(tables.num_seqs, hv, triton.cdiv(dv, bv))](
+    bv = max(min(block_v, next_pow2(dv)), 16)
+    _chunk_state_kernel[(tables.num_seqs, hv, cdiv(dv, bv))](
         q_, k_, x.stride(0), *gates, tables.seq, w, u, state, out, hv, dk ** -0.5,
         REP=hv // hk, DK=dk, DV=dv, BK=bk, BV=bv, BT=bt, DOT=dot, num_warps=8 if bt >= 128 else 4)
     return out

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import torch_ref
+from .host_math import cdiv, next_pow2
 from .pdl import use_pdl
 
 MAX_M = 16
@@ -168,9 +169,9 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
         return out.zero_()
     cfg = _config(m, n, k)
     dot = m > SMALL_M
-    block_m = 1 if m == 1 else (16 if dot else triton.next_power_of_2(m))
+    block_m = 1 if m == 1 else (16 if dot else next_pow2(m))
     pdl = m == 1 and use_pdl(x)  # the tl.dot body's CTAs, launched early, held SM slots in the wait (docstring)
-    _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _skinny_kernel[(cdiv(n, cfg.block_n),)](
         x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=dot, EVEN_K=k % cfg.block_k == 0,
         PDL=pdl, PREC="ieee" if x.dtype == torch.float32 else "tf32",

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from ..fp8 import FP8, SCALE_EPS
 from .attention_fp8 import _quant_rows
+from .host_math import cdiv
 from .pdl import pdl_args, pdl_enter
 
 
@@ -87,7 +88,7 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tenso
     BS = k_cache.shape[1]
     BLOCK_DK, BLOCK_DV = _pow2(DK), _pow2(DV)
     BLOCK_H = min(_pow2(KVH), max(1, 4096 // max(BLOCK_DK, BLOCK_DV)))
-    grid = (T, triton.cdiv(KVH, BLOCK_H))
+    grid = (T, cdiv(KVH, BLOCK_H))
     _store_kv_kernel[grid](
         k, v, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else k_cache, slot_mapping,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..fp8 import fake_quantize_activations
 from ..torch_ref import _act_quant, _ep_position, expert_weights, select_experts
+from .host_math import cdiv, next_pow2
 
 __all__ = ["moe", "grouped_experts", "select_experts", "fused_experts", "moe_align", "pick_config"]
 
@@ -124,7 +125,7 @@ def _align_scatter_kernel(ids_ptr, counts_ptr, sorted_ptr, expert_ids_ptr, npp_p
 
 
 def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, single_max: int = 256):
@@ -135,7 +136,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, single_max: int
     Padding entries hold the sentinel N = ids.numel(). Every shape depends on (N, E, BM) only."""
     flat = ids.reshape(-1)
     n, E = flat.numel(), num_experts
-    num_blocks = triton.cdiv(n + min(E, n) * (block_m - 1), block_m)
+    num_blocks = cdiv(n + min(E, n) * (block_m - 1), block_m)
     dev = ids.device
     sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=dev)
@@ -148,8 +149,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, single_max: int
                                    BM=block_m, E_PAD=e_pad, CHUNK=chunk, NB=nb, num_warps=4)
     else:
         counts = torch.zeros(2 * E, dtype=torch.int32, device=dev)
-        _align_count_kernel[(triton.cdiv(n, chunk),)](flat, counts, n, E, E_PAD=e_pad, CHUNK=chunk, num_warps=4)
-        grid = (max(triton.cdiv(n, chunk), triton.cdiv(num_blocks, nb)),)
+        _align_count_kernel[(cdiv(n, chunk),)](flat, counts, n, E, E_PAD=e_pad, CHUNK=chunk, num_warps=4)
+        grid = (max(cdiv(n, chunk), cdiv(num_blocks, nb)),)
         _align_scatter_kernel[grid](flat, counts, sorted_ids, expert_ids, npp, n, E, num_blocks,
                                     BM=block_m, E_PAD=e_pad, CHUNK=chunk, NB=nb, num_warps=4)
     return sorted_ids, expert_ids, npp
@@ -322,7 +323,7 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
 
     h = torch.empty(n, I, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = _fit(cfg["gu"], I, H, BM, x.element_size(), 2)
-    _gate_up_kernel[(num_pid_m * triton.cdiv(I, bn),)](
+    _gate_up_kernel[(num_pid_m * cdiv(I, bn),)](
         x, w_gate, w_up, h, sorted_ids, expert_ids, npp, n, H, I, top_k, num_pid_m,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), h.stride(0),
         BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0, PREC=prec,
@@ -332,7 +333,7 @@ def fused_experts(x, weights, ids, w_gate, w_up, w_down, *, num_experts, config=
         h = fake_quantize_activations(h, act_quant)
     y = (torch.zeros if skips else torch.empty)(n, H, dtype=x.dtype, device=x.device)  # skipped rows stay 0
     bn, bk, warps, stages = _fit(cfg["dn"], H, I, BM, x.element_size(), 1)
-    _down_kernel[(num_pid_m * triton.cdiv(H, bn),)](
+    _down_kernel[(num_pid_m * cdiv(H, bn),)](
         h, w_down, y, rw, sorted_ids, expert_ids, npp, n, I, H, num_pid_m, top_k, float(norm_eps), float(scale),
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
         BM=BM, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0, PREC=prec,

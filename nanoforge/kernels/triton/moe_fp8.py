@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import quantize_activations
+from .host_math import cdiv
 from .moe import _p2, moe_align
 
 __all__ = ["SmallCfg", "small_config", "small_fp8_ok", "fused_experts_fp8"]
@@ -244,21 +245,21 @@ def fused_experts_fp8(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 
     xq, xs = quantize_activations(x if x.stride(-1) == 1 else x.contiguous())
     h = torch.empty(n, I, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(num_pid_m * triton.cdiv(I, cfg.gu_block_n),)](
+    _gate_up_kernel[(num_pid_m * cdiv(I, cfg.gu_block_n),)](
         xq, xs, w_gate, w_up, sg, su, h, sorted_ids, expert_ids, npp, n, H, I, top_k,
         xq.stride(0), xs.stride(0), w_gate.stride(0), w_gate.stride(1), sg.stride(0), sg.stride(1), h.stride(0),
         BN=cfg.gu_block_n, EVEN_K=H % GROUP == 0, **launch)
 
     hq, hs = quantize_activations(h)  # rows of pairs no block wrote (other ranks' experts): never read
     y = torch.empty(n, H, dtype=x.dtype, device=x.device)
-    _down_kernel[(num_pid_m * triton.cdiv(H, cfg.dn_block_n),)](
+    _down_kernel[(num_pid_m * cdiv(H, cfg.dn_block_n),)](
         hq, hs, w_down, sd, y, sorted_ids, expert_ids, npp, n, I, H,
         hq.stride(0), hs.stride(0), w_down.stride(0), w_down.stride(1), sd.stride(0), sd.stride(1), y.stride(0),
         BN=cfg.dn_block_n, EVEN_K=I % GROUP == 0, **launch)
 
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     block = min(512, _p2(H))
-    _combine_kernel[(T, triton.cdiv(H, block))](
+    _combine_kernel[(T, cdiv(H, block))](
         y, weights.float().contiguous(), ids.contiguous(), out, H, top_k, num_experts, float(norm_eps),
         float(scale), y.stride(0), out.stride(0), NORM=bool(renormalize), TOPK_PAD=_p2(top_k), BLOCK=block,
         num_warps=4)

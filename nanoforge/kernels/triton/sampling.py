@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import next_pow2
+
 try:  # the combine functions behind tl.sum/max/min/argmax/cumsum: called through tl.reduce/associative_scan
     # directly they skip a device-function call, which the interpreter makes ~50x dearer than the op
     from triton.language.standard import _argmax_combine_tie_break_left as _argmax_op
@@ -203,7 +205,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         interp = _interpreted()
         # GPU: 16 probes x 512 columns x 4 warps = ~246 registers, 2 programs per SM, no spills (sm_90).
         # The interpreter pays per op, not per element: wide tiles and probe sets, fewer passes.
-        block = block or min(triton.next_power_of_2(v), 1024 if interp else 512)
+        block = block or min(next_pow2(v), 1024 if interp else 512)
         probes = probes or (max(16, min(4096, (1 << 17) // block)) if interp else 16)
         _sample_kernel[(b,)](logits, temperature, top_k, top_p, min_p, uniform, out, mask, v, logits.stride(0),
                              NT=probes, BLOCK=block, WRITE_MASK=return_mask,
