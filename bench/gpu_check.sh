@@ -13,6 +13,8 @@
 #                                  masked, tile sweep; 12 GB, < 1 min -> $OUT/fp8_moe_small.json)
 #                      [kv_fp8_attention] [kv_fp8_decode] [kv_fp8_offline]  (issue 16: FP8 vs bf16 KV, same run)
 #                      [offline_chunks]  (offline workloads at 4096 and 8192 tokens a step, no HF baseline)
+#                      [decode_order]  (ragged decode batches in drawn order, sorted longest first, and through the
+#                                       decode_order argument (DECODE_LONGEST_FIRST's path) -> $OUT/decode_order.json)
 #                      [decode_tune]  (decode attention tiles at the offline workload's ragged contexts -> $OUT/decode_tune.json)
 #                      [knob_ab]  (KNOB=fuse_kv_store|prefill_longest_first|decode_longest_first|pdl: an off-by-default knob's GPU tests with it
 #                                  on, then the offline workload base/knob/base/knob; KNOB_QUICK=1: base/knob only;
@@ -125,6 +127,7 @@ PY
     knob_ab) run "knob_ab_${KNOB:?KNOB=a name of bench/knob_ab.py KNOBS}" python3 bench/knob_ab.py "$KNOB" \
                ${KNOB_QUICK:+--quick} ${KNOB_DECODE:+--decode-step "$KNOB_DECODE"} --out "$OUT/knob_ab_$KNOB" ;;
     prefill_varlen) run prefill_varlen python3 -m bench.kernels.prefill_varlen --tune --out "$OUT" ;;
+    decode_order) run decode_order python3 -c "from bench.kernels.attention import decode_order_ab as d; d('$OUT/decode_order.json')" ;;
     decode_tune) run decode_tune python3 -c "from bench.kernels.attention import tune_short_decode as t; t('$OUT/decode_tune.json')" ;;
     kv_fp8_tune) run kv_fp8_tune python3 -c "from bench.kernels.attention import tune_fp8_decode as t; t('$OUT/kv_fp8_tune.json')" ;;
     kv_fp8_offline)
@@ -260,5 +263,6 @@ grep -hE "^gdn (decode|prefill)|capture failed" "$OUT/gdn_kernels.log" 2>/dev/nu
 grep -hE "^hybrid decode" "$OUT/hybrid_decode.log" 2>/dev/null
 grep -hE "^vision (encoder|ttft)" "$OUT/vision.log" 2>/dev/null
 grep -hE "^decode tune" "$OUT/decode_tune.log" 2>/dev/null
+grep -hE "^decode order" "$OUT/decode_order.log" 2>/dev/null
 grep -hE "^knob ab" "$OUT"/knob_ab_*.log 2>/dev/null
 grep -hE "^prefill |best configs" "$OUT/prefill_varlen.log" 2>/dev/null
