@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ..rope_math import rope_frequencies
-from .host_math import cdiv, next_pow2
+from .host_math import cdiv
+from .host_math import pow2 as _pow2
 from .pdl import pdl_args, pdl_enter
 
 _TILE = 4096  # target elements per program (8 KiB of bf16 per operand)
@@ -41,10 +42,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # interpreter: fewer, larger programs are faster
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _pow2(n: int) -> int:
-    return next_pow2(max(int(n), 1))
 
 
 def _rows_per_program(n_rows: int, block_c: int, device: torch.device) -> int:

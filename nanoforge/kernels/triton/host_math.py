@@ -10,6 +10,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 1): a block size that holds n elements."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (0 for n <= 0), as triton.next_power_of_2."""
     n = int(n)

@@ -10,11 +10,8 @@ import triton.language as tl
 from ..fp8 import FP8, SCALE_EPS
 from .attention_fp8 import _quant_rows
 from .host_math import cdiv
+from .host_math import pow2 as _pow2
 from .pdl import pdl_args, pdl_enter
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @triton.jit
